@@ -1,0 +1,338 @@
+//! Configuration: flags, then environment variables, then a `.env` file in the working directory.
+//!
+//! Every flag has an `env` twin (SPEC section 4) and its doc comment is its `--help` text. Values are
+//! checked while parsing, so a bad one stops the start with one line naming the variable.
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::core::{FailureMode, Limits, Shape};
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A rate-limit decision service (token buckets over gRPC)."
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `tollgate` with no subcommand serves, with these flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the decision service (the default).
+    Serve(ServeArgs),
+}
+
+impl Cli {
+    /// Parses the command line after loading `.env` (which never overrides the real environment).
+    /// A bad value prints one line naming the flag and its variable, and exits with status 2.
+    pub fn load() -> Self {
+        let _ = dotenvy::dotenv();
+        match Self::try_parse() {
+            Ok(cli) => cli,
+            Err(e) => {
+                use clap::error::ErrorKind;
+                if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                    e.exit();
+                }
+                let text = e.render().to_string();
+                let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+                eprintln!("tollgate: {}", line.trim_start_matches("error: "));
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// The serve arguments, whichever way they were given.
+    pub fn into_serve(self) -> ServeArgs {
+        match self.command {
+            Some(Command::Serve(args)) => args,
+            None => self.serve,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum RedisType {
+    #[default]
+    Single,
+    Cluster,
+    Sentinel,
+}
+
+/// Everything `tollgate serve` reads. Value names are the environment variables.
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// Redis URL (redis:// or rediss://); for cluster and sentinel a comma-separated list. Unset: buckets live in memory.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        value_name = "REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<RedisUrl>,
+
+    /// How REDIS_URL is read: single, cluster or sentinel (sentinel: master_name,host:port,...).
+    #[arg(
+        long,
+        env = "REDIS_TYPE",
+        value_name = "REDIS_TYPE",
+        default_value = "single",
+        value_enum
+    )]
+    pub redis_type: RedisType,
+
+    /// Deadline of one call to Redis, in milliseconds.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value = "50", value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_timeout_ms: u64,
+
+    /// Default bucket size (burst) when a request gives none.
+    #[arg(long = "capacity", env = "TB_CAPACITY", value_name = "TB_CAPACITY", default_value = "20", value_parser = positive_f64)]
+    pub capacity: f64,
+
+    /// Default refill, tokens per second, when a request gives none.
+    #[arg(long = "rate", env = "TB_RATE", value_name = "TB_RATE", default_value = "20", value_parser = positive_f64)]
+    pub rate: f64,
+
+    /// Redis key prefix of ShouldAllow buckets.
+    #[arg(
+        long,
+        env = "BUCKET_PREFIX",
+        value_name = "BUCKET_PREFIX",
+        default_value = "tb:user:"
+    )]
+    pub bucket_prefix: String,
+
+    /// Redis key prefix of Envoy descriptor buckets.
+    #[arg(
+        long,
+        env = "RLS_KEY_PREFIX",
+        value_name = "RLS_KEY_PREFIX",
+        default_value = "tb:rls:"
+    )]
+    pub rls_key_prefix: String,
+
+    /// On backend failure: error (gRPC UNAVAILABLE), allow or deny (an answer flagged degraded).
+    #[arg(long, env = "FAILURE_MODE", value_name = "FAILURE_MODE", default_value = "error", value_parser = FailureMode::from_str)]
+    pub failure_mode: FailureMode,
+
+    /// gRPC listener (ShouldAllow, health, reflection).
+    #[arg(
+        long,
+        env = "GRPC_ADDR",
+        value_name = "GRPC_ADDR",
+        default_value = "0.0.0.0:8081"
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// HTTP listener: /metrics, /healthz (live), /readyz (ready), /healthcheck.
+    #[arg(
+        long,
+        env = "HTTP_ADDR",
+        value_name = "HTTP_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub http_addr: SocketAddr,
+
+    /// Decide and count, but always answer allowed.
+    #[arg(long, env = "SHADOW_MODE", value_name = "SHADOW_MODE", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub shadow_mode: bool,
+
+    /// Log format: text or json (level from RUST_LOG, default info).
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        default_value = "text",
+        value_enum
+    )]
+    pub log_format: LogFormat,
+
+    /// The largest capacity a request may ask for.
+    #[arg(long, env = "MAX_CAPACITY", value_name = "MAX_CAPACITY", default_value = "1e9", value_parser = positive_f64)]
+    pub max_capacity: f64,
+
+    /// The largest rate a request may ask for.
+    #[arg(long, env = "MAX_RATE", value_name = "MAX_RATE", default_value = "1e9", value_parser = positive_f64)]
+    pub max_rate: f64,
+
+    /// Memory backend: the most buckets held; when full, the bucket nearest to full is dropped first.
+    #[arg(long, env = "MEMORY_MAX_BUCKETS", value_name = "MEMORY_MAX_BUCKETS", default_value = "1000000", value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_max_buckets: u64,
+
+    /// Seconds in-flight calls may take to finish after SIGTERM/SIGINT.
+    #[arg(
+        long,
+        env = "SHUTDOWN_GRACE_SECS",
+        value_name = "SHUTDOWN_GRACE_SECS",
+        default_value = "10"
+    )]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServeArgs {
+    /// The default shape (TB_CAPACITY, TB_RATE).
+    pub fn default_shape(&self) -> Result<Shape, String> {
+        let shape = Shape::new(self.capacity, self.rate).map_err(|e| e.to_string())?;
+        if self.capacity > self.max_capacity || self.rate > self.max_rate {
+            return Err(format!(
+                "TB_CAPACITY/TB_RATE ({}, {}) exceed MAX_CAPACITY/MAX_RATE ({}, {})",
+                self.capacity, self.rate, self.max_capacity, self.max_rate
+            ));
+        }
+        Ok(shape)
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_capacity: self.max_capacity,
+            max_rate: self.max_rate,
+        }
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// A default configuration with both listeners on ephemeral loopback ports (tests, embedding).
+    pub fn for_tests() -> Self {
+        let cli = Cli::parse_from([
+            "tollgate",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ]);
+        cli.into_serve()
+    }
+}
+
+/// A Redis URL (or comma-separated list). Never printed with its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL itself, to hand to the Redis client. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`, fit for logs.
+    pub fn redacted(&self) -> String {
+        self.0
+            .split(',')
+            .map(|part| match url::Url::parse(part.trim()) {
+                Ok(mut u) if u.password().is_some() => {
+                    let _ = u.set_password(Some("***"));
+                    u.to_string()
+                }
+                _ => part.trim().to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl FromStr for RedisUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("expected a redis:// or rediss:// URL, got an empty value".into());
+        }
+        // Sentinel and cluster lists are checked when the backend is built (they may hold plain
+        // host:port entries); a single URL must carry its scheme.
+        let first = s.split(',').next().unwrap_or_default().trim();
+        const SCHEMES: &[&str] = &["redis://", "rediss://", "unix://", "redis+unix://"];
+        if !s.contains(',') && !SCHEMES.iter().any(|p| first.starts_with(p)) {
+            return Err("expected a redis:// or rediss:// URL".into());
+        }
+        Ok(Self(s.to_string()))
+    }
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "expected a finite number greater than 0, got '{s}'"
+        )),
+    }
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("expected true or false, got '{s}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        let url: RedisUrl = "redis://user:s3cret@localhost:6379/0".parse().unwrap();
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert!(!url.to_string().contains("s3cret"));
+        assert!(url.to_string().contains("***"));
+        assert_eq!(url.expose(), "redis://user:s3cret@localhost:6379/0");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!("localhost:6379".parse::<RedisUrl>().is_err());
+        assert!(positive_f64("0").is_err());
+        assert!(positive_f64("nan").is_err());
+        assert!(positive_f64("inf").is_err());
+        assert_eq!(positive_f64("2.5"), Ok(2.5));
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let a = Cli::parse_from(["tollgate"]).into_serve();
+        assert_eq!(a.capacity, 20.0);
+        assert_eq!(a.rate, 20.0);
+        assert_eq!(a.redis_timeout_ms, 50);
+        assert_eq!(a.bucket_prefix, "tb:user:");
+        assert_eq!(a.rls_key_prefix, "tb:rls:");
+        assert_eq!(a.failure_mode, FailureMode::Error);
+        assert_eq!(a.grpc_addr.to_string(), "0.0.0.0:8081");
+        assert_eq!(a.http_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(a.memory_max_buckets, 1_000_000);
+        assert_eq!(a.shutdown_grace_secs, 10);
+        assert!(!a.shadow_mode);
+    }
+
+    #[test]
+    fn serve_subcommand_takes_the_same_flags() {
+        let a = Cli::parse_from(["tollgate", "serve", "--capacity", "5"]).into_serve();
+        assert_eq!(a.capacity, 5.0);
+    }
+}

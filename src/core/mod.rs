@@ -1,0 +1,12 @@
+//! The domain: token-bucket arithmetic, bucket shapes, the request kinds and the answers.
+//!
+//! Nothing here knows about gRPC, HTTP, Redis or the clock: time is passed in, so every rule of
+//! SPEC section 2 is a pure function that unit tests can pin down exactly.
+
+mod bucket;
+mod failure;
+mod shape;
+
+pub use bucket::{BucketState, Decision, Op, apply};
+pub use failure::FailureMode;
+pub use shape::{InvalidShape, Limits, MAX_TTL_MS, Shape};

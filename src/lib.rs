@@ -1,0 +1,30 @@
+//! tollgate: a rate-limit decision service.
+//!
+//! "May this key spend N tokens now?" answered atomically from a token bucket kept in Redis by one
+//! Lua script, or in this process's memory when no Redis is configured.
+//!
+//! # Layout
+//!
+//! - [`core`]: the domain. Bucket arithmetic (pure, time passed in), shapes, operations, decisions,
+//!   failure policy. Depends on nothing else in the crate.
+//! - [`backend`]: where buckets live. The [`backend::Backend`] trait, `memory.rs` (sharded maps)
+//!   and `redis.rs` (runs `lua/token_bucket.lua`).
+//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow (proto <-> core conversion and input
+//!   checks) and the one place errors become `tonic::Status`.
+//! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, and
+//!   the timing wrapper that measures every backend call.
+//! - [`config`]: flags, environment and `.env`, validated at start; secrets redacted.
+//! - [`server`]: wires it all: listeners, the layer stack, health, reflection, `/metrics` and the
+//!   probes, graceful shutdown.
+//! - `bin/`: thin binaries that parse flags and call [`server::run`].
+//!
+//! Dependencies point inwards: `api` and `telemetry` use `core` and `backend`; `core` and
+//! `backend` import no tonic, axum, clap or exporter.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod core;
+pub mod proto;
+pub mod server;
+pub mod telemetry;

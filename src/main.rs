@@ -1,0 +1,59 @@
+//! The `tollgate` binary: parse flags, bind the listeners, run until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tollgate::config::Cli;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Cli::load().into_serve();
+    tollgate::telemetry::init_tracing(args.log_format);
+
+    let grpc = match TcpListener::bind(args.grpc_addr).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("GRPC_ADDR {}: cannot listen: {e}", args.grpc_addr)),
+    };
+    let http = match TcpListener::bind(args.http_addr).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("HTTP_ADDR {}: cannot listen: {e}", args.http_addr)),
+    };
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    match tollgate::server::run(args, grpc, http, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    tracing::error!("{message}");
+    eprintln!("tollgate: {message}");
+    ExitCode::FAILURE
+}
+
+/// The first SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!("signal received: shutting down gracefully (again to stop at once)");
+            shutdown.cancel();
+        }
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}

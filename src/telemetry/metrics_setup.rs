@@ -1,0 +1,158 @@
+//! The Prometheus recorder and the metric names, each described once.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Histogram, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names (SPEC section 8): promises to dashboards, never renamed.
+pub mod names {
+    pub const DECISIONS: &str = "tollgate_decisions_total";
+    pub const DECISION_DURATION: &str = "tollgate_decision_duration_seconds";
+    pub const BACKEND_DURATION: &str = "tollgate_backend_duration_seconds";
+    pub const BACKEND_ERRORS: &str = "tollgate_backend_errors_total";
+    pub const FAILURE_MODE: &str = "tollgate_failure_mode_total";
+    pub const BUILD_INFO: &str = "tollgate_build_info";
+    pub use crate::backend::memory::EVICTIONS_METRIC as MEMORY_EVICTIONS;
+}
+
+/// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
+/// up to 100 ms and a little beyond (a Redis timeout shows up in the top buckets).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0,
+];
+
+/// Renders the Prometheus text; cheap to clone.
+#[derive(Clone)]
+pub struct MetricsHandle {
+    prometheus: PrometheusHandle,
+    process: &'static metrics_process::Collector,
+}
+
+impl MetricsHandle {
+    /// The exposition text, with process metrics refreshed first.
+    pub fn render(&self) -> String {
+        self.process.collect();
+        self.prometheus.render()
+    }
+
+    /// Drains histogram samples into their buckets; run periodically.
+    pub fn run_upkeep(&self) {
+        self.prometheus.run_upkeep();
+    }
+}
+
+/// Installs the global recorder (once per process; later calls return the same handle) and
+/// describes every metric.
+pub fn install_metrics() -> MetricsHandle {
+    static HANDLE: OnceLock<MetricsHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let prometheus = recorder.handle();
+            // Another recorder may be installed already (an embedding application); keep ours
+            // rendering what it can rather than failing the server.
+            let _ = metrics::set_global_recorder(recorder);
+            let process: &'static _ = Box::leak(Box::new(metrics_process::Collector::default()));
+            process.describe();
+            describe();
+            metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            MetricsHandle {
+                prometheus,
+                process,
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::Unit;
+    describe_counter!(names::DECISIONS, "Decisions answered, by API and result.");
+    describe_histogram!(
+        names::DECISION_DURATION,
+        Unit::Seconds,
+        "Time to answer one decision call, by API."
+    );
+    describe_histogram!(
+        names::BACKEND_DURATION,
+        Unit::Seconds,
+        "Time of one backend call, by backend."
+    );
+    describe_counter!(
+        names::BACKEND_ERRORS,
+        "Failed backend calls, by backend and kind."
+    );
+    describe_counter!(
+        names::FAILURE_MODE,
+        "Answers decided by FAILURE_MODE because the backend failed, by mode."
+    );
+    describe_gauge!(
+        names::BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
+    describe_counter!(
+        names::MEMORY_EVICTIONS,
+        "Memory buckets dropped before they were full because MEMORY_MAX_BUCKETS was reached."
+    );
+}
+
+/// The decision metrics of one API, registered once so the hot path only increments.
+#[derive(Clone)]
+pub struct DecisionMetrics {
+    allowed: Counter,
+    denied: Counter,
+    error: Counter,
+    duration: Histogram,
+}
+
+impl DecisionMetrics {
+    /// `api` is `should_allow` or `envoy`.
+    pub fn new(api: &'static str) -> Self {
+        let c = |result: &'static str| metrics::counter!(names::DECISIONS, "api" => api, "result" => result);
+        Self {
+            allowed: c("allowed"),
+            denied: c("denied"),
+            error: c("error"),
+            duration: metrics::histogram!(names::DECISION_DURATION, "api" => api),
+        }
+    }
+
+    pub fn record(&self, outcome: Option<bool>, started: std::time::Instant) {
+        match outcome {
+            Some(true) => self.allowed.increment(1),
+            Some(false) => self.denied.increment(1),
+            None => self.error.increment(1),
+        }
+        self.duration.record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts answers given by FAILURE_MODE.
+#[derive(Clone)]
+pub struct FailureModeMetrics {
+    allow: Counter,
+    deny: Counter,
+}
+
+impl Default for FailureModeMetrics {
+    fn default() -> Self {
+        Self {
+            allow: metrics::counter!(names::FAILURE_MODE, "mode" => "allow"),
+            deny: metrics::counter!(names::FAILURE_MODE, "mode" => "deny"),
+        }
+    }
+}
+
+impl FailureModeMetrics {
+    pub fn record(&self, allowed: bool) {
+        if allowed {
+            self.allow.increment(1)
+        } else {
+            self.deny.increment(1)
+        }
+    }
+}

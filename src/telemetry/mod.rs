@@ -1,0 +1,32 @@
+//! Logs and metrics: tracing setup, the metric names of SPEC section 8 (described once), the
+//! Prometheus recorder, and a backend wrapper that times every call.
+
+mod metrics_setup;
+mod timed;
+
+pub use metrics_setup::{
+    DecisionMetrics, FailureModeMetrics, MetricsHandle, install_metrics, names,
+};
+pub use timed::Timed;
+
+/// Log output: human-readable lines or one JSON object per line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global tracing subscriber; the level comes from `RUST_LOG` (default `info`).
+/// Calling it twice is harmless (tests start several servers in one process).
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

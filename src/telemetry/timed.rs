@@ -1,0 +1,78 @@
+//! A backend wrapper that records the duration and the failures of every backend call.
+
+use std::time::Instant;
+
+use metrics::{Counter, Histogram};
+
+use super::names;
+use crate::backend::{Backend, BackendError, BucketRequest, ErrorKind};
+use crate::core::Decision;
+
+/// Wraps a backend; the metrics handles are registered once, at construction.
+pub struct Timed<B> {
+    inner: B,
+    duration: Histogram,
+    errors: [Counter; 4],
+}
+
+impl<B: Backend> Timed<B> {
+    pub fn new(inner: B) -> Self {
+        let backend = inner.name();
+        let err = |kind: ErrorKind| metrics::counter!(names::BACKEND_ERRORS, "backend" => backend, "kind" => kind.as_str());
+        Self {
+            duration: metrics::histogram!(names::BACKEND_DURATION, "backend" => backend),
+            errors: [
+                err(ErrorKind::Timeout),
+                err(ErrorKind::Connection),
+                err(ErrorKind::Script),
+                err(ErrorKind::Other),
+            ],
+            inner,
+        }
+    }
+
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    fn count_error(&self, e: &BackendError) {
+        let i = match e.kind {
+            ErrorKind::Timeout => 0,
+            ErrorKind::Connection => 1,
+            ErrorKind::Script => 2,
+            ErrorKind::Other => 3,
+        };
+        self.errors[i].increment(1);
+    }
+}
+
+impl<B: Backend> Backend for Timed<B> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn decide(&self, req: BucketRequest<'_>) -> Result<Decision, BackendError> {
+        let started = Instant::now();
+        let result = self.inner.decide(req).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.count_error(e);
+        }
+        result
+    }
+
+    async fn decide_many(&self, reqs: &[BucketRequest<'_>]) -> Vec<Result<Decision, BackendError>> {
+        let started = Instant::now();
+        let results = self.inner.decide_many(reqs).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .for_each(|e| self.count_error(e));
+        results
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.inner.ping().await
+    }
+}
