@@ -1,0 +1,269 @@
+//! Test harness: real `redis-server` and real `tollgate` processes on free loopback ports, stopped
+//! when dropped. A missing tool fails the test with the command that installs it.
+
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tollgate::proto::tollgate::v1::{
+    ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_client::RateLimitServiceClient,
+};
+use tonic::transport::Channel;
+
+pub const INSTALL_REDIS: &str =
+    "redis-server not found: install it with `apt-get install -y redis-server` (scripts/test.sh does)";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Polls `check` until it returns true or `within` elapses.
+pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A throwaway redis-server on 127.0.0.1.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--enable-debug-command", "local"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL_REDIS} ({e})"));
+        self.child = Some(child);
+        let url = self.url();
+        eventually(Duration::from_secs(10), "redis-server to answer PING", async || {
+            ping(&url).await
+        })
+        .await;
+    }
+
+    /// SIGKILL: the server vanishes as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port (empty: no persistence).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else { return false };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
+    redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+}
+
+/// A tollgate process with its own ports.
+pub struct Tollgate {
+    pub grpc_port: u16,
+    pub http_port: u16,
+    child: Option<Child>,
+}
+
+impl Tollgate {
+    /// Starts `tollgate` with extra flags and environment, and waits until its HTTP listener
+    /// answers. The environment starts clean of tollgate's variables so the host cannot leak in.
+    pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let grpc_port = free_port();
+        let http_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        for var in [
+            "REDIS_URL", "REDIS_TYPE", "REDIS_TIMEOUT_MS", "TB_CAPACITY", "TB_RATE",
+            "BUCKET_PREFIX", "RLS_KEY_PREFIX", "RULES", "FAILURE_MODE", "GRPC_ADDR", "HTTP_ADDR",
+            "SHADOW_MODE", "MAX_CAPACITY", "MAX_RATE", "MEMORY_MAX_BUCKETS", "SHUTDOWN_GRACE_SECS",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(args)
+            .stdout(Stdio::null());
+        let child = cmd.spawn().expect("spawn tollgate");
+        let t = Tollgate {
+            grpc_port,
+            http_port,
+            child: Some(child),
+        };
+        let url = format!("http://127.0.0.1:{http_port}/healthz");
+        eventually(Duration::from_secs(15), "tollgate /healthz", async || {
+            http_get(&url).await.is_some_and(|(status, _)| status == 200)
+        })
+        .await;
+        t
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    pub async fn client(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::connect(self.grpc_url())
+            .await
+            .expect("connect to tollgate")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Sends SIGTERM and waits for the exit status (None if it did not exit within `within`).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .ok()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host))
+        .await
+        .ok()?
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A ShouldAllow request for `key` with the given shape (0 = server default) and cost.
+pub fn ask(key: &str, capacity: f64, rate: f64, cost: u32) -> ShouldAllowRequest {
+    ShouldAllowRequest {
+        key: key.to_string(),
+        cost,
+        capacity,
+        rate,
+        dry_run: false,
+    }
+}
+
+pub async fn should_allow(
+    client: &mut RateLimitServiceClient<Channel>,
+    req: ShouldAllowRequest,
+) -> Result<ShouldAllowResponse, tonic::Status> {
+    client.should_allow(req).await.map(|r| r.into_inner())
+}
+
+/// The gRPC health status of `service` ("" is the whole server).
+pub async fn health(grpc_url: &str, service: &str) -> Option<i32> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = Channel::from_shared(grpc_url.to_string())
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let answer = client
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .ok()?;
+    Some(answer.into_inner().status)
+}
+
+pub const SERVING: i32 = 1;
+pub const NOT_SERVING: i32 = 2;

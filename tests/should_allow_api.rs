@@ -1,0 +1,153 @@
+//! ShouldAllow through a real tollgate process (memory backend): answers, defaults, input checks,
+//! shadow mode, health, probes, and configuration errors.
+
+mod common;
+
+use common::{SERVING, Tollgate, ask, health, http_get, should_allow};
+use tonic::Code;
+
+#[tokio::test]
+async fn allows_then_denies_with_figures() {
+    let t = Tollgate::start(&["--capacity", "3", "--rate", "0.001"], &[]).await;
+    let mut c = t.client().await;
+    for left in [2.0, 1.0, 0.0] {
+        let r = should_allow(&mut c, ask("user:1", 0.0, 0.0, 0)).await.unwrap();
+        assert!(r.allowed);
+        assert!((r.tokens_remaining - left).abs() < 1e-3, "{r:?}");
+        assert_eq!((r.capacity, r.rate), (3.0, 0.001), "the default shape is reported");
+        assert!(!r.degraded);
+    }
+    let r = should_allow(&mut c, ask("user:1", 0.0, 0.0, 0)).await.unwrap();
+    assert!(!r.allowed);
+    assert!(r.retry_after_ms > 999_000, "one token at 0.001/s takes ~1000 s: {r:?}");
+    // Another key has its own bucket; a request's own shape wins over the default.
+    let r = should_allow(&mut c, ask("user:2", 100.0, 50.0, 60)).await.unwrap();
+    assert!(r.allowed);
+    assert_eq!((r.capacity, r.rate), (100.0, 50.0));
+    assert!((r.tokens_remaining - 40.0).abs() < 1.0, "{r:?}");
+}
+
+#[tokio::test]
+async fn dry_run_takes_nothing() {
+    let t = Tollgate::start(&["--capacity", "2", "--rate", "0.001"], &[]).await;
+    let mut c = t.client().await;
+    let mut req = ask("dry", 0.0, 0.0, 2);
+    req.dry_run = true;
+    for _ in 0..3 {
+        let r = should_allow(&mut c, req.clone()).await.unwrap();
+        assert!(r.allowed);
+        assert_eq!(r.tokens_remaining, 2.0);
+    }
+    assert!(should_allow(&mut c, ask("dry", 0.0, 0.0, 2)).await.unwrap().allowed);
+    let r = should_allow(&mut c, req).await.unwrap();
+    assert!(!r.allowed);
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field() {
+    let t = Tollgate::start(&["--max-capacity", "1000", "--max-rate", "100"], &[]).await;
+    let mut c = t.client().await;
+    let long = "k".repeat(513);
+    let cases = [
+        (ask("", 0.0, 0.0, 1), "key"),
+        (ask(&long, 0.0, 0.0, 1), "key"),
+        (ask("k", -1.0, 0.0, 1), "capacity"),
+        (ask("k", f64::NAN, 0.0, 1), "capacity"),
+        (ask("k", f64::INFINITY, 0.0, 1), "capacity"),
+        (ask("k", 1001.0, 0.0, 1), "capacity"),
+        (ask("k", 0.0, -5.0, 1), "rate"),
+        (ask("k", 0.0, f64::NAN, 1), "rate"),
+        (ask("k", 0.0, f64::NEG_INFINITY, 1), "rate"),
+        (ask("k", 0.0, 101.0, 1), "rate"),
+        (ask("k", 5.0, 1.0, 6), "cost"),
+    ];
+    for (req, field) in cases {
+        let err = should_allow(&mut c, req.clone()).await.expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+    }
+    // The longest allowed key works.
+    assert!(should_allow(&mut c, ask(&"k".repeat(512), 0.0, 0.0, 1)).await.is_ok());
+}
+
+#[tokio::test]
+async fn shadow_mode_counts_but_always_allows() {
+    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001", "--shadow-mode"], &[]).await;
+    let mut c = t.client().await;
+    for _ in 0..3 {
+        assert!(should_allow(&mut c, ask("s", 0.0, 0.0, 1)).await.unwrap().allowed);
+    }
+    let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
+    let denied = metric_value(&metrics, "tollgate_decisions_total{api=\"should_allow\",result=\"denied\"}");
+    assert_eq!(denied, Some(2.0), "shadow mode still counts denials:\n{metrics}");
+}
+
+#[tokio::test]
+async fn health_probes_and_metrics() {
+    let t = Tollgate::start(&[], &[]).await;
+    common::eventually(std::time::Duration::from_secs(5), "SERVING", async || {
+        health(&t.grpc_url(), "").await == Some(SERVING)
+    })
+    .await;
+    assert_eq!(health(&t.grpc_url(), "tollgate.v1.RateLimitService").await, Some(SERVING));
+    for path in ["/healthz", "/readyz", "/healthcheck"] {
+        let (status, _) = http_get(&t.http_url(path)).await.unwrap();
+        assert_eq!(status, 200, "{path}");
+    }
+    let mut c = t.client().await;
+    should_allow(&mut c, ask("m", 0.0, 0.0, 1)).await.unwrap();
+    let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
+    assert_eq!(
+        metric_value(&metrics, "tollgate_decisions_total{api=\"should_allow\",result=\"allowed\"}"),
+        Some(1.0)
+    );
+    for name in [
+        "# TYPE tollgate_decision_duration_seconds histogram",
+        "tollgate_decision_duration_seconds_bucket{api=\"should_allow\",le=\"0.001\"}",
+        "tollgate_build_info{version=",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "missing {name}:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_with_one_line_naming_the_variable() {
+    for (var, value) in [
+        ("TB_CAPACITY", "abc"),
+        ("TB_RATE", "-2"),
+        ("REDIS_TIMEOUT_MS", "0"),
+        ("FAILURE_MODE", "maybe"),
+        ("REDIS_URL", "localhost:6379"),
+        ("GRPC_ADDR", "nowhere"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{var}: {stderr}");
+        assert!(stderr.contains(var), "{var}: {stderr}");
+    }
+}
+
+#[test]
+fn secrets_never_appear_in_help() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--help")
+        .env("REDIS_URL", "redis://:hunter2@10.0.0.1:6379")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(help.contains("REDIS_URL") && help.contains("TB_CAPACITY"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+}
+
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
