@@ -114,7 +114,8 @@ impl<B: Backend> ShouldAllowApi<B> {
                 self.metrics.record(None, started);
                 match self.defaults.failure_mode.fallback_allowed() {
                     Some(allowed) => {
-                        tracing::warn!(error = %e, allowed, "backend failed; FAILURE_MODE answered");
+                        // Per call at debug only: an outage would flood the log; health logs the transition.
+                        tracing::debug!(error = %e, allowed, "backend failed; FAILURE_MODE answered");
                         self.failure_metrics.record(allowed);
                         Ok(ShouldAllowResponse {
                             allowed,
@@ -125,7 +126,7 @@ impl<B: Backend> ShouldAllowApi<B> {
                         })
                     }
                     None => {
-                        tracing::warn!(error = %e, "backend failed; answering UNAVAILABLE");
+                        tracing::debug!(error = %e, "backend failed; answering UNAVAILABLE");
                         Err(ApiError::Backend(e))
                     }
                 }
