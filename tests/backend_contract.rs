@@ -38,7 +38,15 @@ async fn exact_allow_deny_sequence(b: &impl Backend) {
     }
     assert_eq!(
         seen,
-        [(true, 4), (true, 3), (true, 2), (true, 1), (true, 0), (false, 0), (false, 0)]
+        [
+            (true, 4),
+            (true, 3),
+            (true, 2),
+            (true, 1),
+            (true, 0),
+            (false, 0),
+            (false, 0)
+        ]
     );
 }
 
@@ -67,7 +75,10 @@ async fn denied_request_costs_nothing(b: &impl Backend) {
     assert!(!d.allowed);
     assert!((d.tokens_remaining - 1.0).abs() < EPS, "{d:?}");
     let d = decide(b, "deny", 5.0, SLOW, Op::Take(1)).await;
-    assert!(d.allowed, "the denied request must not have spent the last token");
+    assert!(
+        d.allowed,
+        "the denied request must not have spent the last token"
+    );
 }
 
 async fn retry_and_reset_after(b: &impl Backend) {
@@ -114,9 +125,21 @@ async fn buckets_are_independent(b: &impl Backend) {
 async fn many_at_once_keeps_order(b: &impl Backend) {
     let shape = Shape::new(1.0, SLOW).unwrap();
     let reqs = [
-        BucketRequest { key: "m1", shape, op: Op::Take(1) },
-        BucketRequest { key: "m2", shape, op: Op::Take(1) },
-        BucketRequest { key: "m1", shape, op: Op::Check(1) },
+        BucketRequest {
+            key: "m1",
+            shape,
+            op: Op::Take(1),
+        },
+        BucketRequest {
+            key: "m2",
+            shape,
+            op: Op::Take(1),
+        },
+        BucketRequest {
+            key: "m1",
+            shape,
+            op: Op::Check(1),
+        },
     ];
     // Not a transaction: m1's check may see m1's take or not, but m2 is independent.
     let out = b.decide_many(&reqs).await;
@@ -171,15 +194,27 @@ async fn redis_key_ttl_is_the_full_refill_time() {
     let backend = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
     decide(&backend, "tb:ttl", 10.0, 2.0, Op::Take(1)).await; // full refill 5000 ms
     let mut conn = server.connection().await;
-    let pttl: i64 = ::redis::cmd("PTTL").arg("tb:ttl").query_async(&mut conn).await.unwrap();
+    let pttl: i64 = ::redis::cmd("PTTL")
+        .arg("tb:ttl")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!((4_900..=5_000).contains(&pttl), "PTTL {pttl}");
     // 3 tokens at 7 per second: ceil(3/7*1000) = 429 ms.
     decide(&backend, "tb:ttl2", 3.0, 7.0, Op::Take(1)).await;
-    let pttl: i64 = ::redis::cmd("PTTL").arg("tb:ttl2").query_async(&mut conn).await.unwrap();
+    let pttl: i64 = ::redis::cmd("PTTL")
+        .arg("tb:ttl2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!((380..=429).contains(&pttl), "PTTL {pttl}");
     // A check writes nothing, so no key appears.
     decide(&backend, "tb:none", 3.0, 7.0, Op::Check(1)).await;
-    let exists: i64 = ::redis::cmd("EXISTS").arg("tb:none").query_async(&mut conn).await.unwrap();
+    let exists: i64 = ::redis::cmd("EXISTS")
+        .arg("tb:none")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(exists, 0);
 }
 
@@ -196,9 +231,19 @@ async fn memory_clock_stepping_back_adds_nothing() {
     assert!(!d.allowed);
     assert_eq!(d.tokens_remaining, 0.0);
     clock.set_ms(1_000_000.0); // back to the present: the step back earned nothing
-    assert_eq!(decide(&b, "clock", 10.0, 10.0, Op::Check(0)).await.tokens_remaining, 0.0);
+    assert_eq!(
+        decide(&b, "clock", 10.0, 10.0, Op::Check(0))
+            .await
+            .tokens_remaining,
+        0.0
+    );
     clock.set_ms(1_000_500.0);
-    assert_eq!(decide(&b, "clock", 10.0, 10.0, Op::Check(0)).await.tokens_remaining, 5.0);
+    assert_eq!(
+        decide(&b, "clock", 10.0, 10.0, Op::Check(0))
+            .await
+            .tokens_remaining,
+        5.0
+    );
 }
 
 /// Both backends give the same figures for the same sequence (within the drift of real time).
@@ -207,14 +252,31 @@ async fn both_backends_answer_alike() {
     let server = common::RedisServer::start().await;
     let redis = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
     let memory = MemoryBackend::new(100);
-    let ops = [Op::Take(3), Op::Take(4), Op::Check(2), Op::Take(5), Op::Refund(2), Op::Take(2), Op::Check(0)];
+    let ops = [
+        Op::Take(3),
+        Op::Take(4),
+        Op::Check(2),
+        Op::Take(5),
+        Op::Refund(2),
+        Op::Take(2),
+        Op::Check(0),
+    ];
     for op in ops {
         let m = decide(&memory, "same", 7.5, SLOW, op).await;
         let r = decide(&redis, "same", 7.5, SLOW, op).await;
         assert_eq!(m.allowed, r.allowed, "{op:?}: {m:?} vs {r:?}");
-        assert!((m.tokens_remaining - r.tokens_remaining).abs() < EPS, "{op:?}: {m:?} vs {r:?}");
+        assert!(
+            (m.tokens_remaining - r.tokens_remaining).abs() < EPS,
+            "{op:?}: {m:?} vs {r:?}"
+        );
         let close = |a: u64, b: u64| a.abs_diff(b) <= a.max(b) / 100 + 1;
-        assert!(close(m.retry_after_ms, r.retry_after_ms), "{op:?}: {m:?} vs {r:?}");
-        assert!(close(m.reset_after_ms, r.reset_after_ms), "{op:?}: {m:?} vs {r:?}");
+        assert!(
+            close(m.retry_after_ms, r.retry_after_ms),
+            "{op:?}: {m:?} vs {r:?}"
+        );
+        assert!(
+            close(m.reset_after_ms, r.reset_after_ms),
+            "{op:?}: {m:?} vs {r:?}"
+        );
     }
 }

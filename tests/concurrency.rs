@@ -7,9 +7,15 @@ use common::{RedisServer, Tollgate, ask, should_allow};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
     let redis = RedisServer::start().await;
-    let env = [("REDIS_URL", redis.url()), ("REDIS_TIMEOUT_MS", "2000".to_string())];
+    let env = [
+        ("REDIS_URL", redis.url()),
+        ("REDIS_TIMEOUT_MS", "2000".to_string()),
+    ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let replicas = [Tollgate::start(&[], &env).await, Tollgate::start(&[], &env).await];
+    let replicas = [
+        Tollgate::start(&[], &env).await,
+        Tollgate::start(&[], &env).await,
+    ];
     let clients = [replicas[0].client().await, replicas[1].client().await];
 
     let calls = (0..500).map(|i| {
@@ -27,8 +33,15 @@ async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
             allowed[i % 2] += 1;
         }
     }
-    assert_eq!(allowed[0] + allowed[1], 100, "allowed per replica: {allowed:?}");
-    assert!(allowed[0] > 0 && allowed[1] > 0, "both replicas decided: {allowed:?}");
+    assert_eq!(
+        allowed[0] + allowed[1],
+        100,
+        "allowed per replica: {allowed:?}"
+    );
+    assert!(
+        allowed[0] > 0 && allowed[1] > 0,
+        "both replicas decided: {allowed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

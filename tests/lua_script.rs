@@ -31,13 +31,20 @@ async fn every_argument_must_be_a_finite_positive_number() {
                 .await
                 .expect_err(&format!("{name}={bad:?} must be refused"));
             let text = err.to_string();
-            assert!(text.contains(name), "{name}={bad:?}: error does not name it: {text}");
+            assert!(
+                text.contains(name),
+                "{name}={bad:?}: error does not name it: {text}"
+            );
         }
     }
     let err = eval(&mut conn, ["10", "1", "1", "4"]).await.unwrap_err();
     assert!(err.to_string().contains("mode"), "{err}");
     // Nothing was written by any refused call.
-    let exists: i64 = redis::cmd("EXISTS").arg("tb:lua").query_async(&mut conn).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("tb:lua")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(exists, 0);
 }
 
@@ -46,7 +53,10 @@ async fn returns_the_documented_array() {
     let server = common::RedisServer::start().await;
     let mut conn = server.connection().await;
     let (allowed, tokens, retry, reset) = eval(&mut conn, ["10", "2", "4", "1"]).await.unwrap();
-    assert_eq!((allowed, tokens.parse::<f64>().unwrap(), retry), (1, 6.0, 0));
+    assert_eq!(
+        (allowed, tokens.parse::<f64>().unwrap(), retry),
+        (1, 6.0, 0)
+    );
     assert!((1_990..=2_000).contains(&reset), "reset {reset}");
     let (allowed, _, retry, _) = eval(&mut conn, ["10", "2", "7", "1"]).await.unwrap();
     assert_eq!(allowed, 0);
@@ -80,6 +90,11 @@ async fn a_future_timestamp_adds_nothing() {
     let (allowed, tokens, _, _) = eval(&mut conn, ["10", "1000", "1", "1"]).await.unwrap();
     assert_eq!(allowed, 0);
     assert_eq!(tokens.parse::<f64>().unwrap(), 0.0);
-    let ts: String = redis::cmd("HGET").arg("tb:lua").arg("ts").query_async(&mut conn).await.unwrap();
+    let ts: String = redis::cmd("HGET")
+        .arg("tb:lua")
+        .arg("ts")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(ts.parse::<f64>().unwrap(), future_ms);
 }

@@ -11,17 +11,30 @@ async fn allows_then_denies_with_figures() {
     let t = Tollgate::start(&["--capacity", "3", "--rate", "0.001"], &[]).await;
     let mut c = t.client().await;
     for left in [2.0, 1.0, 0.0] {
-        let r = should_allow(&mut c, ask("user:1", 0.0, 0.0, 0)).await.unwrap();
+        let r = should_allow(&mut c, ask("user:1", 0.0, 0.0, 0))
+            .await
+            .unwrap();
         assert!(r.allowed);
         assert!((r.tokens_remaining - left).abs() < 1e-3, "{r:?}");
-        assert_eq!((r.capacity, r.rate), (3.0, 0.001), "the default shape is reported");
+        assert_eq!(
+            (r.capacity, r.rate),
+            (3.0, 0.001),
+            "the default shape is reported"
+        );
         assert!(!r.degraded);
     }
-    let r = should_allow(&mut c, ask("user:1", 0.0, 0.0, 0)).await.unwrap();
+    let r = should_allow(&mut c, ask("user:1", 0.0, 0.0, 0))
+        .await
+        .unwrap();
     assert!(!r.allowed);
-    assert!(r.retry_after_ms > 999_000, "one token at 0.001/s takes ~1000 s: {r:?}");
+    assert!(
+        r.retry_after_ms > 999_000,
+        "one token at 0.001/s takes ~1000 s: {r:?}"
+    );
     // Another key has its own bucket; a request's own shape wins over the default.
-    let r = should_allow(&mut c, ask("user:2", 100.0, 50.0, 60)).await.unwrap();
+    let r = should_allow(&mut c, ask("user:2", 100.0, 50.0, 60))
+        .await
+        .unwrap();
     assert!(r.allowed);
     assert_eq!((r.capacity, r.rate), (100.0, 50.0));
     assert!((r.tokens_remaining - 40.0).abs() < 1.0, "{r:?}");
@@ -38,7 +51,12 @@ async fn dry_run_takes_nothing() {
         assert!(r.allowed);
         assert_eq!(r.tokens_remaining, 2.0);
     }
-    assert!(should_allow(&mut c, ask("dry", 0.0, 0.0, 2)).await.unwrap().allowed);
+    assert!(
+        should_allow(&mut c, ask("dry", 0.0, 0.0, 2))
+            .await
+            .unwrap()
+            .allowed
+    );
     let r = should_allow(&mut c, req).await.unwrap();
     assert!(!r.allowed);
 }
@@ -64,22 +82,46 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     for (req, field) in cases {
         let err = should_allow(&mut c, req.clone()).await.expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
     }
     // The longest allowed key works.
-    assert!(should_allow(&mut c, ask(&"k".repeat(512), 0.0, 0.0, 1)).await.is_ok());
+    assert!(
+        should_allow(&mut c, ask(&"k".repeat(512), 0.0, 0.0, 1))
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]
 async fn shadow_mode_counts_but_always_allows() {
-    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001", "--shadow-mode"], &[]).await;
+    let t = Tollgate::start(
+        &["--capacity", "1", "--rate", "0.001", "--shadow-mode"],
+        &[],
+    )
+    .await;
     let mut c = t.client().await;
     for _ in 0..3 {
-        assert!(should_allow(&mut c, ask("s", 0.0, 0.0, 1)).await.unwrap().allowed);
+        assert!(
+            should_allow(&mut c, ask("s", 0.0, 0.0, 1))
+                .await
+                .unwrap()
+                .allowed
+        );
     }
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
-    let denied = metric_value(&metrics, "tollgate_decisions_total{api=\"should_allow\",result=\"denied\"}");
-    assert_eq!(denied, Some(2.0), "shadow mode still counts denials:\n{metrics}");
+    let denied = metric_value(
+        &metrics,
+        "tollgate_decisions_total{api=\"should_allow\",result=\"denied\"}",
+    );
+    assert_eq!(
+        denied,
+        Some(2.0),
+        "shadow mode still counts denials:\n{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -89,7 +131,10 @@ async fn health_probes_and_metrics() {
         health(&t.grpc_url(), "").await == Some(SERVING)
     })
     .await;
-    assert_eq!(health(&t.grpc_url(), "tollgate.v1.RateLimitService").await, Some(SERVING));
+    assert_eq!(
+        health(&t.grpc_url(), "tollgate.v1.RateLimitService").await,
+        Some(SERVING)
+    );
     for path in ["/healthz", "/readyz", "/healthcheck"] {
         let (status, _) = http_get(&t.http_url(path)).await.unwrap();
         assert_eq!(status, 200, "{path}");
@@ -98,7 +143,10 @@ async fn health_probes_and_metrics() {
     should_allow(&mut c, ask("m", 0.0, 0.0, 1)).await.unwrap();
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
     assert_eq!(
-        metric_value(&metrics, "tollgate_decisions_total{api=\"should_allow\",result=\"allowed\"}"),
+        metric_value(
+            &metrics,
+            "tollgate_decisions_total{api=\"should_allow\",result=\"allowed\"}"
+        ),
         Some(1.0)
     );
     for name in [
@@ -141,7 +189,10 @@ fn secrets_never_appear_in_help() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(help.contains("REDIS_URL") && help.contains("TB_CAPACITY"), "{help}");
+    assert!(
+        help.contains("REDIS_URL") && help.contains("TB_CAPACITY"),
+        "{help}"
+    );
     assert!(!help.contains("hunter2"), "{help}");
 }
 

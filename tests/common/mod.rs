@@ -14,8 +14,7 @@ use tollgate::proto::tollgate::v1::{
 };
 use tonic::transport::Channel;
 
-pub const INSTALL_REDIS: &str =
-    "redis-server not found: install it with `apt-get install -y redis-server` (scripts/test.sh does)";
+pub const INSTALL_REDIS: &str = "redis-server not found: install it with `apt-get install -y redis-server` (scripts/test.sh does)";
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -32,7 +31,10 @@ pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut
         if check().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -66,7 +68,14 @@ impl RedisServer {
     async fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--enable-debug-command", "local"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "local",
+            ])
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -74,9 +83,11 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("{INSTALL_REDIS} ({e})"));
         self.child = Some(child);
         let url = self.url();
-        eventually(Duration::from_secs(10), "redis-server to answer PING", async || {
-            ping(&url).await
-        })
+        eventually(
+            Duration::from_secs(10),
+            "redis-server to answer PING",
+            async || ping(&url).await,
+        )
         .await;
     }
 
@@ -110,9 +121,16 @@ impl Drop for RedisServer {
 }
 
 async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else { return false };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
-    redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
 }
 
 /// A tollgate process with its own ports.
@@ -130,9 +148,22 @@ impl Tollgate {
         let http_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         for var in [
-            "REDIS_URL", "REDIS_TYPE", "REDIS_TIMEOUT_MS", "TB_CAPACITY", "TB_RATE",
-            "BUCKET_PREFIX", "RLS_KEY_PREFIX", "RULES", "FAILURE_MODE", "GRPC_ADDR", "HTTP_ADDR",
-            "SHADOW_MODE", "MAX_CAPACITY", "MAX_RATE", "MEMORY_MAX_BUCKETS", "SHUTDOWN_GRACE_SECS",
+            "REDIS_URL",
+            "REDIS_TYPE",
+            "REDIS_TIMEOUT_MS",
+            "TB_CAPACITY",
+            "TB_RATE",
+            "BUCKET_PREFIX",
+            "RLS_KEY_PREFIX",
+            "RULES",
+            "FAILURE_MODE",
+            "GRPC_ADDR",
+            "HTTP_ADDR",
+            "SHADOW_MODE",
+            "MAX_CAPACITY",
+            "MAX_RATE",
+            "MEMORY_MAX_BUCKETS",
+            "SHUTDOWN_GRACE_SECS",
         ] {
             cmd.env_remove(var);
         }
@@ -150,7 +181,9 @@ impl Tollgate {
         };
         let url = format!("http://127.0.0.1:{http_port}/healthz");
         eventually(Duration::from_secs(15), "tollgate /healthz", async || {
-            http_get(&url).await.is_some_and(|(status, _)| status == 200)
+            http_get(&url)
+                .await
+                .is_some_and(|(status, _)| status == 200)
         })
         .await;
         t
@@ -210,10 +243,11 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host))
-        .await
-        .ok()?
-        .ok()?;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host))
+            .await
+            .ok()?
+            .ok()?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
@@ -223,7 +257,10 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
         .ok()?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 

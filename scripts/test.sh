@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one test command: installs what is missing, then runs every check and test.
+#   fmt, clippy (warnings are errors), unit + integration + end-to-end tests, the Python interop test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# Debian packages the tests start for real.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# A Python venv (ignored by git) with the gRPC client libraries.
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+if ! cmp -s tests/python/requirements.txt "$VENV/.requirements" 2>/dev/null; then
+  log "installing Python test requirements"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+  cp tests/python/requirements.txt "$VENV/.requirements"
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo test"
+cargo test --workspace --locked
+
+log "Python interop test"
+cargo build --locked --bin tollgate
+TOLLGATE_BIN="$PWD/target/debug/tollgate" "$VENV/bin/python" -m pytest -q tests/python

@@ -1,0 +1,158 @@
+"""A gRPC client nobody here wrote (Python grpcio) against a real tollgate.
+
+Stubs are generated from proto/ by grpcio-tools at test time, exactly as a user would. The tollgate
+binary comes from TOLLGATE_BIN (scripts/test.sh builds it and sets it).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stubs():
+    """tollgate_pb2 and tollgate_pb2_grpc generated from proto/ with grpcio-tools."""
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="tollgate-py-")
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{ROOT / 'proto'}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(ROOT / "proto/tollgate/v1/tollgate.proto"),
+        ]
+    )
+    assert rc == 0, "grpcio-tools could not compile proto/tollgate/v1/tollgate.proto"
+    sys.path.insert(0, out)
+    from tollgate.v1 import tollgate_pb2, tollgate_pb2_grpc  # noqa: E402
+
+    return tollgate_pb2, tollgate_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def tollgate():
+    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target/debug/tollgate"))
+    assert os.path.exists(binary), f"{binary} missing: run `cargo build` (scripts/test.sh does)"
+    grpc_port, http_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "TB_CAPACITY", "TB_RATE")}
+    env["RUST_LOG"] = "warn"
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--grpc-addr", f"127.0.0.1:{grpc_port}",
+            "--http-addr", f"127.0.0.1:{http_port}",
+            "--capacity", "3",
+            "--rate", "0.001",
+        ],
+        env=env,
+    )
+    deadline = time.time() + 15
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, "tollgate exited during start"
+        assert time.time() < deadline, "tollgate did not become ready"
+        time.sleep(0.05)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    yield channel
+    channel.close()
+    proc.terminate()
+    assert proc.wait(timeout=15) == 0, "tollgate did not shut down cleanly on SIGTERM"
+
+
+def test_should_allow_counts_down_then_denies(stubs, tollgate):
+    pb, pb_grpc = stubs
+    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    answers = [stub.ShouldAllow(pb.ShouldAllowRequest(key="py:1"), timeout=2) for _ in range(4)]
+    assert [a.allowed for a in answers] == [True, True, True, False]
+    assert [round(a.tokens_remaining) for a in answers] == [2, 1, 0, 0]
+    assert answers[0].capacity == 3 and answers[0].rate == 0.001
+    assert answers[3].retry_after_ms > 0 and answers[0].retry_after_ms == 0
+    dry = stub.ShouldAllow(pb.ShouldAllowRequest(key="py:2", cost=2, dry_run=True), timeout=2)
+    assert dry.allowed and dry.tokens_remaining == 3
+
+
+def test_bad_input_is_invalid_argument(stubs, tollgate):
+    pb, pb_grpc = stubs
+    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ShouldAllow(pb.ShouldAllowRequest(key="py", capacity=-1), timeout=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "capacity" in err.value.details()
+
+
+def test_health(tollgate):
+    stub = health_pb2_grpc.HealthStub(tollgate)
+    for service in ["", "tollgate.v1.RateLimitService"]:
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=2)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def reflect(channel, method, request):
+    """One reflection round trip. v1 and v1alpha share their messages on the wire."""
+    call = channel.stream_stream(
+        method,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return next(iter(call(iter([request]), timeout=2)))
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection(tollgate, version):
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    listed = reflect(tollgate, method, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"tollgate.v1.RateLimitService", "grpc.health.v1.Health"} <= names, names
+
+    found = reflect(
+        tollgate,
+        method,
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="tollgate.v1.RateLimitService"),
+    )
+    from google.protobuf import descriptor_pb2
+
+    protos = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in found.file_descriptor_response.file_descriptor_proto
+    ]
+    service = next(p for p in protos if p.package == "tollgate.v1")
+    request = next(m for m in service.message_type if m.name == "ShouldAllowRequest")
+    assert [f.name for f in request.field] == ["key", "cost", "capacity", "rate", "dry_run"]
+
+
+def test_reflection_stub_from_grpcio_reflection(tollgate):
+    """The stock grpcio-reflection client (v1alpha) works unchanged."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(tollgate)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=2
+    )
+    names = {s.name for s in next(iter(responses)).list_services_response.service}
+    assert "tollgate.v1.RateLimitService" in names
