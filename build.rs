@@ -3,7 +3,10 @@
 
 use std::{env, path::PathBuf};
 
-const PROTOS: &[&str] = &["proto/tollgate/v1/tollgate.proto"];
+const PROTOS: &[&str] = &[
+    "proto/tollgate/v1/tollgate.proto",
+    "proto/envoy/service/ratelimit/v3/rls.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

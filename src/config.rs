@@ -3,7 +3,7 @@
 //! Every flag has an `env` twin (SPEC section 4) and its doc comment is its `--help` text. Values are
 //! checked while parsing, so a bad one stops the start with one line naming the variable.
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -29,6 +29,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the decision service (the default).
     Serve(ServeArgs),
+    /// Validate a rules file or directory offline and print each rule with its bucket shape.
+    CheckRules {
+        /// A rules file, or a directory of *.yaml files.
+        path: PathBuf,
+    },
 }
 
 impl Cli {
@@ -51,11 +56,12 @@ impl Cli {
         }
     }
 
-    /// The serve arguments, whichever way they were given.
-    pub fn into_serve(self) -> ServeArgs {
+    /// The serve arguments, whichever way they were given (None for another subcommand).
+    pub fn into_serve(self) -> Option<ServeArgs> {
         match self.command {
-            Some(Command::Serve(args)) => args,
-            None => self.serve,
+            Some(Command::Serve(args)) => Some(args),
+            None => Some(self.serve),
+            Some(Command::CheckRules { .. }) => None,
         }
     }
 }
@@ -119,6 +125,10 @@ pub struct ServeArgs {
         default_value = "tb:rls:"
     )]
     pub rls_key_prefix: String,
+
+    /// Rules for the Envoy API: a YAML file or a directory of *.yaml (envoyproxy/ratelimit's format), hot-reloaded.
+    #[arg(long, env = "RULES", value_name = "RULES")]
+    pub rules: Option<PathBuf>,
 
     /// On backend failure: error (gRPC UNAVAILABLE), allow or deny (an answer flagged degraded).
     #[arg(long, env = "FAILURE_MODE", value_name = "FAILURE_MODE", default_value = "error", value_parser = FailureMode::from_str)]
@@ -215,7 +225,7 @@ impl ServeArgs {
             "--http-addr",
             "127.0.0.1:0",
         ]);
-        cli.into_serve()
+        cli.into_serve().expect("no subcommand")
     }
 }
 
@@ -316,7 +326,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_spec() {
-        let a = Cli::parse_from(["tollgate"]).into_serve();
+        let a = Cli::parse_from(["tollgate"]).into_serve().unwrap();
         assert_eq!(a.capacity, 20.0);
         assert_eq!(a.rate, 20.0);
         assert_eq!(a.redis_timeout_ms, 50);
@@ -332,7 +342,9 @@ mod tests {
 
     #[test]
     fn serve_subcommand_takes_the_same_flags() {
-        let a = Cli::parse_from(["tollgate", "serve", "--capacity", "5"]).into_serve();
+        let a = Cli::parse_from(["tollgate", "serve", "--capacity", "5"])
+            .into_serve()
+            .unwrap();
         assert_eq!(a.capacity, 5.0);
     }
 }

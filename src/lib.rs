@@ -11,6 +11,8 @@
 //!   and `redis.rs` (runs `lua/token_bucket.lua`).
 //! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow (proto <-> core conversion and input
 //!   checks) and the one place errors become `tonic::Status`.
+//! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
+//!   and hot-reload.
 //! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, and
 //!   the timing wrapper that measures every backend call.
 //! - [`config`]: flags, environment and `.env`, validated at start; secrets redacted.
@@ -26,5 +28,6 @@ pub mod backend;
 pub mod config;
 pub mod core;
 pub mod proto;
+pub mod rules;
 pub mod server;
 pub mod telemetry;

@@ -4,11 +4,17 @@ use std::process::ExitCode;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tollgate::config::Cli;
+use tollgate::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Cli::load().into_serve();
+    let cli = Cli::load();
+    if let Some(Command::CheckRules { path }) = &cli.command {
+        return check_rules(path);
+    }
+    let Some(args) = cli.into_serve() else {
+        return ExitCode::FAILURE;
+    };
     tollgate::telemetry::init_tracing(args.log_format);
 
     let grpc = match TcpListener::bind(args.grpc_addr).await {
@@ -25,6 +31,30 @@ async fn main() -> ExitCode {
     match tollgate::server::run(args, grpc, http, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+/// `tollgate check-rules PATH`: validate offline, print each rule and its bucket.
+fn check_rules(path: &std::path::Path) -> ExitCode {
+    match tollgate::rules::load_path(path) {
+        Ok(set) => {
+            for rule in set.rules() {
+                println!("{rule}");
+            }
+            let mut domains: Vec<&str> = set.domains().collect();
+            domains.sort_unstable();
+            println!(
+                "OK: {} rules in {} domains ({})",
+                set.rules().len(),
+                domains.len(),
+                domains.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: invalid rules: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

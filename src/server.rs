@@ -16,16 +16,20 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::api::{Defaults, ShouldAllowApi};
+use crate::api::{Defaults, EnvoyApi, EnvoySettings, ShouldAllowApi};
 use crate::backend::{Backend, MemoryBackend, RedisBackend};
 use crate::config::{RedisType, ServeArgs};
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitServiceServer as EnvoyServer, SERVICE_NAME as ENVOY_SERVICE,
+};
 use crate::proto::tollgate::v1::rate_limit_service_server::{
     RateLimitServiceServer, SERVICE_NAME as TOLLGATE_SERVICE,
 };
+use crate::rules::RulesHandle;
 use crate::telemetry::{MetricsHandle, Timed, install_metrics};
 
 /// gRPC services reported by health, besides the server as a whole ("").
-const HEALTH_SERVICES: &[&str] = &["", TOLLGATE_SERVICE];
+const HEALTH_SERVICES: &[&str] = &["", TOLLGATE_SERVICE, ENVOY_SERVICE];
 /// How often the backend is probed for health and readiness.
 const HEALTH_EVERY: Duration = Duration::from_millis(500);
 /// How often histogram samples are folded into buckets.
@@ -46,6 +50,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = install_metrics();
+    let rules = Arc::new(match &args.rules {
+        Some(path) => {
+            let handle = RulesHandle::load(path).map_err(|e| anyhow::anyhow!("RULES: {e}"))?;
+            let count = handle.current().map_or(0, |s| s.rules().len());
+            tracing::info!(path = %path.display(), rules = count, "rules loaded; watching for changes");
+            handle
+        }
+        None => {
+            tracing::warn!("no RULES: Envoy requests are answered OK for every descriptor (no limits)");
+            RulesHandle::none()
+        }
+    });
+    crate::rules::spawn_watcher(rules.clone(), shutdown.clone());
     let default_shape = args.default_shape().map_err(anyhow::Error::msg)?;
     let defaults = Defaults {
         shape: default_shape,
@@ -63,7 +80,7 @@ pub async fn run(
             let max = usize::try_from(args.memory_max_buckets).unwrap_or(usize::MAX);
             let memory = Arc::new(MemoryBackend::new(max));
             memory.spawn_sweeper(SWEEP_EVERY, shutdown.clone());
-            serve(args, memory, defaults, metrics, grpc, http, shutdown).await
+            serve(args, memory, defaults, rules, metrics, grpc, http, shutdown).await
         }
         Some(url) => {
             tracing::info!(redis = %url, kind = ?args.redis_type, timeout_ms = args.redis_timeout_ms, "using Redis");
@@ -71,7 +88,7 @@ pub async fn run(
                 RedisType::Single => {
                     let redis = RedisBackend::new(url.expose(), args.redis_timeout())
                         .map_err(|e| anyhow::anyhow!("REDIS_URL: {}", e.message))?;
-                    serve(args, redis, defaults, metrics, grpc, http, shutdown).await
+                    serve(args, redis, defaults, rules, metrics, grpc, http, shutdown).await
                 }
                 other => anyhow::bail!(
                     "REDIS_TYPE={other:?} is not supported by this build yet; use single"
@@ -81,10 +98,12 @@ pub async fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve<B: Backend>(
     args: ServeArgs,
     backend: B,
     defaults: Defaults,
+    rules: Arc<RulesHandle>,
     metrics: MetricsHandle,
     grpc: TcpListener,
     http: TcpListener,
@@ -129,6 +148,15 @@ async fn serve<B: Backend>(
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
 
     let should_allow = ShouldAllowApi::new(backend.clone(), defaults);
+    let envoy = EnvoyApi::new(
+        backend.clone(),
+        rules,
+        EnvoySettings {
+            key_prefix: args.rls_key_prefix.clone(),
+            failure_mode: args.failure_mode,
+            shadow_mode: args.shadow_mode,
+        },
+    );
     let grpc_server = tonic::transport::Server::builder()
         // One stack for every service: a server-side deadline, a bound on calls in flight per
         // connection, and shedding (UNAVAILABLE) instead of queueing without end.
@@ -137,6 +165,7 @@ async fn serve<B: Backend>(
         .load_shed(true)
         .tcp_nodelay(true)
         .add_service(RateLimitServiceServer::new(should_allow))
+        .add_service(EnvoyServer::new(envoy))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,8 +1,10 @@
-//! The gRPC transports: conversion between protos and [`crate::core`], input checks, and the one
-//! place where errors become `tonic::Status`.
+//! The gRPC transports, `tollgate.v1` ShouldAllow and Envoy RLS v3: conversion between protos and
+//! [`crate::core`], input checks, and the one place where errors become `tonic::Status`.
 
+mod envoy;
 mod error;
 mod should_allow;
 
+pub use envoy::{EnvoyApi, EnvoySettings};
 pub use error::ApiError;
 pub use should_allow::{Defaults, ShouldAllowApi};

@@ -13,6 +13,9 @@ pub mod names {
     pub const BACKEND_ERRORS: &str = "tollgate_backend_errors_total";
     pub const FAILURE_MODE: &str = "tollgate_failure_mode_total";
     pub const BUILD_INFO: &str = "tollgate_build_info";
+    pub const RULE_DECISIONS: &str = "tollgate_rule_decisions_total";
+    pub const TOKENS_REMAINING: &str = "tollgate_tokens_remaining";
+    pub const RULES_RELOADS: &str = "tollgate_rules_reloads_total";
     pub use crate::backend::memory::EVICTIONS_METRIC as MEMORY_EVICTIONS;
 }
 
@@ -154,5 +157,61 @@ impl FailureModeMetrics {
         } else {
             self.deny.increment(1)
         }
+    }
+}
+
+/// The per-rule metrics, registered when a rule is loaded so that each series exists (at 0) from
+/// then on and the hot path only increments.
+#[derive(Clone)]
+pub struct RuleMetrics {
+    allowed: Counter,
+    denied: Counter,
+    shadow_denied: Counter,
+    tokens: metrics::Gauge,
+}
+
+impl RuleMetrics {
+    pub fn new(domain: &str, rule: &str) -> Self {
+        let c = |result: &'static str| {
+            metrics::counter!(names::RULE_DECISIONS, "domain" => domain.to_string(), "rule" => rule.to_string(), "result" => result)
+        };
+        Self {
+            allowed: c("allowed"),
+            denied: c("denied"),
+            shadow_denied: c("shadow_denied"),
+            tokens: metrics::gauge!(names::TOKENS_REMAINING, "domain" => domain.to_string(), "rule" => rule.to_string()),
+        }
+    }
+
+    /// Counts one decision (`hits` is the cost) and the tokens left after it.
+    pub fn record(&self, allowed: bool, shadow: bool, hits: u64, tokens_remaining: f64) {
+        match (allowed, shadow) {
+            (true, _) => self.allowed.increment(hits),
+            (false, false) => self.denied.increment(hits),
+            (false, true) => self.shadow_denied.increment(hits),
+        }
+        self.tokens.set(tokens_remaining);
+    }
+}
+
+/// Counts rules reloads by outcome.
+#[derive(Clone)]
+pub struct ReloadMetrics {
+    ok: Counter,
+    error: Counter,
+}
+
+impl Default for ReloadMetrics {
+    fn default() -> Self {
+        Self {
+            ok: metrics::counter!(names::RULES_RELOADS, "outcome" => "ok"),
+            error: metrics::counter!(names::RULES_RELOADS, "outcome" => "error"),
+        }
+    }
+}
+
+impl ReloadMetrics {
+    pub fn record(&self, ok: bool) {
+        if ok { self.ok.increment(1) } else { self.error.increment(1) }
     }
 }

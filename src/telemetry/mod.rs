@@ -5,7 +5,8 @@ mod metrics_setup;
 mod timed;
 
 pub use metrics_setup::{
-    DecisionMetrics, FailureModeMetrics, MetricsHandle, install_metrics, names,
+    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics, install_metrics,
+    names,
 };
 pub use timed::Timed;
 

@@ -1,0 +1,211 @@
+//! Rules for the Envoy API: envoyproxy/ratelimit's YAML format (plus `burst` and
+//! `unit_multiplier`), parsed strictly, matched as the reference service matches, and reloaded
+//! when the file or directory changes.
+//!
+//! - `parse.rs`: YAML to a validated [`RuleSet`]; errors name the file and line.
+//! - `matcher.rs`: descriptor entries to the rule that applies, and the bucket key.
+//! - `watch.rs`: watches the path and swaps in a new set when a valid change lands.
+
+mod matcher;
+mod parse;
+mod watch;
+
+use std::{fmt, sync::Arc};
+
+pub use matcher::{Match, descriptor_key};
+pub use parse::{RulesError, load_path};
+pub use watch::{RulesHandle, spawn_watcher};
+
+use crate::core::Shape;
+use crate::telemetry::RuleMetrics;
+
+/// A time unit of envoyproxy/ratelimit's format (case-insensitive in YAML).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl Unit {
+    /// Seconds in one unit, as envoyproxy/ratelimit counts them (a month is 30 days, a year 365).
+    pub fn seconds(self) -> f64 {
+        match self {
+            Unit::Second => 1.0,
+            Unit::Minute => 60.0,
+            Unit::Hour => 3_600.0,
+            Unit::Day => 86_400.0,
+            Unit::Week => 604_800.0,
+            Unit::Month => 2_592_000.0,
+            Unit::Year => 31_536_000.0,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Second => "second",
+            Unit::Minute => "minute",
+            Unit::Hour => "hour",
+            Unit::Day => "day",
+            Unit::Week => "week",
+            Unit::Month => "month",
+            Unit::Year => "year",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Unit> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "second" => Unit::Second,
+            "minute" => Unit::Minute,
+            "hour" => Unit::Hour,
+            "day" => Unit::Day,
+            "week" => Unit::Week,
+            "month" => Unit::Month,
+            "year" => Unit::Year,
+            _ => return None,
+        })
+    }
+}
+
+/// What a rule does to a matching descriptor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Limit {
+    /// Never limited, never counted in the backend.
+    Unlimited,
+    /// `requests_per_unit: 0`: every request is over the limit (as in envoyproxy/ratelimit).
+    Blocked { unit: Unit },
+    /// A token bucket.
+    Bucket {
+        shape: Shape,
+        requests_per_unit: u32,
+        unit: Unit,
+        unit_multiplier: u32,
+    },
+}
+
+impl Limit {
+    /// The bucket of `requests_per_unit` per `unit_multiplier` units, `burst` tokens deep (default:
+    /// `requests_per_unit`).
+    pub fn bucket(
+        requests_per_unit: u32,
+        unit: Unit,
+        unit_multiplier: u32,
+        burst: Option<f64>,
+    ) -> Result<Limit, String> {
+        if requests_per_unit == 0 {
+            return Ok(Limit::Blocked { unit });
+        }
+        let rate = f64::from(requests_per_unit) / (unit.seconds() * f64::from(unit_multiplier));
+        let capacity = burst.unwrap_or(f64::from(requests_per_unit));
+        let shape = Shape::new(capacity, rate).map_err(|e| {
+            if e.field == "capacity" {
+                format!("burst {}", e.reason)
+            } else {
+                e.to_string()
+            }
+        })?;
+        Ok(Limit::Bucket {
+            shape,
+            requests_per_unit,
+            unit,
+            unit_multiplier,
+        })
+    }
+}
+
+/// One rule of a rules file, as loaded.
+pub struct Rule {
+    pub domain: String,
+    /// The `rule` label of the per-rule metrics: the rule's `name`, else its descriptor path
+    /// (`key` or `key=value`, nested ones joined by `.`). Bounded by the rules file, never by traffic.
+    pub label: String,
+    pub name: Option<String>,
+    pub replaces: Vec<String>,
+    pub limit: Limit,
+    pub shadow_mode: bool,
+    pub detailed_metric: bool,
+    /// `file:line`, for `check-rules` and logs.
+    pub source: String,
+    pub metrics: RuleMetrics,
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rule")
+            .field("domain", &self.domain)
+            .field("label", &self.label)
+            .field("limit", &self.limit)
+            .field("shadow_mode", &self.shadow_mode)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for Rule {
+    /// One line for `check-rules`: where, what, and the bucket it makes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}  domain={}  rule={}  ", self.source, self.domain, self.label)?;
+        match self.limit {
+            Limit::Unlimited => write!(f, "unlimited")?,
+            Limit::Blocked { unit } => write!(f, "0/{} (always over limit)", unit.as_str())?,
+            Limit::Bucket {
+                shape,
+                requests_per_unit,
+                unit,
+                unit_multiplier,
+            } => {
+                let per = if unit_multiplier == 1 {
+                    unit.as_str().to_string()
+                } else {
+                    format!("{unit_multiplier} {}s", unit.as_str())
+                };
+                write!(
+                    f,
+                    "{requests_per_unit}/{per}  bucket: capacity={} rate={}/s",
+                    shape.capacity(),
+                    trim_float(shape.rate())
+                )?;
+            }
+        }
+        if self.shadow_mode {
+            write!(f, "  shadow_mode")?;
+        }
+        if !self.replaces.is_empty() {
+            write!(f, "  replaces={}", self.replaces.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+fn trim_float(v: f64) -> String {
+    let s = format!("{v:.6}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Every loaded rule, by domain.
+#[derive(Default)]
+pub struct RuleSet {
+    domains: std::collections::HashMap<String, matcher::Level>,
+    rules: Vec<Arc<Rule>>,
+}
+
+impl fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuleSet").field("rules", &self.rules).finish_non_exhaustive()
+    }
+}
+
+impl RuleSet {
+    /// Every rule, in load order (files sorted by name).
+    pub fn rules(&self) -> &[Arc<Rule>] {
+        &self.rules
+    }
+
+    pub fn domains(&self) -> impl Iterator<Item = &str> {
+        self.domains.keys().map(String::as_str)
+    }
+}

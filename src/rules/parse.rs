@@ -1,0 +1,326 @@
+//! Reading rules files: strict YAML (unknown fields, duplicates and bad values are errors that
+//! name the file and line), then the checks envoyproxy/ratelimit makes.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::matcher::{Level, Node, Wildcard};
+use super::{Limit, Rule, RuleSet, Unit};
+use crate::telemetry::RuleMetrics;
+
+/// A rules file or directory that cannot be loaded; the message names the file and line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RulesError(pub String);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileYaml {
+    domain: Spanned<String>,
+    #[serde(default)]
+    descriptors: Vec<DescriptorYaml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DescriptorYaml {
+    key: Spanned<String>,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    rate_limit: Option<RateLimitYaml>,
+    #[serde(default)]
+    descriptors: Vec<DescriptorYaml>,
+    #[serde(default)]
+    shadow_mode: bool,
+    #[serde(default)]
+    detailed_metric: bool,
+    /// Metric naming in envoyproxy/ratelimit; tollgate's labels never carry values, so it is
+    /// accepted and has no effect.
+    #[serde(default)]
+    value_to_metric: bool,
+    #[serde(default)]
+    share_threshold: bool,
+    /// Not supported: refused by name rather than misread.
+    #[serde(default)]
+    quota_mode: Option<bool>,
+    #[serde(default)]
+    metadata: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitYaml {
+    #[serde(default)]
+    unit: Option<String>,
+    #[serde(default)]
+    requests_per_unit: Option<u32>,
+    #[serde(default)]
+    unlimited: bool,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    replaces: Vec<ReplacesYaml>,
+    /// tollgate: the bucket's capacity, if not `requests_per_unit`.
+    #[serde(default)]
+    burst: Option<f64>,
+    /// tollgate: the window is this many units (`unit: minute, unit_multiplier: 5`).
+    #[serde(default)]
+    unit_multiplier: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplacesYaml {
+    name: String,
+}
+
+/// Loads a rules file, or every `*.yaml`/`*.yml` file of a directory (dot-files skipped, so a
+/// Kubernetes ConfigMap mount reads through its `..data` symlink exactly once).
+pub fn load_path(path: &Path) -> Result<RuleSet, RulesError> {
+    let files = rule_files(path)?;
+    let mut set = RuleSet::default();
+    let mut domain_files: HashMap<String, PathBuf> = HashMap::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| RulesError(format!("{}: cannot read: {e}", file.display())))?;
+        let (domain, level, rules) = parse_file(file, &text)?;
+        if let Some(first) = domain_files.get(&domain) {
+            return Err(RulesError(format!(
+                "{}: domain '{domain}' is already defined in {}",
+                file.display(),
+                first.display()
+            )));
+        }
+        domain_files.insert(domain.clone(), file.clone());
+        set.domains.insert(domain, level);
+        set.rules.extend(rules);
+    }
+    Ok(set)
+}
+
+/// The files a path stands for, sorted, each resolved through symlinks.
+pub(super) fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| RulesError(format!("{}: cannot read: {e}", path.display())))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| RulesError(format!("{}: cannot list: {e}", path.display())))?;
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        let p = entry.path();
+        if std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(RulesError(format!("{}: no *.yaml files", path.display())));
+    }
+    Ok(files)
+}
+
+/// Parses one file's text (`file` only names it in errors).
+pub(super) fn parse_file(
+    file: &Path,
+    text: &str,
+) -> Result<(String, Level, Vec<Arc<Rule>>), RulesError> {
+    let name = file.display().to_string();
+    let parsed: FileYaml = serde_saphyr::from_str(text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!("{name}:{}:{}", l.line(), l.column()))
+            .unwrap_or_else(|| name.clone());
+        RulesError(format!("{at}: {}", parser_message(&e.to_string())))
+    })?;
+    let domain = parsed.domain.value.trim().to_string();
+    if domain.is_empty() {
+        return Err(RulesError(format!(
+            "{name}:{}: domain must not be empty",
+            parsed.domain.referenced.line()
+        )));
+    }
+    let mut builder = Builder {
+        file: &name,
+        domain: &domain,
+        rules: Vec::new(),
+    };
+    let level = builder.level(&parsed.descriptors, "")?;
+    let rules = builder.rules;
+    warn_unknown_replaces(&name, &rules);
+    Ok((domain, level, rules))
+}
+
+/// The parser's message alone: its first line, without the location it repeats or its advice
+/// about parser options.
+fn parser_message(rendered: &str) -> String {
+    let mut m = rendered.lines().next().unwrap_or("invalid YAML").trim();
+    m = m.strip_prefix("error: ").unwrap_or(m);
+    if m.starts_with("line ") {
+        if let Some((_, rest)) = m.split_once(": ") {
+            m = rest;
+        }
+    }
+    m.split(", set DuplicateKeyPolicy").next().unwrap_or(m).to_string()
+}
+
+struct Builder<'a> {
+    file: &'a str,
+    domain: &'a str,
+    rules: Vec<Arc<Rule>>,
+}
+
+impl Builder<'_> {
+    fn level(&mut self, descriptors: &[DescriptorYaml], path: &str) -> Result<Level, RulesError> {
+        let mut level = Level::default();
+        let mut seen: HashMap<(String, Option<String>), u64> = HashMap::new();
+        for d in descriptors {
+            let line = d.key.referenced.line();
+            let at = |msg: String| RulesError(format!("{}:{line}: {msg}", self.file));
+            let key = d.key.value.as_str();
+            if key.is_empty() {
+                return Err(at("descriptor key must not be empty".into()));
+            }
+            if d.quota_mode.is_some() {
+                return Err(at("quota_mode is not supported by tollgate".into()));
+            }
+            if d.metadata.is_some() {
+                return Err(at("metadata is not supported by tollgate".into()));
+            }
+            let value = d.value.clone().filter(|v| !v.is_empty());
+            if let Some(first) = seen.insert((key.to_string(), value.clone()), line) {
+                let what = match &value {
+                    Some(v) => format!("{key}={v}"),
+                    None => key.to_string(),
+                };
+                return Err(at(format!(
+                    "duplicate descriptor {what} (first defined at line {first})"
+                )));
+            }
+            let wildcard = value.as_deref().is_some_and(|v| v.contains('*'));
+            if d.share_threshold && !wildcard {
+                return Err(at("share_threshold needs a value with a '*' wildcard".into()));
+            }
+            let _ = d.value_to_metric;
+
+            let step = match &value {
+                Some(v) => format!("{key}={v}"),
+                None => key.to_string(),
+            };
+            let path = if path.is_empty() { step } else { format!("{path}.{step}") };
+            let rule = match &d.rate_limit {
+                Some(rl) => Some(self.rule(rl, d, &path, line)?),
+                None => None,
+            };
+            let node = Node {
+                rule,
+                children: self.level(&d.descriptors, &path)?,
+            };
+            match value {
+                None => {
+                    level.key_only.insert(key.to_string(), node);
+                }
+                Some(v) if wildcard => level.wildcards.push((
+                    key.to_string(),
+                    Wildcard::new(&v),
+                    d.share_threshold,
+                    node,
+                )),
+                Some(v) => {
+                    level.exact.entry(key.to_string()).or_default().insert(v, node);
+                }
+            }
+        }
+        Ok(level)
+    }
+
+    fn rule(
+        &mut self,
+        rl: &RateLimitYaml,
+        d: &DescriptorYaml,
+        path: &str,
+        line: u64,
+    ) -> Result<Arc<Rule>, RulesError> {
+        let at = |msg: String| RulesError(format!("{}:{line}: {msg}", self.file));
+        let limit = if rl.unlimited {
+            if rl.unit.is_some() || rl.requests_per_unit.is_some() {
+                return Err(at("unlimited cannot be combined with unit or requests_per_unit".into()));
+            }
+            if rl.burst.is_some() || rl.unit_multiplier.is_some() {
+                return Err(at("unlimited cannot be combined with burst or unit_multiplier".into()));
+            }
+            Limit::Unlimited
+        } else {
+            let unit_text = rl.unit.as_deref().ok_or_else(|| {
+                at("rate_limit needs a unit (second to year) or unlimited: true".into())
+            })?;
+            let unit = Unit::parse(unit_text).ok_or_else(|| {
+                at(format!(
+                    "invalid unit '{unit_text}': expected second, minute, hour, day, week, month or year"
+                ))
+            })?;
+            let rpu = rl
+                .requests_per_unit
+                .ok_or_else(|| at("rate_limit needs requests_per_unit".into()))?;
+            let multiplier = rl.unit_multiplier.unwrap_or(1);
+            if multiplier == 0 {
+                return Err(at("unit_multiplier must be at least 1".into()));
+            }
+            Limit::bucket(rpu, unit, multiplier, rl.burst).map_err(at)?
+        };
+        let name = rl.name.clone().filter(|n| !n.is_empty());
+        let mut replaces = Vec::new();
+        for r in &rl.replaces {
+            if r.name.is_empty() {
+                return Err(at("replaces needs a name".into()));
+            }
+            if name.as_deref() == Some(r.name.as_str()) {
+                return Err(at(format!("rule '{}' cannot replace itself", r.name)));
+            }
+            replaces.push(r.name.clone());
+        }
+        let label = name.clone().unwrap_or_else(|| path.to_string());
+        let rule = Arc::new(Rule {
+            domain: self.domain.to_string(),
+            metrics: RuleMetrics::new(self.domain, &label),
+            label,
+            name,
+            replaces,
+            limit,
+            shadow_mode: d.shadow_mode,
+            detailed_metric: d.detailed_metric,
+            source: format!("{}:{line}", self.file),
+        });
+        self.rules.push(rule.clone());
+        Ok(rule)
+    }
+}
+
+/// A `replaces` naming no rule of the domain does nothing (as in envoyproxy/ratelimit); say so.
+fn warn_unknown_replaces(file: &str, rules: &[Arc<Rule>]) {
+    for rule in rules {
+        for target in &rule.replaces {
+            if !rules.iter().any(|r| r.name.as_deref() == Some(target.as_str())) {
+                tracing::warn!(
+                    rule = %rule.source,
+                    file,
+                    "replaces '{target}', but no rule of domain '{}' has that name",
+                    rule.domain
+                );
+            }
+        }
+    }
+}
