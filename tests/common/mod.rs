@@ -304,3 +304,32 @@ pub async fn health(grpc_url: &str, service: &str) -> Option<i32> {
 
 pub const SERVING: i32 = 1;
 pub const NOT_SERVING: i32 = 2;
+
+pub mod envoy {
+    //! Helpers for Envoy RLS calls with tollgate's own (wire-compatible) types.
+    use tollgate::proto::envoy::extensions::common::ratelimit::v3::{
+        RateLimitDescriptor, rate_limit_descriptor::Entry,
+    };
+    pub use tollgate::proto::envoy::service::ratelimit::v3::{
+        RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
+        rate_limit_service_client::RateLimitServiceClient,
+    };
+
+    /// A descriptor from `k=v` pairs.
+    pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry { key: k.to_string(), value: v.to_string() })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+        RateLimitRequest { domain: domain.to_string(), descriptors, hits_addend: 0 }
+    }
+
+    pub const OK: i32 = Code::Ok as i32;
+    pub const OVER: i32 = Code::OverLimit as i32;
+}
