@@ -58,7 +58,9 @@ pub async fn run(
             handle
         }
         None => {
-            tracing::warn!("no RULES: Envoy requests are answered OK for every descriptor (no limits)");
+            tracing::warn!(
+                "no RULES: Envoy requests are answered OK for every descriptor (no limits)"
+            );
             RulesHandle::none()
         }
     });

@@ -69,15 +69,28 @@ async fn statuses_one_per_descriptor_in_order() {
     let s = &r.statuses[1];
     assert_eq!(s.code, OK);
     let limit = s.current_limit.as_ref().unwrap();
-    assert_eq!((limit.requests_per_unit, limit.unit, limit.name.as_str()), (3, 2, "per_key"));
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit, limit.name.as_str()),
+        (3, 2, "per_key")
+    );
     assert_eq!(s.limit_remaining, 2);
     let reset = s.duration_until_reset.unwrap();
-    assert!((19..=20).contains(&reset.seconds), "one token of 3/min comes back in 20 s: {reset:?}");
+    assert!(
+        (19..=20).contains(&reset.seconds),
+        "one token of 3/min comes back in 20 s: {reset:?}"
+    );
     // Unlimited: OK, no current limit, the largest remaining.
     assert_eq!(r.statuses[2].code, OK);
     assert!(r.statuses[2].current_limit.is_none());
     assert_eq!(r.statuses[2].limit_remaining, u32::MAX);
-    assert_eq!(r.statuses[3].current_limit.as_ref().unwrap().requests_per_unit, 1000);
+    assert_eq!(
+        r.statuses[3]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        1000
+    );
 
     for remaining in [1, 0] {
         let r = c.should_rate_limit(req.clone()).await.unwrap().into_inner();
@@ -85,12 +98,18 @@ async fn statuses_one_per_descriptor_in_order() {
         assert_eq!(r.overall_code, OK);
     }
     let r = c.should_rate_limit(req.clone()).await.unwrap().into_inner();
-    assert_eq!(r.overall_code, OVER, "one descriptor over limit makes the request over limit");
+    assert_eq!(
+        r.overall_code, OVER,
+        "one descriptor over limit makes the request over limit"
+    );
     assert_eq!(r.statuses[1].code, OVER);
     assert_eq!(r.statuses[0].code, OK);
     assert_eq!(r.statuses[3].code, OK);
     let retry = r.statuses[1].duration_until_reset.unwrap();
-    assert!((19..=20).contains(&retry.seconds), "over limit: time until a token: {retry:?}");
+    assert!(
+        (19..=20).contains(&retry.seconds),
+        "over limit: time until a token: {retry:?}"
+    );
 }
 
 #[tokio::test]
@@ -138,7 +157,14 @@ async fn limit_override_replaces_the_rule() {
     let limit = r.statuses[0].current_limit.as_ref().unwrap();
     assert_eq!((limit.requests_per_unit, limit.unit), (1, 3));
     assert_eq!(r.statuses[0].limit_remaining, 0);
-    assert_eq!(c.should_rate_limit(req).await.unwrap().into_inner().overall_code, OVER);
+    assert_eq!(
+        c.should_rate_limit(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code,
+        OVER
+    );
     // Also for a descriptor no rule matches.
     let mut d = descriptor(&[("nothing", "x")]);
     d.limit = Some(tollgate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
@@ -146,8 +172,22 @@ async fn limit_override_replaces_the_rule() {
         unit: 1,
     });
     let req = request("edge", vec![d]);
-    assert_eq!(c.should_rate_limit(req.clone()).await.unwrap().into_inner().overall_code, OK);
-    assert_eq!(c.should_rate_limit(req).await.unwrap().into_inner().overall_code, OVER);
+    assert_eq!(
+        c.should_rate_limit(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code,
+        OK
+    );
+    assert_eq!(
+        c.should_rate_limit(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code,
+        OVER
+    );
 }
 
 #[tokio::test]
@@ -156,40 +196,71 @@ async fn shadow_unlimited_blocked_replaces_and_burst() {
     let mut c = client(&t).await;
     for _ in 0..3 {
         let r = c
-            .should_rate_limit(request("edge", vec![descriptor(&[("generic_key", "watched")])]))
+            .should_rate_limit(request(
+                "edge",
+                vec![descriptor(&[("generic_key", "watched")])],
+            ))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.overall_code, OK, "a shadow rule never limits");
         let r = c
-            .should_rate_limit(request("edge", vec![descriptor(&[("generic_key", "health")])]))
+            .should_rate_limit(request(
+                "edge",
+                vec![descriptor(&[("generic_key", "health")])],
+            ))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.overall_code, OK);
     }
     let r = c
-        .should_rate_limit(request("edge", vec![descriptor(&[("generic_key", "blocked")])]))
+        .should_rate_limit(request(
+            "edge",
+            vec![descriptor(&[("generic_key", "blocked")])],
+        ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.overall_code, OVER, "requests_per_unit 0 blocks");
 
     // `special` replaces `basic` when both match in one request: basic is not charged.
-    let both = request("edge", vec![descriptor(&[("plan", "basic")]), descriptor(&[("plan", "override")])]);
+    let both = request(
+        "edge",
+        vec![
+            descriptor(&[("plan", "basic")]),
+            descriptor(&[("plan", "override")]),
+        ],
+    );
     let r = c.should_rate_limit(both).await.unwrap().into_inner();
-    assert!(r.statuses[0].current_limit.is_none(), "replaced: {:?}", r.statuses[0]);
-    assert_eq!(r.statuses[1].current_limit.as_ref().unwrap().name, "special");
+    assert!(
+        r.statuses[0].current_limit.is_none(),
+        "replaced: {:?}",
+        r.statuses[0]
+    );
+    assert_eq!(
+        r.statuses[1].current_limit.as_ref().unwrap().name,
+        "special"
+    );
     let alone = request("edge", vec![descriptor(&[("plan", "basic")])]);
     let r = c.should_rate_limit(alone).await.unwrap().into_inner();
-    assert_eq!(r.statuses[0].limit_remaining, 99, "basic was untouched by the replaced call");
+    assert_eq!(
+        r.statuses[0].limit_remaining, 99,
+        "basic was untouched by the replaced call"
+    );
 
     // burst: 2 deep although 60 per minute.
     let b = request("edge", vec![descriptor(&[("burst", "x")])]);
     let codes: Vec<i32> = futures::future::join_all((0..3).map(|_| {
         let mut c = c.clone();
         let b = b.clone();
-        async move { c.should_rate_limit(b).await.unwrap().into_inner().overall_code }
+        async move {
+            c.should_rate_limit(b)
+                .await
+                .unwrap()
+                .into_inner()
+                .overall_code
+        }
     }))
     .await;
     assert_eq!(codes.iter().filter(|&&c| c == OK).count(), 2, "{codes:?}");
@@ -210,7 +281,14 @@ async fn global_shadow_mode_answers_ok() {
     let (t, _dir) = start(&["--shadow-mode"], &[]).await;
     let mut c = client(&t).await;
     let req = request("edge", vec![descriptor(&[("generic_key", "blocked")])]);
-    assert_eq!(c.should_rate_limit(req).await.unwrap().into_inner().overall_code, OK);
+    assert_eq!(
+        c.should_rate_limit(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code,
+        OK
+    );
 }
 
 #[tokio::test]
@@ -220,13 +298,23 @@ async fn invalid_requests() {
     let cases = [
         (request("", vec![descriptor(&[("a", "b")])]), "domain"),
         (request("edge", vec![]), "descriptors"),
-        (request("edge", vec![descriptor(&[])]), "descriptors.entries"),
-        (request("edge", vec![descriptor(&[("a", "b"), ("", "c")])]), "descriptors.entries.key"),
+        (
+            request("edge", vec![descriptor(&[])]),
+            "descriptors.entries",
+        ),
+        (
+            request("edge", vec![descriptor(&[("a", "b"), ("", "c")])]),
+            "descriptors.entries.key",
+        ),
     ];
     for (req, field) in cases {
         let err = c.should_rate_limit(req).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{field}");
-        assert!(err.message().starts_with(field), "{field}: {}", err.message());
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
     }
 }
 
@@ -236,13 +324,20 @@ async fn without_rules_everything_is_ok() {
     let mut c = client(&t).await;
     for _ in 0..5 {
         let r = c
-            .should_rate_limit(request("edge", vec![descriptor(&[("api_key", "x")]), descriptor(&[("a", "b")])]))
+            .should_rate_limit(request(
+                "edge",
+                vec![descriptor(&[("api_key", "x")]), descriptor(&[("a", "b")])],
+            ))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.overall_code, OK);
         assert_eq!(r.statuses.len(), 2);
-        assert!(r.statuses.iter().all(|s| s.code == OK && s.current_limit.is_none()));
+        assert!(
+            r.statuses
+                .iter()
+                .all(|s| s.code == OK && s.current_limit.is_none())
+        );
     }
 }
 
@@ -251,21 +346,57 @@ async fn redis_backend_and_its_failure() {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
     let (strict, _d1) = start(&["--redis-timeout-ms", "50"], &[("REDIS_URL", &url)]).await;
-    let (open, _d2) = start(&["--redis-timeout-ms", "50", "--failure-mode", "allow"], &[("REDIS_URL", &url)]).await;
+    let (open, _d2) = start(
+        &["--redis-timeout-ms", "50", "--failure-mode", "allow"],
+        &[("REDIS_URL", &url)],
+    )
+    .await;
     let (mut cs, mut co) = (client(&strict).await, client(&open).await);
     // Several descriptors, one request: buckets shared by both replicas through Redis.
-    let req = request("edge", vec![descriptor(&[("api_key", "r")]), descriptor(&[("remote_address", "1.2.3.4")])]);
-    let r1 = cs.should_rate_limit(req.clone()).await.unwrap().into_inner();
-    let r2 = co.should_rate_limit(req.clone()).await.unwrap().into_inner();
-    assert_eq!((r1.statuses[0].limit_remaining, r2.statuses[0].limit_remaining), (2, 1));
+    let req = request(
+        "edge",
+        vec![
+            descriptor(&[("api_key", "r")]),
+            descriptor(&[("remote_address", "1.2.3.4")]),
+        ],
+    );
+    let r1 = cs
+        .should_rate_limit(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let r2 = co
+        .should_rate_limit(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            r1.statuses[0].limit_remaining,
+            r2.statuses[0].limit_remaining
+        ),
+        (2, 1)
+    );
     let mut admin = redis.connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("tb:rls:*").query_async(&mut admin).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tb:rls:*")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
     assert_eq!(keys.len(), 2, "{keys:?}");
 
     redis.kill();
     let err = cs.should_rate_limit(req.clone()).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "Envoy's failure_mode_deny decides");
-    let r = co.should_rate_limit(req.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        err.code(),
+        Code::Unavailable,
+        "Envoy's failure_mode_deny decides"
+    );
+    let r = co
+        .should_rate_limit(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.overall_code, OK, "FAILURE_MODE=allow answers OK");
     assert_eq!(r.statuses.len(), 2);
 }

@@ -14,8 +14,14 @@ fn envoy_types_request() -> et::service::ratelimit::v3::RateLimitRequest {
         descriptors: vec![
             RateLimitDescriptor {
                 entries: vec![
-                    d::Entry { key: "tenant".into(), value: "acme".into() },
-                    d::Entry { key: "api_key".into(), value: "premium-1".into() },
+                    d::Entry {
+                        key: "tenant".into(),
+                        value: "acme".into(),
+                    },
+                    d::Entry {
+                        key: "api_key".into(),
+                        value: "premium-1".into(),
+                    },
                 ],
                 limit: Some(d::RateLimitOverride {
                     requests_per_unit: 42,
@@ -25,7 +31,10 @@ fn envoy_types_request() -> et::service::ratelimit::v3::RateLimitRequest {
                 is_negative_hits: true,
             },
             RateLimitDescriptor {
-                entries: vec![d::Entry { key: "remote_address".into(), value: "10.0.0.1".into() }],
+                entries: vec![d::Entry {
+                    key: "remote_address".into(),
+                    value: "10.0.0.1".into(),
+                }],
                 limit: None,
                 hits_addend: Some(etp::UInt64Value { value: 0 }),
                 is_negative_hits: false,
@@ -61,10 +70,16 @@ fn envoy_types_response() -> et::service::ratelimit::v3::RateLimitResponse {
                     unit: Unit::Week as i32,
                 }),
                 limit_remaining: 0,
-                duration_until_reset: Some(etp::Duration { seconds: 3, nanos: 250_000_000 }),
+                duration_until_reset: Some(etp::Duration {
+                    seconds: 3,
+                    nanos: 250_000_000,
+                }),
                 quota: Some(quota.clone()),
             },
-            r::DescriptorStatus { code: r::Code::Ok as i32, ..Default::default() },
+            r::DescriptorStatus {
+                code: r::Code::Ok as i32,
+                ..Default::default()
+            },
         ],
         response_headers_to_add: vec![header("x-ratelimit-limit", "100"), header("x-a", "b")],
         request_headers_to_add: vec![header("x-tollgate", "1")],
@@ -72,7 +87,9 @@ fn envoy_types_response() -> et::service::ratelimit::v3::RateLimitResponse {
         dynamic_metadata: Some(etp::Struct {
             fields: [(
                 "tier".to_string(),
-                etp::Value { kind: Some(etp::value::Kind::StringValue("gold".into())) },
+                etp::Value {
+                    kind: Some(etp::value::Kind::StringValue("gold".into())),
+                },
             )]
             .into_iter()
             .collect(),
@@ -89,14 +106,30 @@ fn request_bytes_identical_both_ways() {
     assert_eq!(ours.domain, "edge");
     assert_eq!(ours.hits_addend, 3);
     let d0 = &ours.descriptors[0];
-    assert_eq!((d0.entries[1].key.as_str(), d0.entries[1].value.as_str()), ("api_key", "premium-1"));
-    assert_eq!(d0.limit.as_ref().map(|l| (l.requests_per_unit, l.unit)), Some((42, 2)));
+    assert_eq!(
+        (d0.entries[1].key.as_str(), d0.entries[1].value.as_str()),
+        ("api_key", "premium-1")
+    );
+    assert_eq!(
+        d0.limit.as_ref().map(|l| (l.requests_per_unit, l.unit)),
+        Some((42, 2))
+    );
     assert_eq!(d0.hits_addend, Some(7));
     assert!(d0.is_negative_hits);
-    assert_eq!(ours.descriptors[1].hits_addend, Some(0), "a present zero stays distinct from absent");
-    assert_eq!(ours.encode_to_vec(), theirs, "ours re-encodes to the same bytes");
+    assert_eq!(
+        ours.descriptors[1].hits_addend,
+        Some(0),
+        "a present zero stays distinct from absent"
+    );
+    assert_eq!(
+        ours.encode_to_vec(),
+        theirs,
+        "ours re-encodes to the same bytes"
+    );
 
-    let back = et::service::ratelimit::v3::RateLimitRequest::decode(ours.encode_to_vec().as_slice()).unwrap();
+    let back =
+        et::service::ratelimit::v3::RateLimitRequest::decode(ours.encode_to_vec().as_slice())
+            .unwrap();
     assert_eq!(back, envoy_types_request());
 }
 
@@ -106,16 +139,30 @@ fn response_bytes_identical_both_ways() {
     let ours = tg::service::ratelimit::v3::RateLimitResponse::decode(theirs.as_slice()).unwrap();
     assert_eq!(ours.overall_code, 2);
     let s0 = &ours.statuses[0];
-    assert_eq!(s0.current_limit.as_ref().map(|l| l.unit), Some(7), "WEEK = 7");
-    assert_eq!(s0.duration_until_reset.map(|d| (d.seconds, d.nanos)), Some((3, 250_000_000)));
+    assert_eq!(
+        s0.current_limit.as_ref().map(|l| l.unit),
+        Some(7),
+        "WEEK = 7"
+    );
+    assert_eq!(
+        s0.duration_until_reset.map(|d| (d.seconds, d.nanos)),
+        Some((3, 250_000_000))
+    );
     assert_eq!(ours.response_headers_to_add[0].key, "x-ratelimit-limit");
     assert_eq!(ours.raw_body, b"slow down");
-    assert!(ours.dynamic_metadata.as_ref().unwrap().fields.contains_key("tier"));
+    assert!(
+        ours.dynamic_metadata
+            .as_ref()
+            .unwrap()
+            .fields
+            .contains_key("tier")
+    );
     assert_eq!(ours.encode_to_vec(), theirs);
 
     // And from our side: our encoding is what envoy-types reads back unchanged.
     let ours_bytes = ours.encode_to_vec();
-    let back = et::service::ratelimit::v3::RateLimitResponse::decode(ours_bytes.as_slice()).unwrap();
+    let back =
+        et::service::ratelimit::v3::RateLimitResponse::decode(ours_bytes.as_slice()).unwrap();
     assert_eq!(back, envoy_types_response());
     assert_eq!(back.encode_to_vec(), ours_bytes);
 }
@@ -137,8 +184,14 @@ fn independently_built_request_encodes_identically() {
         descriptors: vec![
             RateLimitDescriptor {
                 entries: vec![
-                    d::Entry { key: "tenant".into(), value: "acme".into() },
-                    d::Entry { key: "api_key".into(), value: "premium-1".into() },
+                    d::Entry {
+                        key: "tenant".into(),
+                        value: "acme".into(),
+                    },
+                    d::Entry {
+                        key: "api_key".into(),
+                        value: "premium-1".into(),
+                    },
                 ],
                 limit: Some(d::RateLimitOverride {
                     requests_per_unit: 42,
@@ -148,7 +201,10 @@ fn independently_built_request_encodes_identically() {
                 is_negative_hits: true,
             },
             RateLimitDescriptor {
-                entries: vec![d::Entry { key: "remote_address".into(), value: "10.0.0.1".into() }],
+                entries: vec![d::Entry {
+                    key: "remote_address".into(),
+                    value: "10.0.0.1".into(),
+                }],
                 limit: None,
                 hits_addend: Some(0),
                 is_negative_hits: false,

@@ -24,11 +24,14 @@ fn load_err(text: &str) -> String {
 
 /// The label of the rule matching `entries`, or None.
 fn rule_for(set: &RuleSet, domain: &str, entries: &[(&str, &str)]) -> Option<String> {
-    set.lookup("p:", domain, entries.iter().copied()).map(|m| m.rule.label.clone())
+    set.lookup("p:", domain, entries.iter().copied())
+        .map(|m| m.rule.label.clone())
 }
 
 fn key_for(set: &RuleSet, domain: &str, entries: &[(&str, &str)]) -> String {
-    set.lookup("p:", domain, entries.iter().copied()).expect("a match").key
+    set.lookup("p:", domain, entries.iter().copied())
+        .expect("a match")
+        .key
 }
 
 #[test]
@@ -44,10 +47,19 @@ descriptors:
     rate_limit: { unit: second, requests_per_unit: 500 }
 ",
     );
-    assert_eq!(rule_for(&set, "mongo_cps", &[("database", "users")]).as_deref(), Some("database=users"));
-    assert_eq!(rule_for(&set, "mongo_cps", &[("database", "default")]).as_deref(), Some("database=default"));
+    assert_eq!(
+        rule_for(&set, "mongo_cps", &[("database", "users")]).as_deref(),
+        Some("database=users")
+    );
+    assert_eq!(
+        rule_for(&set, "mongo_cps", &[("database", "default")]).as_deref(),
+        Some("database=default")
+    );
     assert_eq!(rule_for(&set, "mongo_cps", &[("database", "other")]), None);
-    assert_eq!(rule_for(&set, "other_domain", &[("database", "users")]), None);
+    assert_eq!(
+        rule_for(&set, "other_domain", &[("database", "users")]),
+        None
+    );
 }
 
 #[test]
@@ -65,8 +77,14 @@ descriptors:
 ",
     );
     let nested = &[("message_type", "marketing"), ("to_number", "2061111111")];
-    assert_eq!(rule_for(&set, "messaging", nested).as_deref(), Some("message_type=marketing.to_number"));
-    assert_eq!(rule_for(&set, "messaging", &[("to_number", "2061111111")]).as_deref(), Some("to_number"));
+    assert_eq!(
+        rule_for(&set, "messaging", nested).as_deref(),
+        Some("message_type=marketing.to_number")
+    );
+    assert_eq!(
+        rule_for(&set, "messaging", &[("to_number", "2061111111")]).as_deref(),
+        Some("to_number")
+    );
     // Each value of a key-only rule is its own bucket.
     assert_ne!(
         key_for(&set, "messaging", &[("to_number", "1")]),
@@ -88,10 +106,25 @@ descriptors:
     rate_limit: { unit: minute, requests_per_unit: 20 }
 ",
     );
-    assert_eq!(rule_for(&set, "example", &[("key1", "value1")]), None, "no fallback to key-only: exact wins and has no limit");
-    assert_eq!(rule_for(&set, "example", &[("key1", "other")]).as_deref(), Some("key1"));
+    assert_eq!(
+        rule_for(&set, "example", &[("key1", "value1")]),
+        None,
+        "no fallback to key-only: exact wins and has no limit"
+    );
+    assert_eq!(
+        rule_for(&set, "example", &[("key1", "other")]).as_deref(),
+        Some("key1")
+    );
     assert!(rule_for(&set, "example", &[("key1", "value1"), ("key2", "x")]).is_some());
-    assert_eq!(rule_for(&set, "example", &[("key1", "value1"), ("key2", "x"), ("key3", "y")]), None, "no prefix match");
+    assert_eq!(
+        rule_for(
+            &set,
+            "example",
+            &[("key1", "value1"), ("key2", "x"), ("key3", "y")]
+        ),
+        None,
+        "no prefix match"
+    );
     assert_eq!(rule_for(&set, "example", &[("key2", "x")]), None);
 }
 
@@ -124,7 +157,10 @@ descriptors:
     assert_eq!(r("x-1-z-2-y").as_deref(), Some("any"));
     assert_eq!(r("basic").as_deref(), Some("any"));
     // Without share_threshold each value of a wildcard has its own bucket; with it, one.
-    assert_ne!(key_for(&set, "edge", &[("api_key", "premium-a")]), key_for(&set, "edge", &[("api_key", "premium-b")]));
+    assert_ne!(
+        key_for(&set, "edge", &[("api_key", "premium-a")]),
+        key_for(&set, "edge", &[("api_key", "premium-b")])
+    );
 }
 
 #[test]
@@ -141,7 +177,16 @@ descriptors:
     let a = key_for(&set, "edge", &[("path", "/api/a")]);
     let b = key_for(&set, "edge", &[("path", "/api/b")]);
     assert_eq!(a, b);
-    assert_ne!(a, key_for(&load("domain: edge\ndescriptors:\n  - key: path\n    rate_limit: { unit: second, requests_per_unit: 5 }\n"), "edge", &[("path", "/api/*")]));
+    assert_ne!(
+        a,
+        key_for(
+            &load(
+                "domain: edge\ndescriptors:\n  - key: path\n    rate_limit: { unit: second, requests_per_unit: 5 }\n"
+            ),
+            "edge",
+            &[("path", "/api/*")]
+        )
+    );
 }
 
 #[test]
@@ -197,7 +242,12 @@ descriptors:
     rate_limit: { unit: second, requests_per_unit: 0 }
 ",
     );
-    let shape = |key: &str| match set.lookup("", "d", [(key, "v")].into_iter()).unwrap().rule.limit {
+    let shape = |key: &str| match set
+        .lookup("", "d", [(key, "v")].into_iter())
+        .unwrap()
+        .rule
+        .limit
+    {
         Limit::Bucket { shape, .. } => Some((shape.capacity(), shape.rate())),
         _ => None,
     };
@@ -207,9 +257,18 @@ descriptors:
     for k in ["w", "y", "mo", "d"] {
         assert_eq!(shape(k).map(|s| s.1), Some(1.0), "{k}");
     }
-    assert_eq!(set.lookup("", "d", [("u", "v")].into_iter()).unwrap().rule.limit, Limit::Unlimited);
     assert_eq!(
-        set.lookup("", "d", [("zero", "v")].into_iter()).unwrap().rule.limit,
+        set.lookup("", "d", [("u", "v")].into_iter())
+            .unwrap()
+            .rule
+            .limit,
+        Limit::Unlimited
+    );
+    assert_eq!(
+        set.lookup("", "d", [("zero", "v")].into_iter())
+            .unwrap()
+            .rule
+            .limit,
         Limit::Blocked { unit: Unit::Second }
     );
 }
@@ -217,26 +276,89 @@ descriptors:
 #[test]
 fn errors_name_the_file_and_line() {
     let cases = [
-        ("domain: d\ndescriptors:\n  - key: a\n    ratelimit: { unit: second, requests_per_unit: 1 }\n", ":4", "ratelimit"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, colour: red }\n", ":4", "colour"),
-        ("domain: d\ndescriptors:\n  - key: a\n    value: v\n    rate_limit: { unit: second, requests_per_unit: 1 }\n  - key: a\n    value: v\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n", ":6", "duplicate"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1 }\n  - key: a\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n", ":5", "duplicate"),
-        ("domain: d\ndescriptors:\n  - key: a\n    key: b\n", ":4", "duplicate"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n", ":3", "fortnight"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, unit: second }\n", ":3", "unlimited"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second }\n", ":3", "requests_per_unit"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -1 }\n", ":4", "u32"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, burst: 0 }\n", ":3", "burst"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, unit_multiplier: 0 }\n", ":3", "unit_multiplier"),
-        ("domain: d\ndescriptors:\n  - key: ''\n    rate_limit: { unit: second, requests_per_unit: 1 }\n", ":3", "key"),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    ratelimit: { unit: second, requests_per_unit: 1 }\n",
+            ":4",
+            "ratelimit",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, colour: red }\n",
+            ":4",
+            "colour",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    value: v\n    rate_limit: { unit: second, requests_per_unit: 1 }\n  - key: a\n    value: v\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n",
+            ":6",
+            "duplicate",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1 }\n  - key: a\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n",
+            ":5",
+            "duplicate",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    key: b\n",
+            ":4",
+            "duplicate",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n",
+            ":3",
+            "fortnight",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, unit: second }\n",
+            ":3",
+            "unlimited",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second }\n",
+            ":3",
+            "requests_per_unit",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -1 }\n",
+            ":4",
+            "u32",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, burst: 0 }\n",
+            ":3",
+            "burst",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, unit_multiplier: 0 }\n",
+            ":3",
+            "unit_multiplier",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: ''\n    rate_limit: { unit: second, requests_per_unit: 1 }\n",
+            ":3",
+            "key",
+        ),
         ("domain: ''\n", ":1", "domain"),
-        ("domain: d\ndescriptors:\n  - key: a\n    value: v\n    share_threshold: true\n", ":3", "share_threshold"),
-        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, name: x, replaces: [{ name: x }] }\n", ":3", "replace itself"),
-        ("domain: d\ndescriptors:\n  - key: a\n    quota_mode: true\n", ":3", "quota_mode"),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    value: v\n    share_threshold: true\n",
+            ":3",
+            "share_threshold",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, name: x, replaces: [{ name: x }] }\n",
+            ":3",
+            "replace itself",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    quota_mode: true\n",
+            ":3",
+            "quota_mode",
+        ),
     ];
     for (text, line, word) in cases {
         let err = load_err(text);
-        assert!(err.contains(&format!("bad.yaml{line}")), "want line {line} in: {err}\n--- {text}");
+        assert!(
+            err.contains(&format!("bad.yaml{line}")),
+            "want line {line} in: {err}\n--- {text}"
+        );
         assert!(err.contains(word), "want '{word}' in: {err}");
     }
 }
@@ -244,8 +366,16 @@ fn errors_name_the_file_and_line() {
 #[test]
 fn a_directory_of_files_and_domains() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "a.yaml", "domain: one\ndescriptors:\n  - key: k\n    rate_limit: { unit: second, requests_per_unit: 1 }\n");
-    write(dir.path(), "b.yml", "domain: two\ndescriptors:\n  - key: k\n    rate_limit: { unit: second, requests_per_unit: 2 }\n");
+    write(
+        dir.path(),
+        "a.yaml",
+        "domain: one\ndescriptors:\n  - key: k\n    rate_limit: { unit: second, requests_per_unit: 1 }\n",
+    );
+    write(
+        dir.path(),
+        "b.yml",
+        "domain: two\ndescriptors:\n  - key: k\n    rate_limit: { unit: second, requests_per_unit: 2 }\n",
+    );
     write(dir.path(), ".hidden.yaml", "not: [valid");
     write(dir.path(), "notes.txt", "ignored");
     let set = load_path(dir.path()).unwrap();
@@ -256,13 +386,20 @@ fn a_directory_of_files_and_domains() {
 
     write(dir.path(), "c.yaml", "domain: one\n");
     let err = load_path(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("c.yaml") && err.contains("a.yaml") && err.contains("'one'"), "{err}");
+    assert!(
+        err.contains("c.yaml") && err.contains("a.yaml") && err.contains("'one'"),
+        "{err}"
+    );
 }
 
 #[test]
 fn check_rules_command() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "r.yaml", "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 600, burst: 100, name: premium }\n");
+    write(
+        dir.path(),
+        "r.yaml",
+        "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 600, burst: 100, name: premium }\n",
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["check-rules"])
         .arg(dir.path())
@@ -270,10 +407,17 @@ fn check_rules_command() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("r.yaml:3") && stdout.contains("rule=premium"), "{stdout}");
+    assert!(
+        stdout.contains("r.yaml:3") && stdout.contains("rule=premium"),
+        "{stdout}"
+    );
     assert!(stdout.contains("capacity=100 rate=10/s"), "{stdout}");
 
-    write(dir.path(), "r.yaml", "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute }\n");
+    write(
+        dir.path(),
+        "r.yaml",
+        "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute }\n",
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["check-rules"])
         .arg(dir.path())

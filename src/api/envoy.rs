@@ -15,12 +15,12 @@ use super::ApiError;
 use crate::backend::{Backend, BucketRequest};
 use crate::core::{FailureMode, Op, Shape};
 use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use crate::proto::envoy::r#type::v3::RateLimitUnit;
 use crate::proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse,
     rate_limit_response::{Code, DescriptorStatus, RateLimit, rate_limit},
     rate_limit_service_server::RateLimitService,
 };
+use crate::proto::envoy::r#type::v3::RateLimitUnit;
 use crate::rules::{Limit, Rule, RulesHandle, Unit, descriptor_key};
 use crate::telemetry::{DecisionMetrics, FailureModeMetrics};
 
@@ -209,7 +209,11 @@ impl<B: Backend> EnvoyApi<B> {
                         limit_remaining: if unlimited { u32::MAX } else { 0 },
                         ..Default::default()
                     },
-                    Plan::Blocked { limit, unit, refund } => DescriptorStatus {
+                    Plan::Blocked {
+                        limit,
+                        unit,
+                        refund,
+                    } => DescriptorStatus {
                         code: if refund { Code::Ok } else { Code::OverLimit } as i32,
                         current_limit: Some(limit),
                         limit_remaining: 0,
@@ -231,13 +235,22 @@ impl<B: Backend> EnvoyApi<B> {
                         (None, Ok(d)) => {
                             let shadow = rule.as_ref().is_some_and(|r| r.shadow_mode);
                             if let Some(rule) = &rule {
-                                rule.metrics.record(d.allowed, shadow, hits, d.tokens_remaining);
+                                rule.metrics
+                                    .record(d.allowed, shadow, hits, d.tokens_remaining);
                             }
-                            let code = if d.allowed || shadow { Code::Ok } else { Code::OverLimit };
+                            let code = if d.allowed || shadow {
+                                Code::Ok
+                            } else {
+                                Code::OverLimit
+                            };
                             DescriptorStatus {
                                 code: code as i32,
                                 current_limit: Some(limit),
-                                limit_remaining: d.tokens_remaining.floor().clamp(0.0, f64::from(u32::MAX)) as u32,
+                                limit_remaining: d
+                                    .tokens_remaining
+                                    .floor()
+                                    .clamp(0.0, f64::from(u32::MAX))
+                                    as u32,
                                 duration_until_reset: Some(duration_ms(if d.allowed {
                                     d.reset_after_ms
                                 } else {
@@ -253,10 +266,8 @@ impl<B: Backend> EnvoyApi<B> {
             })
             .collect();
 
-        self.metrics.record(
-            if failed.is_some() { None } else { Some(!over) },
-            started,
-        );
+        self.metrics
+            .record(if failed.is_some() { None } else { Some(!over) }, started);
         let overall = if over && !self.settings.shadow_mode {
             Code::OverLimit
         } else {

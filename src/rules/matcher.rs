@@ -89,7 +89,9 @@ impl RuleSet {
                         .iter()
                         .find(|(k, pattern, _, _)| k == key && pattern.matches(value))?;
                     if *share {
-                        shared.get_or_insert_with(Vec::new).push((i, pattern.text.as_str()));
+                        shared
+                            .get_or_insert_with(Vec::new)
+                            .push((i, pattern.text.as_str()));
                     }
                     Some(node)
                 })
@@ -173,7 +175,11 @@ mod tests {
             ("ab*ba", "abba", true),
         ];
         for (pattern, value, want) in cases {
-            assert_eq!(Wildcard::new(pattern).matches(value), want, "{pattern} ~ {value}");
+            assert_eq!(
+                Wildcard::new(pattern).matches(value),
+                want,
+                "{pattern} ~ {value}"
+            );
         }
     }
 }

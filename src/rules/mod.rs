@@ -148,7 +148,11 @@ impl fmt::Debug for Rule {
 impl fmt::Display for Rule {
     /// One line for `check-rules`: where, what, and the bucket it makes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}  domain={}  rule={}  ", self.source, self.domain, self.label)?;
+        write!(
+            f,
+            "{}  domain={}  rule={}  ",
+            self.source, self.domain, self.label
+        )?;
         match self.limit {
             Limit::Unlimited => write!(f, "unlimited")?,
             Limit::Blocked { unit } => write!(f, "0/{} (always over limit)", unit.as_str())?,
@@ -195,7 +199,9 @@ pub struct RuleSet {
 
 impl fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RuleSet").field("rules", &self.rules).finish_non_exhaustive()
+        f.debug_struct("RuleSet")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
     }
 }
 

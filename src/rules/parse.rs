@@ -169,12 +169,13 @@ pub(super) fn parse_file(
 fn parser_message(rendered: &str) -> String {
     let mut m = rendered.lines().next().unwrap_or("invalid YAML").trim();
     m = m.strip_prefix("error: ").unwrap_or(m);
-    if m.starts_with("line ") {
-        if let Some((_, rest)) = m.split_once(": ") {
-            m = rest;
-        }
+    if let Some((_, rest)) = m.split_once(": ").filter(|_| m.starts_with("line ")) {
+        m = rest;
     }
-    m.split(", set DuplicateKeyPolicy").next().unwrap_or(m).to_string()
+    m.split(", set DuplicateKeyPolicy")
+        .next()
+        .unwrap_or(m)
+        .to_string()
 }
 
 struct Builder<'a> {
@@ -212,7 +213,9 @@ impl Builder<'_> {
             }
             let wildcard = value.as_deref().is_some_and(|v| v.contains('*'));
             if d.share_threshold && !wildcard {
-                return Err(at("share_threshold needs a value with a '*' wildcard".into()));
+                return Err(at(
+                    "share_threshold needs a value with a '*' wildcard".into()
+                ));
             }
             let _ = d.value_to_metric;
 
@@ -220,7 +223,11 @@ impl Builder<'_> {
                 Some(v) => format!("{key}={v}"),
                 None => key.to_string(),
             };
-            let path = if path.is_empty() { step } else { format!("{path}.{step}") };
+            let path = if path.is_empty() {
+                step
+            } else {
+                format!("{path}.{step}")
+            };
             let rule = match &d.rate_limit {
                 Some(rl) => Some(self.rule(rl, d, &path, line)?),
                 None => None,
@@ -240,7 +247,11 @@ impl Builder<'_> {
                     node,
                 )),
                 Some(v) => {
-                    level.exact.entry(key.to_string()).or_default().insert(v, node);
+                    level
+                        .exact
+                        .entry(key.to_string())
+                        .or_default()
+                        .insert(v, node);
                 }
             }
         }
@@ -257,10 +268,14 @@ impl Builder<'_> {
         let at = |msg: String| RulesError(format!("{}:{line}: {msg}", self.file));
         let limit = if rl.unlimited {
             if rl.unit.is_some() || rl.requests_per_unit.is_some() {
-                return Err(at("unlimited cannot be combined with unit or requests_per_unit".into()));
+                return Err(at(
+                    "unlimited cannot be combined with unit or requests_per_unit".into(),
+                ));
             }
             if rl.burst.is_some() || rl.unit_multiplier.is_some() {
-                return Err(at("unlimited cannot be combined with burst or unit_multiplier".into()));
+                return Err(at(
+                    "unlimited cannot be combined with burst or unit_multiplier".into(),
+                ));
             }
             Limit::Unlimited
         } else {
@@ -313,7 +328,10 @@ impl Builder<'_> {
 fn warn_unknown_replaces(file: &str, rules: &[Arc<Rule>]) {
     for rule in rules {
         for target in &rule.replaces {
-            if !rules.iter().any(|r| r.name.as_deref() == Some(target.as_str())) {
+            if !rules
+                .iter()
+                .any(|r| r.name.as_deref() == Some(target.as_str()))
+            {
                 tracing::warn!(
                     rule = %rule.source,
                     file,

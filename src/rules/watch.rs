@@ -62,7 +62,9 @@ impl RulesHandle {
 
     /// Loads the path again; on success the new rules replace the old, on error nothing changes.
     pub fn reload(&self) -> Result<(), RulesError> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         match load_path(path) {
             Ok(set) => {
                 let count = set.rules().len();
@@ -92,7 +94,10 @@ fn fingerprint(path: &Path) -> Option<u64> {
 }
 
 /// Watches the rules path until `stop`, reloading when its content changes.
-pub fn spawn_watcher(rules: Arc<RulesHandle>, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_watcher(
+    rules: Arc<RulesHandle>,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     let path = rules.path()?.to_path_buf();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     // Watch the directory: a file is replaced by rename, and a ConfigMap swaps its `..data`
@@ -100,12 +105,17 @@ pub fn spawn_watcher(rules: Arc<RulesHandle>, stop: CancellationToken) -> Option
     let dir = if path.is_dir() {
         path.clone()
     } else {
-        path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+        path.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
     };
     let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
         let _ = tx.send(());
     })
-    .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+    .and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
     let watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {

@@ -172,9 +172,7 @@ pub struct RuleMetrics {
 
 impl RuleMetrics {
     pub fn new(domain: &str, rule: &str) -> Self {
-        let c = |result: &'static str| {
-            metrics::counter!(names::RULE_DECISIONS, "domain" => domain.to_string(), "rule" => rule.to_string(), "result" => result)
-        };
+        let c = |result: &'static str| metrics::counter!(names::RULE_DECISIONS, "domain" => domain.to_string(), "rule" => rule.to_string(), "result" => result);
         Self {
             allowed: c("allowed"),
             denied: c("denied"),
@@ -212,6 +210,10 @@ impl Default for ReloadMetrics {
 
 impl ReloadMetrics {
     pub fn record(&self, ok: bool) {
-        if ok { self.ok.increment(1) } else { self.error.increment(1) }
+        if ok {
+            self.ok.increment(1)
+        } else {
+            self.error.increment(1)
+        }
     }
 }

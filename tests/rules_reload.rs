@@ -1,0 +1,169 @@
+//! Hot reload of rules in a running tollgate: a valid edit takes effect without a restart or a
+//! failed request, an invalid one keeps the old rules (and is counted), and a Kubernetes
+//! ConfigMap's `..data` symlink swap is picked up.
+
+mod common;
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use common::envoy::{RateLimitServiceClient, descriptor, request};
+use common::{Tollgate, eventually, http_get};
+
+fn rules(rpu: u32) -> String {
+    format!(
+        "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: {{ unit: minute, requests_per_unit: {rpu} }}\n"
+    )
+}
+
+/// Replaces a file atomically, as editors and config management tools do.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn limit_now(c: &mut RateLimitServiceClient<tonic::transport::Channel>) -> Option<u32> {
+    let r = c
+        .should_rate_limit(request("edge", vec![descriptor(&[("api_key", "probe")])]))
+        .await
+        .ok()?
+        .into_inner();
+    r.statuses[0]
+        .current_limit
+        .as_ref()
+        .map(|l| l.requests_per_unit)
+}
+
+async fn reloads(t: &Tollgate, outcome: &str) -> u64 {
+    let (_, m) = http_get(&t.http_url("/metrics")).await.unwrap();
+    let series = format!("tollgate_rules_reloads_total{{outcome=\"{outcome}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_edit_applies_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, rules(3)).unwrap();
+    let t = Tollgate::start(&["--rules", path.to_str().unwrap()], &[]).await;
+    let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
+    assert_eq!(limit_now(&mut c).await, Some(3));
+
+    // Callers keep calling through the swap; not one call may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let hammer = {
+        let (mut c, stop, calls, failures) =
+            (c.clone(), stop.clone(), calls.clone(), failures.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let req = request("edge", vec![descriptor(&[("api_key", "busy")])]);
+                match c.should_rate_limit(req).await {
+                    Ok(r) if r.get_ref().statuses.len() == 1 => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    replace(&path, &rules(1000));
+    eventually(Duration::from_secs(10), "the new limit", async || {
+        limit_now(&mut c).await == Some(1000)
+    })
+    .await;
+    // A plain in-place rewrite is picked up too.
+    std::fs::write(&path, rules(500)).unwrap();
+    eventually(Duration::from_secs(10), "the rewritten limit", async || {
+        limit_now(&mut c).await == Some(500)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    hammer.await.unwrap();
+    assert!(calls.load(Ordering::Relaxed) > 10, "the hammer ran");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "a request failed during the reload"
+    );
+    assert!(reloads(&t, "ok").await >= 3);
+}
+
+#[tokio::test]
+async fn invalid_edit_keeps_the_old_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, rules(7)).unwrap();
+    let t = Tollgate::start(&["--rules", path.to_str().unwrap()], &[]).await;
+    let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
+    assert_eq!(limit_now(&mut c).await, Some(7));
+    let errors_before = reloads(&t, "error").await;
+    replace(
+        &path,
+        "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n",
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the rejected reload to be counted",
+        async || reloads(&t, "error").await > errors_before,
+    )
+    .await;
+    assert_eq!(
+        limit_now(&mut c).await,
+        Some(7),
+        "the old rules stay in force"
+    );
+    // Fixing the file recovers.
+    replace(&path, &rules(8));
+    eventually(Duration::from_secs(10), "the fixed rules", async || {
+        limit_now(&mut c).await == Some(8)
+    })
+    .await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn configmap_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    // The layout a ConfigMap volume has: the visible file is a symlink through `..data`, itself a
+    // symlink to a timestamped directory; an update swaps `..data` atomically.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("..2026_12_01_v1")).unwrap();
+    std::fs::write(d.join("..2026_12_01_v1/rules.yaml"), rules(11)).unwrap();
+    symlink("..2026_12_01_v1", d.join("..data")).unwrap();
+    symlink("..data/rules.yaml", d.join("rules.yaml")).unwrap();
+
+    let t = Tollgate::start(&["--rules", d.to_str().unwrap()], &[]).await;
+    let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
+    assert_eq!(limit_now(&mut c).await, Some(11));
+
+    std::fs::create_dir(d.join("..2026_12_01_v2")).unwrap();
+    std::fs::write(d.join("..2026_12_01_v2/rules.yaml"), rules(22)).unwrap();
+    symlink("..2026_12_01_v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    std::fs::remove_dir_all(d.join("..2026_12_01_v1")).unwrap();
+
+    eventually(Duration::from_secs(10), "the swapped rules", async || {
+        limit_now(&mut c).await == Some(22)
+    })
+    .await;
+    assert_eq!(
+        reloads(&t, "error").await,
+        0,
+        "the swap never exposed a broken state"
+    );
+}
