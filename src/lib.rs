@@ -18,6 +18,7 @@
 //! - [`config`]: flags, environment and `.env`, validated at start; secrets redacted.
 //! - [`server`]: wires it all: listeners, the layer stack, health, reflection, `/metrics` and the
 //!   probes, graceful shutdown.
+//! - [`demo`]: `tollgate-demo`, an HTTP API (axum) that asks tollgate before each request.
 //! - `bin/`: thin binaries that parse flags and call [`server::run`].
 //!
 //! Dependencies point inwards: `api` and `telemetry` use `core` and `backend`; `core` and
@@ -27,6 +28,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod proto;
 pub mod rules;
 pub mod server;

@@ -66,24 +66,10 @@ fn fail(message: String) -> ExitCode {
 
 /// The first SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
 async fn on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    for round in 0..2 {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        if round == 0 {
-            tracing::info!("signal received: shutting down gracefully (again to stop at once)");
-            shutdown.cancel();
-        }
-    }
+    tollgate::server::wait_for_signal().await;
+    tracing::info!("signal received: shutting down gracefully (again to stop at once)");
+    shutdown.cancel();
+    tollgate::server::wait_for_signal().await;
     tracing::warn!("second signal: exiting now");
     std::process::exit(130);
 }

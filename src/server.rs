@@ -315,3 +315,23 @@ async fn healthcheck(State(state): State<HttpState>) -> (StatusCode, &'static st
         (StatusCode::INTERNAL_SERVER_ERROR, "unhealthy")
     }
 }
+
+/// Waits for SIGTERM or SIGINT (the binaries' shutdown trigger).
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -46,9 +46,17 @@ impl MetricsHandle {
     }
 }
 
-/// Installs the global recorder (once per process; later calls return the same handle) and
-/// describes every metric.
+/// Installs the global recorder for tollgate (once per process; later calls return the same
+/// handle) and describes every metric.
 pub fn install_metrics() -> MetricsHandle {
+    install_recorder(|| {
+        describe();
+        metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    })
+}
+
+/// Installs the Prometheus recorder with process metrics; `describe` runs once, after it.
+pub fn install_recorder(describe: fn()) -> MetricsHandle {
     static HANDLE: OnceLock<MetricsHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
@@ -63,7 +71,6 @@ pub fn install_metrics() -> MetricsHandle {
             let process: &'static _ = Box::leak(Box::new(metrics_process::Collector::default()));
             process.describe();
             describe();
-            metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             MetricsHandle {
                 prometheus,
                 process,

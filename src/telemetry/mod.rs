@@ -6,7 +6,7 @@ mod timed;
 
 pub use metrics_setup::{
     DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics,
-    install_metrics, names,
+    install_metrics, install_recorder, names,
 };
 pub use timed::Timed;
 

@@ -167,7 +167,7 @@ impl Tollgate {
         ] {
             cmd.env_remove(var);
         }
-        cmd.env("RUST_LOG", "warn")
+        cmd.env("RUST_LOG", "error")
             .envs(env.iter().copied())
             .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
@@ -484,5 +484,51 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A tollgate-demo process on a free port.
+pub struct Demo {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Demo {
+    pub async fn start(tollgate_grpc_url: &str, args: &[&str]) -> Self {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate-demo"))
+            .env_clear()
+            .env("RUST_LOG", "error")
+            .args(["--addr", &format!("127.0.0.1:{port}")])
+            .args(["--tollgate-url", tollgate_grpc_url])
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn tollgate-demo");
+        let demo = Demo {
+            port,
+            child: Some(child),
+        };
+        let url = demo.url("/healthz");
+        eventually(
+            Duration::from_secs(15),
+            "tollgate-demo /healthz",
+            async || http_get(&url).await.is_some_and(|(s, _)| s == 200),
+        )
+        .await;
+        demo
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

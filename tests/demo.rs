@@ -1,0 +1,227 @@
+//! tollgate-demo end to end against a real tollgate (memory and Redis), and its failure modes
+//! when tollgate is stopped or hangs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Demo, HttpAnswer, RedisServer, Tollgate, http_request};
+
+async fn get(demo: &Demo, path: &str, headers: &[(&str, &str)]) -> HttpAnswer {
+    http_request(&demo.url(path), headers)
+        .await
+        .expect("demo answers")
+}
+
+fn rl(a: &HttpAnswer) -> (u16, Option<&str>, Option<&str>, Option<&str>) {
+    (
+        a.status,
+        a.header("x-ratelimit-limit"),
+        a.header("x-ratelimit-remaining"),
+        a.header("x-ratelimit-reset"),
+    )
+}
+
+/// Capacity 3, one token per second: exact headers along allow, allow, allow, deny.
+async fn header_sequence(tollgate: &Tollgate) {
+    let demo = Demo::start(&tollgate.grpc_url(), &["--identity", "api-key"]).await;
+    let k = [("x-api-key", "seq")];
+    let seen: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(get(&demo, "/api/items", &k).await);
+        }
+        v
+    };
+    assert_eq!(rl(&seen[0]), (200, Some("3"), Some("2"), Some("1")));
+    assert_eq!(rl(&seen[1]), (200, Some("3"), Some("1"), Some("2")));
+    assert_eq!(rl(&seen[2]), (200, Some("3"), Some("0"), Some("3")));
+    assert!(seen[0].body.contains("items"), "{}", seen[0].body);
+    let denied = get(&demo, "/api/items", &k).await;
+    assert_eq!(rl(&denied), (429, Some("3"), Some("0"), Some("3")));
+    assert_eq!(denied.header("retry-after"), Some("1"));
+    assert!(denied.body.contains("rate limited"), "{}", denied.body);
+    // `/` is limited by the same bucket.
+    assert_eq!(get(&demo, "/", &k).await.status, 429);
+    // Another key has its own bucket.
+    assert_eq!(get(&demo, "/", &[("x-api-key", "other")]).await.status, 200);
+}
+
+#[tokio::test]
+async fn headers_along_a_sequence_memory() {
+    let t = Tollgate::start(&["--capacity", "3", "--rate", "1"], &[]).await;
+    header_sequence(&t).await;
+}
+
+#[tokio::test]
+async fn headers_along_a_sequence_redis() {
+    let redis = RedisServer::start().await;
+    let t = Tollgate::start(
+        &["--capacity", "3", "--rate", "1"],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    header_sequence(&t).await;
+}
+
+#[tokio::test]
+async fn retry_after_rounds_up() {
+    // One token every 2.5 s: a drained bucket says 2.5 s, so Retry-After is 3, never 2.
+    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.4"], &[]).await;
+    let demo = Demo::start(&t.grpc_url(), &["--identity", "user"]).await;
+    let u = [("x-user", "ann")];
+    assert_eq!(get(&demo, "/api/items", &u).await.status, 200);
+    let denied = get(&demo, "/api/items", &u).await;
+    assert_eq!(denied.status, 429);
+    assert_eq!(denied.header("retry-after"), Some("3"));
+    assert_eq!(denied.header("x-ratelimit-reset"), Some("3"));
+}
+
+#[tokio::test]
+async fn missing_identity_is_401_and_probes_are_never_limited() {
+    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
+    for (identity, header) in [("api-key", "x-api-key"), ("user", "x-user")] {
+        let demo = Demo::start(&t.grpc_url(), &["--identity", identity]).await;
+        let a = get(&demo, "/api/items", &[]).await;
+        assert_eq!(a.status, 401, "{identity}");
+        assert!(a.body.contains(header), "{identity}: {}", a.body);
+        assert_eq!(a.header("content-type"), Some("application/json"));
+    }
+    let demo = Demo::start(&t.grpc_url(), &[]).await; // ip identity
+    assert_eq!(get(&demo, "/", &[]).await.status, 200);
+    assert_eq!(get(&demo, "/", &[]).await.status, 429);
+    for _ in 0..20 {
+        assert_eq!(get(&demo, "/healthz", &[]).await.status, 200);
+    }
+    let metrics = get(&demo, "/metrics", &[]).await;
+    assert_eq!(metrics.status, 200);
+    for series in [
+        "demo_http_requests_total{route=\"/\",status=\"429\"} 1",
+        "demo_http_request_duration_seconds_bucket{route=\"/\"",
+    ] {
+        assert!(
+            metrics.body.contains(series),
+            "missing {series}:\n{}",
+            metrics.body
+        );
+    }
+    let healthz: u64 = metrics
+        .body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("demo_http_requests_total{route=\"/healthz\",status=\"200\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(healthz >= 20, "healthz count {healthz}");
+}
+
+#[tokio::test]
+async fn trusted_forwarded_for_picks_the_bucket() {
+    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
+    let demo = Demo::start(&t.grpc_url(), &["--trust-forwarded"]).await;
+    assert_eq!(
+        get(&demo, "/", &[("x-forwarded-for", "203.0.113.7")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&demo, "/", &[("x-forwarded-for", "203.0.113.8")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&demo, "/", &[("x-forwarded-for", "1.1.1.1, 203.0.113.7")])
+            .await
+            .status,
+        429
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_requests_on_a_bucket_of_twenty() {
+    let t = Tollgate::start(&["--capacity", "20", "--rate", "0.001"], &[]).await;
+    let demo = Demo::start(
+        &t.grpc_url(),
+        &["--identity", "api-key", "--tollgate-timeout-ms", "2000"],
+    )
+    .await;
+    let url = demo.url("/api/items");
+    let statuses = futures::future::join_all((0..50).map(|_| {
+        let url = url.clone();
+        async move {
+            http_request(&url, &[("x-api-key", "shared")])
+                .await
+                .unwrap()
+                .status
+        }
+    }))
+    .await;
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        20,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        30,
+        "{statuses:?}"
+    );
+}
+
+/// A listener that accepts connections and never answers.
+async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn tollgate_stopped_or_hanging_within_the_timeout() {
+    let stopped = format!("http://127.0.0.1:{}", common::free_port());
+    let (hanging, _hole) = black_hole().await;
+    const TIMEOUT_MS: u64 = 100;
+    let bound = Duration::from_millis(TIMEOUT_MS + 400);
+    for target in [stopped.as_str(), hanging.as_str()] {
+        for (mode, want) in [("allow", 200), ("deny", 503)] {
+            let demo = Demo::start(
+                target,
+                &[
+                    "--failure-mode",
+                    mode,
+                    "--tollgate-timeout-ms",
+                    &TIMEOUT_MS.to_string(),
+                ],
+            )
+            .await;
+            for i in 0..3 {
+                let started = Instant::now();
+                let a = get(&demo, "/api/items", &[]).await;
+                let took = started.elapsed();
+                assert_eq!(a.status, want, "{target} {mode} #{i}: {a:?}");
+                assert!(
+                    took < bound,
+                    "{target} {mode} #{i}: answered after {took:?}"
+                );
+                if want == 503 {
+                    assert!(a.body.contains("unavailable"), "{}", a.body);
+                }
+            }
+            let m = get(&demo, "/metrics", &[]).await;
+            assert!(
+                m.body
+                    .contains(&format!("demo_limiter_failures_total{{mode=\"{mode}\"}} 3")),
+                "{}",
+                m.body
+            );
+        }
+    }
+}
