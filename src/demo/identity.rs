@@ -75,8 +75,7 @@ fn client_ip(headers: &HeaderMap, peer: SocketAddr, trust_forwarded: bool) -> St
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .next_back();
+            .rfind(|v| !v.is_empty());
         if let Some(ip) = last.and_then(|v| v.parse::<std::net::IpAddr>().ok()) {
             return ip.to_string();
         }
