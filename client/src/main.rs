@@ -1,7 +1,93 @@
-//! tollgate-load: the load client (SPEC section 7). Its driver lands with the load-testing issue;
-//! until then it says so instead of pretending to measure anything.
+//! tollgate-load: drive tollgate (ShouldAllow or Envoy's RLS) or any HTTP URL, print what it
+//! saw, and prove the limits held.
+//!
+//! - `cli.rs`: flags; `keys.rs`: which key each request uses;
+//! - `target.rs`: the three APIs behind one `call`;
+//! - `driver.rs`: closed and open loops, progress bar;
+//! - `record.rs`: counts, HDR latency, timeline, the bound check;
+//! - `report.rs`: summary and JSON; `plot.rs`: the picture.
+//!
+//! Exit codes: 0 ok, 1 bad usage or unreachable target, 2 bound violated, 3 error budget exceeded.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("tollgate-load: not implemented yet (see the load-testing issue)");
-    std::process::ExitCode::from(1)
+mod cli;
+mod driver;
+mod keys;
+mod plot;
+mod record;
+mod report;
+mod target;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::{cli::Cli, keys::KeyChooser, record::Bound, report::Summary, target::Target};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.validate() {
+        eprintln!("tollgate-load: {e}");
+        return ExitCode::from(1);
+    }
+    let keys = match KeyChooser::new(cli.keys, &cli.key_prefix, cli.zipf) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("tollgate-load: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let target = match Target::connect(&cli).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tollgate-load: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+
+    let (mut recorded, elapsed) = driver::run(&cli, target, keys).await;
+    let bound = if cli.check_bound {
+        recorded.check_bound()
+    } else {
+        Bound::default()
+    };
+    let summary = Summary::new(&cli, &recorded, elapsed, &bound);
+    print!("{}", summary.text(&cli, &bound));
+
+    if let Some(path) = &cli.json {
+        let written = serde_json::to_vec_pretty(&summary)
+            .map_err(anyhow::Error::from)
+            .and_then(|json| Ok(std::fs::write(path, json)?));
+        if let Err(e) = written {
+            eprintln!("tollgate-load: --json {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    }
+    let shown = cli.duration.as_secs_f64().ceil() as usize;
+    if let Some(Err(e)) = cli.plot.as_ref().map(|p| plot::draw(&summary, shown, p)) {
+        eprintln!("tollgate-load: --plot: {e:#}");
+        return ExitCode::from(1);
+    }
+
+    if bound.violations > 0 {
+        eprintln!(
+            "tollgate-load: BOUND VIOLATED in {} buckets",
+            bound.violations
+        );
+        return ExitCode::from(2);
+    }
+    let error_rate = if summary.requests == 0 {
+        1.0
+    } else {
+        summary.errors as f64 / summary.requests as f64
+    };
+    if error_rate > cli.max_error_rate {
+        eprintln!(
+            "tollgate-load: error rate {:.2}% exceeds --max-error-rate {:.2}%",
+            error_rate * 100.0,
+            cli.max_error_rate * 100.0
+        );
+        return ExitCode::from(3);
+    }
+    ExitCode::SUCCESS
 }

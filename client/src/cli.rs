@@ -1,0 +1,154 @@
+//! Flags of tollgate-load (SPEC section 7).
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Api {
+    /// tollgate.v1.RateLimitService/ShouldAllow
+    ShouldAllow,
+    /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit
+    Envoy,
+    /// GET an HTTP URL (the demo app, Envoy); 429 counts as denied
+    Http,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::ShouldAllow => "should-allow",
+            Api::Envoy => "envoy",
+            Api::Http => "http",
+        }
+    }
+}
+
+/// Drive tollgate (or any HTTP URL) at a fixed concurrency or rate, and show that the limits hold.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "tollgate-load", version)]
+pub struct Cli {
+    /// tollgate's gRPC address (should-allow, envoy).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    pub target: String,
+
+    /// What to call.
+    #[arg(long, value_enum, default_value = "should-allow")]
+    pub api: Api,
+
+    /// Closed loop: this many requests in flight, each sent when the previous answered.
+    #[arg(long, default_value = "32")]
+    pub concurrency: usize,
+
+    /// Open loop: this many requests per second whatever the answers take; latency counts from
+    /// each request's intended start, so a slow server cannot hide its queueing.
+    #[arg(long)]
+    pub rps: Option<f64>,
+
+    /// HTTP/2 connections to spread the calls over (gRPC).
+    #[arg(long, default_value = "4")]
+    pub connections: usize,
+
+    /// How long to run: 500ms, 30s, 2m.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Number of distinct keys.
+    #[arg(long, default_value = "100")]
+    pub keys: usize,
+
+    /// Choose keys Zipf-distributed with this exponent (e.g. 1.1) instead of uniformly.
+    #[arg(long)]
+    pub zipf: Option<f64>,
+
+    /// Prefix of the key names ({key} is prefix + index).
+    #[arg(long, default_value = "load-")]
+    pub key_prefix: String,
+
+    /// Tokens per request (should-allow cost; envoy request hits_addend).
+    #[arg(long, default_value = "1")]
+    pub cost: u32,
+
+    /// Bucket size to ask for (should-allow; 0 = server default); for --check-bound with envoy or
+    /// http, the shape to check against.
+    #[arg(long)]
+    pub capacity: Option<f64>,
+
+    /// Refill in tokens per second (as --capacity).
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// Envoy domain.
+    #[arg(long, default_value = "edge")]
+    pub domain: String,
+
+    /// Envoy descriptor 'k=v,k2=v2' (repeat for several); {key} is replaced by the request's key.
+    #[arg(long = "descriptor")]
+    pub descriptors: Vec<String>,
+
+    /// HTTP URL to GET (--api http); {key} is replaced by the request's key.
+    #[arg(long)]
+    pub url: Option<String>,
+
+    /// HTTP header 'Name: value' (repeatable); {key} is replaced by the request's key.
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+
+    /// Per-call deadline.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Write the summary and a per-second timeline as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Draw allowed vs denied per second and p99 latency (.svg or .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+
+    /// Check per key that allowed never exceeded capacity + rate * elapsed; exit 2 if it did.
+    #[arg(long)]
+    pub check_bound: bool,
+
+    /// The largest share of errors tolerated before exiting 3.
+    #[arg(long, default_value = "0.01")]
+    pub max_error_rate: f64,
+}
+
+impl Cli {
+    /// Checks that need several flags together; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keys == 0 {
+            return Err("--keys must be at least 1".into());
+        }
+        if self.concurrency == 0 || self.connections == 0 {
+            return Err("--concurrency and --connections must be at least 1".into());
+        }
+        if self.rps.is_some_and(|rps| !(rps.is_finite() && rps > 0.0)) {
+            return Err("--rps must be a positive number".into());
+        }
+        if self.zipf.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+            return Err("--zipf must be a positive exponent".into());
+        }
+        if self.duration.is_zero() {
+            return Err("--duration must be positive".into());
+        }
+        match self.api {
+            Api::Envoy if self.descriptors.is_empty() => {
+                return Err("--api envoy needs at least one --descriptor 'k=v'".into());
+            }
+            Api::Http if self.url.is_none() => return Err("--api http needs --url".into()),
+            Api::Http if self.check_bound && self.rate.is_none() => {
+                return Err("--check-bound with --api http needs --rate (and --capacity, unless the server sends X-RateLimit-Limit)".into());
+            }
+            _ => {}
+        }
+        if let Some(p) = &self.plot {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !matches!(ext, "svg" | "png") {
+                return Err("--plot must end in .svg or .png".into());
+            }
+        }
+        Ok(())
+    }
+}

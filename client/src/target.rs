@@ -1,0 +1,318 @@
+//! The three things tollgate-load can call, behind one `call`: ShouldAllow, Envoy's
+//! ShouldRateLimit, or an HTTP GET. Each answer says allowed or denied per bucket it touched.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tollgate::proto::envoy::extensions::common::ratelimit::v3::{
+    RateLimitDescriptor, rate_limit_descriptor::Entry,
+};
+use tollgate::proto::envoy::service::ratelimit::v3::{
+    RateLimitRequest, rate_limit_response::Code,
+    rate_limit_service_client::RateLimitServiceClient as EnvoyClient,
+};
+use tollgate::proto::tollgate::v1::{
+    ShouldAllowRequest, rate_limit_service_client::RateLimitServiceClient,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::{Api, Cli};
+
+/// The outcome of one descriptor (or the single bucket of should-allow and http).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    /// Envoy: OK with no current limit (no rule, or unlimited).
+    Unlimited,
+}
+
+/// One bucket's answer, with the shape it was decided under when the answer tells it.
+#[derive(Clone, Copy, Debug)]
+pub struct BucketAnswer {
+    pub slot: u16,
+    pub verdict: Verdict,
+    /// (capacity, rate)
+    pub shape: Option<(f64, f64)>,
+}
+
+/// A call's result: `None` is an error (transport, timeout, unexpected status).
+pub type Reply = Option<(bool, Vec<BucketAnswer>)>;
+
+pub enum Target {
+    ShouldAllow {
+        clients: Vec<RateLimitServiceClient<Channel>>,
+        cost: u32,
+        capacity: f64,
+        rate: f64,
+        timeout: Duration,
+    },
+    Envoy {
+        clients: Vec<EnvoyClient<Channel>>,
+        domain: String,
+        /// Each descriptor as (key, value template) entries.
+        descriptors: Vec<Vec<(String, String)>>,
+        hits: u32,
+        shape: Option<(f64, f64)>,
+        timeout: Duration,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        headers: Vec<(String, String)>,
+        shape: (Option<f64>, f64),
+    },
+}
+
+impl Target {
+    /// Connects (and fails fast when the target is unreachable).
+    pub async fn connect(cli: &Cli) -> anyhow::Result<Self> {
+        Ok(match cli.api {
+            Api::ShouldAllow => Target::ShouldAllow {
+                clients: channels(cli)
+                    .await?
+                    .into_iter()
+                    .map(RateLimitServiceClient::new)
+                    .collect(),
+                cost: cli.cost,
+                capacity: cli.capacity.unwrap_or(0.0),
+                rate: cli.rate.unwrap_or(0.0),
+                timeout: cli.timeout,
+            },
+            Api::Envoy => Target::Envoy {
+                clients: channels(cli)
+                    .await?
+                    .into_iter()
+                    .map(EnvoyClient::new)
+                    .collect(),
+                domain: cli.domain.clone(),
+                descriptors: cli
+                    .descriptors
+                    .iter()
+                    .map(|d| parse_descriptor(d))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?,
+                hits: cli.cost,
+                shape: cli.capacity.zip(cli.rate),
+                timeout: cli.timeout,
+            },
+            Api::Http => {
+                let url = cli.url.clone().context("--url")?;
+                let headers = cli
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        h.split_once(':')
+                            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!("--header '{h}': expected 'Name: value'")
+                            })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                let client = reqwest::Client::builder()
+                    .timeout(cli.timeout)
+                    .pool_max_idle_per_host(cli.concurrency.max(cli.connections))
+                    .tcp_nodelay(true)
+                    .build()?;
+                // Reachability without spending a token: connect to the host's port.
+                let parsed =
+                    reqwest::Url::parse(&url.replace("{key}", "probe")).context("--url")?;
+                let host = parsed.host_str().context("--url has no host")?.to_string();
+                let port = parsed.port_or_known_default().unwrap_or(80);
+                tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect((host.as_str(), port)),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("{url}: no connection within 3 s"))?
+                .with_context(|| format!("{url}: unreachable"))?;
+                Target::Http {
+                    client,
+                    url,
+                    headers,
+                    shape: (cli.capacity, cli.rate.unwrap_or(0.0)),
+                }
+            }
+        })
+    }
+
+    /// How many buckets (descriptors) each call touches.
+    pub fn slots(&self) -> usize {
+        match self {
+            Target::Envoy { descriptors, .. } => descriptors.len(),
+            _ => 1,
+        }
+    }
+
+    /// One call for `key`, over connection `conn`.
+    pub async fn call(&self, conn: usize, key: &str) -> Reply {
+        match self {
+            Target::ShouldAllow {
+                clients,
+                cost,
+                capacity,
+                rate,
+                timeout,
+            } => {
+                let mut client = clients[conn % clients.len()].clone();
+                let mut req = tonic::Request::new(ShouldAllowRequest {
+                    key: key.to_string(),
+                    cost: *cost,
+                    capacity: *capacity,
+                    rate: *rate,
+                    dry_run: false,
+                });
+                req.set_timeout(*timeout);
+                let r = client.should_allow(req).await.ok()?.into_inner();
+                let verdict = if r.allowed {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Denied
+                };
+                Some((
+                    r.allowed,
+                    vec![BucketAnswer {
+                        slot: 0,
+                        verdict,
+                        shape: Some((r.capacity, r.rate)),
+                    }],
+                ))
+            }
+            Target::Envoy {
+                clients,
+                domain,
+                descriptors,
+                hits,
+                shape,
+                timeout,
+            } => {
+                let mut client = clients[conn % clients.len()].clone();
+                let descriptors = descriptors
+                    .iter()
+                    .map(|entries| RateLimitDescriptor {
+                        entries: entries
+                            .iter()
+                            .map(|(k, v)| Entry {
+                                key: k.clone(),
+                                value: v.replace("{key}", key),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect();
+                let mut req = tonic::Request::new(RateLimitRequest {
+                    domain: domain.clone(),
+                    descriptors,
+                    hits_addend: *hits,
+                });
+                req.set_timeout(*timeout);
+                let r = client.should_rate_limit(req).await.ok()?.into_inner();
+                let answers = r
+                    .statuses
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let limit_shape = s.current_limit.as_ref().and_then(|l| {
+                            let secs = unit_seconds(l.unit)?;
+                            let rpu = f64::from(l.requests_per_unit);
+                            Some((rpu, rpu / secs))
+                        });
+                        let verdict = match (s.code == Code::OverLimit as i32, &s.current_limit) {
+                            (true, _) => Verdict::Denied,
+                            (false, Some(_)) => Verdict::Allowed,
+                            (false, None) => Verdict::Unlimited,
+                        };
+                        BucketAnswer {
+                            slot: i as u16,
+                            verdict,
+                            shape: shape.or(limit_shape),
+                        }
+                    })
+                    .collect();
+                Some((r.overall_code == Code::Ok as i32, answers))
+            }
+            Target::Http {
+                client,
+                url,
+                headers,
+                shape,
+            } => {
+                let mut req = client.get(url.replace("{key}", key));
+                for (k, v) in headers {
+                    req = req.header(k, v.replace("{key}", key));
+                }
+                let r = req.send().await.ok()?;
+                let status = r.status().as_u16();
+                let header_capacity = r
+                    .headers()
+                    .get("x-ratelimit-limit")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split([',', ';']).next()?.trim().parse::<f64>().ok());
+                let _ = r.bytes().await; // read the body so the connection is reused
+                let allowed = match status {
+                    200..=299 => true,
+                    429 => false,
+                    _ => return None,
+                };
+                let capacity = shape.0.or(header_capacity);
+                let verdict = if allowed {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Denied
+                };
+                Some((
+                    allowed,
+                    vec![BucketAnswer {
+                        slot: 0,
+                        verdict,
+                        shape: capacity.map(|c| (c, shape.1)),
+                    }],
+                ))
+            }
+        }
+    }
+}
+
+/// `--connections` HTTP/2 connections to the gRPC target, each checked before the run.
+async fn channels(cli: &Cli) -> anyhow::Result<Vec<Channel>> {
+    let endpoint = Endpoint::from_shared(cli.target.clone())
+        .with_context(|| format!("--target {}", cli.target))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    let mut out = Vec::with_capacity(cli.connections);
+    for _ in 0..cli.connections {
+        out.push(
+            endpoint
+                .connect()
+                .await
+                .with_context(|| format!("{}: unreachable", cli.target))?,
+        );
+    }
+    Ok(out)
+}
+
+/// 'k=v,k2=v2' into entries.
+fn parse_descriptor(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("--descriptor '{text}': expected 'key=value[,key=value]'"))
+        })
+        .collect()
+}
+
+/// Seconds in an Envoy `RateLimit.Unit`.
+fn unit_seconds(unit: i32) -> Option<f64> {
+    Some(match unit {
+        1 => 1.0,
+        2 => 60.0,
+        3 => 3_600.0,
+        4 => 86_400.0,
+        5 => 2_592_000.0,
+        6 => 31_536_000.0,
+        7 => 604_800.0,
+        _ => return None,
+    })
+}

@@ -1,0 +1,346 @@
+//! tollgate-load against real servers: tollgate (run in this process on loopback), the demo app,
+//! and a broken limiter that allows everything, which the bound check must catch.
+
+use std::process::Command;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tollgate::config::Cli as TollgateCli;
+use tollgate::proto::tollgate::v1::{
+    ShouldAllowRequest, ShouldAllowResponse,
+    rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
+};
+
+/// A tollgate on ephemeral loopback ports, stopped when dropped.
+struct Server {
+    grpc: String,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn tollgate(flags: &[&str]) -> Server {
+    let mut argv = vec![
+        "tollgate",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    argv.extend_from_slice(flags);
+    let args = <TollgateCli as clap::Parser>::parse_from(argv)
+        .into_serve()
+        .unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", grpc.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(tollgate::server::run(args, grpc, http, stop.clone()));
+    Server { grpc: url, stop }
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    json: serde_json::Value,
+}
+
+/// Runs tollgate-load with `args` (plus --json) and reads what it wrote.
+async fn load(args: &[&str]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-load"));
+    cmd.args(args).arg("--json").arg(&json);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let json = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    Run {
+        code: out.status.code(),
+        stdout,
+        json,
+    }
+}
+
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_counts_add_up_and_bound_holds() {
+    let t = tollgate(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("plot.svg");
+    let run = load(&[
+        "--target",
+        &t.grpc,
+        "--duration",
+        "2s",
+        "--concurrency",
+        "8",
+        "--keys",
+        "10",
+        "--capacity",
+        "20",
+        "--rate",
+        "10",
+        "--check-bound",
+        "--plot",
+        plot.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    let j = &run.json;
+    for field in [
+        "api",
+        "duration_s",
+        "requests",
+        "allowed",
+        "denied",
+        "errors",
+        "rate",
+        "latency_ms",
+        "bound",
+        "timeline",
+    ] {
+        assert!(j.get(field).is_some(), "missing {field}: {j}");
+    }
+    for q in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(
+            j["latency_ms"][q].as_f64().is_some(),
+            "missing latency_ms.{q}"
+        );
+    }
+    assert_eq!(j["api"], "should-allow");
+    let (requests, allowed, denied, errors) = (
+        n(&j["requests"]),
+        n(&j["allowed"]),
+        n(&j["denied"]),
+        n(&j["errors"]),
+    );
+    assert_eq!(requests, allowed + denied + errors);
+    assert_eq!(errors, 0);
+    assert!(denied > 0, "the buckets must have run dry");
+    // 10 keys, each at most 20 + 10/s * ~2 s.
+    assert!(allowed <= 10 * (20 + 10 * 3), "{allowed}");
+    assert!(allowed >= 10 * 20, "{allowed}");
+    assert_eq!(j["bound"]["checked"], true);
+    assert_eq!(n(&j["bound"]["violations"]), 0);
+    let timeline = j["timeline"].as_array().unwrap();
+    let sum = |f: &str| timeline.iter().map(|s| n(&s[f])).sum::<u64>();
+    assert_eq!(
+        (sum("allowed"), sum("denied"), sum("errors")),
+        (allowed, denied, errors)
+    );
+    assert!(timeline[0].get("p99_ms").is_some() && timeline[0].get("second").is_some());
+    assert!(run.stdout.contains("p99.9"), "{}", run.stdout);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("allowed") && svg.contains("p99"),
+        "plot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_keeps_its_rate() {
+    let t = tollgate(&[]).await;
+    let run = load(&[
+        "--target",
+        &t.grpc,
+        "--rps",
+        "200",
+        "--duration",
+        "3s",
+        "--keys",
+        "50",
+    ])
+    .await;
+    assert_eq!(run.code, Some(0));
+    let requests = n(&run.json["requests"]) as f64;
+    assert!(
+        (570.0..=630.0).contains(&requests),
+        "{requests} requests for 200/s over 3 s"
+    );
+    let rate = run.json["rate"].as_f64().unwrap();
+    assert!((190.0..=210.0).contains(&rate), "achieved {rate}/s");
+}
+
+/// A limiter that allows everything while claiming a bucket of 5 tokens at 1 per second.
+struct Broken;
+
+#[tonic::async_trait]
+impl RateLimitService for Broken {
+    async fn should_allow(
+        &self,
+        _: tonic::Request<ShouldAllowRequest>,
+    ) -> Result<tonic::Response<ShouldAllowResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ShouldAllowResponse {
+            allowed: true,
+            tokens_remaining: 4.0,
+            capacity: 5.0,
+            rate: 1.0,
+            ..Default::default()
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_check_catches_a_broken_limiter() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RateLimitServiceServer::new(Broken))
+            .serve_with_incoming(tokio_stream_from(listener)),
+    );
+    let run = load(&[
+        "--target",
+        &url,
+        "--duration",
+        "1s",
+        "--keys",
+        "3",
+        "--check-bound",
+    ])
+    .await;
+    server.abort();
+    assert_eq!(run.code, Some(2), "{}", run.stdout);
+    assert!(n(&run.json["bound"]["violations"]) >= 1);
+}
+
+fn tokio_stream_from(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_mode_against_the_demo_counts_429_as_denied() {
+    let t = tollgate(&["--capacity", "5", "--rate", "1"]).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let demo_url = format!("http://{}/api/items", listener.local_addr().unwrap());
+    let config = <tollgate::demo::DemoConfig as clap::Parser>::parse_from([
+        "tollgate-demo",
+        "--tollgate-url",
+        &t.grpc,
+        "--identity",
+        "api-key",
+        "--tollgate-timeout-ms",
+        "1000",
+    ]);
+    let stop = CancellationToken::new();
+    tokio::spawn(tollgate::demo::run(config, listener, stop.clone()));
+    let run = load(&[
+        "--api",
+        "http",
+        "--url",
+        &demo_url,
+        "--header",
+        "X-API-Key: {key}",
+        "--keys",
+        "4",
+        "--duration",
+        "2s",
+        "--concurrency",
+        "4",
+        "--rate",
+        "1",
+        "--check-bound",
+    ])
+    .await;
+    stop.cancel();
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    let (allowed, denied) = (n(&run.json["allowed"]), n(&run.json["denied"]));
+    assert!(denied > 0, "429s count as denied");
+    assert!((4 * 5..=4 * (5 + 3)).contains(&allowed), "{allowed}");
+    assert_eq!(n(&run.json["errors"]), 0);
+    assert_eq!(n(&run.json["bound"]["violations"]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_mode_reports_each_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "domain: edge
+descriptors:
+  - key: api_key
+    rate_limit: { unit: second, requests_per_unit: 5 }
+  - key: generic_key
+    value: free
+    rate_limit: { unlimited: true }
+",
+    )
+    .unwrap();
+    let t = tollgate(&["--rules", rules.to_str().unwrap()]).await;
+    let run = load(&[
+        "--api",
+        "envoy",
+        "--target",
+        &t.grpc,
+        "--domain",
+        "edge",
+        "--descriptor",
+        "api_key={key}",
+        "--descriptor",
+        "generic_key=free",
+        "--keys",
+        "3",
+        "--duration",
+        "2s",
+        "--concurrency",
+        "4",
+        "--check-bound",
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    let d = run.json["descriptors"]
+        .as_array()
+        .expect("per-descriptor outcomes");
+    assert_eq!(d.len(), 2);
+    assert_eq!(d[0]["descriptor"], "api_key={key}");
+    assert!(n(&d[0]["allowed"]) > 0 && n(&d[0]["denied"]) > 0, "{d:?}");
+    assert_eq!(n(&d[1]["denied"]), 0);
+    assert_eq!(n(&d[1]["unlimited"]), n(&run.json["requests"]));
+    assert!(
+        run.stdout.contains("descriptor 0 [api_key={key}]"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(n(&run.json["bound"]["violations"]), 0);
+}
+
+#[test]
+fn bad_usage_and_unreachable_target_exit_1() {
+    let bin = env!("CARGO_BIN_EXE_tollgate-load");
+    let code = |args: &[&str]| Command::new(bin).args(args).output().unwrap().status.code();
+    assert_eq!(
+        code(&["--api", "envoy"]),
+        Some(1),
+        "envoy without descriptors"
+    );
+    assert_eq!(code(&["--api", "http"]), Some(1), "http without url");
+    assert_eq!(code(&["--duration", "0s"]), Some(1));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(
+        code(&[
+            "--target",
+            &format!("http://127.0.0.1:{port}"),
+            "--duration",
+            "1s"
+        ]),
+        Some(1)
+    );
+}
