@@ -17,7 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::api::{Defaults, EnvoyApi, EnvoySettings, ShouldAllowApi};
-use crate::backend::{Backend, MemoryBackend, RedisBackend};
+use crate::backend::{Backend, MemoryBackend, RedisBackend, redis::Topology};
 use crate::config::{RedisType, ServeArgs};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitServiceServer as EnvoyServer, SERVICE_NAME as ENVOY_SERVICE,
@@ -86,16 +86,14 @@ pub async fn run(
         }
         Some(url) => {
             tracing::info!(redis = %url, kind = ?args.redis_type, timeout_ms = args.redis_timeout_ms, "using Redis");
-            match args.redis_type {
-                RedisType::Single => {
-                    let redis = RedisBackend::new(url.expose(), args.redis_timeout())
-                        .map_err(|e| anyhow::anyhow!("REDIS_URL: {}", e.message))?;
-                    serve(args, redis, defaults, rules, metrics, grpc, http, shutdown).await
-                }
-                other => anyhow::bail!(
-                    "REDIS_TYPE={other:?} is not supported by this build yet; use single"
-                ),
-            }
+            let topology = match args.redis_type {
+                RedisType::Single => Topology::Single,
+                RedisType::Cluster => Topology::Cluster,
+                RedisType::Sentinel => Topology::Sentinel,
+            };
+            let redis = RedisBackend::with_topology(topology, url.expose(), args.redis_timeout())
+                .map_err(|e| anyhow::anyhow!("REDIS_URL: {}", e.message))?;
+            serve(args, redis, defaults, rules, metrics, grpc, http, shutdown).await
         }
     }
 }

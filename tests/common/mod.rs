@@ -532,3 +532,325 @@ impl Drop for Demo {
         }
     }
 }
+
+/// A throwaway Redis Cluster (masters, each with replicas) on loopback, with a short
+/// cluster-node-timeout so failovers take about a second or two.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<(u16, Child)>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize, replicas_per_master: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let count = masters * (1 + replicas_per_master);
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        for &port in &ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--dir", dir.path().to_str().unwrap()])
+                .args(["--save", "", "--appendonly", "no"])
+                .args([
+                    "--repl-diskless-sync",
+                    "yes",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{INSTALL_REDIS} ({e})"));
+            children.push((port, child));
+        }
+        for &port in &ports {
+            let url = format!("redis://127.0.0.1:{port}/");
+            eventually(Duration::from_secs(10), "cluster node PING", async || {
+                ping(&url).await
+            })
+            .await;
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for &port in &ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args([
+                "--cluster-replicas",
+                &replicas_per_master.to_string(),
+                "--cluster-yes",
+            ])
+            .output()
+            .expect("redis-cli (apt-get install -y redis-tools)");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster {
+            ports,
+            children,
+            _dir: dir,
+        };
+        cluster.wait_healthy(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// `host:port,host:port,...` (the REDIS_URL form for REDIS_TYPE=cluster).
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn alive(&self) -> impl Iterator<Item = u16> + '_ {
+        self.children.iter().map(|(p, _)| *p)
+    }
+
+    /// INFO `section` (or CLUSTER INFO for "cluster"); empty when the node does not answer.
+    pub async fn info(port: u16, section: &str) -> String {
+        let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+        else {
+            return String::new();
+        };
+        let cmd = if section == "cluster" {
+            redis::cmd("CLUSTER").arg("INFO").clone()
+        } else {
+            redis::cmd("INFO").arg(section).clone()
+        };
+        cmd.query_async(&mut conn).await.unwrap_or_default()
+    }
+
+    /// Every live node says the cluster is ok, and every live replica is in sync.
+    pub async fn wait_healthy(&self, within: Duration) {
+        eventually(
+            within,
+            "cluster_state:ok and replicas in sync",
+            async || {
+                for port in self.alive() {
+                    if !Self::info(port, "cluster")
+                        .await
+                        .contains("cluster_state:ok")
+                    {
+                        return false;
+                    }
+                    let repl = Self::info(port, "replication").await;
+                    if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+    }
+
+    pub async fn masters(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for port in self.alive() {
+            if Self::info(port, "replication")
+                .await
+                .contains("role:master")
+            {
+                out.push(port);
+            }
+        }
+        out
+    }
+
+    /// The port of the master serving `key` now.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let port = self.alive().next().unwrap();
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for range in slots {
+            let redis::Value::Array(items) = range else {
+                continue;
+            };
+            let (redis::Value::Int(lo), redis::Value::Int(hi)) = (&items[0], &items[1]) else {
+                continue;
+            };
+            if (*lo..=*hi).contains(&slot) {
+                if let redis::Value::Array(node) = &items[2] {
+                    if let redis::Value::Int(p) = node[1] {
+                        return p as u16;
+                    }
+                }
+            }
+        }
+        panic!("no master for slot {slot}");
+    }
+
+    pub fn kill(&mut self, port: u16) {
+        if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A master, a replica and three sentinels watching them (quorum 2), on loopback.
+pub struct RedisSentinels {
+    pub master: u16,
+    pub replica: u16,
+    pub sentinels: Vec<u16>,
+    children: Vec<(u16, Child)>,
+    _dir: tempfile::TempDir,
+}
+
+pub const SENTINEL_MASTER: &str = "tollgate-master";
+
+impl RedisSentinels {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (master, replica) = (free_port(), free_port());
+        let spawn = |args: Vec<String>| {
+            Command::new("redis-server")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{INSTALL_REDIS} ({e})"))
+        };
+        let node = |port: u16| -> Vec<String> {
+            [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let mut children = vec![(master, spawn(node(master)))];
+        let mut replica_args = node(replica);
+        replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+        children.push((replica, spawn(replica_args)));
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                    dir.path().display()
+                ),
+            )
+            .unwrap();
+            children.push((
+                port,
+                spawn(vec![conf.display().to_string(), "--sentinel".into()]),
+            ));
+            sentinels.push(port);
+        }
+        let s = RedisSentinels {
+            master,
+            replica,
+            sentinels,
+            children,
+            _dir: dir,
+        };
+        eventually(
+            Duration::from_secs(20),
+            "replica in sync and sentinels aware of it",
+            async || {
+                RedisCluster::info(s.replica, "replication")
+                    .await
+                    .contains("master_link_status:up")
+                    && s.sentinel_replicas().await >= 1
+            },
+        )
+        .await;
+        s
+    }
+
+    /// `master_name,host:port,...` (the REDIS_URL form for REDIS_TYPE=sentinel).
+    pub fn url(&self) -> String {
+        let list: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("{SENTINEL_MASTER},{}", list.join(","))
+    }
+
+    async fn sentinel_replicas(&self) -> usize {
+        let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{}/", self.sentinels[0]))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+        else {
+            return 0;
+        };
+        let replicas: redis::RedisResult<Vec<redis::Value>> = redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg(SENTINEL_MASTER)
+            .query_async(&mut conn)
+            .await;
+        replicas.map(|r| r.len()).unwrap_or(0)
+    }
+
+    pub fn kill(&mut self, port: u16) {
+        if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisSentinels {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

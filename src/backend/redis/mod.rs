@@ -1,34 +1,32 @@
 //! Buckets in Redis, decided by `lua/token_bucket.lua` so every replica of tollgate shares them.
 //!
-//! One multiplexed connection carries every call: concurrent calls are written together in one
-//! pipeline rather than waiting for each other. The script runs by EVALSHA and is loaded again
-//! when Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH). Every call is bounded by
-//! REDIS_TIMEOUT_MS; the connection re-establishes itself after Redis comes back, without any
-//! restart of tollgate.
+//! Every call goes over a shared multiplexed connection: concurrent calls are written together
+//! in one pipeline rather than waiting for each other. The script runs by EVALSHA and is loaded
+//! again when a node answers NOSCRIPT (after a restart, a failover or SCRIPT FLUSH; on a cluster,
+//! SCRIPT LOAD reaches every node). Every call is bounded by REDIS_TIMEOUT_MS, and connections
+//! re-establish themselves, so Redis coming back needs no restart of tollgate. Single server,
+//! cluster and sentinel differ only in `connection.rs`.
+
+mod connection;
 
 use std::time::Duration;
 
-use redis::{Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
+use redis::Script;
+
+use connection::Connector;
+pub use connection::Topology;
 
 use super::{Backend, BackendError, BucketRequest, ErrorKind};
 use crate::core::{Decision, Op};
 
 /// The token-bucket script; its header states its KEYS/ARGV/return contract.
-pub const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
+pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../lua/token_bucket.lua");
 
 const NAME: &str = "redis";
 
-/// How long one connection attempt may take. Longer than a call's deadline on purpose: the
-/// attempt goes on in the background while calls fail fast, so a slow network still reconnects.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long the connection may stay silent before it is declared broken and replaced. Calls give
-/// up much earlier (REDIS_TIMEOUT_MS); this catches a peer that vanished without closing TCP.
-const DEAD_CONNECTION_AFTER: Duration = Duration::from_secs(2);
-
-/// The Redis backend (a single server; cluster and sentinel share this type's interface).
-#[derive(Clone)]
+/// The Redis backend, for a single server, a cluster or a sentinel-managed master.
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    connector: Connector,
     script: Script,
     timeout: Duration,
 }
@@ -43,23 +41,21 @@ impl std::fmt::Debug for RedisBackend {
 }
 
 impl RedisBackend {
-    /// Prepares a backend for `url` without connecting: tollgate starts (and reports NOT_SERVING)
-    /// while Redis is away, and connects when Redis answers.
+    /// A single Redis server at `url`; see [`RedisBackend::with_topology`].
     pub fn new(url: &str, timeout: Duration) -> Result<Self, BackendError> {
-        let client = redis::Client::open(url).map_err(|e| BackendError {
-            backend: NAME,
-            kind: ErrorKind::Other,
-            message: format!("invalid REDIS_URL: {}", e),
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(DEAD_CONNECTION_AFTER.max(timeout)))
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(3);
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(map_error)?;
+        Self::with_topology(Topology::Single, url, timeout)
+    }
+
+    /// Prepares a backend without connecting: tollgate starts (and reports NOT_SERVING) while
+    /// Redis is away, and connects when Redis answers. `url` is a URL (single), a comma-separated
+    /// list of nodes (cluster), or `master_name,host:port,...` (sentinel).
+    pub fn with_topology(
+        topology: Topology,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<Self, BackendError> {
         Ok(Self {
-            conn,
+            connector: Connector::new(topology, url, timeout)?,
             script: Script::new(TOKEN_BUCKET_LUA),
             timeout,
         })
@@ -70,18 +66,27 @@ impl RedisBackend {
         self.script.get_hash()
     }
 
-    async fn bounded<T>(
-        &self,
-        fut: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, BackendError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+    /// Runs `call` on a connection within REDIS_TIMEOUT_MS (connecting included).
+    async fn bounded<T, F>(&self, call: F) -> Result<T, BackendError>
+    where
+        F: AsyncFnOnce(connection::Conn) -> redis::RedisResult<T>,
+    {
+        let attempt = async {
+            let conn = self.connector.get().await?;
+            call(conn).await
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result.map_err(map_error),
             Err(_) => Err(BackendError {
                 backend: NAME,
                 kind: ErrorKind::Timeout,
                 message: format!("no answer within {} ms", self.timeout.as_millis()),
             }),
+        };
+        if let Err(e) = &result {
+            self.connector.failed(e.kind);
         }
+        result
     }
 }
 
@@ -91,7 +96,6 @@ impl Backend for RedisBackend {
     }
 
     async fn decide(&self, req: BucketRequest<'_>) -> Result<Decision, BackendError> {
-        let mut conn = self.conn.clone();
         let mut invocation = self.script.key(req.key);
         invocation
             .arg(req.shape.capacity())
@@ -99,8 +103,9 @@ impl Backend for RedisBackend {
             .arg(req.op.cost())
             .arg(req.op.lua_mode());
         // invoke_async sends EVALSHA, and on NOSCRIPT loads the script and sends it again.
-        let (allowed, tokens, retry_after_ms, reset_after_ms): (i64, String, u64, u64) =
-            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let (allowed, tokens, retry_after_ms, reset_after_ms): (i64, String, u64, u64) = self
+            .bounded(async |mut conn| invocation.invoke_async(&mut conn).await)
+            .await?;
         let tokens_remaining = tokens.parse::<f64>().map_err(|_| BackendError {
             backend: NAME,
             kind: ErrorKind::Script,
@@ -119,19 +124,27 @@ impl Backend for RedisBackend {
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
-        let mut conn = self.conn.clone();
-        self.bounded(redis::cmd("PING").query_async::<()>(&mut conn))
+        self.bounded(async |mut conn| redis::cmd("PING").query_async::<()>(&mut conn).await)
             .await
     }
 }
 
 fn map_error(e: redis::RedisError) -> BackendError {
+    use redis::ServerErrorKind as S;
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
     } else if e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::MasterNameNotFoundBySentinel
+                | redis::ErrorKind::NoValidReplicasFoundBySentinel
+                // A failover in progress: the old master is read-only, the new one loading.
+                | redis::ErrorKind::Server(S::ReadOnly | S::MasterDown | S::BusyLoading)
+        )
     {
         ErrorKind::Connection
     } else if matches!(e.kind(), redis::ErrorKind::Server(_)) {
