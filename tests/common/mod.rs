@@ -693,12 +693,10 @@ impl RedisCluster {
             let (redis::Value::Int(lo), redis::Value::Int(hi)) = (&items[0], &items[1]) else {
                 continue;
             };
-            if (*lo..=*hi).contains(&slot) {
-                if let redis::Value::Array(node) = &items[2] {
-                    if let redis::Value::Int(p) = node[1] {
-                        return p as u16;
-                    }
-                }
+            if let (true, redis::Value::Array(node)) = ((*lo..=*hi).contains(&slot), &items[2])
+                && let redis::Value::Int(p) = node[1]
+            {
+                return p as u16;
             }
         }
         panic!("no master for slot {slot}");
