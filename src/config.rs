@@ -8,7 +8,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::core::{FailureMode, Limits, Shape};
-use crate::telemetry::LogFormat;
+use crate::telemetry::LogArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -156,15 +156,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SHADOW_MODE", value_name = "SHADOW_MODE", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub shadow_mode: bool,
 
-    /// Log format: text or json (level from RUST_LOG, default info).
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        value_name = "LOG_FORMAT",
-        default_value = "text",
-        value_enum
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
 
     /// The largest capacity a request may ask for.
     #[arg(long, env = "MAX_CAPACITY", value_name = "MAX_CAPACITY", default_value = "1e9", value_parser = positive_f64)]

@@ -15,7 +15,7 @@ async fn main() -> ExitCode {
     let Some(args) = cli.into_serve() else {
         return ExitCode::FAILURE;
     };
-    tollgate::telemetry::init_tracing(args.log_format);
+    tollgate::telemetry::init_tracing(args.log.log_format);
 
     let grpc = match TcpListener::bind(args.grpc_addr).await {
         Ok(l) => l,

@@ -26,7 +26,7 @@ use crate::proto::tollgate::v1::rate_limit_service_server::{
     RateLimitServiceServer, SERVICE_NAME as TOLLGATE_SERVICE,
 };
 use crate::rules::RulesHandle;
-use crate::telemetry::{MetricsHandle, Timed, install_metrics};
+use crate::telemetry::{METRICS_CONTENT_TYPE, MetricsHandle, Timed, install_metrics};
 
 /// gRPC services reported by health, besides the server as a whole ("").
 const HEALTH_SERVICES: &[&str] = &["", TOLLGATE_SERVICE, ENVOY_SERVICE];
@@ -286,10 +286,7 @@ struct HttpState {
 
 async fn render_metrics(State(state): State<HttpState>) -> impl axum::response::IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         state.metrics.render(),
     )
 }

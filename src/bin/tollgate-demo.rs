@@ -10,7 +10,7 @@ use tollgate::demo::{DemoConfig, run};
 async fn main() -> ExitCode {
     let _ = dotenvy::dotenv();
     let config = DemoConfig::parse();
-    tollgate::telemetry::init_tracing(config.log_format);
+    tollgate::telemetry::init_tracing(config.log.log_format);
     let listener = match tokio::net::TcpListener::bind(config.addr).await {
         Ok(l) => l,
         Err(e) => {

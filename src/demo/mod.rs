@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use identity::Identity;
 pub use limit::DemoFailureMode;
 
-use crate::telemetry::{LogFormat, MetricsHandle, install_recorder};
+use crate::telemetry::{LogArgs, METRICS_CONTENT_TYPE, MetricsHandle, install_recorder};
 
 /// Demo metric names (its own, not tollgate's).
 pub mod names {
@@ -87,15 +87,8 @@ pub struct DemoConfig {
     #[arg(long, env = "DEMO_RATE", value_name = "DEMO_RATE", default_value = "0")]
     pub rate: f64,
 
-    /// Log format: text or json (level from RUST_LOG, default info).
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        value_name = "LOG_FORMAT",
-        default_value = "text",
-        value_enum
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl DemoConfig {
@@ -195,10 +188,7 @@ async fn items() -> Json<serde_json::Value> {
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         state.metrics.render(),
     )
 }

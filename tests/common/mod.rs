@@ -555,11 +555,43 @@ impl Drop for Demo {
     }
 }
 
+/// Server processes by port, killed when dropped.
+#[derive(Default)]
+pub struct Procs(Vec<(u16, Child)>);
+
+impl Procs {
+    fn add(&mut self, port: u16, child: Child) {
+        self.0.push((port, child));
+    }
+
+    fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().map(|(p, _)| *p)
+    }
+
+    /// SIGKILL the process on `port`, as in a crash.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(i) = self.0.iter().position(|(p, _)| *p == port) {
+            let (_, mut child) = self.0.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A throwaway Redis Cluster (masters, each with replicas) on loopback, with a short
 /// cluster-node-timeout so failovers take about a second or two.
 pub struct RedisCluster {
     pub ports: Vec<u16>,
-    children: Vec<(u16, Child)>,
+    procs: Procs,
     _dir: tempfile::TempDir,
 }
 
@@ -568,7 +600,7 @@ impl RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let count = masters * (1 + replicas_per_master);
         let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
-        let mut children = Vec::new();
+        let mut procs = Procs::default();
         for &port in &ports {
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -586,7 +618,7 @@ impl RedisCluster {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("{INSTALL_REDIS} ({e})"));
-            children.push((port, child));
+            procs.add(port, child);
         }
         for &port in &ports {
             let url = format!("redis://127.0.0.1:{port}/");
@@ -615,7 +647,7 @@ impl RedisCluster {
         );
         let cluster = RedisCluster {
             ports,
-            children,
+            procs,
             _dir: dir,
         };
         cluster.wait_healthy(Duration::from_secs(30)).await;
@@ -632,7 +664,7 @@ impl RedisCluster {
     }
 
     fn alive(&self) -> impl Iterator<Item = u16> + '_ {
-        self.children.iter().map(|(p, _)| *p)
+        self.procs.ports()
     }
 
     /// INFO `section` (or CLUSTER INFO for "cluster"); empty when the node does not answer.
@@ -725,20 +757,7 @@ impl RedisCluster {
     }
 
     pub fn kill(&mut self, port: u16) {
-        if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
-            let (_, mut child) = self.children.remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.procs.kill(port);
     }
 }
 
@@ -747,7 +766,7 @@ pub struct RedisSentinels {
     pub master: u16,
     pub replica: u16,
     pub sentinels: Vec<u16>,
-    children: Vec<(u16, Child)>,
+    procs: Procs,
     _dir: tempfile::TempDir,
 }
 
@@ -784,10 +803,11 @@ impl RedisSentinels {
             .map(|s| s.to_string())
             .collect()
         };
-        let mut children = vec![(master, spawn(node(master)))];
+        let mut procs = Procs::default();
+        procs.add(master, spawn(node(master)));
         let mut replica_args = node(replica);
         replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
-        children.push((replica, spawn(replica_args)));
+        procs.add(replica, spawn(replica_args));
         let mut sentinels = Vec::new();
         for _ in 0..3 {
             let port = free_port();
@@ -804,17 +824,17 @@ impl RedisSentinels {
                 ),
             )
             .unwrap();
-            children.push((
+            procs.add(
                 port,
                 spawn(vec![conf.display().to_string(), "--sentinel".into()]),
-            ));
+            );
             sentinels.push(port);
         }
         let s = RedisSentinels {
             master,
             replica,
             sentinels,
-            children,
+            procs,
             _dir: dir,
         };
         eventually(
@@ -858,19 +878,6 @@ impl RedisSentinels {
     }
 
     pub fn kill(&mut self, port: u16) {
-        if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
-            let (_, mut child) = self.children.remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisSentinels {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.procs.kill(port);
     }
 }
