@@ -81,5 +81,8 @@ run "ShouldRateLimit 1 descriptor, memory" envoy1-memory "$MEMORY" "${one[@]}"
 run "ShouldRateLimit 4 descriptors, memory" envoy4-memory "$MEMORY" "${four[@]}"
 run "ShouldRateLimit 1 descriptor, Redis" envoy1-redis "$REDIS" "${one[@]}"
 run "ShouldRateLimit 4 descriptors, Redis" envoy4-redis "$REDIS" "${four[@]}"
+# Latency without queueing: a fixed rate well under capacity (open loop, from intended start).
+run "ShouldAllow, memory, open loop ${RPS:-5000}/s" open-memory "$MEMORY" "${sa[@]}" --rps "${RPS:-5000}"
+run "ShouldAllow, Redis, open loop ${RPS:-5000}/s" open-redis "$REDIS" "${sa[@]}" --rps "${RPS:-5000}"
 echo
 echo "$(nproc) cores, $(date -u +%Y-%m-%d), DURATION=$DURATION CONCURRENCY=$CONCURRENCY CONNECTIONS=$CONNECTIONS, 1000 keys, client on the same machine"
