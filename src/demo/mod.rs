@@ -125,6 +125,8 @@ pub async fn run(
         .route("/healthz", get(|| async { "OK" }))
         .route("/metrics", get(render_metrics))
         .layer(middleware::from_fn(record))
+        // A span per request (method, path; status and latency at DEBUG): RUST_LOG=tower_http=debug.
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state);
 
     tracing::info!(addr = %listener.local_addr()?, tollgate = %config.tollgate_url, identity = ?config.identity, "tollgate-demo listening");

@@ -107,7 +107,7 @@ def test_bad_input_is_invalid_argument(stubs, tollgate):
 
 def test_health(tollgate):
     stub = health_pb2_grpc.HealthStub(tollgate)
-    for service in ["", "tollgate.v1.RateLimitService"]:
+    for service in ["", "tollgate.v1.RateLimitService", "envoy.service.ratelimit.v3.RateLimitService"]:
         answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
     with pytest.raises(grpc.RpcError) as err:
@@ -130,7 +130,11 @@ def test_reflection(tollgate, version):
     method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
     listed = reflect(tollgate, method, reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in listed.list_services_response.service}
-    assert {"tollgate.v1.RateLimitService", "grpc.health.v1.Health"} <= names, names
+    assert {
+        "tollgate.v1.RateLimitService",
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "grpc.health.v1.Health",
+    } <= names, names
 
     found = reflect(
         tollgate,
@@ -156,3 +160,21 @@ def test_reflection_stub_from_grpcio_reflection(tollgate):
     )
     names = {s.name for s in next(iter(responses)).list_services_response.service}
     assert "tollgate.v1.RateLimitService" in names
+
+
+def test_envoy_rls_through_reflection_only(tollgate):
+    """Envoy's RateLimitRequest resolved from reflection (no proto files), as grpcurl would."""
+    found = reflect(
+        tollgate,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="envoy.service.ratelimit.v3.RateLimitService"
+        ),
+    )
+    from google.protobuf import descriptor_pb2
+
+    names = {
+        descriptor_pb2.FileDescriptorProto.FromString(b).name
+        for b in found.file_descriptor_response.file_descriptor_proto
+    }
+    assert "envoy/service/ratelimit/v3/rls.proto" in names, names
