@@ -58,8 +58,8 @@ fn check_rules(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// One line on stderr (the contract for a bad start), exit status 1.
 fn fail(message: String) -> ExitCode {
-    tracing::error!("{message}");
     eprintln!("tollgate: {message}");
     ExitCode::FAILURE
 }

@@ -181,6 +181,28 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
 }
 
 #[test]
+fn bad_rules_fail_the_start_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "domain: edge\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n").unwrap();
+    for path in [bad.to_str().unwrap(), "/nonexistent/rules"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .env("RULES", path)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{path}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("RULES") && stderr.contains(path),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn secrets_never_appear_in_help() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("--help")
