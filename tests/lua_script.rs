@@ -57,10 +57,10 @@ async fn returns_the_documented_array() {
         (allowed, tokens.parse::<f64>().unwrap(), retry),
         (1, 6.0, 0)
     );
-    assert!((1_990..=2_000).contains(&reset), "reset {reset}");
+    assert!((1_900..=2_000).contains(&reset), "reset {reset}");
     let (allowed, _, retry, _) = eval(&mut conn, ["10", "2", "7", "1"]).await.unwrap();
     assert_eq!(allowed, 0);
-    assert!((490..=500).contains(&retry), "retry {retry}");
+    assert!((300..=500).contains(&retry), "retry {retry}");
     let stored: Vec<String> = redis::cmd("HMGET")
         .arg("tb:lua")
         .arg("tokens")

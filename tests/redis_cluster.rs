@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::{RedisCluster, RedisSentinels, Tollgate, ask, eventually, http_get, should_allow};
 
+/// One cluster at a time: several six-node clusters at once on two cores could miss their own
+/// node timeouts and fail over by themselves.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn on_cluster(cluster: &RedisCluster, extra: &[&str]) -> Tollgate {
     let mut args = vec!["--redis-type", "cluster"];
     args.extend_from_slice(extra);
@@ -15,6 +19,7 @@ async fn on_cluster(cluster: &RedisCluster, extra: &[&str]) -> Tollgate {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_keys_over_every_master_through_two_replicas() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3, 1).await;
     let tollgates = [
         on_cluster(&cluster, &["--redis-timeout-ms", "2000"]).await,
@@ -64,6 +69,7 @@ async fn a_thousand_keys_over_every_master_through_two_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_one_key_exactly_capacity() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3, 1).await;
     let mut clients = Vec::new();
     let mut tollgates = Vec::new();
@@ -94,6 +100,7 @@ async fn three_replicas_one_key_exactly_capacity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_master_killed_under_load() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const TIMEOUT_MS: u64 = 200;
     let mut cluster = RedisCluster::start(3, 1).await;
     let t = on_cluster(&cluster, &["--redis-timeout-ms", &TIMEOUT_MS.to_string()]).await;
@@ -203,6 +210,7 @@ async fn a_master_killed_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_failover_is_followed() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut group = RedisSentinels::start().await;
     let t = Tollgate::start(
         &["--redis-type", "sentinel", "--redis-timeout-ms", "200"],
