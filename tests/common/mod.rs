@@ -39,6 +39,23 @@ pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut
     }
 }
 
+/// Waits until `up` says the process in `child` serves (true), or the process exits (false: e.g. its
+/// port was taken by a parallel test between our pick and its bind).
+async fn serving(child: &mut Option<Child>, what: &str, mut up: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if up().await {
+            return true;
+        }
+        if let Some(Ok(Some(_))) = child.as_mut().map(|c| c.try_wait()) {
+            *child = None;
+            return false;
+        }
+        assert!(Instant::now() < deadline, "{what} did not come up in 15 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A throwaway redis-server on 127.0.0.1.
 pub struct RedisServer {
     pub port: u16,
@@ -53,19 +70,26 @@ impl RedisServer {
 
     pub async fn start_with(extra: &[&str]) -> Self {
         let mut server = RedisServer {
-            port: free_port(),
+            port: 0,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        server.spawn().await;
-        server
+        // A port picked free can be taken by a parallel test first; then try another.
+        for _ in 0..5 {
+            server.port = free_port();
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("redis-server did not start");
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    async fn spawn(&mut self) {
+    /// Starts redis-server on `self.port`; false if it exited (the port was taken).
+    async fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args([
@@ -83,12 +107,21 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("{INSTALL_REDIS} ({e})"));
         self.child = Some(child);
         let url = self.url();
-        eventually(
-            Duration::from_secs(10),
-            "redis-server to answer PING",
-            async || ping(&url).await,
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if ping(&url).await {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGKILL: the server vanishes as in a crash.
@@ -102,7 +135,10 @@ impl RedisServer {
     /// Starts again on the same port (empty: no persistence).
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        assert!(
+            self.spawn().await,
+            "redis-server could not take its port back"
+        );
     }
 
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
@@ -144,6 +180,17 @@ impl Tollgate {
     /// Starts `tollgate` with extra flags and environment, and waits until its HTTP listener
     /// answers. The environment starts clean of tollgate's variables so the host cannot leak in.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        // A port picked free can be taken by a parallel test before tollgate binds it: then
+        // tollgate exits at once, and we try again on other ports.
+        for _ in 0..5 {
+            if let Some(t) = Self::try_start(args, env).await {
+                return t;
+            }
+        }
+        panic!("tollgate did not start (see its stderr above)");
+    }
+
+    async fn try_start(args: &[&str], env: &[(&str, &str)]) -> Option<Self> {
         let grpc_port = free_port();
         let http_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
@@ -174,19 +221,30 @@ impl Tollgate {
             .args(args)
             .stdout(Stdio::null());
         let child = cmd.spawn().expect("spawn tollgate");
-        let t = Tollgate {
+        let mut t = Tollgate {
             grpc_port,
             http_port,
             child: Some(child),
         };
         let url = format!("http://127.0.0.1:{http_port}/healthz");
-        eventually(Duration::from_secs(15), "tollgate /healthz", async || {
-            http_get(&url)
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if http_get(&url)
                 .await
                 .is_some_and(|(status, _)| status == 200)
-        })
-        .await;
-        t
+            {
+                return Some(t);
+            }
+            if let Some(Ok(Some(_))) = t.child.as_mut().map(|c| c.try_wait()) {
+                t.child = None;
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate /healthz did not answer in 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn grpc_url(&self) -> String {
@@ -517,28 +575,31 @@ pub struct Demo {
 
 impl Demo {
     pub async fn start(tollgate_grpc_url: &str, args: &[&str]) -> Self {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate-demo"))
-            .env_clear()
-            .env("RUST_LOG", "error")
-            .args(["--addr", &format!("127.0.0.1:{port}")])
-            .args(["--tollgate-url", tollgate_grpc_url])
-            .args(args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn tollgate-demo");
-        let demo = Demo {
-            port,
-            child: Some(child),
-        };
-        let url = demo.url("/healthz");
-        eventually(
-            Duration::from_secs(15),
-            "tollgate-demo /healthz",
-            async || http_get(&url).await.is_some_and(|(s, _)| s == 200),
-        )
-        .await;
-        demo
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new(env!("CARGO_BIN_EXE_tollgate-demo"))
+                .env_clear()
+                .env("RUST_LOG", "error")
+                .args(["--addr", &format!("127.0.0.1:{port}")])
+                .args(["--tollgate-url", tollgate_grpc_url])
+                .args(args)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn tollgate-demo");
+            let mut demo = Demo {
+                port,
+                child: Some(child),
+            };
+            let url = demo.url("/healthz");
+            let up = serving(&mut demo.child, "tollgate-demo", async || {
+                http_get(&url).await.is_some_and(|(s, _)| s == 200)
+            })
+            .await;
+            if up {
+                return demo;
+            }
+        }
+        panic!("tollgate-demo did not start");
     }
 
     pub fn url(&self, path: &str) -> String {
