@@ -264,3 +264,55 @@ async fn sentinel_failover_is_followed() {
         "the bucket survived the failover: {r:?}"
     );
 }
+
+/// One Envoy request whose descriptors' buckets live on different masters: sent together, each
+/// decided on its own node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_descriptors_across_masters_in_one_request() {
+    use common::envoy::{OK, OVER, RateLimitServiceClient, descriptor, request};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(3, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "domain: edge\ndescriptors:\n  - key: user\n    rate_limit: { unit: hour, requests_per_unit: 2 }\n",
+    )
+    .unwrap();
+    let t = on_cluster(
+        &cluster,
+        &[
+            "--redis-timeout-ms",
+            "2000",
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
+    let users = ["ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal"];
+    let req = request(
+        "edge",
+        users.iter().map(|u| descriptor(&[("user", u)])).collect(),
+    );
+    for (round, (code, remaining)) in [(OK, 1), (OK, 0), (OVER, 0)].into_iter().enumerate() {
+        let r = c.should_rate_limit(req.clone()).await.unwrap().into_inner();
+        assert_eq!(r.overall_code, code, "round {round}");
+        assert!(
+            r.statuses.iter().all(|s| s.limit_remaining == remaining),
+            "round {round}: {:?}",
+            r.statuses
+        );
+    }
+    let mut holding = 0;
+    for port in cluster.masters().await {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        holding += usize::from(keys > 0);
+    }
+    assert!(holding >= 2, "the 8 buckets landed on {holding} master(s)");
+}
