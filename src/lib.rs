@@ -8,9 +8,10 @@
 //! - [`core`]: the domain. Bucket arithmetic (pure, time passed in), shapes, operations, decisions,
 //!   failure policy. Depends on nothing else in the crate.
 //! - [`backend`]: where buckets live. The [`backend::Backend`] trait, `memory.rs` (sharded maps)
-//!   and `redis.rs` (runs `lua/token_bucket.lua`).
-//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow (proto <-> core conversion and input
-//!   checks) and the one place errors become `tonic::Status`.
+//!   and `redis/` (runs `lua/token_bucket.lua`; `connection.rs` hides single, cluster, sentinel).
+//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow and Envoy RLS v3 (proto <-> core
+//!   conversion and input checks) and the one place errors become `tonic::Status`.
+//! - [`proto`]: code generated from `proto/` and the descriptor set served by reflection.
 //! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
 //!   and hot-reload.
 //! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, and
@@ -19,10 +20,11 @@
 //! - [`server`]: wires it all: listeners, the layer stack, health, reflection, `/metrics` and the
 //!   probes, graceful shutdown.
 //! - [`demo`]: `tollgate-demo`, an HTTP API (axum) that asks tollgate before each request.
-//! - `bin/`: thin binaries that parse flags and call [`server::run`].
+//! - `main.rs`, `bin/`: thin binaries that parse flags and call [`server::run`] or [`demo::run`].
 //!
-//! Dependencies point inwards: `api` and `telemetry` use `core` and `backend`; `core` and
-//! `backend` import no tonic, axum, clap or exporter.
+//! Dependencies point inwards: `api`, `rules` and `telemetry` use `core` (and `backend`); `core`
+//! and `backend` import no tonic, axum, clap or exporter (`backend` counts evictions through the
+//! `metrics` facade only).
 
 pub mod api;
 pub mod backend;
