@@ -42,6 +42,19 @@ async fn start(extra: &[&str], env: &[(&str, &str)]) -> (Tollgate, tempfile::Tem
     (Tollgate::start(&args, env).await, dir)
 }
 
+/// The overall code for one request of single-entry descriptors `(key, value)`.
+async fn overall(
+    c: &mut RateLimitServiceClient<tonic::transport::Channel>,
+    entries: &[(&str, &str)],
+) -> i32 {
+    let descriptors = entries.iter().map(|e| descriptor(&[*e])).collect();
+    let r = c
+        .should_rate_limit(request("edge", descriptors))
+        .await
+        .unwrap();
+    r.into_inner().overall_code
+}
+
 async fn client(t: &Tollgate) -> RateLimitServiceClient<tonic::transport::Channel> {
     RateLimitServiceClient::connect(t.grpc_url()).await.unwrap()
 }
@@ -195,34 +208,12 @@ async fn shadow_unlimited_blocked_replaces_and_burst() {
     let (t, _dir) = start(&[], &[]).await;
     let mut c = client(&t).await;
     for _ in 0..3 {
-        let r = c
-            .should_rate_limit(request(
-                "edge",
-                vec![descriptor(&[("generic_key", "watched")])],
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.overall_code, OK, "a shadow rule never limits");
-        let r = c
-            .should_rate_limit(request(
-                "edge",
-                vec![descriptor(&[("generic_key", "health")])],
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.overall_code, OK);
+        let watched = overall(&mut c, &[("generic_key", "watched")]).await;
+        assert_eq!(watched, OK, "a shadow rule never limits");
+        assert_eq!(overall(&mut c, &[("generic_key", "health")]).await, OK);
     }
-    let r = c
-        .should_rate_limit(request(
-            "edge",
-            vec![descriptor(&[("generic_key", "blocked")])],
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.overall_code, OVER, "requests_per_unit 0 blocks");
+    let blocked = overall(&mut c, &[("generic_key", "blocked")]).await;
+    assert_eq!(blocked, OVER, "requests_per_unit 0 blocks");
 
     // `special` replaces `basic` when both match in one request: basic is not charged.
     let both = request(

@@ -57,12 +57,7 @@ async fn a_thousand_keys_over_every_master_through_two_replicas() {
     let masters = cluster.masters().await;
     assert_eq!(masters.len(), 3);
     for port in masters {
-        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let keys: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        let keys = RedisCluster::dbsize(port).await;
         assert!(keys > 200, "master {port} holds only {keys} buckets");
     }
 }
@@ -306,12 +301,7 @@ async fn envoy_descriptors_across_masters_in_one_request() {
     }
     let mut holding = 0;
     for port in cluster.masters().await {
-        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let keys: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        let keys = RedisCluster::dbsize(port).await;
         holding += usize::from(keys > 0);
     }
     assert!(holding >= 2, "the 8 buckets landed on {holding} master(s)");

@@ -782,6 +782,16 @@ impl RedisCluster {
         out
     }
 
+    /// How many keys the node on `port` holds.
+    pub async fn dbsize(port: u16) -> i64 {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap()
+    }
+
     /// The port of the master serving `key` now.
     pub async fn master_of(&self, key: &str) -> u16 {
         let port = self.alive().next().unwrap();
