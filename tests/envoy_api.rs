@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::envoy::{OK, OVER, RateLimitServiceClient, descriptor, request};
+use common::envoy::{OK, OVER, RateLimitRequest, RateLimitServiceClient, descriptor, request};
 use common::{RedisServer, Tollgate};
 use tonic::Code;
 
@@ -42,17 +42,21 @@ async fn start(extra: &[&str], env: &[(&str, &str)]) -> (Tollgate, tempfile::Tem
     (Tollgate::start(&args, env).await, dir)
 }
 
-/// The overall code for one request of single-entry descriptors `(key, value)`.
-async fn overall(
-    c: &mut RateLimitServiceClient<tonic::transport::Channel>,
-    entries: &[(&str, &str)],
-) -> i32 {
-    let descriptors = entries.iter().map(|e| descriptor(&[*e])).collect();
-    let r = c
-        .should_rate_limit(request("edge", descriptors))
+type Client = RateLimitServiceClient<tonic::transport::Channel>;
+
+/// The overall code of one request.
+async fn code_of(c: &mut Client, req: RateLimitRequest) -> i32 {
+    c.should_rate_limit(req)
         .await
-        .unwrap();
-    r.into_inner().overall_code
+        .unwrap()
+        .into_inner()
+        .overall_code
+}
+
+/// The overall code for one request of single-entry descriptors `(key, value)`.
+async fn overall(c: &mut Client, entries: &[(&str, &str)]) -> i32 {
+    let descriptors = entries.iter().map(|e| descriptor(&[*e])).collect();
+    code_of(c, request("edge", descriptors)).await
 }
 
 async fn client(t: &Tollgate) -> RateLimitServiceClient<tonic::transport::Channel> {
@@ -170,14 +174,7 @@ async fn limit_override_replaces_the_rule() {
     let limit = r.statuses[0].current_limit.as_ref().unwrap();
     assert_eq!((limit.requests_per_unit, limit.unit), (1, 3));
     assert_eq!(r.statuses[0].limit_remaining, 0);
-    assert_eq!(
-        c.should_rate_limit(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .overall_code,
-        OVER
-    );
+    assert_eq!(code_of(&mut c, req).await, OVER);
     // Also for a descriptor no rule matches.
     let mut d = descriptor(&[("nothing", "x")]);
     d.limit = Some(tollgate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
@@ -185,22 +182,8 @@ async fn limit_override_replaces_the_rule() {
         unit: 1,
     });
     let req = request("edge", vec![d]);
-    assert_eq!(
-        c.should_rate_limit(req.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .overall_code,
-        OK
-    );
-    assert_eq!(
-        c.should_rate_limit(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .overall_code,
-        OVER
-    );
+    assert_eq!(code_of(&mut c, req.clone()).await, OK);
+    assert_eq!(code_of(&mut c, req).await, OVER);
 }
 
 #[tokio::test]
@@ -245,13 +228,7 @@ async fn shadow_unlimited_blocked_replaces_and_burst() {
     let codes: Vec<i32> = futures::future::join_all((0..3).map(|_| {
         let mut c = c.clone();
         let b = b.clone();
-        async move {
-            c.should_rate_limit(b)
-                .await
-                .unwrap()
-                .into_inner()
-                .overall_code
-        }
+        async move { code_of(&mut c, b).await }
     }))
     .await;
     assert_eq!(codes.iter().filter(|&&c| c == OK).count(), 2, "{codes:?}");
@@ -272,14 +249,7 @@ async fn global_shadow_mode_answers_ok() {
     let (t, _dir) = start(&["--shadow-mode"], &[]).await;
     let mut c = client(&t).await;
     let req = request("edge", vec![descriptor(&[("generic_key", "blocked")])]);
-    assert_eq!(
-        c.should_rate_limit(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .overall_code,
-        OK
-    );
+    assert_eq!(code_of(&mut c, req).await, OK);
 }
 
 #[tokio::test]
