@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use tollgate::backend::{Backend, BucketRequest, MemoryBackend, RedisBackend};
-use tollgate::core::{Decision, Op, Shape};
+use tollgate::core::{Decision, MAX_MS, Op, Shape};
 
 /// A very slow refill, so that the milliseconds between calls add a negligible fraction of a token.
 const SLOW: f64 = 0.001;
@@ -15,13 +15,13 @@ const EPS: f64 = 1e-3;
 
 async fn decide(b: &impl Backend, key: &str, cap: f64, rate: f64, op: Op) -> Decision {
     let shape = Shape::new(cap, rate).unwrap();
-    b.decide(BucketRequest { key, shape, op })
+    b.decide(BucketRequest::new(key, shape, op))
         .await
         .unwrap_or_else(|e| panic!("{key}: {e}"))
 }
 
 async fn new_bucket_is_full(b: &impl Backend) {
-    let d = decide(b, "new", 10.0, SLOW, Op::Check(0)).await;
+    let d = decide(b, "new", 10.0, SLOW, Op::Check(1)).await;
     assert!(d.allowed);
     assert_eq!(d.tokens_remaining, 10.0);
     assert_eq!(d.reset_after_ms, 0);
@@ -57,7 +57,7 @@ async fn refill_over_time_is_capped(b: &impl Backend) {
     }
     assert!(!decide(b, "refill", 2.0, 10.0, Op::Take(1)).await.allowed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let d = decide(b, "refill", 2.0, 10.0, Op::Check(0)).await;
+    let d = decide(b, "refill", 2.0, 10.0, Op::Check(1)).await;
     assert_eq!(d.tokens_remaining, 2.0, "tokens are capped at capacity");
     assert!(decide(b, "refill", 2.0, 10.0, Op::Take(1)).await.allowed);
     assert!(decide(b, "refill", 2.0, 10.0, Op::Take(1)).await.allowed);
@@ -67,7 +67,7 @@ async fn refill_over_time_is_capped(b: &impl Backend) {
     // machine may add a little more; the bucket is far from full either way).
     decide(b, "partial", 10.0, 10.0, Op::Take(10)).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let d = decide(b, "partial", 10.0, 10.0, Op::Check(0)).await;
+    let d = decide(b, "partial", 10.0, 10.0, Op::Check(1)).await;
     assert!((1.4..6.0).contains(&d.tokens_remaining), "{d:?}");
 }
 
@@ -104,9 +104,11 @@ async fn check_only_spends_nothing(b: &impl Backend) {
         assert_eq!(d.tokens_remaining, 3.0);
     }
     decide(b, "check", 3.0, SLOW, Op::Take(3)).await;
-    let d = decide(b, "check", 3.0, SLOW, Op::Check(0)).await;
-    assert!(!d.allowed, "check-only asks about at least one token");
+    let d = decide(b, "check", 3.0, SLOW, Op::Check(1)).await;
+    assert!(!d.allowed, "no token left");
     assert!(d.retry_after_ms > 0);
+    // 0 hits: OK while not in debt (Envoy's hits_addend 0).
+    assert!(decide(b, "check", 3.0, SLOW, Op::Check(0)).await.allowed);
 }
 
 async fn refund_gives_back_up_to_capacity(b: &impl Backend) {
@@ -125,30 +127,159 @@ async fn buckets_are_independent(b: &impl Backend) {
     assert!(decide(b, "b", 1.0, SLOW, Op::Take(1)).await.allowed);
 }
 
+/// One group call answers each request in its place: every bucket has its own shape and cost, so
+/// its tokens left identify it, and a reordering would show.
 async fn many_at_once_keeps_order(b: &impl Backend) {
-    let shape = Shape::new(1.0, SLOW).unwrap();
-    let reqs = [
-        BucketRequest {
-            key: "m1",
-            shape,
-            op: Op::Take(1),
-        },
-        BucketRequest {
-            key: "m2",
-            shape,
-            op: Op::Take(1),
-        },
-        BucketRequest {
-            key: "m1",
-            shape,
+    let keys: Vec<String> = (0..8).map(|i| format!("order{i}")).collect();
+    let reqs: Vec<BucketRequest<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let cap = 10.0 + i as f64;
+            BucketRequest::new(k, Shape::new(cap, SLOW).unwrap(), Op::Take(1))
+        })
+        .collect();
+    let out = b.decide_group(&reqs, false).await;
+    let left: Vec<f64> = out
+        .iter()
+        .map(|d| d.as_ref().unwrap().tokens_remaining.round())
+        .collect();
+    // Bucket i: capacity 10 + i, took 1: 9 + i left.
+    let want: Vec<f64> = (0..8).map(|i| (9 + i) as f64).collect();
+    assert_eq!(left, want);
+    // The same keys again in reverse order: each sees its own state.
+    let rev: Vec<BucketRequest<'_>> = reqs
+        .iter()
+        .rev()
+        .map(|r| BucketRequest {
             op: Op::Check(1),
+            ..*r
+        })
+        .collect();
+    let out = b.decide_group(&rev, false).await;
+    let left: Vec<f64> = out
+        .iter()
+        .map(|d| d.as_ref().unwrap().tokens_remaining.round())
+        .collect();
+    assert_eq!(left, want.iter().rev().copied().collect::<Vec<_>>());
+    // Distinct figures per position: retry_after grows with the cost asked.
+    let asks: Vec<BucketRequest<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            BucketRequest::new(
+                k,
+                Shape::new(10.0 + i as f64, 1.0).unwrap(),
+                Op::Check(100 + 2 * i as u64),
+            )
+        })
+        .collect();
+    let out = b.decide_group(&asks, false).await;
+    let retries: Vec<u64> = out
+        .iter()
+        .map(|d| d.as_ref().unwrap().retry_after_ms)
+        .collect();
+    assert!(retries.windows(2).all(|w| w[0] < w[1]), "{retries:?}");
+}
+
+/// A tiny rate and a huge cost: a denial with figures capped at 2^53 - 1, never an overflow or an
+/// error, and the same on both backends.
+async fn figures_are_capped(b: &impl Backend) {
+    let d = decide(b, "cap", 10.0, 1e-17, Op::Take(u64::MAX)).await;
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after_ms, MAX_MS);
+    assert_eq!(d.tokens_remaining, 10.0);
+    let d = decide(b, "cap", 10.0, 1e-17, Op::Take(1)).await;
+    assert!(d.allowed);
+    assert_eq!(d.reset_after_ms, MAX_MS);
+    let d = decide(b, "cap2", 10.0, 1.0, Op::Take(10_000_000_000_000_000)).await;
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after_ms, MAX_MS);
+    let d = decide(b, "cap3", 1e15, 1e15, Op::Take(1)).await;
+    assert!(d.allowed);
+    assert_eq!(
+        d.tokens_remaining,
+        1e15 - 1.0,
+        "a cost of 1 counts at the largest shape"
+    );
+}
+
+/// Forced charges land whatever is left, down to -capacity, and later requests wait for the refill.
+async fn debt_floors_at_minus_capacity(b: &impl Backend) {
+    let d = decide(b, "debt", 10.0, SLOW, Op::Force(4)).await;
+    assert!(d.allowed);
+    assert!((d.tokens_remaining - 6.0).abs() < EPS, "{d:?}");
+    let d = decide(b, "debt", 10.0, SLOW, Op::Force(9)).await;
+    assert!(!d.allowed, "the tokens were not there");
+    assert!(
+        (d.tokens_remaining + 3.0).abs() < EPS,
+        "charged anyway: {d:?}"
+    );
+    let d = decide(b, "debt", 10.0, SLOW, Op::Take(1)).await;
+    assert!(!d.allowed);
+    assert!(
+        !decide(b, "debt", 10.0, SLOW, Op::Check(0)).await.allowed,
+        "in debt"
+    );
+    let d = decide(b, "debt", 10.0, SLOW, Op::Force(1_000)).await;
+    assert!((d.tokens_remaining + 10.0).abs() < EPS, "floor: {d:?}");
+    // A refund pays debt back.
+    let d = decide(b, "debt", 10.0, SLOW, Op::Refund(12)).await;
+    assert!((d.tokens_remaining - 2.0).abs() < EPS, "{d:?}");
+}
+
+async fn debt_refills_back(b: &impl Backend) {
+    // 2 tokens, 10 per second: -2 after a forced charge of 4; 300 ms later +1.
+    decide(b, "payback", 2.0, 10.0, Op::Force(4)).await;
+    assert!(!decide(b, "payback", 2.0, 10.0, Op::Take(1)).await.allowed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = decide(b, "payback", 2.0, 10.0, Op::Take(1)).await;
+    assert!(d.allowed, "the refill paid the debt back: {d:?}");
+}
+
+/// All or nothing: one denied bucket and no other is charged; without it, the others are.
+async fn group_all_or_nothing(b: &impl Backend) {
+    let shape = Shape::new(5.0, SLOW).unwrap();
+    decide(b, "aon-c", 5.0, SLOW, Op::Take(5)).await;
+    let group = [
+        BucketRequest::new("aon-a", shape, Op::Take(2)),
+        BucketRequest::new("aon-b", shape, Op::Take(3)),
+        BucketRequest::new("aon-c", shape, Op::Take(1)),
+        BucketRequest::new("aon-d", shape, Op::Force(2)),
+    ];
+    let out = b.decide_group(&group, true).await;
+    let out: Vec<Decision> = out.into_iter().map(Result::unwrap).collect();
+    assert!(
+        out[0].allowed && out[1].allowed,
+        "their own verdicts: {out:?}"
+    );
+    assert!(!out[2].allowed);
+    for key in ["aon-a", "aon-b"] {
+        let d = decide(b, key, 5.0, SLOW, Op::Check(5)).await;
+        assert!(d.allowed, "{key} was charged although c was denied: {d:?}");
+    }
+    let d = decide(b, "aon-d", 5.0, SLOW, Op::Check(1)).await;
+    assert!(
+        (d.tokens_remaining - 3.0).abs() < EPS,
+        "the forced charge landed: {d:?}"
+    );
+
+    // A shadow request's denial vetoes nothing.
+    let shadow = [
+        BucketRequest::new("aon-e", shape, Op::Take(2)),
+        BucketRequest {
+            veto: false,
+            ..BucketRequest::new("aon-c", shape, Op::Take(1))
         },
     ];
-    // Not a transaction: m1's check may see m1's take or not, but m2 is independent.
-    let out = b.decide_many(&reqs).await;
-    assert_eq!(out.len(), 3);
-    assert!(out[0].as_ref().unwrap().allowed);
-    assert!(out[1].as_ref().unwrap().allowed);
+    b.decide_group(&shadow, true).await;
+    let d = decide(b, "aon-e", 5.0, SLOW, Op::Check(1)).await;
+    assert!((d.tokens_remaining - 3.0).abs() < EPS, "{d:?}");
+
+    // Not all or nothing: the others are charged.
+    b.decide_group(&group[..3], false).await;
+    let d = decide(b, "aon-a", 5.0, SLOW, Op::Check(1)).await;
+    assert!((d.tokens_remaining - 3.0).abs() < EPS, "{d:?}");
 }
 
 macro_rules! contract {
@@ -188,6 +319,10 @@ contract!(
     refund_gives_back_up_to_capacity,
     buckets_are_independent,
     many_at_once_keeps_order,
+    figures_are_capped,
+    debt_floors_at_minus_capacity,
+    debt_refills_back,
+    group_all_or_nothing,
 );
 
 /// The Redis key expires after exactly the full-refill time of idleness.
@@ -211,8 +346,17 @@ async fn redis_key_ttl_is_the_full_refill_time() {
         .await
         .unwrap();
     assert!((380..=429).contains(&pttl), "PTTL {pttl}");
-    // A check writes nothing, so no key appears.
+    // In debt the key lives until the bucket is full again: -5 of 10 at 2/s is 7.5 s.
+    decide(&backend, "tb:ttl3", 10.0, 2.0, Op::Force(15)).await;
+    let pttl: i64 = ::redis::cmd("PTTL")
+        .arg("tb:ttl3")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((7_400..=7_500).contains(&pttl), "PTTL {pttl}");
+    // A check and a denial write nothing, so no key appears.
     decide(&backend, "tb:none", 3.0, 7.0, Op::Check(1)).await;
+    decide(&backend, "tb:none", 3.0, 7.0, Op::Take(4)).await;
     let exists: i64 = ::redis::cmd("EXISTS")
         .arg("tb:none")
         .query_async(&mut conn)
@@ -230,19 +374,19 @@ async fn memory_clock_stepping_back_adds_nothing() {
     let b = MemoryBackend::with_clock(100, clock.clone());
     decide(&b, "clock", 10.0, 10.0, Op::Take(10)).await;
     clock.set_ms(900_000.0); // 100 s in the past
-    let d = decide(&b, "clock", 10.0, 10.0, Op::Check(0)).await;
+    let d = decide(&b, "clock", 10.0, 10.0, Op::Check(1)).await;
     assert!(!d.allowed);
     assert_eq!(d.tokens_remaining, 0.0);
     clock.set_ms(1_000_000.0); // back to the present: the step back earned nothing
     assert_eq!(
-        decide(&b, "clock", 10.0, 10.0, Op::Check(0))
+        decide(&b, "clock", 10.0, 10.0, Op::Check(1))
             .await
             .tokens_remaining,
         0.0
     );
     clock.set_ms(1_000_500.0);
     assert_eq!(
-        decide(&b, "clock", 10.0, 10.0, Op::Check(0))
+        decide(&b, "clock", 10.0, 10.0, Op::Check(1))
             .await
             .tokens_remaining,
         5.0
@@ -263,6 +407,10 @@ async fn both_backends_answer_alike() {
         Op::Refund(2),
         Op::Take(2),
         Op::Check(0),
+        Op::Force(9),
+        Op::Check(0),
+        Op::Take(u64::MAX),
+        Op::Refund(3),
     ];
     for op in ops {
         let m = decide(&memory, "same", 7.5, SLOW, op).await;

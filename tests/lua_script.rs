@@ -1,12 +1,15 @@
-//! `lua/token_bucket.lua` alone, through EVAL on a real redis-server: its argument checks and its
-//! return contract.
+//! `lua/token_bucket.lua` alone, through EVAL on a real redis-server: its argument checks, its
+//! return contract, several buckets and groups in one call, and what it stores.
 
 mod common;
 
+use redis::aio::MultiplexedConnection;
 use tollgate::backend::redis::TOKEN_BUCKET_LUA;
 
+const MAX_MS: i64 = 9_007_199_254_740_991;
+
 async fn eval(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut MultiplexedConnection,
     args: [&str; 4],
 ) -> redis::RedisResult<(i64, String, i64, i64)> {
     redis::cmd("EVAL")
@@ -18,12 +21,51 @@ async fn eval(
         .await
 }
 
+/// A call with `keys` declared and `args` after them; the flat reply.
+async fn eval_many(
+    conn: &mut MultiplexedConnection,
+    keys: &[&str],
+    args: &[&str],
+) -> redis::RedisResult<Vec<redis::Value>> {
+    redis::cmd("EVAL")
+        .arg(TOKEN_BUCKET_LUA)
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args)
+        .query_async(conn)
+        .await
+}
+
+/// (allowed, tokens) of each bucket in a flat reply.
+fn verdicts(reply: &[redis::Value]) -> Vec<(bool, f64)> {
+    reply
+        .chunks(4)
+        .map(|c| {
+            let allowed = matches!(c[0], redis::Value::Int(1));
+            let redis::Value::BulkString(t) = &c[1] else {
+                panic!("tokens: {:?}", c[1])
+            };
+            (allowed, std::str::from_utf8(t).unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+async fn stored(conn: &mut MultiplexedConnection, key: &str) -> Option<(f64, f64)> {
+    let raw: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(conn).await.unwrap();
+    raw.map(|b| {
+        assert_eq!(b.len(), 16, "two little-endian doubles");
+        let tokens = f64::from_le_bytes(b[..8].try_into().unwrap());
+        let ts = f64::from_le_bytes(b[8..].try_into().unwrap());
+        (tokens, ts)
+    })
+}
+
 #[tokio::test]
-async fn every_argument_must_be_a_finite_positive_number() {
+async fn every_argument_must_be_a_number_in_its_range() {
     let server = common::RedisServer::start().await;
     let mut conn = server.connection().await;
     let names = ["capacity", "rate", "cost", "mode"];
-    for bad in ["abc", "-1", "0", "nan", "NaN", "inf", "-inf", "1e999", ""] {
+    for bad in ["abc", "-1", "nan", "NaN", "inf", "-inf", "1e999", ""] {
         for (i, name) in names.iter().enumerate() {
             let mut args = ["10", "1", "1", "1"];
             args[i] = bad;
@@ -37,19 +79,32 @@ async fn every_argument_must_be_a_finite_positive_number() {
             );
         }
     }
-    let err = eval(&mut conn, ["10", "1", "1", "4"]).await.unwrap_err();
-    assert!(err.to_string().contains("mode"), "{err}");
+    for (i, name) in [(0, "capacity"), (1, "rate")] {
+        let mut args = ["10", "1", "1", "1"];
+        args[i] = "0";
+        let err = eval(&mut conn, args).await.unwrap_err();
+        assert!(err.to_string().contains(name), "{err}");
+    }
+    for mode in ["0", "7", "9", "1.5"] {
+        let err = eval(&mut conn, ["10", "1", "1", mode]).await.unwrap_err();
+        assert!(err.to_string().contains("mode"), "{err}");
+    }
+    // Group lengths must add up to the number of buckets.
+    let err = eval_many(
+        &mut conn,
+        &["a", "b"],
+        &["1", "1", "1", "1", "1", "1", "1", "1", "3"],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("group"), "{err}");
     // Nothing was written by any refused call.
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg("tb:lua")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0);
+    let keys: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(keys, 0);
 }
 
 #[tokio::test]
-async fn returns_the_documented_array() {
+async fn returns_the_documented_array_and_stores_two_doubles() {
     let server = common::RedisServer::start().await;
     let mut conn = server.connection().await;
     let (allowed, tokens, retry, reset) = eval(&mut conn, ["10", "2", "4", "1"]).await.unwrap();
@@ -58,17 +113,168 @@ async fn returns_the_documented_array() {
         (1, 6.0, 0)
     );
     assert!((1_900..=2_000).contains(&reset), "reset {reset}");
-    let (allowed, _, retry, _) = eval(&mut conn, ["10", "2", "7", "1"]).await.unwrap();
-    assert_eq!(allowed, 0);
-    assert!((300..=500).contains(&retry), "retry {retry}");
-    let stored: Vec<String> = redis::cmd("HMGET")
+    let (tokens, _) = stored(&mut conn, "tb:lua").await.unwrap();
+    assert!((tokens - 6.0).abs() < 0.01);
+    let pttl: i64 = redis::cmd("PTTL")
         .arg("tb:lua")
-        .arg("tokens")
-        .arg("ts")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!((stored[0].parse::<f64>().unwrap() - 6.0).abs() < 0.01);
+    assert!((4_900..=5_000).contains(&pttl), "the full refill: {pttl}");
+
+    // A denial: figures, and nothing written (the TTL runs on).
+    let (allowed, _, retry, _) = eval(&mut conn, ["10", "2", "7", "1"]).await.unwrap();
+    assert_eq!(allowed, 0);
+    assert!((300..=500).contains(&retry), "retry {retry}");
+    let before = stored(&mut conn, "tb:lua").await;
+    eval(&mut conn, ["10", "2", "9", "1"]).await.unwrap();
+    assert_eq!(
+        stored(&mut conn, "tb:lua").await,
+        before,
+        "a denial writes nothing"
+    );
+}
+
+#[tokio::test]
+async fn huge_costs_and_tiny_rates_cap_the_figures() {
+    let server = common::RedisServer::start().await;
+    let mut conn = server.connection().await;
+    // The review's case: retry_after overflowed to -9223372036854775808.
+    let (allowed, _, retry, _) = eval(&mut conn, ["1", "1", "1e16", "1"]).await.unwrap();
+    assert_eq!((allowed, retry), (0, MAX_MS));
+    let (allowed, _, retry, _) = eval(&mut conn, ["10", "1e-17", "18446744073709551615", "1"])
+        .await
+        .unwrap();
+    assert_eq!((allowed, retry), (0, MAX_MS));
+    let (allowed, _, _, reset) = eval(&mut conn, ["10", "1e-17", "1", "1"]).await.unwrap();
+    assert_eq!((allowed, reset), (1, MAX_MS));
+    // A forced charge of an absurd cost floors at -capacity.
+    let (allowed, tokens, retry, _) = eval(&mut conn, ["10", "1e-300", "1e300", "4"])
+        .await
+        .unwrap();
+    assert_eq!((allowed, tokens.as_str(), retry), (0, "-10", MAX_MS));
+}
+
+#[tokio::test]
+async fn several_buckets_and_groups_in_one_call() {
+    let server = common::RedisServer::start().await;
+    let mut conn = server.connection().await;
+    let shape = ["5", "0.001"];
+    let args = |costs_modes: &[(&'static str, &'static str)], groups: &[&'static str]| {
+        let mut a: Vec<&str> = Vec::new();
+        for (cost, mode) in costs_modes {
+            a.extend(shape);
+            a.push(cost);
+            a.push(mode);
+        }
+        a.extend(groups);
+        a
+    };
+    // Three independent buckets: the third is denied, the others charged.
+    let r = eval_many(
+        &mut conn,
+        &["a", "b", "c"],
+        &args(&[("2", "1"), ("3", "1"), ("9", "1")], &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        verdicts(&r).iter().map(|v| v.0).collect::<Vec<_>>(),
+        [true, true, false]
+    );
+    assert!(stored(&mut conn, "a").await.is_some());
+
+    // One group of three: d would pass, e is denied, f is a forced charge: d is not charged.
+    let r = eval_many(
+        &mut conn,
+        &["d", "e", "f"],
+        &args(&[("2", "1"), ("9", "1"), ("4", "4")], &["3"]),
+    )
+    .await
+    .unwrap();
+    let v = verdicts(&r);
+    assert!(v[0].0 && !v[1].0, "{v:?}");
+    assert!(
+        (v[0].1 - 5.0).abs() < 0.01,
+        "d reports the tokens really there: {v:?}"
+    );
+    assert!(stored(&mut conn, "d").await.is_none(), "d was charged");
+    assert!((stored(&mut conn, "f").await.unwrap().0 - 1.0).abs() < 0.01);
+
+    // A shadow take (mode 5) denied vetoes nothing.
+    let r = eval_many(
+        &mut conn,
+        &["g", "h"],
+        &args(&[("2", "1"), ("9", "5")], &["2"]),
+    )
+    .await
+    .unwrap();
+    assert!(!verdicts(&r)[1].0);
+    assert!(stored(&mut conn, "g").await.is_some());
+
+    // The same key twice in one group: the second sees the first.
+    let r = eval_many(
+        &mut conn,
+        &["i", "i"],
+        &args(&[("3", "1"), ("3", "1")], &["1", "1"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        verdicts(&r).iter().map(|v| v.0).collect::<Vec<_>>(),
+        [true, false]
+    );
+}
+
+#[tokio::test]
+async fn keys_in_argv_for_a_cluster_node() {
+    let server = common::RedisServer::start().await;
+    let mut conn = server.connection().await;
+    let r: Vec<redis::Value> = redis::cmd("EVAL")
+        .arg(TOKEN_BUCKET_LUA)
+        .arg(0)
+        .arg(&["2", "x", "y", "5", "1", "5", "1", "5", "1", "1", "1"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let v = verdicts(&r);
+    assert_eq!(v, [(true, 0.0), (true, 4.0)]);
+    assert!(stored(&mut conn, "x").await.is_some() && stored(&mut conn, "y").await.is_some());
+}
+
+#[tokio::test]
+async fn reads_the_hash_of_earlier_versions_and_refuses_foreign_values() {
+    let server = common::RedisServer::start().await;
+    let mut conn = server.connection().await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let _: () = redis::cmd("HSET")
+        .arg("tb:lua")
+        .arg(&["tokens", "3", "ts", &now_ms.to_string()])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (allowed, tokens, _, _) = eval(&mut conn, ["10", "0.001", "1", "1"]).await.unwrap();
+    assert_eq!(allowed, 1);
+    assert!(
+        (tokens.parse::<f64>().unwrap() - 2.0).abs() < 0.01,
+        "{tokens}"
+    );
+    assert!(
+        stored(&mut conn, "tb:lua").await.is_some(),
+        "rewritten as a string"
+    );
+
+    let _: () = redis::cmd("SET")
+        .arg("tb:lua")
+        .arg("not a bucket")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = eval(&mut conn, ["10", "1", "1", "1"]).await.unwrap_err();
+    assert!(err.to_string().contains("did not write"), "{err}");
 }
 
 #[tokio::test]
@@ -78,23 +284,18 @@ async fn a_future_timestamp_adds_nothing() {
     let server = common::RedisServer::start().await;
     let mut conn = server.connection().await;
     let future_ms = 4_102_444_800_000.0_f64; // year 2100
-    let _: () = redis::cmd("HSET")
+    let mut value = 0.0f64.to_le_bytes().to_vec();
+    value.extend(future_ms.to_le_bytes());
+    let _: () = redis::cmd("SET")
         .arg("tb:lua")
-        .arg("tokens")
-        .arg("0")
-        .arg("ts")
-        .arg(future_ms.to_string())
+        .arg(value)
         .query_async(&mut conn)
         .await
         .unwrap();
     let (allowed, tokens, _, _) = eval(&mut conn, ["10", "1000", "1", "1"]).await.unwrap();
     assert_eq!(allowed, 0);
     assert_eq!(tokens.parse::<f64>().unwrap(), 0.0);
-    let ts: String = redis::cmd("HGET")
-        .arg("tb:lua")
-        .arg("ts")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(ts.parse::<f64>().unwrap(), future_ms);
+    eval(&mut conn, ["10", "1000", "1", "3"]).await.unwrap(); // a refund writes
+    let (tokens, ts) = stored(&mut conn, "tb:lua").await.unwrap();
+    assert_eq!((tokens, ts), (1.0, future_ms));
 }

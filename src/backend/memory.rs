@@ -1,12 +1,19 @@
 //! Buckets in this process's memory, for a single replica or a laptop.
 //!
-//! Sharded maps behind short synchronous locks (never held across an `.await`). Idle buckets are
-//! swept once they would be full anyway; a cap on the number of buckets keeps a flood of new keys
-//! from exhausting memory, and when the cap is hit the bucket nearest to full (among a few sampled,
-//! as Redis samples for eviction) is dropped, so the flood cannot reset a drained bucket.
+//! Sharded maps behind short synchronous locks (never held across an `.await`). A bucket's key is
+//! kept as a 128-bit keyed hash, not as text: 16 bytes whatever the key's length, and no
+//! allocation per bucket. A bucket whose time-to-live has passed is absent (full), whether or not
+//! the sweeper has dropped it yet. A cap on the number of buckets keeps a flood of new keys from
+//! exhausting memory: when a shard is full, the bucket least worth keeping among a few sampled (as
+//! Redis samples for eviction) is dropped: a full one first, then the one whose tokens come back
+//! soonest for the longest it has been idle, so a flood cannot reset a bucket still being drained.
+//!
+//! What remains: a flood large enough to refill the whole cap with fresher drained keys between
+//! two requests of a victim still evicts it; MEMORY_MAX_BUCKETS should leave room above the keys
+//! in use, and `tollgate_memory_evictions_total{bucket="partial"}` shows when it does not.
 
 use std::{
-    hash::BuildHasher,
+    hash::{BuildHasher, BuildHasherDefault, Hash, Hasher},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -15,14 +22,11 @@ use std::{
 };
 
 use indexmap::IndexMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use rand::Rng;
 
 use super::{Backend, BackendError, BucketRequest};
-use crate::core::{BucketState, Decision, Shape, apply};
-
-/// The counter of buckets dropped to respect MEMORY_MAX_BUCKETS.
-pub const EVICTIONS_METRIC: &str = "tollgate_memory_evictions_total";
+use crate::core::{BucketState, Decision, apply, apply_group, ttl_ms};
 
 /// How many buckets to look at when one must be dropped.
 const EVICTION_SAMPLES: usize = 5;
@@ -70,33 +74,79 @@ impl Clock for ManualClock {
     }
 }
 
+/// A bucket's identity: two independent keyed 64-bit hashes of its key. A collision would need
+/// 2^64 tries against secret keys; even then two buckets would share one, which only denies more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyId([u64; 2]);
+
+impl Hash for KeyId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The first half picks the shard; the second, independent, places it in the shard's map.
+        state.write_u64(self.0[1]);
+    }
+}
+
+/// The map's hasher: the id is already a keyed hash, so it is used as is.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only KeyId is hashed here, through write_u64; fold anything else in rather than panic.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
 struct Slot {
     state: BucketState,
-    shape: Shape,
+    /// When it may be forgotten: its TTL (the full refill, longer in debt) has passed.
+    expires_at: f64,
+    /// When the bucket would be full again: dropping it would give back the tokens until then.
+    /// (f32 ms: eviction ranks by it, a few ms of rounding do not matter.)
+    full_at: f32,
+    /// When it was last asked about, allowed or not.
+    used_at: f32,
 }
 
 impl Slot {
-    fn expires_at(&self) -> f64 {
-        self.state.ts_ms + self.shape.full_refill_ms() as f64
-    }
-
-    /// How full the bucket is now, 0..=1: the cost of dropping it is `1 - fullness`.
-    fn fullness(&self, now_ms: f64) -> f64 {
-        let elapsed = (now_ms - self.state.ts_ms).max(0.0);
-        let tokens = self.state.tokens + self.shape.rate() * elapsed / 1000.0;
-        (tokens / self.shape.capacity()).min(1.0)
+    /// What keeping the bucket is worth: the refill it would give away if dropped, weighed by how
+    /// recently it was asked about. A full one is worth nothing; of two equally drained buckets,
+    /// the one idle longest goes first, so a flood of fresh keys that drain themselves cannot
+    /// reset a bucket that is being drained right now.
+    fn keep_score(&self, now: f64) -> f64 {
+        let to_full = (f64::from(self.full_at) - now).max(0.0);
+        let idle = (now - f64::from(self.used_at)).max(0.0);
+        to_full / (idle + 1.0)
     }
 }
 
-type Shard = Mutex<IndexMap<Box<str>, Slot>>;
+type Shard = Mutex<IndexMap<KeyId, Slot, BuildHasherDefault<IdHasher>>>;
+
+/// Counters of buckets dropped to respect MEMORY_MAX_BUCKETS, by whether they were full.
+#[derive(Clone, Default)]
+pub struct EvictionCounters {
+    /// A full bucket was dropped: nothing lost.
+    pub full: Option<metrics::Counter>,
+    /// A bucket not yet full was dropped: its key starts full again next time.
+    pub partial: Option<metrics::Counter>,
+}
 
 /// The in-memory backend.
 pub struct MemoryBackend<C: Clock = MonotonicClock> {
     shards: Box<[Shard]>,
     per_shard: usize,
-    hasher: std::collections::hash_map::RandomState,
+    hashers: [std::collections::hash_map::RandomState; 2],
     clock: C,
-    evictions: AtomicU64,
+    partial_evictions: AtomicU64,
+    counters: EvictionCounters,
 }
 
 impl MemoryBackend<MonotonicClock> {
@@ -114,15 +164,24 @@ impl<C: Clock> MemoryBackend<C> {
         let wanted = (max_buckets / MIN_PER_SHARD).clamp(1, MAX_SHARDS);
         let shards = 1 << wanted.ilog2();
         Self {
-            shards: (0..shards).map(|_| Mutex::new(IndexMap::new())).collect(),
+            shards: (0..shards)
+                .map(|_| Mutex::new(IndexMap::default()))
+                .collect(),
             per_shard: max_buckets / shards,
-            hasher: Default::default(),
+            hashers: Default::default(),
             clock,
-            evictions: AtomicU64::new(0),
+            partial_evictions: AtomicU64::new(0),
+            counters: EvictionCounters::default(),
         }
     }
 
-    /// Buckets held now.
+    /// Counts evictions into these counters too (the server passes its Prometheus counters).
+    pub fn with_eviction_counters(mut self, counters: EvictionCounters) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// Buckets held now (expired ones included until swept).
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
@@ -131,69 +190,155 @@ impl<C: Clock> MemoryBackend<C> {
         self.len() == 0
     }
 
-    /// Buckets dropped so far to respect the cap.
+    /// Buckets dropped before they were full, so far.
     pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
+        self.partial_evictions.load(Ordering::Relaxed)
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        let h = self.hasher.hash_one(key) as usize;
-        &self.shards[h & (self.shards.len() - 1)]
+    fn id(&self, key: &str) -> KeyId {
+        KeyId([self.hashers[0].hash_one(key), self.hashers[1].hash_one(key)])
+    }
+
+    fn shard_of(&self, id: KeyId) -> usize {
+        (id.0[0] as usize) & (self.shards.len() - 1)
+    }
+
+    /// The live state of a bucket (an expired one is absent: full), marked as used now.
+    fn load(
+        map: &mut IndexMap<KeyId, Slot, BuildHasherDefault<IdHasher>>,
+        id: KeyId,
+        now: f64,
+    ) -> Option<BucketState> {
+        let slot = map.get_mut(&id).filter(|s| s.expires_at > now)?;
+        slot.used_at = now as f32;
+        Some(slot.state)
+    }
+
+    fn store(
+        &self,
+        map: &mut IndexMap<KeyId, Slot, BuildHasherDefault<IdHasher>>,
+        id: KeyId,
+        state: BucketState,
+        decision: &Decision,
+        req: &BucketRequest<'_>,
+        now: f64,
+    ) {
+        let slot = Slot {
+            state,
+            expires_at: state.ts_ms + ttl_ms(decision, req.shape) as f64,
+            full_at: (state.ts_ms + decision.reset_after_ms as f64) as f32,
+            used_at: now as f32,
+        };
+        match map.get_mut(&id) {
+            Some(existing) => *existing = slot,
+            None => {
+                if map.len() >= self.per_shard {
+                    self.evict_one(map, now);
+                }
+                map.insert(id, slot);
+            }
+        }
     }
 
     /// Decides synchronously; the lock is held only for the arithmetic.
     pub fn decide_now(&self, req: BucketRequest<'_>) -> Decision {
         let now = self.clock.now_ms();
-        let mut map = self.shard(req.key).lock();
-        let state = map.get(req.key).map(|s| s.state);
-        let (decision, write) = apply(state, now, req.shape, req.op);
+        let id = self.id(req.key);
+        let mut map = self.shards[self.shard_of(id)].lock();
+        let (decision, write) = apply(Self::load(&mut map, id, now), now, req.shape, req.op);
         if let Some(state) = write {
-            let slot = Slot {
-                state,
-                shape: req.shape,
-            };
-            match map.get_mut(req.key) {
-                Some(existing) => *existing = slot,
-                None => {
-                    if map.len() >= self.per_shard {
-                        self.evict_one(&mut map, now);
-                    }
-                    map.insert(req.key.into(), slot);
-                }
-            }
+            self.store(&mut map, id, state, &decision, &req, now);
         }
         decision
     }
 
-    /// Drops the fullest of a few sampled buckets (a full one loses nothing).
-    fn evict_one(&self, map: &mut IndexMap<Box<str>, Slot>, now: f64) {
+    /// Decides a group atomically: every shard it touches is locked (in shard order, so two groups
+    /// cannot deadlock) for the arithmetic only.
+    pub fn decide_group_now(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        all_or_nothing: bool,
+    ) -> Vec<Decision> {
+        let now = self.clock.now_ms();
+        let ids: Vec<KeyId> = reqs.iter().map(|r| self.id(r.key)).collect();
+        // One state slot per distinct bucket.
+        let mut buckets: Vec<KeyId> = Vec::with_capacity(ids.len());
+        let slots: Vec<usize> = ids
+            .iter()
+            .map(|id| match buckets.iter().position(|b| b == id) {
+                Some(i) => i,
+                None => {
+                    buckets.push(*id);
+                    buckets.len() - 1
+                }
+            })
+            .collect();
+        let mut shard_ids: Vec<usize> = buckets.iter().map(|id| self.shard_of(*id)).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let mut guards: Vec<MutexGuard<'_, _>> =
+            shard_ids.iter().map(|&s| self.shards[s].lock()).collect();
+        // Which guard holds each bucket.
+        let guard_of: Vec<usize> = buckets
+            .iter()
+            .map(|&id| {
+                let s = self.shard_of(id);
+                shard_ids.iter().position(|&g| g == s).unwrap_or(0)
+            })
+            .collect();
+
+        let mut states: Vec<Option<BucketState>> = buckets
+            .iter()
+            .zip(&guard_of)
+            .map(|(&id, &g)| Self::load(&mut guards[g], id, now))
+            .collect();
+        let mut dirty = vec![false; buckets.len()];
+        let group: Vec<_> = reqs.iter().map(BucketRequest::group_request).collect();
+        let decisions = apply_group(&mut states, &mut dirty, &slots, &group, now, all_or_nothing);
+        for (b, &id) in buckets.iter().enumerate() {
+            if let (true, Some(state)) = (dirty[b], states[b]) {
+                // The figures of the last request on this bucket describe its stored state.
+                let last = slots.iter().rposition(|&s| s == b).unwrap_or(0);
+                let map = &mut guards[guard_of[b]];
+                self.store(map, id, state, &decisions[last], &reqs[last], now);
+            }
+        }
+        decisions
+    }
+
+    /// Drops, among a few sampled buckets, the one least worth keeping (see [`Slot::keep_score`]).
+    fn evict_one(&self, map: &mut IndexMap<KeyId, Slot, BuildHasherDefault<IdHasher>>, now: f64) {
         let mut rng = rand::rng();
         let mut best: Option<(usize, f64)> = None;
         for _ in 0..EVICTION_SAMPLES.min(map.len()) {
             let i = rng.random_range(0..map.len());
-            let f = map[i].fullness(now);
-            if best.is_none_or(|(_, bf)| f > bf) {
-                best = Some((i, f));
+            let score = map[i].keep_score(now);
+            if best.is_none_or(|(_, b)| score < b) {
+                best = Some((i, score));
             }
         }
-        if let Some((i, fullness)) = best {
+        if let Some((i, _)) = best {
+            let full = f64::from(map[i].full_at) <= now;
             map.swap_remove_index(i);
-            if fullness < 1.0 {
-                // Only a bucket that was not full loses something; those are the ones worth counting.
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(EVICTIONS_METRIC).increment(1);
+            if !full {
+                self.partial_evictions.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = &self.counters.partial {
+                    c.increment(1);
+                }
+            } else if let Some(c) = &self.counters.full {
+                c.increment(1);
             }
         }
     }
 
-    /// Drops every bucket idle for its full-refill time (it would be full: nothing is lost).
+    /// Drops every bucket whose TTL has passed (it would be full: nothing is lost).
     pub fn sweep(&self) -> usize {
         let now = self.clock.now_ms();
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut map = shard.lock();
             let before = map.len();
-            map.retain(|_, slot| slot.expires_at() > now);
+            map.retain(|_, slot| slot.expires_at > now);
             dropped += before - map.len();
         }
         dropped
@@ -234,6 +379,17 @@ impl<C: Clock> Backend for MemoryBackend<C> {
         Ok(self.decide_now(req))
     }
 
+    async fn decide_group(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        all_or_nothing: bool,
+    ) -> Vec<Result<Decision, BackendError>> {
+        self.decide_group_now(reqs, all_or_nothing)
+            .into_iter()
+            .map(Ok)
+            .collect()
+    }
+
     async fn ping(&self) -> Result<(), BackendError> {
         Ok(())
     }
@@ -242,14 +398,10 @@ impl<C: Clock> Backend for MemoryBackend<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::Op;
+    use crate::core::{Op, Shape};
 
     fn req(key: &str, op: Op) -> BucketRequest<'_> {
-        BucketRequest {
-            key,
-            shape: Shape::new(10.0, 1.0).unwrap(),
-            op,
-        }
+        BucketRequest::new(key, Shape::new(10.0, 1.0).unwrap(), op)
     }
 
     #[test]
@@ -269,7 +421,40 @@ mod tests {
     }
 
     #[test]
-    fn idle_buckets_are_swept_after_full_refill() {
+    fn a_flood_of_self_draining_keys_spares_a_bucket_drained_again_and_again() {
+        // The attacker's keys drain themselves fully, like the victim's: all equally empty. The
+        // victim's bucket, drained again every step, is always the one furthest from full.
+        let clock = ManualClock::default();
+        let backend = MemoryBackend::with_clock(64, clock.clone());
+        let mut victim_allowed = 0;
+        for i in 0..5_000u32 {
+            clock.set_ms(f64::from(i) * 10.0);
+            backend.decide_now(req(&format!("flood{i}"), Op::Take(10)));
+            // The victim asks every 10 ms; its 10 tokens at 1/s give it one every second.
+            if backend.decide_now(req("victim", Op::Take(1))).allowed {
+                victim_allowed += 1;
+            }
+        }
+        // 50 s: 10 at first, then one per second. A reset by the flood would give far more.
+        assert!(victim_allowed <= 10 + 50 + 1, "{victim_allowed}");
+    }
+
+    #[test]
+    fn an_expired_slot_is_absent_before_any_sweep() {
+        let clock = ManualClock::default();
+        let backend = MemoryBackend::with_clock(100, clock.clone());
+        let small = Shape::new(2.0, 1.0).unwrap(); // TTL 2 s
+        backend.decide_now(BucketRequest::new("k", small, Op::Take(2)));
+        // 2.5 s later under a larger shape: the old state is gone (as in Redis), so the bucket is
+        // full at the new capacity, not 2.5 tokens of it.
+        clock.set_ms(2_500.0);
+        let big = Shape::new(100.0, 1.0).unwrap();
+        let d = backend.decide_now(BucketRequest::new("k", big, Op::Check(1)));
+        assert_eq!(d.tokens_remaining, 100.0);
+    }
+
+    #[test]
+    fn idle_buckets_are_swept_after_their_ttl() {
         let clock = ManualClock::default();
         let backend = MemoryBackend::with_clock(100, clock.clone());
         backend.decide_now(req("a", Op::Take(5))); // full refill of 10 @ 1/s: 10 s
@@ -281,9 +466,24 @@ mod tests {
     }
 
     #[test]
-    fn check_writes_nothing() {
+    fn check_and_denial_write_nothing() {
         let backend = MemoryBackend::new(10);
         backend.decide_now(req("k", Op::Check(3)));
+        backend.decide_now(req("k", Op::Take(11)));
         assert!(backend.is_empty());
+    }
+
+    #[test]
+    fn group_over_several_shards_is_all_or_nothing() {
+        let backend = MemoryBackend::new(100_000);
+        let keys: Vec<String> = (0..20).map(|i| format!("g{i}")).collect();
+        backend.decide_now(req("g7", Op::Take(10)));
+        let reqs: Vec<_> = keys.iter().map(|k| req(k, Op::Take(1))).collect();
+        let d = backend.decide_group_now(&reqs, true);
+        assert!(!d[7].allowed);
+        assert!(d[0].allowed);
+        assert_eq!(d[0].tokens_remaining, 10.0, "not charged");
+        let d = backend.decide_now(req("g0", Op::Check(10)));
+        assert!(d.allowed);
     }
 }

@@ -1,12 +1,12 @@
 //! Where buckets live: one async [`Backend`] trait, one file per implementation.
 //!
 //! Backends know buckets and keys, nothing of gRPC or HTTP. Both implementations run the arithmetic
-//! of [`crate::core::apply`]; the memory one calls it directly, the Redis one through
+//! of [`crate::core`]; the memory one calls it directly, the Redis one through
 //! `lua/token_bucket.lua`.
 
 use std::future::Future;
 
-use crate::core::{Decision, Op, Shape};
+use crate::core::{Decision, GroupRequest, Op, Shape};
 
 pub mod memory;
 pub mod redis;
@@ -14,13 +14,35 @@ pub mod redis;
 pub use memory::MemoryBackend;
 pub use redis::RedisBackend;
 
-/// One decision to make: which bucket, its shape, and what to do to it.
+/// One decision to make: which bucket, its shape, what to do to it, and whether its denial vetoes
+/// an all-or-nothing group (false for a shadow-mode rule).
 #[derive(Clone, Copy, Debug)]
 pub struct BucketRequest<'a> {
     /// The full key, prefix included (callers keep ShouldAllow and Envoy keys apart by prefix).
     pub key: &'a str,
     pub shape: Shape,
     pub op: Op,
+    pub veto: bool,
+}
+
+impl<'a> BucketRequest<'a> {
+    /// A request whose denial counts (the usual case).
+    pub fn new(key: &'a str, shape: Shape, op: Op) -> Self {
+        Self {
+            key,
+            shape,
+            op,
+            veto: true,
+        }
+    }
+
+    pub(crate) fn group_request(&self) -> GroupRequest {
+        GroupRequest {
+            shape: self.shape,
+            op: self.op,
+            veto: self.veto,
+        }
+    }
 }
 
 /// The kind of a backend failure, for metrics and logs.
@@ -44,14 +66,10 @@ impl ErrorKind {
             ErrorKind::Other => "other",
         }
     }
-
-    /// Whether retrying later may succeed (the backend is away, not the request wrong).
-    pub fn is_transient(self) -> bool {
-        matches!(self, ErrorKind::Timeout | ErrorKind::Connection)
-    }
 }
 
-/// A backend failure. Its message never carries credentials.
+/// A backend failure: the backend could not decide (never the caller's fault). Its message never
+/// carries credentials.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{backend} backend {}: {message}", kind.as_str())]
 pub struct BackendError {
@@ -60,7 +78,7 @@ pub struct BackendError {
     pub message: String,
 }
 
-/// A store of token buckets that decides atomically per bucket.
+/// A store of token buckets that decides atomically per bucket, and per group when asked.
 ///
 /// Implementations must be safe to call from many tasks at once, hold no lock across an `.await`,
 /// and bound every call in time.
@@ -74,16 +92,16 @@ pub trait Backend: Send + Sync + 'static {
         req: BucketRequest<'_>,
     ) -> impl Future<Output = Result<Decision, BackendError>> + Send;
 
-    /// Decides several requests (one Envoy call with several descriptors) at once, answers in
-    /// order. Each bucket is atomic on its own; the set is not a transaction.
-    fn decide_many(
+    /// Decides several requests together, answers in order. Each bucket is atomic; with
+    /// `all_or_nothing`, a denial of any vetoing request means no Take of the group is charged
+    /// (refunds and forced charges land regardless): atomically where the buckets live together,
+    /// by refunding what was charged elsewhere otherwise, never admitting more than each bucket
+    /// allows. A request that failed is an error in its place; the others keep their answers.
+    fn decide_group(
         &self,
         reqs: &[BucketRequest<'_>],
-    ) -> impl Future<Output = Vec<Result<Decision, BackendError>>> + Send {
-        // The calls go out together: on Redis they share the multiplexed connection, which writes
-        // them in one pipeline instead of waiting for each answer in turn.
-        futures::future::join_all(reqs.iter().map(|r| self.decide(*r)))
-    }
+        all_or_nothing: bool,
+    ) -> impl Future<Output = Vec<Result<Decision, BackendError>>> + Send;
 
     /// Whether the backend is reachable now (for health and readiness).
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
@@ -102,11 +120,12 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
         (**self).decide(req)
     }
 
-    fn decide_many(
+    fn decide_group(
         &self,
         reqs: &[BucketRequest<'_>],
+        all_or_nothing: bool,
     ) -> impl Future<Output = Vec<Result<Decision, BackendError>>> + Send {
-        (**self).decide_many(reqs)
+        (**self).decide_group(reqs, all_or_nothing)
     }
 
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send {

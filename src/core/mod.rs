@@ -7,6 +7,8 @@ mod bucket;
 mod failure;
 mod shape;
 
-pub use bucket::{BucketState, Decision, Op, apply};
+pub use bucket::{
+    BucketState, Decision, GroupRequest, MAX_MS, Op, apply, apply_group, capped_ms, ttl_ms,
+};
 pub use failure::FailureMode;
-pub use shape::{InvalidShape, Limits, MAX_TTL_MS, Shape};
+pub use shape::{InvalidShape, Limits, MAX_SHAPE, Shape};

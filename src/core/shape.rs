@@ -1,9 +1,10 @@
 //! A bucket's shape (capacity and refill rate) and the checks every shape must pass.
 
-/// The longest TTL tollgate writes (2^53 - 1 ms, the largest integer a double holds exactly, which
-/// is also what the Lua script can represent). Only absurd shapes (a capacity of 1e9 refilled at one
-/// token a century) reach it.
-pub const MAX_TTL_MS: u64 = (1 << 53) - 1;
+use super::bucket::MAX_MS;
+
+/// The largest capacity or rate any shape may have (SPEC 2 item 10). Below 2^53 a cost of 1 still
+/// changes the token count exactly; MAX_CAPACITY and MAX_RATE cannot be set higher.
+pub const MAX_SHAPE: f64 = 1e15;
 
 /// How large a bucket is and how fast it refills. Both are finite and strictly positive.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,12 +38,13 @@ pub struct InvalidShape {
 }
 
 impl Shape {
-    /// A shape from trusted values (configuration already validated, rules already parsed).
+    /// A shape from trusted values (configuration already validated, rules already parsed):
+    /// finite, greater than 0 and at most [`MAX_SHAPE`].
     ///
     /// Returns an error instead of panicking so that a bad rule can never take a request down.
     pub fn new(capacity: f64, rate: f64) -> Result<Self, InvalidShape> {
-        check_positive("capacity", capacity)?;
-        check_positive("rate", rate)?;
+        check_bounded("capacity", capacity)?;
+        check_bounded("rate", rate)?;
         Ok(Self { capacity, rate })
     }
 
@@ -73,23 +75,29 @@ impl Shape {
     }
 
     /// Milliseconds an empty bucket needs to fill up: `ceil(capacity / rate * 1000)`, at least 1 and
-    /// at most [`MAX_TTL_MS`]. It bounds the refill of one step and is the TTL of a stored bucket.
+    /// at most 2^53 - 1 (exact in a double, and in Lua). It bounds the refill of one step and is the
+    /// shortest TTL of a stored bucket.
     pub fn full_refill_ms(&self) -> u64 {
         let ms = (self.capacity / self.rate * 1000.0).ceil();
-        // `as` saturates; the clamp keeps the value exact in a double (and in Lua).
-        (ms as u64).clamp(1, MAX_TTL_MS)
+        // `as` saturates; the clamp keeps the value exact in a double.
+        (ms as u64).clamp(1, MAX_MS)
     }
 }
 
-fn check_positive(field: &'static str, value: f64) -> Result<(), InvalidShape> {
-    if value.is_finite() && value > 0.0 {
-        Ok(())
-    } else {
-        Err(InvalidShape {
+fn check_bounded(field: &'static str, value: f64) -> Result<(), InvalidShape> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(InvalidShape {
             field,
             reason: format!("must be a finite number greater than 0, got {value}"),
-        })
+        });
     }
+    if value > MAX_SHAPE {
+        return Err(InvalidShape {
+            field,
+            reason: format!("must be at most {MAX_SHAPE:e}, got {value:e}"),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -101,7 +109,7 @@ mod tests {
         assert_eq!(Shape::new(20.0, 20.0).unwrap().full_refill_ms(), 1000);
         assert_eq!(Shape::new(10.0, 3.0).unwrap().full_refill_ms(), 3334);
         assert_eq!(Shape::new(1.0, 1e9).unwrap().full_refill_ms(), 1);
-        assert_eq!(Shape::new(1e9, 1e-12).unwrap().full_refill_ms(), MAX_TTL_MS);
+        assert_eq!(Shape::new(1e9, 1e-12).unwrap().full_refill_ms(), MAX_MS);
     }
 
     #[test]
@@ -113,6 +121,9 @@ mod tests {
             (f64::INFINITY, 1.0, "capacity"),
             (1.0, 0.0, "rate"),
             (1.0, f64::NEG_INFINITY, "rate"),
+            (2e15, 1.0, "capacity"),
+            (9007199254740993.0, 1.0, "capacity"),
+            (1.0, 1.5e15, "rate"),
         ] {
             assert_eq!(Shape::new(c, r).unwrap_err().field, field, "{c} {r}");
         }

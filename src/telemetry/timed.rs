@@ -31,10 +31,6 @@ impl<B: Backend> Timed<B> {
         }
     }
 
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
     fn count_error(&self, e: &BackendError) {
         let i = match e.kind {
             ErrorKind::Timeout => 0,
@@ -61,9 +57,13 @@ impl<B: Backend> Backend for Timed<B> {
         result
     }
 
-    async fn decide_many(&self, reqs: &[BucketRequest<'_>]) -> Vec<Result<Decision, BackendError>> {
+    async fn decide_group(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        all_or_nothing: bool,
+    ) -> Vec<Result<Decision, BackendError>> {
         let started = Instant::now();
-        let results = self.inner.decide_many(reqs).await;
+        let results = self.inner.decide_group(reqs, all_or_nothing).await;
         self.duration.record(started.elapsed().as_secs_f64());
         results
             .iter()

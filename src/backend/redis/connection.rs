@@ -186,6 +186,10 @@ impl Connector {
         }
     }
 
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Connector::Cluster { .. })
+    }
+
     /// Tells the connector a call failed in a way that may mean the topology changed.
     pub fn failed(&self, kind: ErrorKind) {
         if let (Connector::Sentinel(f), ErrorKind::Connection | ErrorKind::Timeout) = (self, kind) {
