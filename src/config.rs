@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the decision service (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate a rules file or directory offline and print each rule with its bucket shape.
     CheckRules {
         /// A rules file, or a directory of *.yaml files.
@@ -59,7 +59,7 @@ impl Cli {
     /// The serve arguments, whichever way they were given (None for another subcommand).
     pub fn into_serve(self) -> Option<ServeArgs> {
         match self.command {
-            Some(Command::Serve(args)) => Some(args),
+            Some(Command::Serve(args)) => Some(*args),
             None => Some(self.serve),
             Some(Command::CheckRules { .. }) => None,
         }
@@ -159,17 +159,44 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub log: LogArgs,
 
-    /// The largest capacity a request may ask for.
-    #[arg(long, env = "MAX_CAPACITY", value_name = "MAX_CAPACITY", default_value = "1e9", value_parser = positive_f64)]
+    /// The largest capacity a request may ask for (at most 1e15).
+    #[arg(long, env = "MAX_CAPACITY", value_name = "MAX_CAPACITY", default_value = "1e9", value_parser = shape_bound)]
     pub max_capacity: f64,
 
-    /// The largest rate a request may ask for.
-    #[arg(long, env = "MAX_RATE", value_name = "MAX_RATE", default_value = "1e9", value_parser = positive_f64)]
+    /// The largest rate a request may ask for (at most 1e15).
+    #[arg(long, env = "MAX_RATE", value_name = "MAX_RATE", default_value = "1e9", value_parser = shape_bound)]
     pub max_rate: f64,
 
     /// Memory backend: the most buckets held; when full, the bucket nearest to full is dropped first.
     #[arg(long, env = "MEMORY_MAX_BUCKETS", value_name = "MEMORY_MAX_BUCKETS", default_value = "1000000", value_parser = clap::value_parser!(u64).range(1..))]
     pub memory_max_buckets: u64,
+
+    /// Envoy: the most descriptors one request may carry (more: INVALID_ARGUMENT before any work).
+    #[arg(long, env = "MAX_DESCRIPTORS", value_name = "MAX_DESCRIPTORS", default_value = "64", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_descriptors: u32,
+
+    /// Envoy: the longest bucket key a descriptor may make, in bytes (more: INVALID_ARGUMENT).
+    #[arg(long, env = "MAX_KEY_BYTES", value_name = "MAX_KEY_BYTES", default_value = "1024", value_parser = clap::value_parser!(u32).range(16..))]
+    pub max_key_bytes: u32,
+
+    /// ShouldAllowBatch: the most decisions one call may carry.
+    #[arg(long, env = "MAX_BATCH", value_name = "MAX_BATCH", default_value = "100", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch: u32,
+
+    /// Envoy: charge every descriptor that was within its limit even when the request is over
+    /// (envoyproxy/ratelimit's behaviour). Default: a request answered OVER_LIMIT charges none.
+    #[arg(long, env = "CHARGE_ON_DENY", value_name = "CHARGE_ON_DENY", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub charge_on_deny: bool,
+
+    /// Honour refunds (Envoy's is_negative_hits, a Settle below its reservation); false refuses
+    /// them with PERMISSION_DENIED.
+    #[arg(long, env = "ALLOW_REFUNDS", value_name = "ALLOW_REFUNDS", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub allow_refunds: bool,
+
+    /// Let ShouldAllow callers choose a bucket's capacity and rate; false: they must leave both at
+    /// 0 (the server's TB_CAPACITY and TB_RATE), else PERMISSION_DENIED.
+    #[arg(long, env = "ALLOW_CLIENT_SHAPES", value_name = "ALLOW_CLIENT_SHAPES", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub allow_client_shapes: bool,
 
     /// Seconds in-flight calls may take to finish after SIGTERM/SIGINT.
     #[arg(
@@ -182,6 +209,33 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Checks that need several values together; the message names the variables.
+    pub fn validate(&self) -> Result<(), String> {
+        self.default_shape()?;
+        if let Some(url) = &self.redis_url {
+            url.check(self.redis_type)
+                .map_err(|e| format!("REDIS_URL: {e}"))?;
+        }
+        for (name, prefix) in [
+            ("BUCKET_PREFIX", &self.bucket_prefix),
+            ("RLS_KEY_PREFIX", &self.rls_key_prefix),
+        ] {
+            if prefix.is_empty() {
+                return Err(format!(
+                    "{name} must not be empty: it keeps ShouldAllow and Envoy buckets apart"
+                ));
+            }
+        }
+        let (a, b) = (&self.bucket_prefix, &self.rls_key_prefix);
+        if a.starts_with(b.as_str()) || b.starts_with(a.as_str()) {
+            return Err(format!(
+                "BUCKET_PREFIX ('{a}') and RLS_KEY_PREFIX ('{b}') overlap: one starts with the \
+                 other, so a ShouldAllow key could name an Envoy bucket"
+            ));
+        }
+        Ok(())
+    }
+
     /// The default shape (TB_CAPACITY, TB_RATE).
     pub fn default_shape(&self) -> Result<Shape, String> {
         let shape = Shape::new(self.capacity, self.rate).map_err(|e| e.to_string())?;
@@ -222,9 +276,12 @@ impl ServeArgs {
     }
 }
 
-/// A Redis URL (or comma-separated list). Never printed with its password.
+/// A Redis URL (or comma-separated list). Never printed with its password, not even when it does
+/// not parse.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl(String);
+
+const URL_SCHEMES: &[&str] = &["redis", "rediss", "unix", "redis+unix"];
 
 impl RedisUrl {
     /// The URL itself, to hand to the Redis client. Do not log it.
@@ -234,17 +291,101 @@ impl RedisUrl {
 
     /// The URL with any password replaced by `***`, fit for logs.
     pub fn redacted(&self) -> String {
-        self.0
-            .split(',')
-            .map(|part| match url::Url::parse(part.trim()) {
-                Ok(mut u) if u.password().is_some() => {
-                    let _ = u.set_password(Some("***"));
-                    u.to_string()
+        self.entries()
+            .map(|part| {
+                if !part.contains("://") {
+                    return part.to_string();
                 }
-                _ => part.trim().to_string(),
+                match url::Url::parse(part) {
+                    Ok(mut u) => {
+                        if u.password().is_some() {
+                            let _ = u.set_password(Some("***"));
+                        }
+                        u.to_string()
+                    }
+                    // Whatever does not parse may still hold a password: never shown.
+                    Err(_) => "<unparsable URL>".to_string(),
+                }
             })
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &str> {
+        self.0.split(',').map(str::trim).filter(|s| !s.is_empty())
+    }
+
+    /// Checks the URL against the topology: one URL for single; `host:port` or URLs for cluster;
+    /// `master_name,host:port,...` for sentinel. Messages never repeat the value.
+    pub fn check(&self, kind: RedisType) -> Result<(), String> {
+        let entries: Vec<&str> = self.entries().collect();
+        let url = |e: &str, i: usize| -> Result<(), String> {
+            let u = url::Url::parse(e).map_err(|err| {
+                format!("entry {} is not a valid URL ({err}; the value is not shown, it may hold a password)", i + 1)
+            })?;
+            if !URL_SCHEMES.contains(&u.scheme()) {
+                return Err(format!(
+                    "entry {}: scheme '{}' is not redis://, rediss:// or unix://",
+                    i + 1,
+                    u.scheme()
+                ));
+            }
+            if u.scheme().starts_with("redis") && u.host_str().is_none_or(str::is_empty) {
+                return Err(format!("entry {} has no host", i + 1));
+            }
+            let db = u.path().trim_start_matches('/');
+            if u.scheme().starts_with("redis") && !db.is_empty() && db.parse::<u16>().is_err() {
+                return Err(format!("entry {}: the database must be a number", i + 1));
+            }
+            Ok(())
+        };
+        let node = |e: &str, i: usize| -> Result<(), String> {
+            if e.contains("://") {
+                return url(e, i);
+            }
+            match e.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+                _ => Err(format!(
+                    "entry {} must be host:port or a redis:// URL, e.g. 10.0.0.1:6379",
+                    i + 1
+                )),
+            }
+        };
+        match kind {
+            RedisType::Single => {
+                if entries.len() != 1 {
+                    return Err("with REDIS_TYPE=single, expected one redis:// or rediss:// URL (a list is for cluster or sentinel)".into());
+                }
+                if !entries[0].contains("://") {
+                    return Err(
+                        "expected a redis:// or rediss:// URL, e.g. redis://127.0.0.1:6379/0"
+                            .into(),
+                    );
+                }
+                url(entries[0], 0)
+            }
+            RedisType::Cluster => {
+                if entries.is_empty() {
+                    return Err("with REDIS_TYPE=cluster, expected host:port[,host:port...]".into());
+                }
+                entries.iter().enumerate().try_for_each(|(i, e)| node(e, i))
+            }
+            RedisType::Sentinel => {
+                let Some((master, sentinels)) = entries.split_first() else {
+                    return Err("expected master_name,host:port[,host:port...]".into());
+                };
+                if master.contains("://") || master.contains(':') || sentinels.is_empty() {
+                    return Err(
+                        "with REDIS_TYPE=sentinel, expected master_name,host:port[,host:port...]"
+                            .into(),
+                    );
+                }
+                sentinels
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(i, e)| node(e, i + 1))
+            }
+        }
     }
 }
 
@@ -267,15 +408,20 @@ impl FromStr for RedisUrl {
         if s.is_empty() {
             return Err("expected a redis:// or rediss:// URL, got an empty value".into());
         }
-        // Sentinel and cluster lists are checked when the backend is built (they may hold plain
-        // host:port entries); a single URL must carry its scheme.
-        let first = s.split(',').next().unwrap_or_default().trim();
-        const SCHEMES: &[&str] = &["redis://", "rediss://", "unix://", "redis+unix://"];
-        if !s.contains(',') && !SCHEMES.iter().any(|p| first.starts_with(p)) {
-            return Err("expected a redis:// or rediss:// URL".into());
-        }
+        // The form depends on REDIS_TYPE: checked by ServeArgs::validate.
         Ok(Self(s.to_string()))
     }
+}
+
+/// MAX_CAPACITY, MAX_RATE: positive, and at most 1e15 (SPEC 2 item 10).
+fn shape_bound(s: &str) -> Result<f64, String> {
+    let v = positive_f64(s)?;
+    if v > crate::core::MAX_SHAPE {
+        return Err(format!(
+            "expected at most 1e15 (larger shapes lose token precision), got '{s}'"
+        ));
+    }
+    Ok(v)
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -309,8 +455,52 @@ mod tests {
     }
 
     #[test]
+    fn never_shows_a_password_that_does_not_parse() {
+        for raw in [
+            "redis://user:s3cret@host:port/0",
+            "redis://:s3cret@[::1",
+            "rediss://u:s3cret@h:99999",
+        ] {
+            let url: RedisUrl = raw.parse().unwrap();
+            assert!(!url.redacted().contains("s3cret"), "{raw}");
+            let err = url.check(RedisType::Single).unwrap_err();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_against_the_topology() {
+        let ok = |s: &str, t| s.parse::<RedisUrl>().unwrap().check(t);
+        assert!(ok("redis://127.0.0.1:6379/0", RedisType::Single).is_ok());
+        assert!(ok("localhost:6379", RedisType::Single).is_err());
+        assert!(
+            ok("10.0.0.1:6379", RedisType::Cluster).is_ok(),
+            "one seed is enough"
+        );
+        assert!(ok("10.0.0.1:6379,redis://10.0.0.2:6379", RedisType::Cluster).is_ok());
+        assert!(ok("10.0.0.1", RedisType::Cluster).is_err());
+        assert!(ok("mymaster,10.0.0.1:26379", RedisType::Sentinel).is_ok());
+        assert!(ok("10.0.0.1:26379", RedisType::Sentinel).is_err());
+        assert!(ok("redis://h:1/db", RedisType::Single).is_err());
+    }
+
+    #[test]
+    fn prefixes_must_be_set_and_apart() {
+        let mut a = ServeArgs::for_tests();
+        assert!(a.validate().is_ok());
+        a.bucket_prefix = String::new();
+        assert!(a.validate().unwrap_err().contains("BUCKET_PREFIX"));
+        a.bucket_prefix = "tb:".into();
+        let err = a.validate().unwrap_err();
+        assert!(err.contains("overlap"), "{err}");
+        a.bucket_prefix = "tb:rls:x".into();
+        assert!(a.validate().is_err());
+        a.bucket_prefix = "tb:user:".into();
+        assert!(a.validate().is_ok());
+    }
+
+    #[test]
     fn rejects_bad_values() {
-        assert!("localhost:6379".parse::<RedisUrl>().is_err());
         assert!(positive_f64("0").is_err());
         assert!(positive_f64("nan").is_err());
         assert!(positive_f64("inf").is_err());

@@ -15,6 +15,11 @@ async fn main() -> ExitCode {
     let Some(args) = cli.into_serve() else {
         return ExitCode::FAILURE;
     };
+    // Before any log line: a bad value is the one line printed.
+    if let Err(e) = args.validate() {
+        eprintln!("tollgate: {e}");
+        return ExitCode::from(2);
+    }
     tollgate::telemetry::init_tracing(args.log.log_format);
 
     let grpc = match TcpListener::bind(args.grpc_addr).await {

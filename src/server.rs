@@ -25,8 +25,10 @@ use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
 use crate::proto::tollgate::v1::rate_limit_service_server::{
     RateLimitServiceServer, SERVICE_NAME as TOLLGATE_SERVICE,
 };
-use crate::rules::RulesHandle;
-use crate::telemetry::{METRICS_CONTENT_TYPE, MetricsHandle, Timed, install_metrics};
+use crate::rules::{ReloadObserver, RulesHandle};
+use crate::telemetry::{
+    METRICS_CONTENT_TYPE, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
+};
 
 /// gRPC services reported by health, besides the server as a whole ("").
 const HEALTH_SERVICES: &[&str] = &["", TOLLGATE_SERVICE, ENVOY_SERVICE];
@@ -49,12 +51,16 @@ pub async fn run(
     http: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    args.validate().map_err(anyhow::Error::msg)?;
     let metrics = install_metrics();
     // rediss:// needs a TLS crypto provider; rustls takes the first one installed process-wide.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rules = Arc::new(match &args.rules {
         Some(path) => {
-            let handle = RulesHandle::load(path).map_err(|e| anyhow::anyhow!("RULES: {e}"))?;
+            let reloads = ReloadMetrics::default();
+            let observer: ReloadObserver = Arc::new(move |ok| reloads.record(ok));
+            let handle = RulesHandle::load(path, Some(observer))
+                .map_err(|e| anyhow::anyhow!("RULES: {e}"))?;
             let count = handle.current().map_or(0, |s| s.rules().len());
             tracing::info!(path = %path.display(), rules = count, "rules loaded; watching for changes");
             handle
@@ -82,7 +88,8 @@ pub async fn run(
                 "no REDIS_URL: buckets live in this process's memory"
             );
             let max = usize::try_from(args.memory_max_buckets).unwrap_or(usize::MAX);
-            let memory = Arc::new(MemoryBackend::new(max));
+            let memory =
+                Arc::new(MemoryBackend::new(max).with_eviction_counters(eviction_counters()));
             memory.spawn_sweeper(SWEEP_EVERY, shutdown.clone());
             serve(args, memory, defaults, rules, metrics, grpc, http, shutdown).await
         }
@@ -157,6 +164,10 @@ async fn serve<B: Backend>(
             key_prefix: args.rls_key_prefix.clone(),
             failure_mode: args.failure_mode,
             shadow_mode: args.shadow_mode,
+            charge_on_deny: args.charge_on_deny,
+            allow_refunds: args.allow_refunds,
+            max_descriptors: args.max_descriptors as usize,
+            max_key_bytes: args.max_key_bytes as usize,
         },
     );
     let grpc_server = tonic::transport::Server::builder()

@@ -225,3 +225,28 @@ async fn tollgate_stopped_or_hanging_within_the_timeout() {
         }
     }
 }
+
+/// A too-long identity is the client's error, never "tollgate down": with DEMO_FAILURE_MODE=allow
+/// it used to be served.
+#[tokio::test]
+async fn an_oversized_identity_is_refused_not_served() {
+    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
+    let demo = Demo::start(
+        &t.grpc_url(),
+        &["--identity", "api-key", "--failure-mode", "allow"],
+    )
+    .await;
+    let long = "k".repeat(600);
+    for _ in 0..3 {
+        let a = get(&demo, "/api/items", &[("x-api-key", &long)]).await;
+        assert_eq!(a.status, 400, "{a:?}");
+        assert!(a.body.contains("key"), "names the field: {}", a.body);
+    }
+    let m = get(&demo, "/metrics", &[]).await;
+    assert!(
+        !m.body
+            .contains("demo_limiter_failures_total{mode=\"allow\"} 3"),
+        "counted as a tollgate failure: {}",
+        m.body
+    );
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{Envoy, RedisServer, Tollgate, Upstream, eventually, http_request};
 
 const ENVOY_YAML: &str = include_str!("../deploy/envoy/envoy.yaml");
+const METERED_YAML: &str = include_str!("../deploy/envoy/envoy-metered.yaml");
 
 /// Rules fitting the descriptors deploy/envoy/envoy.yaml sends (remote_address, api_key,
 /// generic_key=global, tenant+api_key).
@@ -38,18 +39,93 @@ descriptors:
 }
 
 #[test]
-fn shipped_envoy_config_validates() {
-    let out = std::process::Command::new(common::envoy_bin())
-        .args(["--mode", "validate", "-c", "deploy/envoy/envoy.yaml"])
-        .output()
-        .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_ENVOY));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+fn shipped_envoy_configs_validate() {
+    for config in ["deploy/envoy/envoy.yaml", "deploy/envoy/envoy-metered.yaml"] {
+        let out = std::process::Command::new(common::envoy_bin())
+            .args(["--mode", "validate", "-c", config])
+            .output()
+            .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_ENVOY));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{config}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("OK"), "{stdout}");
+    }
+}
+
+/// Envoy's `apply_on_stream_done` reports a cost known only after the response: with a `debt`
+/// rule it lands even when larger than what is left, and the user is refused until the refill
+/// pays the debt back (before, the charge was dropped and every request was served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
+    use common::envoy::{OVER, RateLimitServiceClient, descriptor, request};
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("metered.yaml");
+    // 10 tokens, 2 back per second: two responses costing 7 leave a debt of 4, two seconds long.
+    std::fs::write(
+        &rules,
+        "domain: metered\ndescriptors:\n  - key: user\n    debt: true\n    rate_limit: { unit: second, requests_per_unit: 2, burst: 10 }\n",
+    )
+    .unwrap();
+    let tollgate = Tollgate::start(&["--rules", rules.to_str().unwrap()], &[]).await;
+    let upstream = Upstream::serving(
+        axum::Router::new().fallback(|| async { ([("x-cost", "7")], "generated") }),
+    )
+    .await;
+    let envoy = Envoy::start(METERED_YAML, upstream.port, tollgate.grpc_port).await;
+    let get = |user: &'static str| {
+        let url = envoy.url("/generate");
+        async move {
+            http_request(&url, &[("x-user", user)])
+                .await
+                .expect("envoy answers")
+        }
+    };
+    let mut rls = RateLimitServiceClient::connect(tollgate.grpc_url())
+        .await
+        .unwrap();
+    let in_debt = |rls: &mut RateLimitServiceClient<tonic::transport::Channel>| {
+        let mut rls = rls.clone();
+        async move {
+            let mut d = descriptor(&[("user", "ann")]);
+            d.hits_addend = Some(0);
+            let r = rls
+                .should_rate_limit(request("metered", vec![d]))
+                .await
+                .unwrap();
+            r.into_inner().overall_code == OVER
+        }
+    };
+
+    assert_eq!(get("warm-up").await.status, 200);
+    assert_eq!(
+        get("ann").await.status,
+        200,
+        "10 tokens: served, then charged 7"
     );
-    assert!(stdout.contains("OK"), "{stdout}");
+    assert_eq!(
+        get("ann").await.status,
+        200,
+        "3 left, not in debt: served, then charged 7"
+    );
+    eventually(
+        Duration::from_secs(2),
+        "the second charge to land",
+        async || in_debt(&mut rls).await,
+    )
+    .await;
+    let refused = get("ann").await;
+    assert_eq!(refused.status, 429, "in debt: {refused:?}");
+    // The refill pays the debt back (4 tokens at 2 per second) and ann is served again.
+    eventually(
+        Duration::from_secs(6),
+        "the debt to be paid back",
+        async || !in_debt(&mut rls).await,
+    )
+    .await;
+    assert_eq!(get("ann").await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
 //! Rules files: envoyproxy/ratelimit's format and matching, tollgate's additions, strict errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use tollgate::rules::{Limit, RuleSet, Unit, load_path};
@@ -322,6 +324,21 @@ fn errors_name_the_file_and_line() {
             "u32",
         ),
         (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, burst: 0.5 }\n",
+            ":3",
+            "burst must be at least 1",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, burst: 1e16 }\n",
+            ":3",
+            "burst",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: a\n    debt: true\n    rate_limit: { unlimited: true }\n",
+            ":3",
+            "debt",
+        ),
+        (
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, burst: 0 }\n",
             ":3",
             "burst",
@@ -400,7 +417,7 @@ fn check_rules_command() {
         "r.yaml",
         "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 600, burst: 100, name: premium }\n",
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
         .args(["check-rules"])
         .arg(dir.path())
         .output()
@@ -408,7 +425,9 @@ fn check_rules_command() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("r.yaml:3") && stdout.contains("rule=premium"),
+        stdout.contains("r.yaml:3")
+            && stdout.contains("descriptor=api_key")
+            && stdout.contains("name=premium"),
         "{stdout}"
     );
     assert!(stdout.contains("capacity=100 rate=10/s"), "{stdout}");
@@ -418,7 +437,7 @@ fn check_rules_command() {
         "r.yaml",
         "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute }\n",
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
         .args(["check-rules"])
         .arg(dir.path())
         .output()

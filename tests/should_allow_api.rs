@@ -168,8 +168,13 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
         ("FAILURE_MODE", "maybe"),
         ("REDIS_URL", "localhost:6379"),
         ("GRPC_ADDR", "nowhere"),
+        ("MAX_CAPACITY", "2e15"),
+        ("MAX_RATE", "1e16"),
+        ("BUCKET_PREFIX", ""),
+        ("RLS_KEY_PREFIX", "tb:user:envoy:"),
+        ("TB_CAPACITY", "2e9"),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
             .env(var, value)
             .output()
             .unwrap();
@@ -180,13 +185,74 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
     }
 }
 
+#[tokio::test]
+async fn an_unparsable_redis_url_never_shows_its_password() {
+    for url in [
+        "redis://user:s3cret@host:port/0",
+        "redis://:s3cret@[::1",
+        "rediss://u:s3cret@h:99999",
+    ] {
+        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+            .env("REDIS_URL", url)
+            .env("RUST_LOG", "debug")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{url}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("REDIS_URL"), "{text}");
+        assert!(!text.contains("s3cret"), "the password leaked: {text}");
+    }
+}
+
+/// Figures at the edges: a tiny rate gives capped times, never an overflow; SHADOW_MODE holds
+/// for a FAILURE_MODE=deny answer.
+#[tokio::test]
+async fn tiny_rates_cap_the_figures() {
+    let t = Tollgate::start(&[], &[]).await;
+    let mut c = t.client().await;
+    let r = should_allow(&mut c, ask("tiny", 10.0, 1e-17, 10))
+        .await
+        .unwrap();
+    assert!(r.allowed);
+    assert_eq!(r.reset_after_ms, (1 << 53) - 1);
+    let r = should_allow(&mut c, ask("tiny", 10.0, 1e-17, 1))
+        .await
+        .unwrap();
+    assert!(!r.allowed);
+    assert_eq!(r.retry_after_ms, (1 << 53) - 1, "{r:?}");
+}
+
+#[tokio::test]
+async fn shadow_mode_holds_for_the_failure_mode_deny_answer() {
+    let closed = format!("redis://127.0.0.1:{}/0", common::free_port());
+    let t = Tollgate::start(
+        &[
+            "--failure-mode",
+            "deny",
+            "--shadow-mode",
+            "--redis-timeout-ms",
+            "50",
+        ],
+        &[("REDIS_URL", &closed)],
+    )
+    .await;
+    let mut c = t.client().await;
+    let r = should_allow(&mut c, ask("k", 0.0, 0.0, 1)).await.unwrap();
+    assert!(r.degraded);
+    assert!(r.allowed, "SHADOW_MODE answers allowed: {r:?}");
+}
+
 #[test]
 fn bad_rules_fail_the_start_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "domain: edge\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n").unwrap();
     for path in [bad.to_str().unwrap(), "/nonexistent/rules"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("RULES", path)
             .env("RUST_LOG", "error")
@@ -204,7 +270,7 @@ fn bad_rules_fail_the_start_with_one_line() {
 
 #[test]
 fn secrets_never_appear_in_help() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
         .arg("--help")
         .env("REDIS_URL", "redis://:hunter2@10.0.0.1:6379")
         .output()

@@ -80,6 +80,7 @@ impl<B: Backend> ShouldAllowApi<B> {
             ));
         }
         let op = if req.dry_run {
+            // Answers as a request of this cost would be answered (at least 1 token).
             Op::Check(u64::from(cost))
         } else {
             Op::Take(u64::from(cost))
@@ -99,11 +100,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         let (key, shape, op) = self.parse(req)?;
         let result = self
             .backend
-            .decide(BucketRequest {
-                key: &key,
-                shape,
-                op,
-            })
+            .decide(BucketRequest::new(&key, shape, op))
             .await;
         match result {
             Ok(decision) => {
@@ -118,7 +115,8 @@ impl<B: Backend> ShouldAllowApi<B> {
                         tracing::debug!(error = %e, allowed, "backend failed; FAILURE_MODE answered");
                         self.failure_metrics.record(allowed);
                         Ok(ShouldAllowResponse {
-                            allowed,
+                            // SHADOW_MODE holds for a FAILURE_MODE=deny answer too.
+                            allowed: allowed || self.defaults.shadow_mode,
                             capacity: shape.capacity(),
                             rate: shape.rate(),
                             degraded: true,

@@ -77,7 +77,7 @@ impl Limiter {
         })
     }
 
-    async fn ask(&self, key: String) -> Result<ShouldAllowResponse, String> {
+    async fn ask(&self, key: String) -> Result<ShouldAllowResponse, Refusal> {
         let mut request = tonic::Request::new(ShouldAllowRequest {
             key,
             cost: 1,
@@ -90,8 +90,39 @@ impl Limiter {
         // The gRPC deadline travels to tollgate; the local one also bounds connecting.
         match tokio::time::timeout(self.timeout, client.should_allow(request)).await {
             Ok(Ok(answer)) => Ok(answer.into_inner()),
-            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
-            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+            Ok(Err(status)) => Err(Refusal::classify(&status)),
+            Err(_) => Err(Refusal::Unavailable(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+/// Why tollgate gave no decision. Only an unreachable or slow tollgate is left to
+/// DEMO_FAILURE_MODE: any other error is never an allow.
+#[derive(Debug)]
+enum Refusal {
+    /// Unreachable, overloaded or too slow: DEMO_FAILURE_MODE decides.
+    Unavailable(String),
+    /// The request's identity is not acceptable (too long, say): the client's error, 400.
+    BadRequest(String),
+    /// Anything else (tollgate refuses this demo's settings, a bug): 500, never served.
+    Other(String),
+}
+
+impl Refusal {
+    fn classify(status: &tonic::Status) -> Self {
+        use tonic::Code;
+        let text = format!("{:?}: {}", status.code(), status.message());
+        match status.code() {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::ResourceExhausted
+            | Code::Unknown => Refusal::Unavailable(text),
+            Code::InvalidArgument => Refusal::BadRequest(status.message().to_string()),
+            _ => Refusal::Other(text),
         }
     }
 }
@@ -137,7 +168,16 @@ pub(super) async fn enforce(
                 .insert("retry-after", HeaderValue::from(retry_after));
             response
         }
-        Err(e) => {
+        Err(Refusal::BadRequest(detail)) => {
+            let body = json!({ "error": "bad request", "detail": detail });
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
+        Err(Refusal::Other(e)) => {
+            tracing::error!(error = %e, "tollgate refused the decision; not serving");
+            let body = json!({ "error": "rate limiter refused the request" });
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+        }
+        Err(Refusal::Unavailable(e)) => {
             limiter.failures.increment(1);
             tracing::warn!(error = %e, mode = %limiter.failure_mode, "tollgate unavailable; DEMO_FAILURE_MODE decides");
             match limiter.failure_mode {

@@ -14,10 +14,9 @@ use std::{fmt, sync::Arc};
 
 pub use matcher::{Match, descriptor_key};
 pub use parse::{RulesError, load_path};
-pub use watch::{RulesHandle, spawn_watcher};
+pub use watch::{ReloadObserver, RulesHandle, spawn_watcher};
 
 use crate::core::Shape;
-use crate::telemetry::RuleMetrics;
 
 /// A time unit of envoyproxy/ratelimit's format (case-insensitive in YAML).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +100,10 @@ impl Limit {
         }
         let rate = f64::from(requests_per_unit) / (unit.seconds() * f64::from(unit_multiplier));
         let capacity = burst.unwrap_or(f64::from(requests_per_unit));
+        // A bucket smaller than one token would deny every request silently.
+        if capacity < 1.0 {
+            return Err(format!("burst must be at least 1, got {capacity}"));
+        }
         let shape = Shape::new(capacity, rate).map_err(|e| {
             if e.field == "capacity" {
                 format!("burst {}", e.reason)
@@ -119,6 +122,8 @@ impl Limit {
 
 /// One rule of a rules file, as loaded.
 pub struct Rule {
+    /// Its place in [`RuleSet::rules`] (callers keep per-rule state in a vector by this index).
+    pub id: usize,
     pub domain: String,
     /// The `rule` label of the per-rule metrics: the rule's `name`, else its descriptor path
     /// (`key` or `key=value`, nested ones joined by `.`). Bounded by the rules file, never by traffic.
@@ -127,10 +132,12 @@ pub struct Rule {
     pub replaces: Vec<String>,
     pub limit: Limit,
     pub shadow_mode: bool,
-    pub detailed_metric: bool,
+    /// Charges always land, down to -capacity (tollgate's `debt: true`).
+    pub debt: bool,
+    /// The descriptor's key path (`key` or `key=value`, nested ones joined by `.`).
+    pub path: String,
     /// `file:line`, for `check-rules` and logs.
     pub source: String,
-    pub metrics: RuleMetrics,
 }
 
 impl fmt::Debug for Rule {
@@ -150,9 +157,12 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}  domain={}  rule={}  ",
-            self.source, self.domain, self.label
+            "{}  domain={}  descriptor={}  ",
+            self.source, self.domain, self.path
         )?;
+        if let Some(name) = &self.name {
+            write!(f, "name={name}  ")?;
+        }
         match self.limit {
             Limit::Unlimited => write!(f, "unlimited")?,
             Limit::Blocked { unit } => write!(f, "0/{} (always over limit)", unit.as_str())?,
@@ -177,6 +187,9 @@ impl fmt::Display for Rule {
         }
         if self.shadow_mode {
             write!(f, "  shadow_mode")?;
+        }
+        if self.debt {
+            write!(f, "  debt")?;
         }
         if !self.replaces.is_empty() {
             write!(f, "  replaces={}", self.replaces.join(","))?;

@@ -12,7 +12,6 @@ use serde_saphyr::Spanned;
 
 use super::matcher::{Level, Node, Wildcard};
 use super::{Limit, Rule, RuleSet, Unit};
-use crate::telemetry::RuleMetrics;
 
 /// A rules file or directory that cannot be loaded; the message names the file and line.
 #[derive(Debug, thiserror::Error)]
@@ -39,12 +38,15 @@ struct DescriptorYaml {
     descriptors: Vec<DescriptorYaml>,
     #[serde(default)]
     shadow_mode: bool,
+    /// tollgate: charges always land, the bucket going into debt down to -capacity.
     #[serde(default)]
-    detailed_metric: bool,
-    /// Metric naming in envoyproxy/ratelimit; tollgate's labels never carry values, so it is
-    /// accepted and has no effect.
-    #[serde(default)]
-    value_to_metric: bool,
+    debt: bool,
+    /// Metric naming in envoyproxy/ratelimit; tollgate's labels never carry values, so these are
+    /// accepted and have no effect.
+    #[serde(default, rename = "detailed_metric")]
+    _detailed_metric: bool,
+    #[serde(default, rename = "value_to_metric")]
+    _value_to_metric: bool,
     #[serde(default)]
     share_threshold: bool,
     /// Not supported: refused by name rather than misread.
@@ -90,7 +92,7 @@ pub fn load_path(path: &Path) -> Result<RuleSet, RulesError> {
     for file in &files {
         let text = std::fs::read_to_string(file)
             .map_err(|e| RulesError(format!("{}: cannot read: {e}", file.display())))?;
-        let (domain, level, rules) = parse_file(file, &text)?;
+        let (domain, level, rules) = parse_file(file, &text, set.rules.len())?;
         if let Some(first) = domain_files.get(&domain) {
             return Err(RulesError(format!(
                 "{}: domain '{domain}' is already defined in {}",
@@ -137,6 +139,7 @@ pub(super) fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
 pub(super) fn parse_file(
     file: &Path,
     text: &str,
+    first_id: usize,
 ) -> Result<(String, Level, Vec<Arc<Rule>>), RulesError> {
     let name = file.display().to_string();
     let parsed: FileYaml = serde_saphyr::from_str(text).map_err(|e| {
@@ -156,6 +159,7 @@ pub(super) fn parse_file(
     let mut builder = Builder {
         file: &name,
         domain: &domain,
+        first_id,
         rules: Vec::new(),
     };
     let level = builder.level(&parsed.descriptors, "")?;
@@ -181,6 +185,8 @@ fn parser_message(rendered: &str) -> String {
 struct Builder<'a> {
     file: &'a str,
     domain: &'a str,
+    /// The id of this file's first rule (ids run on across the files of a set).
+    first_id: usize,
     rules: Vec<Arc<Rule>>,
 }
 
@@ -217,7 +223,6 @@ impl Builder<'_> {
                     "share_threshold needs a value with a '*' wildcard".into()
                 ));
             }
-            let _ = d.value_to_metric;
 
             let step = match &value {
                 Some(v) => format!("{key}={v}"),
@@ -307,16 +312,22 @@ impl Builder<'_> {
             }
             replaces.push(r.name.clone());
         }
+        if d.debt && !matches!(limit, Limit::Bucket { .. }) {
+            return Err(at(
+                "debt needs a bucket (requests_per_unit above 0, not unlimited)".into(),
+            ));
+        }
         let label = name.clone().unwrap_or_else(|| path.to_string());
         let rule = Arc::new(Rule {
+            id: self.first_id + self.rules.len(),
             domain: self.domain.to_string(),
-            metrics: RuleMetrics::new(self.domain, &label),
             label,
             name,
             replaces,
             limit,
             shadow_mode: d.shadow_mode,
-            detailed_metric: d.detailed_metric,
+            debt: d.debt,
+            path: path.to_string(),
             source: format!("{}:{line}", self.file),
         });
         self.rules.push(rule.clone());

@@ -15,7 +15,9 @@ use notify::Watcher as _;
 use tokio_util::sync::CancellationToken;
 
 use super::{RuleSet, RulesError, load_path, parse::rule_files};
-use crate::telemetry::ReloadMetrics;
+
+/// Told the outcome of every load (true: ok), for the reload counters.
+pub type ReloadObserver = Arc<dyn Fn(bool) + Send + Sync>;
 
 /// How long to let a burst of file events settle (an editor's save, a ConfigMap's symlink swap).
 const SETTLE: Duration = Duration::from_millis(150);
@@ -26,7 +28,7 @@ const POLL_EVERY: Duration = Duration::from_secs(2);
 pub struct RulesHandle {
     current: ArcSwapOption<RuleSet>,
     path: Option<PathBuf>,
-    metrics: ReloadMetrics,
+    observer: Option<ReloadObserver>,
 }
 
 impl RulesHandle {
@@ -35,20 +37,27 @@ impl RulesHandle {
         Self {
             current: ArcSwapOption::empty(),
             path: None,
-            metrics: ReloadMetrics::default(),
+            observer: None,
         }
     }
 
-    /// Loads `path` (a file or a directory of `*.yaml`); an error stops the start.
-    pub fn load(path: &Path) -> Result<Self, RulesError> {
+    /// Loads `path` (a file or a directory of `*.yaml`); an error stops the start. `observer`
+    /// hears of this load and of every reload.
+    pub fn load(path: &Path, observer: Option<ReloadObserver>) -> Result<Self, RulesError> {
         let set = load_path(path)?;
         let handle = Self {
             current: ArcSwapOption::from_pointee(set),
             path: Some(path.to_path_buf()),
-            metrics: ReloadMetrics::default(),
+            observer,
         };
-        handle.metrics.record(true);
+        handle.observe(true);
         Ok(handle)
+    }
+
+    fn observe(&self, ok: bool) {
+        if let Some(o) = &self.observer {
+            o(ok);
+        }
     }
 
     /// The rules now; cheap (no lock, no copy).
@@ -69,12 +78,12 @@ impl RulesHandle {
             Ok(set) => {
                 let count = set.rules().len();
                 self.current.store(Some(Arc::new(set)));
-                self.metrics.record(true);
+                self.observe(true);
                 tracing::info!(path = %path.display(), rules = count, "rules reloaded");
                 Ok(())
             }
             Err(e) => {
-                self.metrics.record(false);
+                self.observe(false);
                 tracing::error!(error = %e, "rules change rejected; the previous rules stay in force");
                 Err(e)
             }

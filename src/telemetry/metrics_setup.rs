@@ -16,7 +16,8 @@ pub mod names {
     pub const RULE_DECISIONS: &str = "tollgate_rule_decisions_total";
     pub const TOKENS_REMAINING: &str = "tollgate_tokens_remaining";
     pub const RULES_RELOADS: &str = "tollgate_rules_reloads_total";
-    pub use crate::backend::memory::EVICTIONS_METRIC as MEMORY_EVICTIONS;
+    pub const SHED: &str = "tollgate_shed_total";
+    pub const MEMORY_EVICTIONS: &str = "tollgate_memory_evictions_total";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -118,7 +119,11 @@ fn describe() {
     );
     describe_counter!(
         names::MEMORY_EVICTIONS,
-        "Memory buckets dropped before they were full because MEMORY_MAX_BUCKETS was reached."
+        "Memory buckets dropped because MEMORY_MAX_BUCKETS was reached, by whether they were full (nothing lost) or partial (the key starts full again)."
+    );
+    describe_counter!(
+        names::SHED,
+        "Calls refused before any work, by reason (concurrency, message_size, bounds)."
     );
 }
 
@@ -200,14 +205,17 @@ impl RuleMetrics {
         }
     }
 
-    /// Counts one decision (`hits` is the cost) and the tokens left after it.
-    pub fn record(&self, allowed: bool, shadow: bool, hits: u64, tokens_remaining: f64) {
+    /// Counts one decision (`hits` is the cost) and the tokens left after it, when a bucket was
+    /// asked.
+    pub fn record(&self, allowed: bool, shadow: bool, hits: u64, tokens_remaining: Option<f64>) {
         match (allowed, shadow) {
             (true, _) => self.allowed.increment(hits),
             (false, false) => self.denied.increment(hits),
             (false, true) => self.shadow_denied.increment(hits),
         }
-        self.tokens.set(tokens_remaining);
+        if let Some(tokens) = tokens_remaining {
+            self.tokens.set(tokens);
+        }
     }
 }
 
@@ -234,5 +242,33 @@ impl ReloadMetrics {
         } else {
             self.error.increment(1)
         }
+    }
+}
+
+/// Calls refused before any work, by reason.
+#[derive(Clone)]
+pub struct ShedMetrics {
+    pub concurrency: Counter,
+    pub message_size: Counter,
+    pub bounds: Counter,
+}
+
+impl Default for ShedMetrics {
+    fn default() -> Self {
+        let c = |reason: &'static str| metrics::counter!(names::SHED, "reason" => reason);
+        Self {
+            concurrency: c("concurrency"),
+            message_size: c("message_size"),
+            bounds: c("bounds"),
+        }
+    }
+}
+
+/// The memory backend's eviction counters, registered (at 0) from the start.
+pub fn eviction_counters() -> crate::backend::memory::EvictionCounters {
+    let c = |bucket: &'static str| metrics::counter!(names::MEMORY_EVICTIONS, "bucket" => bucket);
+    crate::backend::memory::EvictionCounters {
+        full: Some(c("full")),
+        partial: Some(c("partial")),
     }
 }

@@ -5,8 +5,8 @@ mod metrics_setup;
 mod timed;
 
 pub use metrics_setup::{
-    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics,
-    install_metrics, install_recorder, names,
+    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics, ShedMetrics,
+    eviction_counters, install_metrics, install_recorder, names,
 };
 pub use timed::Timed;
 
