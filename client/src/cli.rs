@@ -86,6 +86,12 @@ pub struct Cli {
     #[arg(long = "descriptor")]
     pub descriptors: Vec<String>,
 
+    /// Envoy: the rules file or directory tollgate serves, so --check-bound checks each bucket
+    /// against its real shape (burst, unit_multiplier); without it the shape is read from
+    /// current_limit (requests_per_unit per unit).
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
+
     /// HTTP URL to GET (--api http); {key} is replaced by the request's key.
     #[arg(long)]
     pub url: Option<String>,

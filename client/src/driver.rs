@@ -39,6 +39,7 @@ impl Shared {
         let reply = self.target.call(conn, key).await;
         let done = Instant::now();
         let latency_us = done.saturating_duration_since(intended).as_micros() as u64;
+        let sent_us = intended.saturating_duration_since(self.start).as_micros() as u64;
         let done_us = done.saturating_duration_since(self.start).as_micros() as u64;
         match &reply {
             None => self.errors.fetch_add(1, Ordering::Relaxed),
@@ -46,9 +47,14 @@ impl Shared {
             Some((false, _)) => self.denied.fetch_add(1, Ordering::Relaxed),
         };
         self.done.fetch_add(1, Ordering::Relaxed);
-        self.recorders[conn % SHARDS]
-            .lock()
-            .record(k, self.tokens, &reply, done_us, latency_us);
+        self.recorders[conn % SHARDS].lock().record(
+            k,
+            self.tokens,
+            &reply,
+            sent_us,
+            done_us,
+            latency_us,
+        );
     }
 }
 

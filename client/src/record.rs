@@ -37,12 +37,14 @@ pub struct SlotCounts {
     pub unlimited: u64,
 }
 
-/// Tokens allowed to one bucket at one time (µs since the start), for the bound check.
+/// Tokens allowed to one bucket, with when the request was sent and when its answer came (µs
+/// since the start): the server decided somewhere in between. For the bound check.
 #[derive(Clone, Copy)]
 struct Event {
     key: u32,
     slot: u16,
-    t_us: u64,
+    sent_us: u64,
+    done_us: u64,
     tokens: u32,
 }
 
@@ -75,8 +77,17 @@ impl Recorder {
         }
     }
 
-    /// Records one call that ended `done_us` after the start and took `latency_us`.
-    pub fn record(&mut self, key: u32, tokens: u32, reply: &Reply, done_us: u64, latency_us: u64) {
+    /// Records one call sent `sent_us` after the start (its intended start in the open loop) that
+    /// ended `done_us` after it and took `latency_us`.
+    pub fn record(
+        &mut self,
+        key: u32,
+        tokens: u32,
+        reply: &Reply,
+        sent_us: u64,
+        done_us: u64,
+        latency_us: u64,
+    ) {
         self.requests += 1;
         let latency = latency_us.clamp(1, MAX_US);
         let _ = self.latency.record(latency);
@@ -115,7 +126,8 @@ impl Recorder {
                         self.events.push(Event {
                             key,
                             slot: b.slot,
-                            t_us: done_us,
+                            sent_us,
+                            done_us,
                             tokens,
                         });
                     }
@@ -152,37 +164,48 @@ impl Recorder {
         }
     }
 
-    /// Replays the allowed events of every bucket in time order: the tokens allowed up to any
-    /// moment t must not exceed `capacity + rate * t` (t from the start of the run, when no bucket
-    /// can hold more than its capacity). An event is counted at its answer's arrival, after the
-    /// server decided it, so the check never blames the limiter for the client's delays.
+    /// Checks every bucket over every interval: the tokens allowed by decisions made within
+    /// `[t1, t2]` must not exceed `capacity + rate * (t2 - t1)` (a bucket holds at most its
+    /// capacity at any moment, then refills at its rate), so a burst after an idle stretch is
+    /// caught as well as an excess since the start.
+    ///
+    /// A decision happened between its request's send and its answer's arrival. With a bucket's
+    /// events sorted by send time, the decisions of events `i..=j` all lie within
+    /// `[sent_i, max done of 1..=j]`, which is never shorter than the true interval, so the
+    /// check never blames the limiter for the client's delays. It runs in one pass per bucket:
+    /// with prefix sums `S`, a violation is `S_j - rate * D_j + max_i(rate * sent_i - S_(i-1)) >
+    /// capacity`, where `D_j` is the latest answer among the first `j`.
     pub fn check_bound(&mut self) -> Bound {
         self.events
-            .sort_unstable_by_key(|e| (e.key, e.slot, e.t_us));
+            .sort_unstable_by_key(|e| (e.key, e.slot, e.sent_us));
         let mut bound = Bound::default();
-        let mut i = 0;
-        while i < self.events.len() {
-            let (key, slot) = (self.events[i].key, self.events[i].slot);
+        for events in self
+            .events
+            .chunk_by(|a, b| (a.key, a.slot) == (b.key, b.slot))
+        {
+            let (key, slot) = (events[0].key, events[0].slot);
             let (capacity, rate) = self.shapes[&(key, slot)];
+            let rate_us = rate / 1e6;
             bound.buckets += 1;
-            let mut allowed = 0.0;
-            let mut violated = false;
-            while i < self.events.len() && (self.events[i].key, self.events[i].slot) == (key, slot)
-            {
-                let e = self.events[i];
-                allowed += f64::from(e.tokens);
-                let limit = capacity + rate * e.t_us as f64 / 1e6;
-                if allowed > limit + 1e-6 && !violated {
-                    violated = true;
+            let (mut sum, mut latest_done, mut best_start) = (0.0f64, 0u64, f64::NEG_INFINITY);
+            for e in events {
+                // The window may start at this event: what its start allows, net of what came before.
+                best_start = best_start.max(rate_us * e.sent_us as f64 - sum);
+                sum += f64::from(e.tokens);
+                latest_done = latest_done.max(e.done_us);
+                let excess = sum - rate_us * latest_done as f64 + best_start - capacity;
+                // 1e-6 of a token absorbs float rounding; tokens are whole.
+                if excess > 1e-6 {
                     bound.violations += 1;
                     if bound.first.is_none() {
                         bound.first = Some(format!(
-                            "key #{key}, descriptor {slot}: {allowed} tokens allowed by {:.3} s, bound {limit:.3}",
-                            e.t_us as f64 / 1e6
+                            "key #{key}, descriptor {slot}: {:.3} tokens more than capacity {capacity} + rate {rate}/s allow, in a window ending at {:.3} s",
+                            excess,
+                            latest_done as f64 / 1e6
                         ));
                     }
+                    break;
                 }
-                i += 1;
             }
         }
         bound.checked = true;
@@ -214,12 +237,17 @@ mod tests {
         ))
     }
 
+    /// Records an allowed event sent at `t` µs, answered 10 µs later.
+    fn at(r: &mut Recorder, key: u32, t: u64, shape: (f64, f64)) {
+        r.record(key, 1, &allowed(shape), t, t + 10, 10);
+    }
+
     #[test]
     fn bound_holds_for_a_token_bucket_and_catches_excess() {
         let mut ok = Recorder::new(1, true);
         // capacity 2, 1 per second: 2 at once, then one per second.
         for (i, t) in [0, 1, 1_000_000, 2_000_000].into_iter().enumerate() {
-            ok.record(7, 1, &allowed((2.0, 1.0)), t + 10, 5);
+            at(&mut ok, 7, t, (2.0, 1.0));
             assert_eq!(ok.requests, i as u64 + 1);
         }
         let b = ok.check_bound();
@@ -227,19 +255,49 @@ mod tests {
 
         let mut bad = Recorder::new(1, true);
         for t in [0, 1, 2] {
-            bad.record(7, 1, &allowed((2.0, 1.0)), t, 5);
+            at(&mut bad, 7, t, (2.0, 1.0));
         }
         let b = bad.check_bound();
         assert_eq!(b.violations, 1, "{b:?}");
     }
 
     #[test]
+    fn a_burst_after_an_idle_stretch_is_caught() {
+        // capacity 2, 1 per second. Idle for 10 s, then 5 at once: the total since the start (5 of
+        // 12 allowed) is fine, but no window may hold more than 2 + its refill.
+        let mut r = Recorder::new(1, true);
+        at(&mut r, 1, 0, (2.0, 1.0));
+        for t in [10_000_000, 10_000_001, 10_000_002, 10_000_003, 10_000_004] {
+            at(&mut r, 1, t, (2.0, 1.0));
+        }
+        let b = r.check_bound();
+        assert_eq!(b.violations, 1, "{b:?}");
+        // The same burst spread at the rate passes.
+        let mut r = Recorder::new(1, true);
+        for i in 0..12u64 {
+            at(&mut r, 1, 10_000_000 + i * 1_000_000, (2.0, 1.0));
+        }
+        at(&mut r, 1, 10_000_001, (2.0, 1.0));
+        assert_eq!(r.check_bound().violations, 0);
+    }
+
+    #[test]
+    fn slow_answers_are_not_blamed_on_the_limiter() {
+        // Two decisions 1 s apart on a bucket of 1 at 1/s, whose answers both arrive late and
+        // together: fine, the window of the decisions spans their sends.
+        let mut r = Recorder::new(1, true);
+        r.record(1, 1, &allowed((1.0, 1.0)), 0, 1_500_000, 10);
+        r.record(1, 1, &allowed((1.0, 1.0)), 1_000_000, 1_500_001, 10);
+        assert_eq!(r.check_bound().violations, 0);
+    }
+
+    #[test]
     fn merge_adds_up() {
         let mut a = Recorder::new(1, false);
         let mut b = Recorder::new(1, false);
-        a.record(1, 1, &allowed((1.0, 1.0)), 10, 100);
-        b.record(1, 1, &None, 2_500_000, 300);
-        b.record(2, 1, &Some((false, vec![])), 2_600_000, 300);
+        a.record(1, 1, &allowed((1.0, 1.0)), 0, 10, 100);
+        b.record(1, 1, &None, 2_499_000, 2_500_000, 300);
+        b.record(2, 1, &Some((false, vec![])), 2_599_000, 2_600_000, 300);
         a.merge(b);
         assert_eq!((a.requests, a.allowed, a.denied, a.errors), (3, 1, 1, 1));
         assert_eq!(a.timeline.len(), 3);

@@ -14,6 +14,7 @@ use tollgate::proto::envoy::service::ratelimit::v3::{
 use tollgate::proto::tollgate::v1::{
     ShouldAllowRequest, rate_limit_service_client::RateLimitServiceClient,
 };
+use tollgate::rules::{Limit, RuleSet, load_path};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{Api, Cli};
@@ -54,6 +55,8 @@ pub enum Target {
         descriptors: Vec<Vec<(String, String)>>,
         hits: u32,
         shape: Option<(f64, f64)>,
+        /// The rules tollgate serves, for each bucket's real shape.
+        rules: Option<RuleSet>,
         timeout: Duration,
     },
     Http {
@@ -94,6 +97,12 @@ impl Target {
                     .map_err(anyhow::Error::msg)?,
                 hits: cli.cost,
                 shape: cli.capacity.zip(cli.rate),
+                rules: cli
+                    .rules
+                    .as_deref()
+                    .map(load_path)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--rules: {e}"))?,
                 timeout: cli.timeout,
             },
             Api::Http => {
@@ -184,10 +193,11 @@ impl Target {
                 descriptors,
                 hits,
                 shape,
+                rules,
                 timeout,
             } => {
                 let mut client = clients[conn % clients.len()].clone();
-                let descriptors = descriptors
+                let descriptors: Vec<RateLimitDescriptor> = descriptors
                     .iter()
                     .map(|entries| RateLimitDescriptor {
                         entries: entries
@@ -198,6 +208,18 @@ impl Target {
                             })
                             .collect(),
                         ..Default::default()
+                    })
+                    .collect();
+                // The rule each descriptor matches, when the rules are known: its true shape.
+                let rule_shapes: Vec<Option<(f64, f64)>> = descriptors
+                    .iter()
+                    .map(|d| {
+                        let set = rules.as_ref()?;
+                        let entries = d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str()));
+                        match set.lookup("", domain, entries)?.rule.limit {
+                            Limit::Bucket { shape, .. } => Some((shape.capacity(), shape.rate())),
+                            _ => None,
+                        }
                     })
                     .collect();
                 let mut req = tonic::Request::new(RateLimitRequest {
@@ -225,7 +247,7 @@ impl Target {
                         BucketAnswer {
                             slot: i as u16,
                             verdict,
-                            shape: shape.or(limit_shape),
+                            shape: shape.or(rule_shapes[i]).or(limit_shape),
                         }
                     })
                     .collect();
