@@ -43,7 +43,11 @@ fn promtool_check(text: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_finds_nothing_after_traffic() {
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(&["--rules", "deploy/rules"], &[("REDIS_URL", &redis.url())]).await;
+    let t = Tollgate::start(
+        &["--rules", &common::repo_path("deploy/rules")],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
     let mut c = t.client().await;
     for i in 0..30 {
         let _ = should_allow(&mut c, ask(&format!("k{}", i % 3), 5.0, 1.0, 1)).await;
@@ -212,7 +216,11 @@ fn has_data(series: &[Value]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_panel_has_data() {
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(&["--rules", "deploy/rules"], &[("REDIS_URL", &redis.url())]).await;
+    let t = Tollgate::start(
+        &["--rules", &common::repo_path("deploy/rules")],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
     let demo = Demo::start(
         &t.grpc_url(),
         &["--identity", "api-key", "--tollgate-timeout-ms", "500"],

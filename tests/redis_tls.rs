@@ -114,7 +114,7 @@ async fn rediss_with_a_trusted_ca_and_refused_without() {
             "--tls-auth-clients",
             "no",
         ])
-        .args(["--save", "", "--appendonly", "no"])
+        .args(["--save", "", "--appendonly", "no", "--dir", &d("")])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_REDIS));

@@ -16,6 +16,33 @@ use tonic::transport::Channel;
 
 pub const INSTALL_REDIS: &str = "redis-server not found: install it with `apt-get install -y redis-server` (scripts/test.sh does)";
 
+/// An empty directory, made once per test process: our binaries run from it, so a `.env` in the
+/// developer's checkout never leaks into a test.
+pub fn hermetic_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("a temp dir"))
+        .path()
+}
+
+/// One of this workspace's binaries, ready to spawn hermetically: a clean environment (only PATH
+/// and `RUST_LOG=error`) and an empty working directory.
+pub fn our_binary(path: &str) -> Command {
+    let mut cmd = Command::new(path);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "error")
+        .current_dir(hermetic_dir());
+    cmd
+}
+
+/// A file of this repository by its path from the root, absolute (binaries run elsewhere).
+pub fn repo_path(relative: &str) -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(relative)
+        .display()
+        .to_string()
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -56,11 +83,12 @@ async fn serving(child: &mut Option<Child>, what: &str, mut up: impl AsyncFnMut(
     }
 }
 
-/// A throwaway redis-server on 127.0.0.1.
+/// A throwaway redis-server on 127.0.0.1, working in its own temp dir.
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -73,6 +101,7 @@ impl RedisServer {
             port: 0,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir: tempfile::tempdir().unwrap(),
         };
         // A port picked free can be taken by a parallel test first; then try another.
         for _ in 0..5 {
@@ -100,6 +129,8 @@ impl RedisServer {
                 "--enable-debug-command",
                 "local",
             ])
+            .arg("--dir")
+            .arg(self.dir.path())
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -193,29 +224,8 @@ impl Tollgate {
     async fn try_start(args: &[&str], env: &[(&str, &str)]) -> Option<Self> {
         let grpc_port = free_port();
         let http_port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        for var in [
-            "REDIS_URL",
-            "REDIS_TYPE",
-            "REDIS_TIMEOUT_MS",
-            "TB_CAPACITY",
-            "TB_RATE",
-            "BUCKET_PREFIX",
-            "RLS_KEY_PREFIX",
-            "RULES",
-            "FAILURE_MODE",
-            "GRPC_ADDR",
-            "HTTP_ADDR",
-            "SHADOW_MODE",
-            "MAX_CAPACITY",
-            "MAX_RATE",
-            "MEMORY_MAX_BUCKETS",
-            "SHUTDOWN_GRACE_SECS",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env("RUST_LOG", "error")
-            .envs(env.iter().copied())
+        let mut cmd = our_binary(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.envs(env.iter().copied())
             .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
             .args(args)
@@ -551,9 +561,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start() -> Self {
+        Self::serving(axum::Router::new().fallback(|| async { "hello" })).await
+    }
+
+    /// An upstream answering with `app`.
+    pub async fn serving(app: axum::Router) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let app = axum::Router::new().fallback(|| async { "hello" });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -577,9 +591,7 @@ impl Demo {
     pub async fn start(tollgate_grpc_url: &str, args: &[&str]) -> Self {
         for _ in 0..5 {
             let port = free_port();
-            let child = Command::new(env!("CARGO_BIN_EXE_tollgate-demo"))
-                .env_clear()
-                .env("RUST_LOG", "error")
+            let child = our_binary(env!("CARGO_BIN_EXE_tollgate-demo"))
                 .args(["--addr", &format!("127.0.0.1:{port}")])
                 .args(["--tollgate-url", tollgate_grpc_url])
                 .args(args)
@@ -846,6 +858,7 @@ pub const SENTINEL_MASTER: &str = "tollgate-master";
 impl RedisSentinels {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().display().to_string();
         let (master, replica) = (free_port(), free_port());
         let spawn = |args: Vec<String>| {
             Command::new("redis-server")
@@ -869,6 +882,8 @@ impl RedisSentinels {
                 "yes",
                 "--repl-diskless-sync-delay",
                 "0",
+                "--dir",
+                &dir_path,
             ]
             .iter()
             .map(|s| s.to_string())
