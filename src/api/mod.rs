@@ -3,6 +3,7 @@
 
 mod envoy;
 mod error;
+mod group;
 mod should_allow;
 
 pub use envoy::{EnvoyApi, EnvoySettings};

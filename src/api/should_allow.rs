@@ -1,21 +1,24 @@
-//! `tollgate.v1.RateLimitService/ShouldAllow`: one key, one bucket, one decision.
+//! `tollgate.v1.RateLimitService`: ShouldAllow (one key, one bucket, one decision),
+//! ShouldAllowBatch (several, optionally all or nothing) and Settle (the real cost of a
+//! reservation, after the work).
 
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
-use crate::backend::{Backend, BucketRequest};
+use crate::backend::{Backend, BackendError, BucketRequest};
 use crate::core::{Decision, FailureMode, Limits, Op, Shape};
 use crate::proto::tollgate::v1::{
+    SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_server::RateLimitService,
 };
-use crate::telemetry::{DecisionMetrics, FailureModeMetrics};
+use crate::telemetry::{DecisionMetrics, FailureModeMetrics, ShedMetrics};
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
 
-/// What ShouldAllow fills in for what a request leaves out, and what it refuses.
+/// What the tollgate.v1 API fills in for what a request leaves out, and what it refuses.
 #[derive(Clone, Debug)]
 pub struct Defaults {
     pub shape: Shape,
@@ -23,14 +26,50 @@ pub struct Defaults {
     pub bucket_prefix: String,
     pub failure_mode: FailureMode,
     pub shadow_mode: bool,
+    /// ALLOW_CLIENT_SHAPES: callers may choose capacity and rate.
+    pub allow_client_shapes: bool,
+    /// ALLOW_REFUNDS: a Settle below its reservation gives the difference back.
+    pub allow_refunds: bool,
+    /// MAX_BATCH: the most requests in one ShouldAllowBatch.
+    pub max_batch: usize,
 }
 
-/// The ShouldAllow service over any backend.
+impl Defaults {
+    /// The defaults of SPEC section 4 for `shape`, with `bucket_prefix`.
+    pub fn new(shape: Shape, bucket_prefix: impl Into<String>) -> Self {
+        Self {
+            shape,
+            limits: Limits::default(),
+            bucket_prefix: bucket_prefix.into(),
+            failure_mode: FailureMode::Error,
+            shadow_mode: false,
+            allow_client_shapes: true,
+            allow_refunds: true,
+            max_batch: 100,
+        }
+    }
+}
+
+/// A checked request: its bucket key (prefix included), shape and operation.
+struct Parsed {
+    key: String,
+    shape: Shape,
+    op: Op,
+}
+
+impl Parsed {
+    fn bucket(&self) -> BucketRequest<'_> {
+        BucketRequest::new(&self.key, self.shape, self.op)
+    }
+}
+
+/// The tollgate.v1 service over any backend.
 pub struct ShouldAllowApi<B> {
     backend: B,
     defaults: Defaults,
     metrics: DecisionMetrics,
     failure_metrics: FailureModeMetrics,
+    shed: ShedMetrics,
 }
 
 impl<B: Backend> ShouldAllowApi<B> {
@@ -40,41 +79,65 @@ impl<B: Backend> ShouldAllowApi<B> {
             defaults,
             metrics: DecisionMetrics::new("should_allow"),
             failure_metrics: FailureModeMetrics::default(),
+            shed: ShedMetrics::default(),
         }
     }
 
-    /// Checks a request and turns it into a bucket key, shape and operation.
-    fn parse(&self, req: &ShouldAllowRequest) -> Result<(String, Shape, Op), ApiError> {
-        if req.key.is_empty() {
-            return Err(ApiError::invalid("key", "must not be empty"));
+    /// The bucket a key and shape name. `at` says which request of a batch, for error messages.
+    fn bucket_of(
+        &self,
+        key: &str,
+        capacity: f64,
+        rate: f64,
+        at: Option<usize>,
+    ) -> Result<(String, Shape), ApiError> {
+        let which = at.map(|i| format!("request {i}: ")).unwrap_or_default();
+        if key.is_empty() {
+            return Err(ApiError::invalid(
+                "key",
+                format!("{which}must not be empty"),
+            ));
         }
-        if req.key.len() > MAX_KEY_BYTES {
+        if key.len() > MAX_KEY_BYTES {
             return Err(ApiError::invalid(
                 "key",
                 format!(
-                    "must be at most {MAX_KEY_BYTES} bytes, got {}",
-                    req.key.len()
+                    "{which}must be at most {MAX_KEY_BYTES} bytes, got {}",
+                    key.len()
                 ),
             ));
         }
         let d = &self.defaults;
-        let capacity = if req.capacity == 0.0 {
+        if !d.allow_client_shapes && (capacity != 0.0 || rate != 0.0) {
+            return Err(ApiError::PermissionDenied(format!(
+                "capacity, rate: {which}this server sets bucket shapes itself \
+                 (ALLOW_CLIENT_SHAPES=false); leave both at 0"
+            )));
+        }
+        let capacity = if capacity == 0.0 {
             d.shape.capacity()
         } else {
-            req.capacity
+            capacity
         };
-        let rate = if req.rate == 0.0 {
-            d.shape.rate()
-        } else {
-            req.rate
-        };
-        let shape = Shape::within(capacity, rate, &d.limits)?;
+        let rate = if rate == 0.0 { d.shape.rate() } else { rate };
+        let shape = Shape::within(capacity, rate, &d.limits)
+            .map_err(|e| ApiError::invalid(e.field, format!("{which}{}", e.reason)))?;
+        let mut bucket = String::with_capacity(d.bucket_prefix.len() + key.len());
+        bucket.push_str(&d.bucket_prefix);
+        bucket.push_str(key);
+        Ok((bucket, shape))
+    }
+
+    /// Checks a ShouldAllow request and turns it into a bucket operation.
+    fn parse(&self, req: &ShouldAllowRequest, at: Option<usize>) -> Result<Parsed, ApiError> {
+        let (key, shape) = self.bucket_of(&req.key, req.capacity, req.rate, at)?;
         let cost = req.cost.max(1);
         if f64::from(cost) > shape.capacity() {
+            let which = at.map(|i| format!("request {i}: ")).unwrap_or_default();
             return Err(ApiError::invalid(
                 "cost",
                 format!(
-                    "{cost} exceeds the bucket capacity {} and could never be allowed",
+                    "{which}{cost} exceeds the bucket capacity {} and could never be allowed",
                     shape.capacity()
                 ),
             ));
@@ -85,55 +148,26 @@ impl<B: Backend> ShouldAllowApi<B> {
         } else {
             Op::Take(u64::from(cost))
         };
-        let mut key = String::with_capacity(d.bucket_prefix.len() + req.key.len());
-        key.push_str(&d.bucket_prefix);
-        key.push_str(&req.key);
-        Ok((key, shape, op))
+        Ok(Parsed { key, shape, op })
     }
 
-    /// Decides one request: the whole of ShouldAllow but the proto envelope.
-    pub async fn should_allow(
-        &self,
-        req: &ShouldAllowRequest,
-    ) -> Result<ShouldAllowResponse, ApiError> {
-        let started = Instant::now();
-        let (key, shape, op) = self.parse(req)?;
-        let result = self
-            .backend
-            .decide(BucketRequest::new(&key, shape, op))
-            .await;
-        match result {
-            Ok(decision) => {
-                self.metrics.record(Some(decision.allowed), started);
-                Ok(self.answer(decision, shape))
+    /// FAILURE_MODE's answer to a failed decision: None means report the error.
+    fn fallback(&self, e: &BackendError) -> Option<bool> {
+        let allowed = self.defaults.failure_mode.fallback_allowed();
+        match allowed {
+            // Per call at debug only: an outage would flood the log; health logs the transition.
+            Some(allowed) => {
+                tracing::debug!(error = %e, allowed, "backend failed; FAILURE_MODE answered");
+                self.failure_metrics.record(allowed);
             }
-            Err(e) => {
-                self.metrics.record(None, started);
-                match self.defaults.failure_mode.fallback_allowed() {
-                    Some(allowed) => {
-                        // Per call at debug only: an outage would flood the log; health logs the transition.
-                        tracing::debug!(error = %e, allowed, "backend failed; FAILURE_MODE answered");
-                        self.failure_metrics.record(allowed);
-                        Ok(ShouldAllowResponse {
-                            // SHADOW_MODE holds for a FAILURE_MODE=deny answer too.
-                            allowed: allowed || self.defaults.shadow_mode,
-                            capacity: shape.capacity(),
-                            rate: shape.rate(),
-                            degraded: true,
-                            ..Default::default()
-                        })
-                    }
-                    None => {
-                        tracing::debug!(error = %e, "backend failed; answering UNAVAILABLE");
-                        Err(ApiError::Backend(e))
-                    }
-                }
-            }
+            None => tracing::debug!(error = %e, "backend failed; answering UNAVAILABLE"),
         }
+        allowed
     }
 
-    fn answer(&self, d: Decision, shape: Shape) -> ShouldAllowResponse {
-        // Shadow mode: the bucket was charged and the decision counted; the caller is never held.
+    /// The answer to a decision; shadow mode: the bucket was charged and the decision counted,
+    /// the caller is never held.
+    fn answer(&self, d: &Decision, shape: Shape) -> ShouldAllowResponse {
         let allowed = d.allowed || self.defaults.shadow_mode;
         ShouldAllowResponse {
             allowed,
@@ -145,6 +179,146 @@ impl<B: Backend> ShouldAllowApi<B> {
             degraded: false,
         }
     }
+
+    /// FAILURE_MODE's answer, flagged degraded (SHADOW_MODE holds for a deny too).
+    fn degraded(&self, allowed: bool, shape: Shape) -> ShouldAllowResponse {
+        ShouldAllowResponse {
+            allowed: allowed || self.defaults.shadow_mode,
+            capacity: shape.capacity(),
+            rate: shape.rate(),
+            degraded: true,
+            ..Default::default()
+        }
+    }
+
+    /// Decides one request: the whole of ShouldAllow but the proto envelope.
+    pub async fn should_allow(
+        &self,
+        req: &ShouldAllowRequest,
+    ) -> Result<ShouldAllowResponse, ApiError> {
+        let started = Instant::now();
+        let p = self.parse(req, None)?;
+        match self.backend.decide(p.bucket()).await {
+            Ok(d) => {
+                self.metrics.record(Some(d.allowed), started);
+                Ok(self.answer(&d, p.shape))
+            }
+            Err(e) => {
+                self.metrics.record(None, started);
+                match self.fallback(&e) {
+                    Some(allowed) => Ok(self.degraded(allowed, p.shape)),
+                    None => Err(ApiError::Backend(e)),
+                }
+            }
+        }
+    }
+
+    /// Decides several requests in one call, in order; with `all_or_nothing` a denial of any
+    /// charges none.
+    pub async fn should_allow_batch(
+        &self,
+        req: &ShouldAllowBatchRequest,
+    ) -> Result<ShouldAllowBatchResponse, ApiError> {
+        let started = Instant::now();
+        if req.requests.is_empty() {
+            return Err(ApiError::invalid("requests", "must not be empty"));
+        }
+        if req.requests.len() > self.defaults.max_batch {
+            self.shed.bounds.increment(1);
+            return Err(ApiError::out_of_bounds(
+                "requests",
+                format!(
+                    "{} requests, more than MAX_BATCH ({})",
+                    req.requests.len(),
+                    self.defaults.max_batch
+                ),
+            ));
+        }
+        let parsed: Vec<Parsed> = req
+            .requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.parse(r, Some(i)))
+            .collect::<Result<_, _>>()?;
+        let buckets: Vec<BucketRequest<'_>> = parsed.iter().map(Parsed::bucket).collect();
+        let results = self
+            .backend
+            .decide_group(&buckets, req.all_or_nothing)
+            .await;
+
+        let fallback = match results.iter().find_map(|r| r.as_ref().err()) {
+            None => None,
+            Some(e) => match self.fallback(e) {
+                Some(allowed) => Some(allowed),
+                None => {
+                    self.metrics.record(None, started);
+                    return Err(ApiError::Backend(e.clone()));
+                }
+            },
+        };
+        let responses: Vec<ShouldAllowResponse> = results
+            .iter()
+            .zip(&parsed)
+            .map(|(r, p)| match r {
+                Ok(d) => {
+                    self.metrics.count(Some(d.allowed));
+                    self.answer(d, p.shape)
+                }
+                Err(_) => {
+                    self.metrics.count(None);
+                    self.degraded(fallback.unwrap_or(false), p.shape)
+                }
+            })
+            .collect();
+        let allowed = responses.iter().all(|r| r.allowed);
+        if req.all_or_nothing && fallback == Some(false) {
+            super::group::refund_charges(&self.backend, &buckets, &results).await;
+        }
+        self.metrics.time(started);
+        Ok(ShouldAllowBatchResponse { responses, allowed })
+    }
+
+    /// Settles a reservation: less than reserved refunds the difference (capped at capacity),
+    /// more charges it whatever is left (down to -capacity: debt).
+    pub async fn settle(&self, req: &SettleRequest) -> Result<SettleResponse, ApiError> {
+        let started = Instant::now();
+        let (key, shape) = self.bucket_of(&req.key, req.capacity, req.rate, None)?;
+        let op = match req.actual.cmp(&req.reserved) {
+            std::cmp::Ordering::Less if !self.defaults.allow_refunds => {
+                return Err(ApiError::PermissionDenied(
+                    "actual: below the reservation would refund the difference, and refunds are \
+                     disabled on this server (ALLOW_REFUNDS=false)"
+                        .into(),
+                ));
+            }
+            std::cmp::Ordering::Less => Op::Refund(req.reserved - req.actual),
+            std::cmp::Ordering::Greater => Op::Force(req.actual - req.reserved),
+            // Nothing to settle: report the bucket as it is.
+            std::cmp::Ordering::Equal => Op::Check(0),
+        };
+        match self
+            .backend
+            .decide(BucketRequest::new(&key, shape, op))
+            .await
+        {
+            Ok(d) => {
+                self.metrics.time(started);
+                Ok(SettleResponse {
+                    tokens_remaining: d.tokens_remaining,
+                    reset_after_ms: d.reset_after_ms,
+                    in_debt: d.tokens_remaining < 0.0,
+                    degraded: false,
+                })
+            }
+            Err(e) => match self.fallback(&e) {
+                Some(_) => Ok(SettleResponse {
+                    degraded: true,
+                    ..Default::default()
+                }),
+                None => Err(ApiError::Backend(e)),
+            },
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -154,6 +328,22 @@ impl<B: Backend> RateLimitService for ShouldAllowApi<B> {
         request: Request<ShouldAllowRequest>,
     ) -> Result<Response<ShouldAllowResponse>, Status> {
         let answer = ShouldAllowApi::should_allow(self, request.get_ref()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn should_allow_batch(
+        &self,
+        request: Request<ShouldAllowBatchRequest>,
+    ) -> Result<Response<ShouldAllowBatchResponse>, Status> {
+        let answer = ShouldAllowApi::should_allow_batch(self, request.get_ref()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn settle(
+        &self,
+        request: Request<SettleRequest>,
+    ) -> Result<Response<SettleResponse>, Status> {
+        let answer = ShouldAllowApi::settle(self, request.get_ref()).await?;
         Ok(Response::new(answer))
     }
 }

@@ -148,12 +148,23 @@ impl DecisionMetrics {
         }
     }
 
+    /// Counts one decision (None: the backend failed) and times the call.
     pub fn record(&self, outcome: Option<bool>, started: std::time::Instant) {
+        self.count(outcome);
+        self.time(started);
+    }
+
+    /// Counts one decision of a call that makes several.
+    pub fn count(&self, outcome: Option<bool>) {
         match outcome {
             Some(true) => self.allowed.increment(1),
             Some(false) => self.denied.increment(1),
             None => self.error.increment(1),
         }
+    }
+
+    /// Times one call.
+    pub fn time(&self, started: std::time::Instant) {
         self.duration.record(started.elapsed().as_secs_f64());
     }
 }

@@ -150,6 +150,54 @@ def test_reflection(tollgate, version):
     service = next(p for p in protos if p.package == "tollgate.v1")
     request = next(m for m in service.message_type if m.name == "ShouldAllowRequest")
     assert [f.name for f in request.field] == ["key", "cost", "capacity", "rate", "dry_run"]
+    # The RPCs a grpcurl user would list: ShouldAllow, ShouldAllowBatch and Settle.
+    methods = {m.name for s in service.service for m in s.method}
+    assert methods == {"ShouldAllow", "ShouldAllowBatch", "Settle"}, methods
+    settle = next(m for m in service.message_type if m.name == "SettleRequest")
+    assert [f.name for f in settle.field] == ["key", "capacity", "rate", "reserved", "actual"]
+
+
+def test_reserve_work_settle(stubs, tollgate):
+    """The pattern of README "Charging what things really cost": reserve an estimate, do the
+    work, settle the real cost; less gives the rest back, more goes into debt."""
+    pb, pb_grpc = stubs
+    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    shape = dict(capacity=100, rate=0.001)
+    reserved = stub.ShouldAllow(pb.ShouldAllowRequest(key="py:llm", cost=60, **shape), timeout=2)
+    assert reserved.allowed and round(reserved.tokens_remaining) == 40
+    settled = stub.Settle(
+        pb.SettleRequest(key="py:llm", reserved=60, actual=25, **shape), timeout=2
+    )
+    assert round(settled.tokens_remaining) == 75 and not settled.in_debt
+    settled = stub.Settle(
+        pb.SettleRequest(key="py:llm", reserved=0, actual=120, **shape), timeout=2
+    )
+    assert round(settled.tokens_remaining) == -45 and settled.in_debt
+    again = stub.ShouldAllow(pb.ShouldAllowRequest(key="py:llm", cost=1, **shape), timeout=2)
+    assert not again.allowed
+
+
+def test_batch_all_or_nothing(stubs, tollgate):
+    pb, pb_grpc = stubs
+    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    shape = dict(capacity=5, rate=0.001)
+    stub.ShouldAllow(pb.ShouldAllowRequest(key="py:org", cost=5, **shape), timeout=2)
+    batch = stub.ShouldAllowBatch(
+        pb.ShouldAllowBatchRequest(
+            requests=[
+                pb.ShouldAllowRequest(key="py:user", cost=2, **shape),
+                pb.ShouldAllowRequest(key="py:org", cost=1, **shape),
+            ],
+            all_or_nothing=True,
+        ),
+        timeout=2,
+    )
+    assert not batch.allowed
+    assert [r.allowed for r in batch.responses] == [True, False]
+    user = stub.ShouldAllow(
+        pb.ShouldAllowRequest(key="py:user", cost=5, dry_run=True, **shape), timeout=2
+    )
+    assert user.allowed, "the user's bucket was not charged"
 
 
 def test_reflection_stub_from_grpcio_reflection(tollgate):

@@ -178,7 +178,7 @@ impl<B: Backend> EnvoyApi<B> {
         );
 
         if all_or_nothing && answer.over && failed.is_some() {
-            self.refund_charged(&reqs, &results).await;
+            super::group::refund_charges(&self.backend, &reqs, &results).await;
         }
 
         self.metrics.record(
@@ -199,36 +199,6 @@ impl<B: Backend> EnvoyApi<B> {
             statuses: answer.statuses,
             ..Default::default()
         })
-    }
-
-    /// FAILURE_MODE=deny made the request over after the backend charged its other buckets (it saw
-    /// no denial, so it rolled nothing back): give those charges back.
-    async fn refund_charged(
-        &self,
-        reqs: &[BucketRequest<'_>],
-        results: &[Result<crate::core::Decision, crate::backend::BackendError>],
-    ) {
-        let rolled_back = reqs
-            .iter()
-            .zip(results)
-            .any(|(r, d)| r.veto && matches!(d, Ok(d) if !d.allowed));
-        if rolled_back {
-            return;
-        }
-        let refunds: Vec<BucketRequest<'_>> = reqs
-            .iter()
-            .zip(results)
-            .filter_map(|(r, d)| match (r.op, d) {
-                (Op::Take(hits), Ok(d)) if hits > 0 && d.allowed => Some(BucketRequest {
-                    op: Op::Refund(hits),
-                    ..*r
-                }),
-                _ => None,
-            })
-            .collect();
-        if !refunds.is_empty() {
-            self.backend.decide_group(&refunds, false).await;
-        }
     }
 }
 
