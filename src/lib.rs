@@ -19,8 +19,10 @@
 //! - [`config`]: flags, environment and `.env`, validated at start; secrets redacted.
 //! - [`server`]: wires it all: listeners, the layer stack, health, reflection, `/metrics` and the
 //!   probes, graceful shutdown.
-//! - [`demo`]: `tollgate-demo`, an HTTP API (axum) that asks tollgate before each request.
-//! - `main.rs`, `bin/`: thin binaries that parse flags and call [`server::run`] or [`demo::run`].
+//! - `main.rs`: the thin `tollgate` binary: parse flags, bind, call [`server::run`].
+//!
+//! Everything that *calls* tollgate (the Rust client library with its tower layer, the
+//! `tollgate-load` and `tollgate-demo` binaries) lives in the `tollgate-client` crate, `client/`.
 //!
 //! Dependencies point inwards: `api`, `rules` and `telemetry` use `core` (and `backend`); `core`
 //! and `backend` import no tonic, axum, clap or exporter (`backend` counts evictions through the
@@ -30,7 +32,6 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod core;
-pub mod demo;
 pub mod proto;
 pub mod rules;
 pub mod server;

@@ -80,6 +80,9 @@ pub async fn run(
         bucket_prefix: args.bucket_prefix.clone(),
         failure_mode: args.failure_mode,
         shadow_mode: args.shadow_mode,
+        allow_client_shapes: args.allow_client_shapes,
+        allow_refunds: args.allow_refunds,
+        max_batch: args.max_batch as usize,
     };
     match &args.redis_url {
         None => {

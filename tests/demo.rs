@@ -250,3 +250,63 @@ async fn an_oversized_identity_is_refused_not_served() {
         m.body
     );
 }
+
+/// POST /api/generate reserves max_tokens, writes up to that many, and settles the real cost:
+/// the unused part comes back, and a budget too small for the reservation is a 429.
+#[tokio::test]
+async fn generate_reserves_works_and_settles() {
+    let t = Tollgate::start(&[], &[]).await;
+    let demo = Demo::start(
+        &t.grpc_url(),
+        &[
+            "--identity",
+            "user",
+            "--token-capacity",
+            "500",
+            "--token-rate",
+            "0.001",
+            "--tollgate-timeout-ms",
+            "2000",
+        ],
+    )
+    .await;
+    let post = |max: u32| {
+        let url = demo.url("/api/generate");
+        async move {
+            common::http_post_json(
+                &url,
+                &[("x-user", "ann")],
+                &format!("{{\"prompt\":\"hi\",\"max_tokens\":{max}}}"),
+            )
+            .await
+            .expect("demo answers")
+        }
+    };
+    let mut spent = 0.0;
+    for _ in 0..3 {
+        let a = post(100).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        let j: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+        let generated = j["generated_tokens"].as_f64().unwrap();
+        assert!((1.0..=100.0).contains(&generated), "{j}");
+        assert_eq!(j["reserved_tokens"], 100);
+        assert_eq!(j["refunded_tokens"].as_f64().unwrap(), 100.0 - generated);
+        spent += generated;
+        let left = j["tokens_remaining"].as_f64().unwrap();
+        assert!(
+            (left - (500.0 - spent)).abs() < 0.5,
+            "only what was generated is spent: {j}"
+        );
+    }
+    // A reservation larger than what is left: refused before any work.
+    let left = 500.0 - spent;
+    let a = post(left as u32 + 1).await;
+    assert_eq!(a.status, 429, "{a:?}");
+    assert!(a.header("retry-after").is_some());
+    // Without an identity: 401; a reservation beyond the budget's size: 400.
+    let anon = common::http_post_json(&demo.url("/api/generate"), &[], "{\"max_tokens\":5}")
+        .await
+        .unwrap();
+    assert_eq!(anon.status, 401);
+    assert_eq!(post(501).await.status, 400);
+}

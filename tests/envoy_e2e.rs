@@ -118,6 +118,46 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
     .await;
     let refused = get("ann").await;
     assert_eq!(refused.status, 429, "in debt: {refused:?}");
+
+    // The same costs settled through tollgate.v1 on a bucket of the same shape land the same way.
+    let (_, metrics) = common::http_get(&tollgate.http_url("/metrics"))
+        .await
+        .unwrap();
+    let gauge: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tollgate_tokens_remaining{domain=\"metered\",rule=\"user\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no gauge for the rule:\n{metrics}"));
+    let mut v1 = tollgate.client().await;
+    let mut settled = 0.0;
+    for _ in 0..2 {
+        let reserve = common::ask("ann-settle", 10.0, 2.0, 1);
+        let r = v1.should_allow(tollgate::proto::tollgate::v1::ShouldAllowRequest {
+            dry_run: true,
+            ..reserve
+        });
+        assert!(r.await.unwrap().into_inner().allowed);
+        let s = v1
+            .settle(tollgate::proto::tollgate::v1::SettleRequest {
+                key: "ann-settle".into(),
+                capacity: 10.0,
+                rate: 2.0,
+                reserved: 0,
+                actual: 7,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        settled = s.tokens_remaining;
+    }
+    assert!(settled < 0.0, "{settled}");
+    // Both near -4; the Envoy bucket has had a few more ms of refill (2 tokens per second).
+    assert!(
+        (gauge - settled).abs() < 1.5,
+        "Envoy's charges left {gauge}, Settle's {settled}"
+    );
     // The refill pays the debt back (4 tokens at 2 per second) and ann is served again.
     eventually(
         Duration::from_secs(6),

@@ -159,18 +159,7 @@ fn encode(s: &str) -> String {
 
 /// tollgate-load, built beside this test by `cargo test --workspace`.
 fn load_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("tollgate-load");
-    assert!(
-        bin.exists(),
-        "{} missing: build it with `cargo build -p tollgate-load` (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
+    common::workspace_bin("tollgate-load").into()
 }
 
 struct Load(Child);

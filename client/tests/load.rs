@@ -6,7 +6,8 @@ use std::process::Command;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate::config::Cli as TollgateCli;
-use tollgate::proto::tollgate::v1::{
+use tollgate_client::proto::tollgate::v1::{
+    SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
 };
@@ -189,6 +190,20 @@ impl RateLimitService for Broken {
             ..Default::default()
         }))
     }
+
+    async fn should_allow_batch(
+        &self,
+        _: tonic::Request<ShouldAllowBatchRequest>,
+    ) -> Result<tonic::Response<ShouldAllowBatchResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("broken"))
+    }
+
+    async fn settle(
+        &self,
+        _: tonic::Request<SettleRequest>,
+    ) -> Result<tonic::Response<SettleResponse>, tonic::Status> {
+        Ok(tonic::Response::new(SettleResponse::default()))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,17 +234,17 @@ async fn bound_check_catches_a_broken_limiter() {
 struct BrokenEnvoy;
 
 #[tonic::async_trait]
-impl tollgate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService
+impl tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService
     for BrokenEnvoy
 {
     async fn should_rate_limit(
         &self,
-        req: tonic::Request<tollgate::proto::envoy::service::ratelimit::v3::RateLimitRequest>,
+        req: tonic::Request<tollgate_client::proto::envoy::service::ratelimit::v3::RateLimitRequest>,
     ) -> Result<
-        tonic::Response<tollgate::proto::envoy::service::ratelimit::v3::RateLimitResponse>,
+        tonic::Response<tollgate_client::proto::envoy::service::ratelimit::v3::RateLimitResponse>,
         tonic::Status,
     > {
-        use tollgate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
+        use tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_response::{
             DescriptorStatus, RateLimit,
         };
         let statuses = req
@@ -247,7 +262,7 @@ impl tollgate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::
             })
             .collect();
         Ok(tonic::Response::new(
-            tollgate::proto::envoy::service::ratelimit::v3::RateLimitResponse {
+            tollgate_client::proto::envoy::service::ratelimit::v3::RateLimitResponse {
                 overall_code: 1,
                 statuses,
                 ..Default::default()
@@ -260,7 +275,7 @@ impl tollgate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::
 /// would let a second's worth of excess pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_bound_check_takes_burst_from_the_rules() {
-    use tollgate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
+    use tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.yaml");
     std::fs::write(
@@ -315,19 +330,30 @@ fn tokio_stream_from(listener: TcpListener) -> tonic::transport::server::TcpInco
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_mode_against_the_demo_counts_429_as_denied() {
     let t = tollgate(&["--capacity", "5", "--rate", "1"]).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let demo_url = format!("http://{}/api/items", listener.local_addr().unwrap());
-    let config = <tollgate::demo::DemoConfig as clap::Parser>::parse_from([
-        "tollgate-demo",
-        "--tollgate-url",
-        &t.grpc,
-        "--identity",
-        "api-key",
-        "--tollgate-timeout-ms",
-        "1000",
-    ]);
-    let stop = CancellationToken::new();
-    tokio::spawn(tollgate::demo::run(config, listener, stop.clone()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let demo_url = format!("http://127.0.0.1:{port}/api/items");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tollgate-demo"))
+        .env_clear()
+        .env("RUST_LOG", "error")
+        .args([
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--tollgate-url",
+            &t.grpc,
+        ])
+        .args(["--identity", "api-key", "--tollgate-timeout-ms", "1000"])
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     let run = load(&[
         "--api",
         "http",
@@ -346,7 +372,8 @@ async fn http_mode_against_the_demo_counts_429_as_denied() {
         "--check-bound",
     ])
     .await;
-    stop.cancel();
+    let _ = demo.kill();
+    let _ = demo.wait();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     let (allowed, denied) = (n(&run.json["allowed"]), n(&run.json["denied"]));
     assert!(denied > 0, "429s count as denied");
@@ -407,6 +434,41 @@ descriptors:
         run.stdout
     );
     assert_eq!(n(&run.json["bound"]["violations"]), 0);
+}
+
+/// Reserve then settle a random real cost (0 to twice the reservation): per key, what was settled
+/// stays within capacity + refill + one capacity of debt, and refunds and debts both happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_mode_holds_the_debt_bound() {
+    let t = tollgate(&[]).await;
+    let run = load(&[
+        "--api",
+        "settle",
+        "--target",
+        &t.grpc,
+        "--cost",
+        "5",
+        "--capacity",
+        "50",
+        "--rate",
+        "20",
+        "--keys",
+        "5",
+        "--duration",
+        "2s",
+        "--concurrency",
+        "8",
+        "--check-bound",
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    assert!(
+        n(&run.json["allowed"]) > 0 && n(&run.json["denied"]) > 0,
+        "{}",
+        run.stdout
+    );
+    assert_eq!(n(&run.json["bound"]["violations"]), 0);
+    assert_eq!(run.json["api"], "settle");
 }
 
 #[test]

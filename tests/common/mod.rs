@@ -35,6 +35,24 @@ pub fn our_binary(path: &str) -> Command {
     cmd
 }
 
+/// A binary of another package of the workspace (tollgate-demo, tollgate-load: `client/`), next
+/// to this test's own executable. `cargo build --workspace --bins` builds them (scripts/test.sh
+/// does).
+pub fn workspace_bin(name: &str) -> String {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} missing: build it with `cargo build --workspace --bins` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin.display().to_string()
+}
+
 /// A file of this repository by its path from the root, absolute (binaries run elsewhere).
 pub fn repo_path(relative: &str) -> String {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -325,6 +343,20 @@ impl HttpAnswer {
 
 /// A minimal HTTP/1.1 GET with extra headers over a fresh connection.
 pub async fn http_request(url: &str, headers: &[(&str, &str)]) -> Option<HttpAnswer> {
+    http_call("GET", url, headers, None).await
+}
+
+/// A minimal HTTP/1.1 POST of a JSON body over a fresh connection.
+pub async fn http_post_json(url: &str, headers: &[(&str, &str)], body: &str) -> Option<HttpAnswer> {
+    http_call("POST", url, headers, Some(body)).await
+}
+
+async fn http_call(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Option<HttpAnswer> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
@@ -333,11 +365,18 @@ pub async fn http_request(url: &str, headers: &[(&str, &str)]) -> Option<HttpAns
             .await
             .ok()?
             .ok()?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    req.push_str("\r\n");
+    if let Some(body) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
     stream.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
@@ -591,7 +630,7 @@ impl Demo {
     pub async fn start(tollgate_grpc_url: &str, args: &[&str]) -> Self {
         for _ in 0..5 {
             let port = free_port();
-            let child = our_binary(env!("CARGO_BIN_EXE_tollgate-demo"))
+            let child = our_binary(&workspace_bin("tollgate-demo"))
                 .args(["--addr", &format!("127.0.0.1:{port}")])
                 .args(["--tollgate-url", tollgate_grpc_url])
                 .args(args)

@@ -1,34 +1,63 @@
-//! `tollgate-demo`: a small HTTP API that asks tollgate before serving each request.
-//!
-//! - `identity.rs`: who is asking (client address, `X-API-Key` or `X-User`), i.e. the bucket key.
-//! - `limit.rs`: the ShouldAllow call, its deadline and failure mode, and the rate-limit headers.
-//! - here: configuration, routes, request metrics, serving and shutdown.
+//! Configuration, routes, the rate-limit layer, request metrics, serving and shutdown.
 
-mod identity;
-mod limit;
-
-use std::{net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use axum::{
     Json, Router,
     extract::{MatchedPath, Request, State},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use tollgate::telemetry::{LogArgs, METRICS_CONTENT_TYPE, MetricsHandle, install_recorder};
+use tollgate_client::{Client, FailureMode, RateLimitLayer};
 
-pub use identity::Identity;
-pub use limit::DemoFailureMode;
-
-use crate::telemetry::{LogArgs, METRICS_CONTENT_TYPE, MetricsHandle, install_recorder};
+use crate::generate;
+use crate::identity::Identity;
 
 /// Demo metric names (its own, not tollgate's).
 pub mod names {
     pub const REQUESTS: &str = "demo_http_requests_total";
     pub const DURATION: &str = "demo_http_request_duration_seconds";
     pub const LIMITER_FAILURES: &str = "demo_limiter_failures_total";
+}
+
+/// What to do when tollgate cannot answer in time (DEMO_FAILURE_MODE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoFailureMode {
+    Allow,
+    Deny,
+}
+
+impl FromStr for DemoFailureMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "allow" => Ok(DemoFailureMode::Allow),
+            "deny" => Ok(DemoFailureMode::Deny),
+            other => Err(format!("expected allow or deny, got '{other}'")),
+        }
+    }
+}
+
+impl fmt::Display for DemoFailureMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DemoFailureMode::Allow => "allow",
+            DemoFailureMode::Deny => "deny",
+        })
+    }
 }
 
 /// Flags and environment of `tollgate-demo` (a `.env` file is read too).
@@ -87,6 +116,34 @@ pub struct DemoConfig {
     #[arg(long, env = "DEMO_RATE", value_name = "DEMO_RATE", default_value = "0")]
     pub rate: f64,
 
+    /// Add X-RateLimit-Warning when an allowed request leaves less than (1 - ratio) of the
+    /// bucket: a warning before the 429.
+    #[arg(
+        long,
+        env = "DEMO_NEAR_LIMIT_RATIO",
+        value_name = "DEMO_NEAR_LIMIT_RATIO",
+        default_value = "0.8"
+    )]
+    pub near_limit_ratio: f64,
+
+    /// POST /api/generate: the token budget's size per identity (LLM tokens, say).
+    #[arg(
+        long,
+        env = "DEMO_TOKEN_CAPACITY",
+        value_name = "DEMO_TOKEN_CAPACITY",
+        default_value = "1000"
+    )]
+    pub token_capacity: f64,
+
+    /// POST /api/generate: the token budget's refill per second.
+    #[arg(
+        long,
+        env = "DEMO_TOKEN_RATE",
+        value_name = "DEMO_TOKEN_RATE",
+        default_value = "50"
+    )]
+    pub token_rate: f64,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -98,8 +155,12 @@ impl DemoConfig {
 }
 
 #[derive(Clone)]
-struct AppState {
-    limiter: Arc<limit::Limiter>,
+pub struct AppState {
+    pub client: Client,
+    pub identity: Identity,
+    pub trust_forwarded: bool,
+    pub token_capacity: f64,
+    pub token_rate: f64,
     metrics: MetricsHandle,
 }
 
@@ -110,26 +171,67 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = install_recorder(describe);
-    let limiter = Arc::new(limit::Limiter::new(&config)?);
-    let state = AppState { limiter, metrics };
+    let client = Client::builder(config.tollgate_url.clone())
+        .timeout(config.tollgate_timeout())
+        .failure_mode(match config.failure_mode {
+            DemoFailureMode::Allow => FailureMode::Allow,
+            DemoFailureMode::Deny => FailureMode::Deny,
+        })
+        .build()
+        .map_err(|e| anyhow::anyhow!("TOLLGATE_URL: {e}"))?;
+    let state = AppState {
+        client: client.clone(),
+        identity: config.identity,
+        trust_forwarded: config.trust_forwarded,
+        token_capacity: config.token_capacity,
+        token_rate: config.token_rate,
+        metrics,
+    };
+
+    let failures =
+        metrics::counter!(names::LIMITER_FAILURES, "mode" => config.failure_mode.to_string());
+    let last_warned = Arc::new(AtomicU64::new(0));
+    let mode = config.failure_mode;
+    let started = Instant::now();
+    let (identity, trust) = (config.identity, config.trust_forwarded);
+    let limit = RateLimitLayer::new(client, move |parts: &http::request::Parts| {
+        identity.key(parts, trust)
+    })
+    .shape(config.capacity, config.rate)
+    .near_limit_ratio(config.near_limit_ratio)
+    .on_unavailable(move |e| {
+        failures.increment(1);
+        // One line per 10 s at most: an outage would otherwise log every request.
+        let now = started.elapsed().as_secs();
+        let last = last_warned.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + 10)
+            && last_warned
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %e, %mode, "tollgate unavailable; DEMO_FAILURE_MODE decides");
+        }
+    });
 
     let limited = Router::new()
         .route("/", get(index))
         .route("/api/items", get(items))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            limit::enforce,
-        ));
-    let app = Router::new()
-        .merge(limited)
-        .route("/healthz", get(|| async { "OK" }))
-        .route("/metrics", get(render_metrics))
-        .layer(middleware::from_fn(record))
-        // A span per request (method, path; status and latency at DEBUG): RUST_LOG=tower_http=debug.
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state);
+        .route_layer(limit);
+    let app =
+        Router::new()
+            .merge(limited)
+            .route("/api/generate", post(generate::generate))
+            .route("/healthz", get(|| async { "OK" }))
+            .route("/metrics", get(render_metrics))
+            .layer(middleware::from_fn(record))
+            // A span per request (method, path; status and latency at DEBUG): RUST_LOG=tower_http=debug.
+            // Answers the demo chose (429, 503 in deny mode) are not server failures: logged at DEBUG.
+            .layer(tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ))
+            .with_state(state);
 
-    tracing::info!(addr = %listener.local_addr()?, tollgate = %config.tollgate_url, identity = ?config.identity, "tollgate-demo listening");
+    tracing::info!(addr = %listener.local_addr()?, tollgate = %config.tollgate_url, identity = %config.identity, "tollgate-demo listening");
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -174,7 +276,7 @@ async fn record(request: Request, next: Next) -> Response {
 async fn index() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "service": "tollgate-demo",
-        "try": ["/api/items", "/healthz", "/metrics"],
+        "try": ["/api/items", "POST /api/generate", "/healthz", "/metrics"],
     }))
 }
 

@@ -2,7 +2,9 @@
 
 use std::{fmt, net::SocketAddr, str::FromStr};
 
-use axum::http::HeaderMap;
+use axum::{extract::ConnectInfo, http::HeaderMap};
+use http::request::Parts;
+use tollgate_client::KeyError;
 
 /// The identity policy (IDENTITY).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,8 +44,21 @@ impl fmt::Display for Identity {
 pub struct MissingIdentity(pub &'static str);
 
 impl Identity {
-    /// The bucket key of a request. A missing header is an error, never a shared bucket.
-    pub fn key(
+    /// The bucket key of a request head: for the rate-limit layer and the generate route. A
+    /// missing header is a 401, never a shared bucket.
+    pub fn key(self, parts: &Parts, trust_forwarded: bool) -> Result<String, KeyError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        self.key_of(&parts.headers, peer, trust_forwarded)
+            .map_err(|missing| {
+                KeyError::unauthorized(format!("missing {} header (IDENTITY={self})", missing.0))
+            })
+    }
+
+    fn key_of(
         self,
         headers: &HeaderMap,
         peer: SocketAddr,
@@ -99,17 +114,17 @@ mod tests {
     fn keys_per_policy() {
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         let h = headers(&[("x-api-key", "abc"), ("x-user", "ann")]);
-        assert_eq!(Identity::Ip.key(&h, peer, false).unwrap(), "ip:10.1.2.3");
-        assert_eq!(Identity::ApiKey.key(&h, peer, false).unwrap(), "key:abc");
-        assert_eq!(Identity::User.key(&h, peer, false).unwrap(), "user:ann");
+        assert_eq!(Identity::Ip.key_of(&h, peer, false).unwrap(), "ip:10.1.2.3");
+        assert_eq!(Identity::ApiKey.key_of(&h, peer, false).unwrap(), "key:abc");
+        assert_eq!(Identity::User.key_of(&h, peer, false).unwrap(), "user:ann");
         let none = HeaderMap::new();
         assert_eq!(
-            Identity::ApiKey.key(&none, peer, false),
+            Identity::ApiKey.key_of(&none, peer, false),
             Err(MissingIdentity("x-api-key"))
         );
         let blank = headers(&[("x-user", "  ")]);
         assert_eq!(
-            Identity::User.key(&blank, peer, false),
+            Identity::User.key_of(&blank, peer, false),
             Err(MissingIdentity("x-user"))
         );
     }
@@ -118,9 +133,15 @@ mod tests {
     fn forwarded_only_when_trusted_and_last_entry_wins() {
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 9.9.9.9")]);
-        assert_eq!(Identity::Ip.key(&h, peer, false).unwrap(), "ip:127.0.0.1");
-        assert_eq!(Identity::Ip.key(&h, peer, true).unwrap(), "ip:9.9.9.9");
+        assert_eq!(
+            Identity::Ip.key_of(&h, peer, false).unwrap(),
+            "ip:127.0.0.1"
+        );
+        assert_eq!(Identity::Ip.key_of(&h, peer, true).unwrap(), "ip:9.9.9.9");
         let bad = headers(&[("x-forwarded-for", "not-an-ip")]);
-        assert_eq!(Identity::Ip.key(&bad, peer, true).unwrap(), "ip:127.0.0.1");
+        assert_eq!(
+            Identity::Ip.key_of(&bad, peer, true).unwrap(),
+            "ip:127.0.0.1"
+        );
     }
 }

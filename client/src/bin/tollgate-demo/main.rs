@@ -1,15 +1,24 @@
-//! The `tollgate-demo` binary: parse flags, bind, serve until SIGINT or SIGTERM.
+//! `tollgate-demo`: a small HTTP API that asks tollgate before serving each request, through
+//! tollgate-client's tower layer; and `POST /api/generate`, the reserve-work-settle pattern for a
+//! cost known only after the work.
+//!
+//! - `identity.rs`: who is asking (client address, `X-API-Key` or `X-User`), i.e. the bucket key.
+//! - `generate.rs`: reserve an estimate, do the (fake) work, settle the real cost.
+//! - `app.rs`: configuration, routes, the layer, request metrics, serving and shutdown.
+
+mod app;
+mod generate;
+mod identity;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tollgate::demo::{DemoConfig, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let _ = dotenvy::dotenv();
-    let config = DemoConfig::parse();
+    let config = app::DemoConfig::parse();
     tollgate::telemetry::init_tracing(config.log.log_format);
     let listener = match tokio::net::TcpListener::bind(config.addr).await {
         Ok(l) => l,
@@ -30,7 +39,7 @@ async fn main() -> ExitCode {
             shutdown.cancel();
         });
     }
-    match run(config, listener, shutdown).await {
+    match app::run(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tollgate-demo: {e:#}");

@@ -12,6 +12,9 @@ pub enum Api {
     Envoy,
     /// GET an HTTP URL (the demo app, Envoy); 429 counts as denied
     Http,
+    /// Reserve --cost with ShouldAllow, then Settle a random real cost between 0 and twice the
+    /// reservation (refunds and debt); the bound is checked on what was settled
+    Settle,
 }
 
 impl Api {
@@ -20,6 +23,7 @@ impl Api {
             Api::ShouldAllow => "should-allow",
             Api::Envoy => "envoy",
             Api::Http => "http",
+            Api::Settle => "settle",
         }
     }
 }
@@ -116,7 +120,7 @@ pub struct Cli {
     #[arg(long)]
     pub check_bound: bool,
 
-    /// The largest share of errors tolerated before exiting 3.
+    /// The largest share of errors tolerated before exiting 3, as a fraction: 0.01 is 1%.
     #[arg(long, default_value = "0.01")]
     pub max_error_rate: f64,
 }

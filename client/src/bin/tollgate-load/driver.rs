@@ -25,7 +25,6 @@ struct Shared {
     keys: KeyChooser,
     recorders: Vec<Mutex<Recorder>>,
     start: Instant,
-    tokens: u32,
     done: AtomicU64,
     allowed: AtomicU64,
     denied: AtomicU64,
@@ -47,32 +46,22 @@ impl Shared {
             Some((false, _)) => self.denied.fetch_add(1, Ordering::Relaxed),
         };
         self.done.fetch_add(1, Ordering::Relaxed);
-        self.recorders[conn % SHARDS].lock().record(
-            k,
-            self.tokens,
-            &reply,
-            sent_us,
-            done_us,
-            latency_us,
-        );
+        self.recorders[conn % SHARDS]
+            .lock()
+            .record(k, &reply, sent_us, done_us, latency_us);
     }
 }
 
 /// Runs the load and returns what it saw and how long it took (until the last answer).
 pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> (Recorder, Duration) {
     let slots = target.slots();
-    let tokens = match cli.api {
-        crate::cli::Api::Http => 1,
-        _ => cli.cost.max(1),
-    };
     let shared = Arc::new(Shared {
         target,
         keys,
         recorders: (0..SHARDS)
-            .map(|_| Mutex::new(Recorder::new(slots, cli.check_bound)))
+            .map(|_| Mutex::new(Recorder::new(slots, cli.check_bound, debt(cli))))
             .collect(),
         start: Instant::now(),
-        tokens,
         done: AtomicU64::new(0),
         allowed: AtomicU64::new(0),
         denied: AtomicU64::new(0),
@@ -145,12 +134,22 @@ pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> (Recorder, Dura
         bar.finish_and_clear();
     }
 
-    let mut total = Recorder::new(slots, cli.check_bound);
+    let mut total = Recorder::new(slots, cli.check_bound, debt(cli));
     for r in &shared.recorders {
-        let part = std::mem::replace(&mut *r.lock(), Recorder::new(slots, false));
+        let part = std::mem::replace(&mut *r.lock(), Recorder::new(slots, false, 0.0));
         total.merge(part);
     }
     (total, elapsed)
+}
+
+/// How many capacities of debt the bound allows: a settled cost may exceed what was left, down
+/// to -capacity.
+fn debt(cli: &Cli) -> f64 {
+    if cli.api == crate::cli::Api::Settle {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 /// A progress bar on stderr when it is a terminal; nothing on a pipe.

@@ -57,12 +57,14 @@ pub struct Recorder {
     pub timeline: Vec<Second>,
     pub slots: Vec<SlotCounts>,
     track_bound: bool,
+    /// Capacities of debt the bound allows (1 for settled costs, which may overdraw a bucket).
+    debt: f64,
     events: Vec<Event>,
     shapes: HashMap<(u32, u16), (f64, f64)>,
 }
 
 impl Recorder {
-    pub fn new(slots: usize, track_bound: bool) -> Self {
+    pub fn new(slots: usize, track_bound: bool, debt: f64) -> Self {
         Self {
             requests: 0,
             allowed: 0,
@@ -72,6 +74,7 @@ impl Recorder {
             timeline: Vec::new(),
             slots: vec![SlotCounts::default(); slots],
             track_bound,
+            debt,
             events: Vec::new(),
             shapes: HashMap::new(),
         }
@@ -79,15 +82,7 @@ impl Recorder {
 
     /// Records one call sent `sent_us` after the start (its intended start in the open loop) that
     /// ended `done_us` after it and took `latency_us`.
-    pub fn record(
-        &mut self,
-        key: u32,
-        tokens: u32,
-        reply: &Reply,
-        sent_us: u64,
-        done_us: u64,
-        latency_us: u64,
-    ) {
+    pub fn record(&mut self, key: u32, reply: &Reply, sent_us: u64, done_us: u64, latency_us: u64) {
         self.requests += 1;
         let latency = latency_us.clamp(1, MAX_US);
         let _ = self.latency.record(latency);
@@ -128,7 +123,7 @@ impl Recorder {
                             slot: b.slot,
                             sent_us,
                             done_us,
-                            tokens,
+                            tokens: b.tokens,
                         });
                     }
                 }
@@ -193,13 +188,14 @@ impl Recorder {
                 best_start = best_start.max(rate_us * e.sent_us as f64 - sum);
                 sum += f64::from(e.tokens);
                 latest_done = latest_done.max(e.done_us);
-                let excess = sum - rate_us * latest_done as f64 + best_start - capacity;
+                let excess =
+                    sum - rate_us * latest_done as f64 + best_start - capacity * (1.0 + self.debt);
                 // 1e-6 of a token absorbs float rounding; tokens are whole.
                 if excess > 1e-6 {
                     bound.violations += 1;
                     if bound.first.is_none() {
                         bound.first = Some(format!(
-                            "key #{key}, descriptor {slot}: {:.3} tokens more than capacity {capacity} + rate {rate}/s allow, in a window ending at {:.3} s",
+                            "key #{key}, descriptor {slot}: {:.3} tokens more than capacity {capacity} + rate {rate}/s (+ debt) allow, in a window ending at {:.3} s",
                             excess,
                             latest_done as f64 / 1e6
                         ));
@@ -233,18 +229,19 @@ mod tests {
                 slot: 0,
                 verdict: Verdict::Allowed,
                 shape: Some(shape),
+                tokens: 1,
             }],
         ))
     }
 
     /// Records an allowed event sent at `t` µs, answered 10 µs later.
     fn at(r: &mut Recorder, key: u32, t: u64, shape: (f64, f64)) {
-        r.record(key, 1, &allowed(shape), t, t + 10, 10);
+        r.record(key, &allowed(shape), t, t + 10, 10);
     }
 
     #[test]
     fn bound_holds_for_a_token_bucket_and_catches_excess() {
-        let mut ok = Recorder::new(1, true);
+        let mut ok = Recorder::new(1, true, 0.0);
         // capacity 2, 1 per second: 2 at once, then one per second.
         for (i, t) in [0, 1, 1_000_000, 2_000_000].into_iter().enumerate() {
             at(&mut ok, 7, t, (2.0, 1.0));
@@ -253,7 +250,7 @@ mod tests {
         let b = ok.check_bound();
         assert_eq!((b.buckets, b.violations), (1, 0));
 
-        let mut bad = Recorder::new(1, true);
+        let mut bad = Recorder::new(1, true, 0.0);
         for t in [0, 1, 2] {
             at(&mut bad, 7, t, (2.0, 1.0));
         }
@@ -265,7 +262,7 @@ mod tests {
     fn a_burst_after_an_idle_stretch_is_caught() {
         // capacity 2, 1 per second. Idle for 10 s, then 5 at once: the total since the start (5 of
         // 12 allowed) is fine, but no window may hold more than 2 + its refill.
-        let mut r = Recorder::new(1, true);
+        let mut r = Recorder::new(1, true, 0.0);
         at(&mut r, 1, 0, (2.0, 1.0));
         for t in [10_000_000, 10_000_001, 10_000_002, 10_000_003, 10_000_004] {
             at(&mut r, 1, t, (2.0, 1.0));
@@ -273,7 +270,7 @@ mod tests {
         let b = r.check_bound();
         assert_eq!(b.violations, 1, "{b:?}");
         // The same burst spread at the rate passes.
-        let mut r = Recorder::new(1, true);
+        let mut r = Recorder::new(1, true, 0.0);
         for i in 0..12u64 {
             at(&mut r, 1, 10_000_000 + i * 1_000_000, (2.0, 1.0));
         }
@@ -285,19 +282,19 @@ mod tests {
     fn slow_answers_are_not_blamed_on_the_limiter() {
         // Two decisions 1 s apart on a bucket of 1 at 1/s, whose answers both arrive late and
         // together: fine, the window of the decisions spans their sends.
-        let mut r = Recorder::new(1, true);
-        r.record(1, 1, &allowed((1.0, 1.0)), 0, 1_500_000, 10);
-        r.record(1, 1, &allowed((1.0, 1.0)), 1_000_000, 1_500_001, 10);
+        let mut r = Recorder::new(1, true, 0.0);
+        r.record(1, &allowed((1.0, 1.0)), 0, 1_500_000, 10);
+        r.record(1, &allowed((1.0, 1.0)), 1_000_000, 1_500_001, 10);
         assert_eq!(r.check_bound().violations, 0);
     }
 
     #[test]
     fn merge_adds_up() {
-        let mut a = Recorder::new(1, false);
-        let mut b = Recorder::new(1, false);
-        a.record(1, 1, &allowed((1.0, 1.0)), 0, 10, 100);
-        b.record(1, 1, &None, 2_499_000, 2_500_000, 300);
-        b.record(2, 1, &Some((false, vec![])), 2_599_000, 2_600_000, 300);
+        let mut a = Recorder::new(1, false, 0.0);
+        let mut b = Recorder::new(1, false, 0.0);
+        a.record(1, &allowed((1.0, 1.0)), 0, 10, 100);
+        b.record(1, &None, 2_499_000, 2_500_000, 300);
+        b.record(2, &Some((false, vec![])), 2_599_000, 2_600_000, 300);
         a.merge(b);
         assert_eq!((a.requests, a.allowed, a.denied, a.errors), (3, 1, 1, 1));
         assert_eq!(a.timeline.len(), 3);

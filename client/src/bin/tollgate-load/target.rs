@@ -4,17 +4,17 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tollgate::proto::envoy::extensions::common::ratelimit::v3::{
+use tollgate::rules::{Limit, RuleSet, load_path};
+use tollgate_client::proto::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
-use tollgate::proto::envoy::service::ratelimit::v3::{
+use tollgate_client::proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, rate_limit_response::Code,
     rate_limit_service_client::RateLimitServiceClient as EnvoyClient,
 };
-use tollgate::proto::tollgate::v1::{
-    ShouldAllowRequest, rate_limit_service_client::RateLimitServiceClient,
+use tollgate_client::proto::tollgate::v1::{
+    SettleRequest, ShouldAllowRequest, rate_limit_service_client::RateLimitServiceClient,
 };
-use tollgate::rules::{Limit, RuleSet, load_path};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{Api, Cli};
@@ -35,6 +35,8 @@ pub struct BucketAnswer {
     pub verdict: Verdict,
     /// (capacity, rate)
     pub shape: Option<(f64, f64)>,
+    /// The tokens the call charged to this bucket when allowed (what was settled, for settle).
+    pub tokens: u32,
 }
 
 /// A call's result: `None` is an error (transport, timeout, unexpected status).
@@ -47,6 +49,8 @@ pub enum Target {
         capacity: f64,
         rate: f64,
         timeout: Duration,
+        /// Reserve `cost`, then settle a random real cost up to twice it.
+        settle: bool,
     },
     Envoy {
         clients: Vec<EnvoyClient<Channel>>,
@@ -71,7 +75,7 @@ impl Target {
     /// Connects (and fails fast when the target is unreachable).
     pub async fn connect(cli: &Cli) -> anyhow::Result<Self> {
         Ok(match cli.api {
-            Api::ShouldAllow => Target::ShouldAllow {
+            Api::ShouldAllow | Api::Settle => Target::ShouldAllow {
                 clients: channels(cli)
                     .await?
                     .into_iter()
@@ -81,6 +85,7 @@ impl Target {
                 capacity: cli.capacity.unwrap_or(0.0),
                 rate: cli.rate.unwrap_or(0.0),
                 timeout: cli.timeout,
+                settle: cli.api == Api::Settle,
             },
             Api::Envoy => Target::Envoy {
                 clients: channels(cli)
@@ -162,6 +167,7 @@ impl Target {
                 capacity,
                 rate,
                 timeout,
+                settle,
             } => {
                 let mut client = clients[conn % clients.len()].clone();
                 let mut req = tonic::Request::new(ShouldAllowRequest {
@@ -178,12 +184,27 @@ impl Target {
                 } else {
                     Verdict::Denied
                 };
+                let mut charged = (*cost).max(1);
+                if *settle && r.allowed {
+                    // The work cost between nothing and twice the estimate: refunds and debts.
+                    charged = rand::random_range(0..=2 * charged);
+                    let mut req = tonic::Request::new(SettleRequest {
+                        key: key.to_string(),
+                        capacity: *capacity,
+                        rate: *rate,
+                        reserved: u64::from((*cost).max(1)),
+                        actual: u64::from(charged),
+                    });
+                    req.set_timeout(*timeout);
+                    client.settle(req).await.ok()?;
+                }
                 Some((
                     r.allowed,
                     vec![BucketAnswer {
                         slot: 0,
                         verdict,
                         shape: Some((r.capacity, r.rate)),
+                        tokens: charged,
                     }],
                 ))
             }
@@ -248,6 +269,7 @@ impl Target {
                             slot: i as u16,
                             verdict,
                             shape: shape.or(rule_shapes[i]).or(limit_shape),
+                            tokens: (*hits).max(1),
                         }
                     })
                     .collect();
@@ -288,6 +310,7 @@ impl Target {
                         slot: 0,
                         verdict,
                         shape: capacity.map(|c| (c, shape.1)),
+                        tokens: 1,
                     }],
                 ))
             }

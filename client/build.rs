@@ -1,0 +1,18 @@
+//! Compiles the workspace's `proto/` (tollgate.v1 and Envoy's RLS v3) into client stubs with protox
+//! (pure Rust, so no system protoc).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=../proto");
+    let fds = protox::compile(
+        [
+            "../proto/tollgate/v1/tollgate.proto",
+            "../proto/envoy/service/ratelimit/v3/rls.proto",
+        ],
+        ["../proto"],
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

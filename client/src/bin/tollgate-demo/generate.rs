@@ -1,0 +1,132 @@
+//! `POST /api/generate`: the pattern for a cost known only after the work (LLM tokens, bytes,
+//! rows). Reserve the most it can cost (`max_tokens`) with ShouldAllow, do the work (a fake
+//! model that writes a random number of tokens up to it), then Settle the real cost: tollgate
+//! gives the unused part of the reservation back (or, for work that cost more, charges the rest
+//! into debt).
+
+use std::time::Duration;
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::json;
+use tollgate_client::{Error, Request};
+
+use crate::app::AppState;
+
+#[derive(Deserialize)]
+pub struct Generate {
+    #[serde(default)]
+    prompt: String,
+    /// The most tokens the answer may have: the reservation.
+    max_tokens: u32,
+}
+
+pub async fn generate(
+    State(state): State<AppState>,
+    parts: http::request::Parts,
+    Json(body): Json<Generate>,
+) -> Response {
+    let identity = match state.identity.key(&parts, state.trust_forwarded) {
+        Ok(k) => k,
+        Err(e) => return (e.status, Json(json!({ "error": e.message }))).into_response(),
+    };
+    let key = format!("llm:{identity}");
+    if body.max_tokens == 0 || f64::from(body.max_tokens) > state.token_capacity {
+        let detail = format!(
+            "max_tokens must be 1..={} (the token budget)",
+            state.token_capacity
+        );
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": detail }))).into_response();
+    }
+
+    // 1. Reserve the most the work can cost.
+    let reserve = Request {
+        key: &key,
+        cost: body.max_tokens,
+        capacity: state.token_capacity,
+        rate: state.token_rate,
+        dry_run: false,
+    };
+    let reserved = match state.client.check(reserve).await {
+        Ok(d) if d.allowed => d,
+        Ok(d) if d.degraded => {
+            let body = json!({ "error": "rate limiter unavailable" });
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        }
+        Ok(d) => {
+            let retry = d.retry_after.as_millis().div_ceil(1000).max(1) as u64;
+            let body = json!({
+                "error": "token budget exhausted",
+                "retry_after_seconds": retry,
+                "tokens_remaining": d.tokens_remaining.floor().max(0.0),
+            });
+            let mut r = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from(retry));
+            return r;
+        }
+        Err(e) => return refused(e),
+    };
+
+    // 2. The work: a fake model writing between 1 and max_tokens tokens.
+    let produced = rand::rng().random_range(1..=body.max_tokens);
+    tokio::time::sleep(Duration::from_micros(u64::from(produced) * 20)).await;
+    let words = ["toll", "gate", "bucket", "token", "refill"];
+    let text: Vec<&str> = (0..produced.min(50) as usize)
+        .map(|i| words[(i + body.prompt.len()) % words.len()])
+        .collect();
+
+    // 3. Settle the real cost: the unused part of the reservation comes back.
+    let settled = state
+        .client
+        .settle(
+            &key,
+            state.token_capacity,
+            state.token_rate,
+            u64::from(body.max_tokens),
+            u64::from(produced),
+        )
+        .await;
+    let (tokens_remaining, in_debt) = match settled {
+        Ok(s) => (s.tokens_remaining, s.in_debt),
+        // The work is done; a settlement that could not land costs the caller its reservation.
+        Err(e) => {
+            tracing::warn!(error = %e, "settle failed; the reservation stands");
+            (reserved.tokens_remaining, false)
+        }
+    };
+    Json(json!({
+        "text": text.join(" "),
+        "reserved_tokens": body.max_tokens,
+        "generated_tokens": produced,
+        "refunded_tokens": body.max_tokens - produced,
+        "tokens_remaining": tokens_remaining,
+        "in_debt": in_debt,
+    }))
+    .into_response()
+}
+
+fn refused(e: Error) -> Response {
+    let (status, error) = match &e {
+        Error::Rejected {
+            code: tonic::Code::InvalidArgument,
+            ..
+        } => (StatusCode::BAD_REQUEST, "bad request"),
+        Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "rate limiter unavailable"),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rate limiter refused the request",
+        ),
+    };
+    (
+        status,
+        Json(json!({ "error": error, "detail": e.to_string() })),
+    )
+        .into_response()
+}

@@ -1,0 +1,436 @@
+//! The typed client: one reused HTTP/2 channel, a deadline per call, the failure mode, TLS.
+
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::proto::tollgate::v1::{
+    SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest, ShouldAllowResponse,
+    rate_limit_service_client::RateLimitServiceClient,
+};
+
+/// What to answer when tollgate cannot: it is unreachable, overloaded or slower than the
+/// deadline. Never applied to a request tollgate refused ([`Error::Rejected`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Return [`Error::Unavailable`]: the caller decides.
+    #[default]
+    Error,
+    /// Answer allowed, flagged [`Decision::degraded`] (fail open).
+    Allow,
+    /// Answer denied, flagged [`Decision::degraded`] (fail closed).
+    Deny,
+}
+
+/// Why a call gave no decision.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// tollgate could not be reached or did not answer in time, and the failure mode is
+    /// [`FailureMode::Error`].
+    #[error("tollgate unavailable: {0}")]
+    Unavailable(String),
+    /// tollgate refused the request: it is wrong (a key too long: `InvalidArgument`, naming the
+    /// field) or forbidden by the server's settings (`PermissionDenied`). Never a reason to allow.
+    #[error("tollgate refused the request ({code:?}): {message}")]
+    Rejected {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// tollgate's message; it starts with the field at fault.
+        message: String,
+    },
+    /// The client was built with settings that cannot work (a bad URL, https without a CA).
+    #[error("invalid tollgate client settings: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Whether tollgate was unreachable or too slow (as opposed to refusing the request).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+
+    /// Sorts a gRPC status: only transport trouble, overload and deadlines mean "unavailable".
+    fn from_status(status: tonic::Status) -> Self {
+        use tonic::Code;
+        match status.code() {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::ResourceExhausted
+            | Code::Unknown => {
+                Error::Unavailable(format!("{:?}: {}", status.code(), status.message()))
+            }
+            code => Error::Rejected {
+                code,
+                message: status.message().to_string(),
+            },
+        }
+    }
+}
+
+/// One ShouldAllow request with every field; [`Client::should_allow`] covers the usual case.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Request<'a> {
+    /// The bucket's identity, 1 to 512 bytes.
+    pub key: &'a str,
+    /// Tokens to take; 0 means 1.
+    pub cost: u32,
+    /// Bucket size; 0 means the server's default.
+    pub capacity: f64,
+    /// Refill in tokens per second; 0 means the server's default.
+    pub rate: f64,
+    /// Answer without taking anything.
+    pub dry_run: bool,
+}
+
+/// tollgate's answer to one request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Decision {
+    /// Whether the request may go ahead.
+    pub allowed: bool,
+    /// Tokens left after the decision (negative when the bucket is in debt).
+    pub tokens_remaining: f64,
+    /// When denied, how long until the cost is there.
+    pub retry_after: Duration,
+    /// How long until the bucket is full again.
+    pub reset_after: Duration,
+    /// The bucket's size, as applied.
+    pub capacity: f64,
+    /// The bucket's refill in tokens per second, as applied.
+    pub rate: f64,
+    /// The answer comes from a failure mode (tollgate's or this client's), not from a bucket.
+    pub degraded: bool,
+}
+
+impl Decision {
+    fn from_proto(r: &ShouldAllowResponse) -> Self {
+        Self {
+            allowed: r.allowed,
+            tokens_remaining: r.tokens_remaining,
+            retry_after: Duration::from_millis(r.retry_after_ms),
+            reset_after: Duration::from_millis(r.reset_after_ms),
+            capacity: r.capacity,
+            rate: r.rate,
+            degraded: r.degraded,
+        }
+    }
+
+    fn fallback(allowed: bool) -> Self {
+        Self {
+            allowed,
+            tokens_remaining: 0.0,
+            retry_after: Duration::ZERO,
+            reset_after: Duration::ZERO,
+            capacity: 0.0,
+            rate: 0.0,
+            degraded: true,
+        }
+    }
+}
+
+/// The answers to a batch, in request order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchDecision {
+    /// Every request was allowed.
+    pub allowed: bool,
+    /// One per request, in order.
+    pub decisions: Vec<Decision>,
+}
+
+/// The bucket after a Settle.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settlement {
+    /// Tokens left; negative when the work cost more than was left (debt).
+    pub tokens_remaining: f64,
+    /// How long until the bucket is full again.
+    pub reset_after: Duration,
+    /// The bucket is in debt: later requests wait for the refill to pay it back.
+    pub in_debt: bool,
+    /// The answer comes from a failure mode: the settlement may not have landed.
+    pub degraded: bool,
+}
+
+/// Builds a [`Client`]; see [`Client::builder`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    url: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    failure_mode: FailureMode,
+    ca_pem: Option<Vec<u8>>,
+    domain: Option<String>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientBuilder {
+    /// The deadline of one call, sent to tollgate too (default 50 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long a connection attempt may take (default 250 ms or the call deadline, the longer).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// What to answer when tollgate is unreachable or slow (default [`FailureMode::Error`]).
+    pub fn failure_mode(mut self, mode: FailureMode) -> Self {
+        self.failure_mode = mode;
+        self
+    }
+
+    /// TLS: verify tollgate's certificate against this CA (PEM), for the name `domain` it
+    /// carries. The URL must be `https://`.
+    pub fn tls(mut self, ca_pem: impl Into<Vec<u8>>, domain: impl Into<String>) -> Self {
+        self.ca_pem = Some(ca_pem.into());
+        self.domain = Some(domain.into());
+        self
+    }
+
+    /// mTLS: present this certificate chain and private key (PEM) to tollgate.
+    pub fn client_certificate(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// A client that connects on first use (and reconnects by itself): building never waits,
+    /// and a tollgate that is down yet is a [`FailureMode`] matter, not a startup error.
+    pub fn build(self) -> Result<Client, Error> {
+        let mut endpoint = Endpoint::from_shared(self.url.clone())
+            .map_err(|e| Error::Config(format!("url '{}': {e}", self.url)))?
+            .connect_timeout(self.connect_timeout.max(self.timeout))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        if self.url.starts_with("https://") || self.ca_pem.is_some() || self.identity.is_some() {
+            let Some(ca) = &self.ca_pem else {
+                return Err(Error::Config(
+                    "https:// needs the CA that signed tollgate's certificate: ClientBuilder::tls"
+                        .into(),
+                ));
+            };
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some(domain) = &self.domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        }
+        Ok(Client {
+            inner: RateLimitServiceClient::new(endpoint.connect_lazy()),
+            timeout: self.timeout,
+            failure_mode: self.failure_mode,
+        })
+    }
+}
+
+/// A client of `tollgate.v1.RateLimitService`. Cheap to clone: clones share one connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: RateLimitServiceClient<Channel>,
+    timeout: Duration,
+    failure_mode: FailureMode,
+}
+
+impl Client {
+    /// Starts building a client of tollgate at `url` (`http://host:8081`, or `https://` with
+    /// [`ClientBuilder::tls`]).
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            url: url.into(),
+            timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_millis(250),
+            failure_mode: FailureMode::Error,
+            ca_pem: None,
+            domain: None,
+            identity: None,
+        }
+    }
+
+    /// The failure mode this client answers with.
+    pub fn failure_mode(&self) -> FailureMode {
+        self.failure_mode
+    }
+
+    /// Runs one call within the deadline (sent to tollgate, and enforced here too, connecting
+    /// included).
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(RateLimitServiceClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.timeout, f(self.inner.clone(), self.timeout)).await {
+            Ok(Ok(answer)) => Ok(answer.into_inner()),
+            Ok(Err(status)) => Err(Error::from_status(status)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Applies the failure mode to an error: an answer for an unavailable tollgate, else the error.
+    fn or_fallback<T>(&self, e: Error, answer: impl FnOnce(bool) -> T) -> Result<T, Error> {
+        match (&e, self.failure_mode) {
+            (Error::Unavailable(_), FailureMode::Allow) => Ok(answer(true)),
+            (Error::Unavailable(_), FailureMode::Deny) => Ok(answer(false)),
+            _ => Err(e),
+        }
+    }
+
+    /// May `key` spend `cost` tokens now (the server's default bucket shape)?
+    pub async fn should_allow(&self, key: &str, cost: u32) -> Result<Decision, Error> {
+        self.check(Request {
+            key,
+            cost,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// ShouldAllow with every field.
+    pub async fn check(&self, req: Request<'_>) -> Result<Decision, Error> {
+        let proto = to_proto(&req);
+        match self
+            .call(|mut c, timeout| async move {
+                let mut r = tonic::Request::new(proto);
+                r.set_timeout(timeout);
+                c.should_allow(r).await
+            })
+            .await
+        {
+            Ok(r) => Ok(Decision::from_proto(&r)),
+            Err(e) => self.or_fallback(e, Decision::fallback),
+        }
+    }
+
+    /// Several decisions in one call, in order. With `all_or_nothing`, if any is denied none is
+    /// charged (each answer still says its own verdict).
+    pub async fn check_batch(
+        &self,
+        reqs: &[Request<'_>],
+        all_or_nothing: bool,
+    ) -> Result<BatchDecision, Error> {
+        let proto = ShouldAllowBatchRequest {
+            requests: reqs.iter().map(to_proto).collect(),
+            all_or_nothing,
+        };
+        match self
+            .call(|mut c, timeout| async move {
+                let mut r = tonic::Request::new(proto);
+                r.set_timeout(timeout);
+                c.should_allow_batch(r).await
+            })
+            .await
+        {
+            Ok(r) => Ok(BatchDecision {
+                allowed: r.allowed,
+                decisions: r.responses.iter().map(Decision::from_proto).collect(),
+            }),
+            Err(e) => self.or_fallback(e, |allowed| BatchDecision {
+                allowed,
+                decisions: vec![Decision::fallback(allowed); reqs.len()],
+            }),
+        }
+    }
+
+    /// After the work: what a reservation of `reserved` tokens (taken by a ShouldAllow on the
+    /// same key and shape) really cost. Less gives the difference back; more charges it even
+    /// past what is left, into debt. `capacity` and `rate` are the reservation's (0: defaults).
+    pub async fn settle(
+        &self,
+        key: &str,
+        capacity: f64,
+        rate: f64,
+        reserved: u64,
+        actual: u64,
+    ) -> Result<Settlement, Error> {
+        let proto = SettleRequest {
+            key: key.to_string(),
+            capacity,
+            rate,
+            reserved,
+            actual,
+        };
+        match self
+            .call(|mut c, timeout| async move {
+                let mut r = tonic::Request::new(proto);
+                r.set_timeout(timeout);
+                c.settle(r).await
+            })
+            .await
+        {
+            Ok(r) => Ok(Settlement {
+                tokens_remaining: r.tokens_remaining,
+                reset_after: Duration::from_millis(r.reset_after_ms),
+                in_debt: r.in_debt,
+                degraded: r.degraded,
+            }),
+            Err(e) => self.or_fallback(e, |_| Settlement {
+                tokens_remaining: 0.0,
+                reset_after: Duration::ZERO,
+                in_debt: false,
+                degraded: true,
+            }),
+        }
+    }
+}
+
+fn to_proto(req: &Request<'_>) -> ShouldAllowRequest {
+    ShouldAllowRequest {
+        key: req.key.to_string(),
+        cost: req.cost,
+        capacity: req.capacity,
+        rate: req.rate,
+        dry_run: req.dry_run,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transport_trouble_is_unavailable() {
+        use tonic::{Code, Status};
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+        ] {
+            assert!(
+                Error::from_status(Status::new(code, "x")).is_unavailable(),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::PermissionDenied,
+            Code::Internal,
+        ] {
+            assert!(
+                !Error::from_status(Status::new(code, "x")).is_unavailable(),
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn https_needs_a_ca() {
+        let err = Client::builder("https://tollgate:8081")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("tls"), "{err}");
+        assert!(Client::builder("not a url").build().is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! The library against a real tollgate (run in this process): the tower layer limiting an axum
+//! app, the typed client's calls, and what each failure becomes.
+
+use std::time::Duration;
+
+use axum::{Router, body::Body, routing::get};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tollgate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request};
+use tower::ServiceExt;
+
+/// A tollgate (memory backend) on ephemeral loopback ports, stopped when dropped.
+struct Tollgate {
+    url: String,
+    stop: CancellationToken,
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn tollgate(flags: &[&str]) -> Tollgate {
+    let mut argv = vec![
+        "tollgate",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    argv.extend_from_slice(flags);
+    let args = <tollgate::config::Cli as clap::Parser>::parse_from(argv)
+        .into_serve()
+        .unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", grpc.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(tollgate::server::run(args, grpc, http, stop.clone()));
+    Tollgate { url, stop }
+}
+
+fn by_api_key(parts: &http::request::Parts) -> Result<String, KeyError> {
+    parts
+        .headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|k| format!("key:{k}"))
+        .ok_or_else(|| KeyError::unauthorized("missing X-API-Key"))
+}
+
+fn app(client: Client) -> Router {
+    Router::new()
+        .route("/", get(|| async { "hello" }))
+        .layer(RateLimitLayer::new(client, by_api_key).near_limit_ratio(0.5))
+}
+
+async fn get_with(app: &Router, key: Option<&str>) -> http::Response<Body> {
+    let mut req = http::Request::get("/");
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    app.clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+fn header<'a>(r: &'a http::Response<Body>, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn the_layer_limits_an_axum_app() {
+    let t = tollgate(&["--capacity", "3", "--rate", "0.5"]).await;
+    let client = Client::builder(&t.url)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let app = app(client);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = get_with(&app, Some("alice")).await;
+        seen.push((
+            r.status().as_u16(),
+            header(&r, "x-ratelimit-remaining").map(str::to_string),
+            header(&r, "x-ratelimit-warning").is_some(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [
+            (200, Some("2".into()), false),
+            (200, Some("1".into()), true),
+            (200, Some("0".into()), true)
+        ],
+        "a warning before the 429"
+    );
+    let denied = get_with(&app, Some("alice")).await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(
+        header(&denied, "retry-after"),
+        Some("2"),
+        "one token at 0.5/s"
+    );
+    assert_eq!(header(&denied, "x-ratelimit-limit"), Some("3"));
+    assert!(header(&denied, "x-ratelimit-reset").is_some_and(|v| v != "0"));
+    // Another key, its own bucket; no key, 401.
+    assert_eq!(get_with(&app, Some("bob")).await.status(), 200);
+    assert_eq!(get_with(&app, None).await.status(), 401);
+    // A key tollgate refuses (over 512 bytes) is the client's error: 400, never served.
+    let long = "k".repeat(600);
+    assert_eq!(get_with(&app, Some(&long)).await.status(), 400);
+}
+
+#[tokio::test]
+async fn failure_modes_apply_to_an_unreachable_tollgate_only() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("http://127.0.0.1:{port}");
+    for (mode, status) in [(FailureMode::Allow, 200), (FailureMode::Deny, 503)] {
+        let client = Client::builder(&down)
+            .timeout(Duration::from_millis(200))
+            .failure_mode(mode)
+            .build()
+            .unwrap();
+        let r = get_with(&app(client.clone()), Some("x")).await;
+        assert_eq!(r.status(), status, "{mode:?}");
+        let d = client.should_allow("x", 1).await.unwrap();
+        assert!(d.degraded);
+    }
+    let strict = Client::builder(&down)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let err = strict.should_allow("x", 1).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(get_with(&app(strict), Some("x")).await.status(), 503);
+
+    // A live tollgate refusing the request is never an allow, whatever the mode.
+    let t = tollgate(&["--allow-client-shapes", "false"]).await;
+    let open = Client::builder(&t.url)
+        .timeout(Duration::from_secs(2))
+        .failure_mode(FailureMode::Allow)
+        .build()
+        .unwrap();
+    let shaped = Request {
+        key: "k",
+        cost: 1,
+        capacity: 5.0,
+        rate: 1.0,
+        dry_run: false,
+    };
+    let err = open.check(shaped).await.unwrap_err();
+    assert!(!err.is_unavailable(), "{err}");
+    assert!(err.to_string().contains("ALLOW_CLIENT_SHAPES"), "{err}");
+}
+
+#[tokio::test]
+async fn reserve_then_settle() {
+    let t = tollgate(&[]).await;
+    let client = Client::builder(&t.url)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let reserve = Request {
+        key: "llm:ann",
+        cost: 80,
+        capacity: 100.0,
+        rate: 0.001,
+        dry_run: false,
+    };
+    assert!(client.check(reserve).await.unwrap().allowed);
+    let s = client
+        .settle("llm:ann", 100.0, 0.001, 80, 30)
+        .await
+        .unwrap();
+    assert!((s.tokens_remaining - 70.0).abs() < 0.01, "{s:?}");
+    let s = client
+        .settle("llm:ann", 100.0, 0.001, 0, 120)
+        .await
+        .unwrap();
+    assert!(
+        s.in_debt && (s.tokens_remaining + 50.0).abs() < 0.01,
+        "{s:?}"
+    );
+    let batch = client
+        .check_batch(
+            &[
+                reserve,
+                Request {
+                    key: "llm:bob",
+                    ..reserve
+                },
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(!batch.allowed);
+    assert!(!batch.decisions[0].allowed && batch.decisions[1].allowed);
+    let bob = Request {
+        key: "llm:bob",
+        dry_run: true,
+        cost: 100,
+        ..reserve
+    };
+    assert!(
+        client.check(bob).await.unwrap().allowed,
+        "all or nothing: bob uncharged"
+    );
+}
