@@ -96,6 +96,35 @@ pub struct ServeArgs {
     )]
     pub redis_type: RedisType,
 
+    /// Multiplexed connections (and calls in flight) per Redis node.
+    #[arg(long, env = "REDIS_CONNECTIONS", value_name = "REDIS_CONNECTIONS", default_value = "2", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub redis_connections: u32,
+
+    /// rediss://: the CA (PEM) that signed Redis's certificate, instead of the system's trust store.
+    #[arg(long, env = "REDIS_TLS_CACERT", value_name = "REDIS_TLS_CACERT")]
+    pub redis_tls_cacert: Option<PathBuf>,
+
+    /// rediss://: the client certificate chain (PEM) to present to Redis.
+    #[arg(
+        long,
+        env = "REDIS_TLS_CLIENT_CERT",
+        value_name = "REDIS_TLS_CLIENT_CERT"
+    )]
+    pub redis_tls_client_cert: Option<PathBuf>,
+
+    /// rediss://: the client certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "REDIS_TLS_CLIENT_KEY",
+        value_name = "REDIS_TLS_CLIENT_KEY"
+    )]
+    pub redis_tls_client_key: Option<PathBuf>,
+
+    /// Deny locally, without calling Redis, a key that Redis said is short of tokens while the
+    /// refill cannot yet cover the cost (exact in the safe direction).
+    #[arg(long, env = "LOCAL_DENY_CACHE", value_name = "LOCAL_DENY_CACHE", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub local_deny_cache: bool,
+
     /// Deadline of one call to Redis, in milliseconds.
     #[arg(long, env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value = "50", value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,

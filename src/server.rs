@@ -17,7 +17,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::api::{Defaults, EnvoyApi, EnvoySettings, ShouldAllowApi};
-use crate::backend::{Backend, MemoryBackend, RedisBackend, redis::Topology};
+use crate::backend::{
+    Backend, MemoryBackend, RedisBackend,
+    redis::{RedisOptions, RedisTls, Topology},
+};
 use crate::config::{RedisType, ServeArgs};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitServiceServer as EnvoyServer, SERVICE_NAME as ENVOY_SERVICE,
@@ -28,6 +31,7 @@ use crate::proto::tollgate::v1::rate_limit_service_server::{
 use crate::rules::{ReloadObserver, RulesHandle};
 use crate::telemetry::{
     METRICS_CONTENT_TYPE, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
+    redis_metrics,
 };
 
 /// gRPC services reported by health, besides the server as a whole ("").
@@ -98,13 +102,24 @@ pub async fn run(
         }
         Some(url) => {
             tracing::info!(redis = %url, kind = ?args.redis_type, timeout_ms = args.redis_timeout_ms, "using Redis");
-            let topology = match args.redis_type {
-                RedisType::Single => Topology::Single,
-                RedisType::Cluster => Topology::Cluster,
-                RedisType::Sentinel => Topology::Sentinel,
+            let options = RedisOptions {
+                topology: match args.redis_type {
+                    RedisType::Single => Topology::Single,
+                    RedisType::Cluster => Topology::Cluster,
+                    RedisType::Sentinel => Topology::Sentinel,
+                },
+                timeout: args.redis_timeout(),
+                connections: args.redis_connections as usize,
+                deny_cache: args.local_deny_cache,
+                tls: RedisTls {
+                    ca_cert: args.redis_tls_cacert.clone(),
+                    client_cert: args.redis_tls_client_cert.clone(),
+                    client_key: args.redis_tls_client_key.clone(),
+                },
+                metrics: redis_metrics(),
             };
-            let redis = RedisBackend::with_topology(topology, url.expose(), args.redis_timeout())
-                .map_err(|e| anyhow::anyhow!("REDIS_URL: {}", e.message))?;
+            let redis = RedisBackend::with_options(url.expose(), options)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             serve(args, redis, defaults, rules, metrics, grpc, http, shutdown).await
         }
     }

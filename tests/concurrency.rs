@@ -1,8 +1,20 @@
-//! Many clients, two tollgate processes, one Redis, one bucket: exactly its capacity is allowed.
+//! Many clients, two tollgate processes, one Redis, one bucket: exactly its capacity is allowed,
+//! with decisions batched per script call and the local deny cache on.
 
 mod common;
 
-use common::{RedisServer, Tollgate, ask, should_allow};
+use std::time::{Duration, Instant};
+
+use common::{RedisServer, Tollgate, ask, http_get, should_allow};
+
+/// A sample's value in Prometheus text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
@@ -45,6 +57,95 @@ async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
             .unwrap();
         assert!(!r.allowed && r.tokens_remaining < 1.0, "{r:?}");
     }
+    // The exactness held with batching at work: some script calls decided several buckets.
+    let mut batched = false;
+    for r in &replicas {
+        let (_, m) = http_get(&r.http_url("/metrics")).await.unwrap();
+        let sum = metric(&m, "tollgate_backend_batch_size_sum{backend=\"redis\"}");
+        let count = metric(&m, "tollgate_backend_batch_size_count{backend=\"redis\"}");
+        batched |= sum > count;
+    }
+    assert!(batched, "no script call carried more than one decision");
+}
+
+/// Two replicas hammer one key while refunds come in through one of them: the deny cache answers
+/// locally (its counter moves), and no window of the run admits more than the bucket allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deny_cache_never_admits_more_than_the_bucket() {
+    let redis = RedisServer::start().await;
+    let env = [("REDIS_URL", redis.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["--redis-timeout-ms", "2000", "--local-deny-cache", "true"];
+    let replicas = [
+        Tollgate::start(&args, &env).await,
+        Tollgate::start(&args, &env).await,
+    ];
+    let clients = [replicas[0].client().await, replicas[1].client().await];
+    // 20 tokens, 20 per second: over 2 s at most 20 + 40 = 60, plus what the refunds give back.
+    const CAPACITY: f64 = 20.0;
+    const RATE: f64 = 20.0;
+    let started = Instant::now();
+    let run = Duration::from_secs(2);
+    let hammer = (0..16).map(|i| {
+        let mut c = clients[i % 2].clone();
+        tokio::spawn(async move {
+            let mut allowed = 0u32;
+            while started.elapsed() < run {
+                if should_allow(&mut c, ask("hot", CAPACITY, RATE, 1))
+                    .await
+                    .unwrap()
+                    .allowed
+                {
+                    allowed += 1;
+                }
+            }
+            allowed
+        })
+    });
+    let refunds = {
+        let mut c = clients[1].clone();
+        tokio::spawn(async move {
+            let mut given = 0u64;
+            while started.elapsed() < run {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let s = c
+                    .settle(tollgate::proto::tollgate::v1::SettleRequest {
+                        key: "hot".into(),
+                        capacity: CAPACITY,
+                        rate: RATE,
+                        reserved: 3,
+                        actual: 0,
+                    })
+                    .await;
+                if s.is_ok() {
+                    given += 3;
+                }
+            }
+            given
+        })
+    };
+    let allowed: u32 = futures::future::join_all(hammer)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .sum();
+    let refunded = refunds.await.unwrap() as f64;
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = CAPACITY + RATE * elapsed + refunded;
+    assert!(
+        f64::from(allowed) <= bound,
+        "{allowed} allowed, at most {bound:.1} possible"
+    );
+    assert!(
+        f64::from(allowed) > RATE * elapsed * 0.5,
+        "the limiter starved: {allowed}"
+    );
+    let mut local = 0.0;
+    for r in &replicas {
+        let (_, m) = http_get(&r.http_url("/metrics")).await.unwrap();
+        local += metric(&m, "tollgate_local_answers_total{api=\"should_allow\"}");
+    }
+    assert!(local > 0.0, "the deny cache never answered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

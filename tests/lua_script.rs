@@ -299,3 +299,138 @@ async fn a_future_timestamp_adds_nothing() {
     let (tokens, ts) = stored(&mut conn, "tb:lua").await.unwrap();
     assert_eq!((tokens, ts), (1.0, future_ms));
 }
+
+mod batched {
+    //! One script call deciding many buckets answers exactly as one call per bucket (and, with
+    //! groups, as the Rust arithmetic of the memory backend), on random operation sequences.
+    use super::*;
+    use proptest::prelude::*;
+    use tollgate::backend::{BucketRequest, MemoryBackend};
+    use tollgate::core::{Op, Shape};
+
+    /// A refill so slow that the microseconds between calls add nothing measurable.
+    const RATE: &str = "0.000000001";
+
+    fn op(kind: u8, cost: u64) -> Op {
+        match kind {
+            0 => Op::Take(cost),
+            1 => Op::Check(cost),
+            2 => Op::Refund(cost),
+            _ => Op::Force(cost),
+        }
+    }
+
+    fn mode(op: Op, veto: bool) -> u8 {
+        let base = match op {
+            Op::Take(_) => 1,
+            Op::Check(_) => 2,
+            Op::Refund(_) => return 3,
+            Op::Force(_) => 4,
+        };
+        if veto { base } else { base + 4 }
+    }
+
+    fn args(ops: &[(usize, Op, bool)]) -> Vec<String> {
+        ops.iter()
+            .flat_map(|&(_, op, veto)| {
+                [
+                    "10".to_string(),
+                    RATE.to_string(),
+                    op.cost().to_string(),
+                    mode(op, veto).to_string(),
+                ]
+            })
+            .collect()
+    }
+
+    fn ops_strategy() -> impl Strategy<Value = Vec<(usize, Op, bool)>> {
+        prop::collection::vec((0usize..4, 0u8..4, 0u64..14, any::<bool>()), 1..30).prop_map(|v| {
+            v.into_iter()
+                .map(|(k, kind, cost, veto)| (k, op(kind, cost), veto))
+                .collect()
+        })
+    }
+
+    fn same(a: &[(bool, f64)], b: &[(bool, f64)]) -> Result<(), TestCaseError> {
+        prop_assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            prop_assert_eq!(x.0, y.0, "verdict of op {}", i);
+            prop_assert!(
+                (x.1 - y.1).abs() < 1e-6,
+                "tokens of op {}: {} vs {}",
+                i,
+                x.1,
+                y.1
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn one_call_answers_like_one_call_per_bucket() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let server = rt.block_on(common::RedisServer::start());
+        let conn = rt.block_on(server.connection());
+        let cases = std::sync::atomic::AtomicU32::new(0);
+        proptest!(ProptestConfig::with_cases(48), |(ops in ops_strategy())| {
+            let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut conn = conn.clone();
+            let (single, batched) = rt.block_on(async {
+                let mut single = Vec::new();
+                for &(k, o, veto) in &ops {
+                    let key = format!("s{case}:{k}");
+                    let r = eval_many(&mut conn, &[&key], &args(&[(k, o, veto)]).iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
+                    single.extend(verdicts(&r));
+                }
+                let keys: Vec<String> = ops.iter().map(|(k, _, _)| format!("b{case}:{k}")).collect();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let a = args(&ops);
+                let r = eval_many(&mut conn, &keys, &a.iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
+                (single, verdicts(&r))
+            });
+            same(&single, &batched)?;
+        });
+    }
+
+    #[test]
+    fn groups_answer_like_the_rust_arithmetic() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let server = rt.block_on(common::RedisServer::start());
+        let conn = rt.block_on(server.connection());
+        let cases = std::sync::atomic::AtomicU32::new(0);
+        proptest!(ProptestConfig::with_cases(48), |(ops in ops_strategy(), cuts in prop::collection::vec(1usize..5, 1..10))| {
+            let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut conn = conn.clone();
+            // Split the ops into consecutive groups of the given lengths (the rest: one group).
+            let mut groups: Vec<usize> = Vec::new();
+            let mut left = ops.len();
+            for c in cuts {
+                if left == 0 { break; }
+                let g = c.min(left);
+                groups.push(g);
+                left -= g;
+            }
+            if left > 0 { groups.push(left); }
+            let memory = MemoryBackend::new(1000);
+            let shape = Shape::new(10.0, 1e-9).unwrap();
+            let keys: Vec<String> = ops.iter().map(|(k, _, _)| format!("g{case}:{k}")).collect();
+            let mut rust = Vec::new();
+            let mut at = 0;
+            for &g in &groups {
+                let reqs: Vec<BucketRequest<'_>> = (at..at + g)
+                    .map(|i| BucketRequest { key: &keys[i], shape, op: ops[i].1, veto: ops[i].2 })
+                    .collect();
+                rust.extend(memory.decide_group_now(&reqs, true).into_iter().map(|d| (d.allowed, d.tokens_remaining)));
+                at += g;
+            }
+            let lua = rt.block_on(async {
+                let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let mut a = args(&ops);
+                a.extend(groups.iter().map(|g| g.to_string()));
+                let r = eval_many(&mut conn, &key_refs, &a.iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
+                verdicts(&r)
+            });
+            same(&rust, &lua)?;
+        });
+    }
+}

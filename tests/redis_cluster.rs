@@ -224,18 +224,28 @@ async fn sentinel_failover_is_followed() {
     let before = should_allow(&mut c, ask("s", 5.0, 1e-6, 1)).await.unwrap();
     assert!(before.allowed);
     // Replication is asynchronous: make sure the replica has the bucket before the master dies.
-    let mut master = redis::Client::open(format!("redis://127.0.0.1:{}/", group.master))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(2000)
-        .query_async(&mut master)
-        .await
-        .unwrap();
-    assert_eq!(acked, 1);
+    // (WAIT on another connection would not do: it waits for that connection's own writes.)
+    let replica = group.replica;
+    eventually(
+        Duration::from_secs(10),
+        "the bucket on the replica",
+        async || {
+            let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{replica}/"))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+            else {
+                return false;
+            };
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg("tb:user:s")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(0);
+            exists == 1
+        },
+    )
+    .await;
 
     group.kill(group.master);
     let started = Instant::now();
@@ -253,7 +263,9 @@ async fn sentinel_failover_is_followed() {
     // The new master is the old replica, and it carries on the replicated bucket.
     let repl = RedisCluster::info(group.replica, "replication").await;
     assert!(repl.contains("role:master"), "{repl}");
-    let r = should_allow(&mut c, ask("s", 5.0, 1e-6, 1)).await.unwrap();
+    let r = should_allow(&mut c, ask("s", 5.0, 1e-6, 1))
+        .await
+        .unwrap_or_else(|e| panic!("after the failover: {e}"));
     assert!(
         r.tokens_remaining < 4.0,
         "the bucket survived the failover: {r:?}"

@@ -201,6 +201,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         match self.backend.decide(p.bucket()).await {
             Ok(d) => {
                 self.metrics.record(Some(d.allowed), started);
+                self.metrics.local(&[&d]);
                 Ok(self.answer(&d, p.shape))
             }
             Err(e) => {
@@ -262,6 +263,7 @@ impl<B: Backend> ShouldAllowApi<B> {
             .map(|(r, p)| match r {
                 Ok(d) => {
                     self.metrics.count(Some(d.allowed));
+                    self.metrics.local(&[d]);
                     self.answer(d, p.shape)
                 }
                 Err(_) => {

@@ -52,8 +52,12 @@ pub enum ErrorKind {
     Timeout,
     /// Could not connect, or the connection broke.
     Connection,
-    /// The script itself failed (bad arguments, a bug, a read-only replica).
+    /// The script itself failed (bad arguments, a bug).
     Script,
+    /// A cluster node no longer serves the key (a failover, a resharding): retried elsewhere.
+    Moved,
+    /// The node's circuit breaker is open: no call was made.
+    CircuitOpen,
     Other,
 }
 
@@ -63,6 +67,9 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Connection => "connection",
             ErrorKind::Script => "script",
+            // Counted with connection trouble: the topology moved under the call.
+            ErrorKind::Moved => "connection",
+            ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::Other => "other",
         }
     }

@@ -59,6 +59,8 @@ pub struct Decision {
     pub retry_after_ms: u64,
     /// How long until the bucket is full again (at most [`MAX_MS`]).
     pub reset_after_ms: u64,
+    /// Answered by this replica without the backend (a denial the local deny cache could prove).
+    pub local: bool,
 }
 
 /// One request of a group: the bucket's shape, the operation, and whether a denial of it vetoes
@@ -116,6 +118,7 @@ pub fn apply(
             capped_ms((cost - tokens) / shape.rate() * 1000.0)
         },
         reset_after_ms: capped_ms((capacity - tokens) / shape.rate() * 1000.0),
+        local: false,
     };
     (decision, write.then_some(BucketState { tokens, ts_ms: ts }))
 }

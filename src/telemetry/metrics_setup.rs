@@ -17,6 +17,9 @@ pub mod names {
     pub const TOKENS_REMAINING: &str = "tollgate_tokens_remaining";
     pub const RULES_RELOADS: &str = "tollgate_rules_reloads_total";
     pub const SHED: &str = "tollgate_shed_total";
+    pub const LOCAL_ANSWERS: &str = "tollgate_local_answers_total";
+    pub const BATCH_SIZE: &str = "tollgate_backend_batch_size";
+    pub const CIRCUIT_OPEN: &str = "tollgate_backend_circuit_open";
     pub const MEMORY_EVICTIONS: &str = "tollgate_memory_evictions_total";
 }
 
@@ -26,6 +29,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 1.0,
 ];
+
+/// Decisions per script call: 1 when idle, up to the cap (128) under load.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 /// Renders the Prometheus text; cheap to clone.
 #[derive(Clone)]
@@ -63,7 +69,10 @@ pub fn install_recorder(describe: fn()) -> MetricsHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .expect("the bucket list is not empty")
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(names::BATCH_SIZE.into()), BATCH_BUCKETS)
+                })
+                .expect("the bucket lists are not empty")
                 .build_recorder();
             let prometheus = recorder.handle();
             // Another recorder may be installed already (an embedding application); keep ours
@@ -122,6 +131,18 @@ fn describe() {
         "Memory buckets dropped because MEMORY_MAX_BUCKETS was reached, by whether they were full (nothing lost) or partial (the key starts full again)."
     );
     describe_counter!(
+        names::LOCAL_ANSWERS,
+        "Decisions answered by the local deny cache without calling Redis, by API."
+    );
+    describe_histogram!(
+        names::BATCH_SIZE,
+        "Bucket decisions per Redis script call, by backend."
+    );
+    describe_gauge!(
+        names::CIRCUIT_OPEN,
+        "1 while the circuit breaker of a Redis node is open (calls answered at once), by node."
+    );
+    describe_counter!(
         names::SHED,
         "Calls refused before any work, by reason (concurrency, message_size, bounds)."
     );
@@ -133,6 +154,7 @@ pub struct DecisionMetrics {
     allowed: Counter,
     denied: Counter,
     error: Counter,
+    local: Counter,
     duration: Histogram,
 }
 
@@ -144,6 +166,7 @@ impl DecisionMetrics {
             allowed: c("allowed"),
             denied: c("denied"),
             error: c("error"),
+            local: metrics::counter!(names::LOCAL_ANSWERS, "api" => api),
             duration: metrics::histogram!(names::DECISION_DURATION, "api" => api),
         }
     }
@@ -160,6 +183,14 @@ impl DecisionMetrics {
             Some(true) => self.allowed.increment(1),
             Some(false) => self.denied.increment(1),
             None => self.error.increment(1),
+        }
+    }
+
+    /// Counts the decisions the deny cache answered without the backend.
+    pub fn local(&self, decisions: &[&crate::core::Decision]) {
+        let n = decisions.iter().filter(|d| d.local).count();
+        if n > 0 {
+            self.local.increment(n as u64);
         }
     }
 
@@ -281,5 +312,15 @@ pub fn eviction_counters() -> crate::backend::memory::EvictionCounters {
     crate::backend::memory::EvictionCounters {
         full: Some(c("full")),
         partial: Some(c("partial")),
+    }
+}
+
+/// The Redis backend's metric handles: batch sizes and a breaker gauge per node.
+pub fn redis_metrics() -> crate::backend::redis::RedisMetrics {
+    crate::backend::redis::RedisMetrics {
+        batch_size: Some(metrics::histogram!(names::BATCH_SIZE, "backend" => "redis")),
+        circuit: Some(std::sync::Arc::new(
+            |node: &str| metrics::gauge!(names::CIRCUIT_OPEN, "node" => node.to_string()),
+        )),
     }
 }

@@ -6,7 +6,7 @@ mod timed;
 
 pub use metrics_setup::{
     DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics, ShedMetrics,
-    eviction_counters, install_metrics, install_recorder, names,
+    eviction_counters, install_metrics, install_recorder, names, redis_metrics,
 };
 pub use timed::Timed;
 

@@ -34,9 +34,11 @@ impl<B: Backend> Timed<B> {
     fn count_error(&self, e: &BackendError) {
         let i = match e.kind {
             ErrorKind::Timeout => 0,
-            ErrorKind::Connection => 1,
+            ErrorKind::Connection | ErrorKind::Moved => 1,
             ErrorKind::Script => 2,
             ErrorKind::Other => 3,
+            // No call was made: the breaker's gauge tells, not the error counter.
+            ErrorKind::CircuitOpen => return,
         };
         self.errors[i].increment(1);
     }

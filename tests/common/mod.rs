@@ -69,6 +69,25 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// A port for a Redis Cluster node: its bus listens on port + 10000, so both must be free, and
+/// the port must be below 55535 ("Redis port number too high" otherwise). Picked outside the
+/// ephemeral range (32768-60999 here) so that no outgoing connection takes it meanwhile.
+pub fn cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20_000 + (rand_u16() % 10_000);
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free cluster port pair in 20000-29999");
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) as u16
+}
+
 /// Polls `check` until it returns true or `within` elapses.
 pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -711,7 +730,13 @@ impl RedisCluster {
     pub async fn start(masters: usize, replicas_per_master: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let count = masters * (1 + replicas_per_master);
-        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let mut ports: Vec<u16> = Vec::with_capacity(count);
+        while ports.len() < count {
+            let p = cluster_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
         let mut procs = Procs::default();
         for &port in &ports {
             let child = Command::new("redis-server")

@@ -1,189 +1,228 @@
 //! Buckets in Redis, decided by `lua/token_bucket.lua` so every replica of tollgate shares them.
 //!
-//! Every call goes over a shared multiplexed connection: concurrent calls are written together
-//! in one pipeline rather than waiting for each other. The script runs by EVALSHA and is loaded
-//! again when a node answers NOSCRIPT (after a restart, a failover or SCRIPT FLUSH). Every call is
-//! bounded by REDIS_TIMEOUT_MS, and connections re-establish themselves, so Redis coming back needs
-//! no restart of tollgate. Single server, cluster and sentinel differ only in `connection.rs`.
+//! A decision goes to the node serving its key, through that node's lane: decisions bound for one
+//! node while a call to it is in flight go together in the next call, so one EVALSHA decides many
+//! buckets under load and each decision goes at once when idle. One Envoy request is one script
+//! call where its keys share a node (atomic, all or nothing); across nodes, all or nothing is kept
+//! by refunding what the calls that passed charged. Every call is bounded by REDIS_TIMEOUT_MS;
+//! connections are made in the background and re-establish themselves, so Redis coming back needs
+//! no restart of tollgate; a node that keeps failing trips its breaker and is answered at once.
 //!
-//! - `script.rs`: the script's wire contract (arguments, reply).
-//! - `connection.rs`: single, cluster, sentinel.
+//! - `script.rs`: the script's wire contract (a batch's arguments, the reply).
+//! - `node.rs`: one node's connections and lane (batching).
+//! - `topology.rs`: single, sentinel, cluster: which node serves a key.
+//! - `connect.rs`: connection settings shared by the nodes (credentials, TLS).
+//! - `breaker.rs`: a circuit breaker per node.
+//! - `deny_cache.rs`: denials this replica can prove without asking Redis.
 
-mod connection;
+mod breaker;
+mod connect;
+mod deny_cache;
+mod node;
 mod script;
+mod topology;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use futures::future::join_all;
-use redis::cluster_routing::Slot;
 
-use connection::Connector;
-pub use connection::Topology;
+pub use connect::RedisTls;
 pub use script::TOKEN_BUCKET_LUA;
+pub use topology::Kind as Topology;
+
+use deny_cache::DenyCache;
+use node::{Job, Node, Op1};
+use script::Placement;
+use topology::Topology as Nodes;
 
 use super::{Backend, BackendError, BucketRequest, ErrorKind};
 use crate::core::{Decision, Op};
 
 const NAME: &str = "redis";
 
-/// The Redis backend, for a single server, a cluster or a sentinel-managed master.
-pub struct RedisBackend {
-    connector: Connector,
+/// Makes the breaker gauge of a node, by its address.
+pub type GaugeFor = Arc<dyn Fn(&str) -> metrics::Gauge + Send + Sync>;
+
+/// The metrics the backend feeds (handles from the server's telemetry; none in plain use).
+#[derive(Clone, Default)]
+pub struct RedisMetrics {
+    /// Buckets per script call.
+    pub batch_size: Option<metrics::Histogram>,
+    /// A gauge per node address: 1 while its breaker is open.
+    pub circuit: Option<GaugeFor>,
+}
+
+impl RedisMetrics {
+    fn batch(&self, n: usize) {
+        if let Some(h) = &self.batch_size {
+            h.record(n as f64);
+        }
+    }
+
+    fn circuit_gauge(&self, addr: &str) -> Option<metrics::Gauge> {
+        self.circuit.as_ref().map(|f| f(addr))
+    }
+}
+
+/// Settings of the Redis backend besides the URL.
+#[derive(Clone)]
+pub struct RedisOptions {
+    pub topology: Topology,
+    /// REDIS_TIMEOUT_MS.
+    pub timeout: Duration,
+    /// REDIS_CONNECTIONS: multiplexed connections (and calls in flight) per node.
+    pub connections: usize,
+    /// LOCAL_DENY_CACHE.
+    pub deny_cache: bool,
+    pub tls: RedisTls,
+    pub metrics: RedisMetrics,
+}
+
+impl RedisOptions {
+    /// A single server, no deny cache, two connections.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            topology: Topology::Single,
+            timeout,
+            connections: 2,
+            deny_cache: false,
+            tls: RedisTls::default(),
+            metrics: RedisMetrics::default(),
+        }
+    }
+}
+
+/// What every node's lane shares.
+pub(crate) struct Lanes {
     sha: String,
     timeout: Duration,
+    connections: usize,
+    placement: Placement,
+    metrics: RedisMetrics,
+}
+
+/// The Redis backend, for a single server, a cluster or a sentinel-managed master.
+pub struct RedisBackend {
+    nodes: Nodes,
+    deny: Option<DenyCache>,
 }
 
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The connection info would show credentials.
-        f.debug_struct("RedisBackend")
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+        // The connection settings would show credentials.
+        f.debug_struct("RedisBackend").finish_non_exhaustive()
     }
 }
 
 impl RedisBackend {
-    /// A single Redis server at `url`; see [`RedisBackend::with_topology`].
+    /// A single Redis server at `url`, without the deny cache (tests, embedding).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, BackendError> {
-        Self::with_topology(Topology::Single, url, timeout)
+        Self::with_options(url, RedisOptions::new(timeout))
     }
 
-    /// Prepares a backend without connecting: tollgate starts (and reports NOT_SERVING) while
-    /// Redis is away, and connects when Redis answers. `url` is a URL (single), a comma-separated
-    /// list of nodes (cluster), or `master_name,host:port,...` (sentinel).
-    pub fn with_topology(
-        topology: Topology,
-        url: &str,
-        timeout: Duration,
-    ) -> Result<Self, BackendError> {
-        Ok(Self {
-            connector: Connector::new(topology, url, timeout)?,
+    /// Prepares a backend without waiting for Redis: tollgate starts (and reports NOT_SERVING)
+    /// while Redis is away, and connects in the background. `url` is a URL (single), a
+    /// comma-separated list of nodes (cluster), or `master_name,host:port,...` (sentinel).
+    /// Must be called within a tokio runtime.
+    pub fn with_options(url: &str, options: RedisOptions) -> Result<Self, BackendError> {
+        let cluster = options.topology == Topology::Cluster;
+        let lanes = Arc::new(Lanes {
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_string(),
-            timeout,
+            timeout: options.timeout,
+            connections: options.connections.max(1),
+            placement: if cluster {
+                Placement::Argv
+            } else {
+                Placement::Keys
+            },
+            metrics: options.metrics,
+        });
+        Ok(Self {
+            nodes: Nodes::start(options.topology, url, &options.tls, &lanes)?,
+            deny: options.deny_cache.then(DenyCache::default),
         })
     }
 
-    /// Runs `call` on a connection within REDIS_TIMEOUT_MS (connecting included).
-    async fn bounded<T, F>(&self, call: F) -> Result<T, BackendError>
-    where
-        F: AsyncFnOnce(connection::Conn) -> redis::RedisResult<T>,
-    {
-        let attempt = async {
-            let conn = self.connector.get().await?;
-            call(conn).await
-        };
-        let result = match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(result) => result.map_err(map_error),
-            Err(_) => Err(BackendError {
-                backend: NAME,
-                kind: ErrorKind::Timeout,
-                message: format!("no answer within {} ms", self.timeout.as_millis()),
-            }),
-        };
-        if let Err(e) = &result {
-            self.connector.failed(e.kind);
-        }
-        result
+    /// Buckets the deny cache holds now.
+    pub fn deny_cache_len(&self) -> usize {
+        self.deny.as_ref().map_or(0, DenyCache::entries)
     }
 
-    /// One script call deciding `reqs` (their keys share a slot, or there is no cluster), as
-    /// groups of `group_lens`. NOSCRIPT loads the script and sends the call again.
-    async fn call(
+    /// Decides `reqs` (all on `node`) in one job, re-routing once if the node no longer serves
+    /// them (a cluster failover or resharding).
+    async fn on_node(
+        &self,
+        node: Option<Arc<Node>>,
+        reqs: &[BucketRequest<'_>],
+        group: bool,
+    ) -> Result<Vec<Decision>, BackendError> {
+        let job = |reqs: &[BucketRequest<'_>]| {
+            let mut job = Job::new(group);
+            for r in reqs {
+                job.push(
+                    r.key,
+                    Op1 {
+                        shape: r.shape,
+                        op: r.op,
+                        veto: r.veto,
+                    },
+                );
+            }
+            job
+        };
+        let Some(node) = node else {
+            self.nodes.suspect();
+            return Err(unknown_node());
+        };
+        let first = node.submit(job(reqs)).await;
+        match &first {
+            Err(e) if e.kind == ErrorKind::Moved => {
+                self.nodes.suspect();
+                // The map may already be right (another call refreshed it): one more try.
+                let again = self.nodes.node_for(reqs[0].key.as_bytes());
+                match again {
+                    Some(n) if !Arc::ptr_eq(&n, &node) => n.submit(job(reqs)).await,
+                    _ => first,
+                }
+            }
+            Err(e) if matches!(e.kind, ErrorKind::Connection | ErrorKind::Timeout) => {
+                self.nodes.suspect();
+                first
+            }
+            _ => first,
+        }
+    }
+
+    /// The group over as many nodes as its keys live on; all or nothing across nodes by
+    /// refunding what the nodes that passed charged.
+    async fn across_nodes(
         &self,
         reqs: &[BucketRequest<'_>],
-        group_lens: &[usize],
-    ) -> Result<Vec<Decision>, BackendError> {
-        let cmd = script::invocation(&self.sha, reqs.iter(), group_lens);
-        let value = self
-            .bounded(
-                async |mut conn| match cmd.query_async::<redis::Value>(&mut conn).await {
-                    Err(e)
-                        if e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                    {
-                        redis::cmd("SCRIPT")
-                            .arg("LOAD")
-                            .arg(TOKEN_BUCKET_LUA)
-                            .query_async::<String>(&mut conn)
-                            .await?;
-                        cmd.query_async(&mut conn).await
-                    }
-                    other => other,
-                },
-            )
-            .await?;
-        script::decode(value, reqs.len())
-    }
-
-    /// The requests that one script call can decide together: all of them, or on a cluster those
-    /// whose keys share a slot (Redis refuses declared keys of several slots).
-    fn partition(&self, reqs: &[BucketRequest<'_>]) -> Vec<Vec<usize>> {
-        if !self.connector.is_cluster() {
-            return vec![(0..reqs.len()).collect()];
-        }
-        let mut parts: Vec<(Slot, Vec<usize>)> = Vec::new();
+        all_or_nothing: bool,
+    ) -> Vec<Result<Decision, BackendError>> {
+        // Group by node (a Vec: a request touches a handful of nodes at most).
+        let mut parts: Vec<(Option<Arc<Node>>, Vec<usize>)> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
-            let slot = Slot::for_key(r.key);
-            match parts.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, v)) => v.push(i),
-                None => parts.push((slot, vec![i])),
+            let node = self.nodes.node_for(r.key.as_bytes());
+            let same = |n: &Option<Arc<Node>>| match (n, &node) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            match parts.iter_mut().find(|(n, _)| same(n)) {
+                Some((_, idx)) => idx.push(i),
+                None => parts.push((node, vec![i])),
             }
         }
-        parts.into_iter().map(|(_, v)| v).collect()
-    }
-}
-
-impl Backend for RedisBackend {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    async fn decide(&self, req: BucketRequest<'_>) -> Result<Decision, BackendError> {
-        let mut out = self.call(std::slice::from_ref(&req), &[]).await?;
-        out.pop().ok_or_else(|| BackendError {
-            backend: NAME,
-            kind: ErrorKind::Script,
-            message: "empty script reply".into(),
-        })
-    }
-
-    async fn decide_group(
-        &self,
-        reqs: &[BucketRequest<'_>],
-        all_or_nothing: bool,
-    ) -> Vec<Result<Decision, BackendError>> {
-        self.decide_parts(reqs, all_or_nothing).await
-    }
-
-    async fn ping(&self) -> Result<(), BackendError> {
-        self.bounded(async |mut conn| redis::cmd("PING").query_async::<()>(&mut conn).await)
-            .await
-    }
-}
-
-impl RedisBackend {
-    /// A group over as many script calls as its keys need; all or nothing across calls by
-    /// refunding what the calls that passed charged.
-    async fn decide_parts(
-        &self,
-        reqs: &[BucketRequest<'_>],
-        all_or_nothing: bool,
-    ) -> Vec<Result<Decision, BackendError>> {
-        let parts = self.partition(reqs);
-        let calls = parts.iter().map(|idx| async move {
+        let answers = join_all(parts.iter().map(|(node, idx)| async move {
             let part: Vec<BucketRequest<'_>> = idx.iter().map(|&i| reqs[i]).collect();
-            let lens: Vec<usize> = if all_or_nothing {
-                vec![part.len()]
-            } else {
-                Vec::new()
-            };
-            self.call(&part, &lens).await
-        });
-        let answers = join_all(calls).await;
+            self.on_node(node.clone(), &part, all_or_nothing).await
+        }))
+        .await;
 
         let mut out: Vec<Option<Result<Decision, BackendError>>> = vec![None; reqs.len()];
         let mut vetoed = vec![false; parts.len()];
-        for (p, (idx, answer)) in parts.iter().zip(answers).enumerate() {
+        for (p, ((_, idx), answer)) in parts.iter().zip(answers).enumerate() {
             match answer {
                 Ok(decisions) => {
                     for (&i, d) in idx.iter().zip(decisions) {
@@ -194,67 +233,165 @@ impl RedisBackend {
                 Err(e) => idx.iter().for_each(|&i| out[i] = Some(Err(e.clone()))),
             }
         }
-        if all_or_nothing && vetoed.iter().any(|&v| v) {
-            // Atomic per call only: give back what the calls that passed charged.
+        if all_or_nothing && parts.len() > 1 && vetoed.iter().any(|&v| v) {
+            // Each node's part was atomic; give back what the parts that passed charged.
             let charged: Vec<usize> = parts
                 .iter()
                 .zip(&vetoed)
                 .filter(|(_, v)| !**v)
-                .flat_map(|(idx, _)| idx.iter().copied())
+                .flat_map(|((_, idx), _)| idx.iter().copied())
                 .filter(|&i| {
                     matches!(reqs[i].op, Op::Take(c) if c > 0)
                         && matches!(&out[i], Some(Ok(d)) if d.allowed)
                 })
                 .collect();
-            let refunds: Vec<BucketRequest<'_>> = charged
-                .iter()
-                .map(|&i| BucketRequest {
+            let refunds = charged.iter().map(|&i| {
+                let refund = BucketRequest {
                     op: Op::Refund(reqs[i].op.cost()),
                     ..reqs[i]
-                })
-                .collect();
-            let refunded = self.refund(&refunds).await;
-            for (&i, r) in charged.iter().zip(refunded) {
-                if let (Some(Ok(d)), Ok(after)) = (&mut out[i], r) {
+                };
+                async move {
+                    let node = self.nodes.node_for(refund.key.as_bytes());
+                    self.on_node(node, std::slice::from_ref(&refund), false)
+                        .await
+                }
+            });
+            for (&i, refunded) in charged.iter().zip(join_all(refunds).await) {
+                if let (Some(Ok(d)), Ok(after)) = (&mut out[i], refunded)
+                    && let Some(after) = after.first()
+                {
                     d.tokens_remaining = after.tokens_remaining;
                     d.reset_after_ms = after.reset_after_ms;
                 }
             }
         }
         out.into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| {
-                    Err(BackendError {
-                        backend: NAME,
-                        kind: ErrorKind::Other,
-                        message: "no answer".into(),
-                    })
-                })
+            .map(|o| o.unwrap_or_else(|| Err(unknown_node())))
+            .collect()
+    }
+}
+
+fn unknown_node() -> BackendError {
+    BackendError {
+        backend: NAME,
+        kind: ErrorKind::Connection,
+        message: "no node known for this key (yet)".into(),
+    }
+}
+
+impl Backend for RedisBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn decide(&self, req: BucketRequest<'_>) -> Result<Decision, BackendError> {
+        if let Some(local) = self
+            .deny
+            .as_ref()
+            .and_then(|c| c.deny(req.key, req.shape, req.op))
+        {
+            return Ok(local);
+        }
+        let sent = tokio::time::Instant::now();
+        let node = self.nodes.node_for(req.key.as_bytes());
+        let d = self
+            .on_node(node, std::slice::from_ref(&req), false)
+            .await?
+            .pop()
+            .ok_or_else(unknown_node)?;
+        if let Some(cache) = &self.deny {
+            cache.observe(req.key, req.shape, req.op, sent, &d);
+        }
+        Ok(d)
+    }
+
+    async fn decide_group(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        all_or_nothing: bool,
+    ) -> Vec<Result<Decision, BackendError>> {
+        let Some(cache) = &self.deny else {
+            return self.across_nodes(reqs, all_or_nothing).await;
+        };
+        // Denials provable here need no call. Under all or nothing one of them vetoes the group:
+        // the other takes become checks, so that nothing is charged.
+        let local: Vec<Option<Decision>> = reqs
+            .iter()
+            .map(|r| cache.deny(r.key, r.shape, r.op))
+            .collect();
+        let vetoed = all_or_nothing && reqs.iter().zip(&local).any(|(r, l)| r.veto && l.is_some());
+        let remote: Vec<BucketRequest<'_>> = reqs
+            .iter()
+            .zip(&local)
+            .filter(|(_, l)| l.is_none())
+            .map(|(r, _)| match r.op {
+                Op::Take(c) if vetoed => BucketRequest {
+                    op: Op::Check(c),
+                    ..*r
+                },
+                _ => *r,
+            })
+            .collect();
+        let sent = tokio::time::Instant::now();
+        let mut answers = if remote.is_empty() {
+            Vec::new()
+        } else {
+            self.across_nodes(&remote, all_or_nothing).await
+        }
+        .into_iter();
+        reqs.iter()
+            .zip(local)
+            .map(|(r, l)| match l {
+                Some(d) => Ok(d),
+                None => {
+                    let answer = answers.next().unwrap_or_else(|| Err(unknown_node()));
+                    if let Ok(d) = &answer {
+                        cache.observe(r.key, r.shape, r.op, sent, d);
+                    }
+                    answer
+                }
             })
             .collect()
     }
 
-    /// Refunds, each on its own (they always succeed, so no group is needed).
-    async fn refund(&self, refunds: &[BucketRequest<'_>]) -> Vec<Result<Decision, BackendError>> {
-        join_all(refunds.iter().map(|r| self.decide(*r))).await
+    async fn ping(&self) -> Result<(), BackendError> {
+        let nodes = self.nodes.nodes();
+        if nodes.is_empty() {
+            return Err(unknown_node());
+        }
+        // Healthy while any node answers: one dead shard must not take a replica out of service.
+        let pings = join_all(nodes.iter().map(|n| n.ping())).await;
+        let mut last = None;
+        for p in pings {
+            match p {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(unknown_node))
     }
 }
 
+/// Sorts a redis-rs error into what tollgate reports and retries.
 fn map_error(e: redis::RedisError) -> BackendError {
     use redis::ServerErrorKind as S;
+    let text = e.to_string();
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
+    } else if text.contains("non local key")
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(S::Moved | S::Ask | S::TryAgain | S::ClusterDown)
+        )
+    {
+        ErrorKind::Moved
     } else if e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || e.is_cluster_error()
         || matches!(
             e.kind(),
-            redis::ErrorKind::ClusterConnectionNotFound
-                | redis::ErrorKind::MasterNameNotFoundBySentinel
-                | redis::ErrorKind::NoValidReplicasFoundBySentinel
-                // A failover in progress: the old master is read-only, the new one loading.
-                | redis::ErrorKind::Server(S::ReadOnly | S::MasterDown | S::BusyLoading)
+            // A failover in progress: the old master is read-only, the new one loading.
+            redis::ErrorKind::Server(S::ReadOnly | S::MasterDown | S::BusyLoading)
         )
     {
         ErrorKind::Connection
@@ -266,6 +403,6 @@ fn map_error(e: redis::RedisError) -> BackendError {
     BackendError {
         backend: NAME,
         kind,
-        message: e.to_string(),
+        message: text,
     }
 }

@@ -1,53 +1,74 @@
-//! The wire contract of `lua/token_bucket.lua`: how a call is encoded and its reply decoded. The
-//! script's header is the other half of this file.
+//! The wire contract of `lua/token_bucket.lua`: how a batch of jobs becomes one EVALSHA, and how
+//! its reply becomes decisions. The script's header is the other half of this file.
 
 use redis::{Cmd, Value};
 
-use super::super::{BackendError, BucketRequest, ErrorKind};
+use super::node::Job;
+use crate::backend::{BackendError, ErrorKind};
 use crate::core::{Decision, Op};
 
 /// The token-bucket script; its header states its KEYS/ARGV/return contract.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../lua/token_bucket.lua");
 
-/// The number the script receives as a request's mode.
-pub fn mode(req: &BucketRequest<'_>) -> u8 {
-    let base = match req.op {
+/// Where the keys go: declared KEYS (one server), or ARGV (a cluster node, whose keys span
+/// several slots, which Redis refuses as declared KEYS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Keys,
+    Argv,
+}
+
+/// The number the script receives as an operation's mode: 1 take, 2 check, 3 refund, 4 force;
+/// +4 when a denial does not veto its group (shadow rules).
+pub fn mode(op: Op, veto: bool) -> u8 {
+    let base = match op {
         Op::Take(_) => 1,
         Op::Check(_) => 2,
         Op::Refund(_) => return 3,
         Op::Force(_) => 4,
     };
-    if req.veto { base } else { base + 4 }
+    if veto { base } else { base + 4 }
 }
 
-/// An EVALSHA of the script for `reqs`, split into groups by `group_lens` (empty: each request on
-/// its own). `sha` is the script's SHA1.
-pub fn invocation<'a>(
-    sha: &str,
-    reqs: impl ExactSizeIterator<Item = &'a BucketRequest<'a>> + Clone,
-    group_lens: &[usize],
-) -> Cmd {
-    let n = reqs.len();
+/// One EVALSHA deciding every job of `batch`, each job a group of its own when it is all or
+/// nothing, else each of its decisions alone.
+pub fn batch(sha: &str, batch: &[Job], placement: Placement) -> Cmd {
+    let n: usize = batch.iter().map(Job::buckets).sum();
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(n);
-    for r in reqs.clone() {
-        cmd.arg(r.key);
+    cmd.arg(sha);
+    match placement {
+        Placement::Keys => cmd.arg(n),
+        Placement::Argv => cmd.arg(0).arg(n),
+    };
+    for job in batch {
+        for i in 0..job.buckets() {
+            cmd.arg(job.key(i));
+        }
     }
-    for r in reqs {
-        cmd.arg(r.shape.capacity())
-            .arg(r.shape.rate())
-            .arg(r.op.cost())
-            .arg(mode(r));
+    for job in batch {
+        for o in &job.ops {
+            cmd.arg(o.shape.capacity())
+                .arg(o.shape.rate())
+                .arg(o.op.cost())
+                .arg(mode(o.op, o.veto));
+        }
     }
-    if group_lens.iter().any(|&l| l > 1) {
-        for &len in group_lens {
-            cmd.arg(len);
+    // Group lengths only when some group has more than one member (else all are alone anyway).
+    if batch.iter().any(|j| j.group && j.buckets() > 1) {
+        for job in batch {
+            if job.group {
+                cmd.arg(job.buckets());
+            } else {
+                for _ in 0..job.buckets() {
+                    cmd.arg(1);
+                }
+            }
         }
     }
     cmd
 }
 
-/// The decisions in a reply to a call for `n` requests.
+/// The decisions in a reply to a call for `n` buckets.
 pub fn decode(value: Value, n: usize) -> Result<Vec<Decision>, BackendError> {
     let bad = |what: String| BackendError {
         backend: "redis",
@@ -79,6 +100,7 @@ pub fn decode(value: Value, n: usize) -> Result<Vec<Decision>, BackendError> {
                 tokens_remaining: tokens,
                 retry_after_ms: int(&c[2])?,
                 reset_after_ms: int(&c[3])?,
+                local: false,
             })
         })
         .collect()

@@ -1,0 +1,392 @@
+//! One Redis node: its connections, made in the background, and its lane, which sends the
+//! decisions bound for the node together.
+//!
+//! Batching without waiting: a call goes out as soon as a connection slot is free; decisions that
+//! arrive while every slot is busy queue, and all of them (up to [`MAX_BUCKETS_PER_CALL`]) go in
+//! the next call. At low load every decision goes alone and at once; under load each script call
+//! decides many buckets. A slot is one call in flight, and there are REDIS_CONNECTIONS of them,
+//! each on its own multiplexed connection.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use redis::{
+    Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+};
+use smallvec::SmallVec;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::breaker::{Breaker, Permit};
+use super::connect::{CONNECT_TIMEOUT, DEAD_CONNECTION_AFTER, Template};
+use super::script;
+use super::{Lanes, map_error};
+use crate::backend::{BackendError, ErrorKind};
+use crate::core::{Decision, Op, Shape};
+
+/// The most buckets one script call decides (the batch-size cap).
+pub const MAX_BUCKETS_PER_CALL: usize = 128;
+/// Decisions waiting for a slot, at most; beyond it a call fails at once (FAILURE_MODE answers).
+const QUEUE: usize = 8192;
+
+/// One bucket operation of a job.
+#[derive(Clone, Copy, Debug)]
+pub struct Op1 {
+    pub shape: Shape,
+    pub op: Op,
+    pub veto: bool,
+}
+
+/// Decisions to make together: one request's buckets on this node (all or nothing when `group`),
+/// or one decision.
+pub struct Job {
+    /// The keys, concatenated; `ends[i]` is where key i ends.
+    pub keys: String,
+    pub ends: SmallVec<[u32; 4]>,
+    pub ops: SmallVec<[Op1; 4]>,
+    pub group: bool,
+    reply: Option<oneshot::Sender<Result<Vec<Decision>, BackendError>>>,
+}
+
+impl Job {
+    pub fn new(group: bool) -> Self {
+        Self {
+            keys: String::new(),
+            ends: SmallVec::new(),
+            ops: SmallVec::new(),
+            group,
+            reply: None,
+        }
+    }
+
+    pub fn push(&mut self, key: &str, op: Op1) {
+        self.keys.push_str(key);
+        self.ends.push(self.keys.len() as u32);
+        self.ops.push(op);
+    }
+
+    /// Buckets in the job.
+    pub fn buckets(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn key(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.keys[start..self.ends[i] as usize]
+    }
+
+    fn gone(&self) -> bool {
+        self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
+
+    fn answer(&mut self, result: Result<Vec<Decision>, BackendError>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// The node's connections, once made.
+struct Conns {
+    managers: ArcSwapOption<Vec<ConnectionManager>>,
+    next: AtomicUsize,
+    made: tokio::sync::Notify,
+}
+
+impl Conns {
+    /// Waits until the connections are made (the caller bounds the wait).
+    async fn ready(&self) {
+        loop {
+            let made = self.made.notified();
+            if self.managers.load().is_some() {
+                return;
+            }
+            made.await;
+        }
+    }
+
+    fn pick(&self) -> Option<ConnectionManager> {
+        let all = self.managers.load();
+        let all = all.as_ref()?;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % all.len();
+        Some(all[i].clone())
+    }
+}
+
+/// One node: where its decisions queue, how to reach it, and its breaker.
+pub struct Node {
+    pub addr: String,
+    jobs: mpsc::Sender<Job>,
+    conns: Arc<Conns>,
+    pub breaker: Breaker,
+    timeout: Duration,
+}
+
+impl Node {
+    /// Starts connecting to the node in the background, and its lane. Both stop when the node is
+    /// dropped.
+    pub fn start(template: Template, lanes: &Arc<Lanes>) -> Arc<Node> {
+        let addr = template.addr();
+        let conns = Arc::new(Conns {
+            managers: ArcSwapOption::empty(),
+            next: AtomicUsize::new(0),
+            made: tokio::sync::Notify::new(),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let node = Arc::new(Node {
+            breaker: Breaker::new(lanes.metrics.circuit_gauge(&addr)),
+            addr,
+            jobs: tx,
+            conns: conns.clone(),
+            timeout: lanes.timeout,
+        });
+        tokio::spawn(connect(
+            Arc::downgrade(&node),
+            template,
+            conns.clone(),
+            lanes.connections,
+            lanes.timeout,
+        ));
+        tokio::spawn(lane(rx, conns, lanes.clone()));
+        node
+    }
+
+    /// Sends `job` through the lane and waits for its answers, within REDIS_TIMEOUT_MS from now.
+    pub async fn submit(&self, mut job: Job) -> Result<Vec<Decision>, BackendError> {
+        let permit = self.breaker.permit();
+        if permit == Permit::Reject {
+            return Err(BackendError {
+                backend: "redis",
+                kind: ErrorKind::CircuitOpen,
+                message: format!("{} failing: circuit open", self.addr),
+            });
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // Not connected yet (just started, or a slow handshake): wait for it within the
+        // deadline; the attempt itself goes on in the background either way.
+        if self.conns.managers.load().is_none()
+            && tokio::time::timeout_at(deadline, self.conns.ready())
+                .await
+                .is_err()
+        {
+            let e = not_connected(&self.addr);
+            self.breaker.record(&permit, false);
+            return Err(e);
+        }
+        let (tx, rx) = oneshot::channel();
+        job.reply = Some(tx);
+        let result = match self.jobs.try_send(job) {
+            Err(_) => Err(BackendError {
+                backend: "redis",
+                kind: ErrorKind::Other,
+                message: format!("{}: more than {QUEUE} decisions waiting", self.addr),
+            }),
+            Ok(()) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(BackendError {
+                    backend: "redis",
+                    kind: ErrorKind::Other,
+                    message: "the node's lane stopped".into(),
+                }),
+                Err(_) => Err(timeout_error(self.timeout)),
+            },
+        };
+        let node_fault = matches!(
+            &result,
+            Err(e) if matches!(e.kind, ErrorKind::Timeout | ErrorKind::Connection)
+        );
+        if self.breaker.record(&permit, !node_fault) {
+            if self.breaker.is_open() {
+                tracing::warn!(node = %self.addr, "circuit open: answering without waiting for this node");
+            } else {
+                tracing::info!(node = %self.addr, "circuit closed: the node answers again");
+            }
+        }
+        result
+    }
+
+    /// PING, within REDIS_TIMEOUT_MS.
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        let Some(mut conn) = self.conns.pick() else {
+            return Err(not_connected(&self.addr));
+        };
+        match tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PING").query_async::<()>(&mut conn),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(map_error),
+            Err(_) => Err(timeout_error(self.timeout)),
+        }
+    }
+}
+
+fn timeout_error(timeout: Duration) -> BackendError {
+    BackendError {
+        backend: "redis",
+        kind: ErrorKind::Timeout,
+        message: format!("no answer within {} ms", timeout.as_millis()),
+    }
+}
+
+fn not_connected(addr: &str) -> BackendError {
+    BackendError {
+        backend: "redis",
+        kind: ErrorKind::Connection,
+        message: format!("{addr}: not connected (yet)"),
+    }
+}
+
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(DEAD_CONNECTION_AFTER.max(timeout)))
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(500))
+        .set_number_of_retries(3)
+}
+
+/// Makes the node's connections in the background, so that a slow handshake (TLS, another zone)
+/// is never cut short by a call's deadline. Each connection re-establishes itself afterwards.
+async fn connect(
+    node: std::sync::Weak<Node>,
+    template: Template,
+    conns: Arc<Conns>,
+    count: usize,
+    timeout: Duration,
+) {
+    let mut wait = Duration::from_millis(50);
+    let mut last_error = String::new();
+    loop {
+        if node.strong_count() == 0 {
+            return;
+        }
+        let made: redis::RedisResult<Vec<ConnectionManager>> = async {
+            let client = template.client()?;
+            let mut all = Vec::with_capacity(count);
+            for _ in 0..count {
+                all.push(
+                    ConnectionManager::new_with_config(client.clone(), manager_config(timeout))
+                        .await?,
+                );
+            }
+            Ok(all)
+        }
+        .await;
+        match made {
+            Ok(all) => {
+                if !last_error.is_empty() {
+                    tracing::info!(node = %template.addr(), "connected");
+                }
+                conns.managers.store(Some(Arc::new(all)));
+                conns.made.notify_waiters();
+                return;
+            }
+            Err(e) => {
+                // The real cause (refused, unknown host, wrong password, TLS), once per cause.
+                let cause = map_error(e).message;
+                if cause != last_error {
+                    tracing::warn!(node = %template.addr(), error = %cause, "cannot connect; retrying in the background");
+                    last_error = cause;
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// The lane: one call per free slot, carrying every decision that queued meanwhile.
+async fn lane(mut rx: mpsc::Receiver<Job>, conns: Arc<Conns>, lanes: Arc<Lanes>) {
+    let slots = Arc::new(Semaphore::new(lanes.connections));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        let mut buckets = batch[0].buckets();
+        while buckets < MAX_BUCKETS_PER_CALL {
+            match rx.try_recv() {
+                Ok(job) => {
+                    buckets += job.buckets();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        // A caller that gave up (its deadline passed) was answered otherwise: its decisions
+        // must not be charged now.
+        batch.retain(|j| !j.gone());
+        if batch.is_empty() {
+            continue;
+        }
+        let conns = conns.clone();
+        let lanes = lanes.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            run_batch(&conns, &lanes, batch).await;
+        });
+    }
+}
+
+/// One script call for `batch`, its answers handed back job by job.
+async fn run_batch(conns: &Conns, lanes: &Lanes, mut batch: Vec<Job>) {
+    let total: usize = batch.iter().map(Job::buckets).sum();
+    lanes.metrics.batch(total);
+    let result = match conns.pick() {
+        None => Err(BackendError {
+            backend: "redis",
+            kind: ErrorKind::Connection,
+            message: "not connected (yet)".into(),
+        }),
+        Some(mut conn) => {
+            let cmd = script::batch(&lanes.sha, &batch, lanes.placement);
+            let sent = tokio::time::timeout(lanes.timeout, call(&mut conn, &cmd)).await;
+            match sent {
+                Ok(Ok(value)) => script::decode(value, total),
+                Ok(Err(e)) => Err(map_error(e)),
+                Err(_) => Err(timeout_error(lanes.timeout)),
+            }
+        }
+    };
+    match result {
+        Ok(decisions) => {
+            let mut rest = decisions.into_iter();
+            for job in &mut batch {
+                let mine: Vec<Decision> = rest.by_ref().take(job.buckets()).collect();
+                job.answer(Ok(mine));
+            }
+        }
+        Err(e) => batch.iter_mut().for_each(|j| j.answer(Err(e.clone()))),
+    }
+}
+
+/// EVALSHA; on NOSCRIPT (a restart, a failover, SCRIPT FLUSH) load the script and send again.
+async fn call(conn: &mut ConnectionManager, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+    // A server error comes back as a value: make it an error.
+    let first = conn
+        .req_packed_command(cmd)
+        .await
+        .and_then(Value::extract_error);
+    match first {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script::TOKEN_BUCKET_LUA)
+                .query_async::<String>(conn)
+                .await?;
+            conn.req_packed_command(cmd)
+                .await
+                .and_then(Value::extract_error)
+        }
+        other => other,
+    }
+}
