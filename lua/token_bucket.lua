@@ -48,6 +48,9 @@ The arithmetic is written in the same order as src/core/bucket.rs so both give t
 
 local MAX_MS = 9007199254740991 -- 2^53 - 1, core::MAX_MS
 
+-- Written for speed as well as clarity: one call may decide 128 buckets, so no table is made per
+-- request or per decision (parallel arrays, multiple return values).
+
 local keys = KEYS
 local base = 0
 local n = #KEYS
@@ -68,16 +71,19 @@ local function fail(i, name, raw, expected)
     ", got '" .. tostring(raw) .. "'")
 end
 
+local huge = math.huge
 local function number(raw)
   local value = tonumber(raw)
   -- tonumber accepts "nan" and "inf" (strtod), so test them explicitly.
-  if value == nil or value ~= value or value == math.huge or value == -math.huge then
+  if value == nil or value ~= value or value == huge or value == -huge then
     return nil
   end
   return value
 end
 
-local req = {}
+-- The requests, as parallel arrays.
+local caps, rates, costs, modes, vetoes, fulls = {}, {}, {}, {}, {}, {}
+local ceil = math.ceil
 for i = 1, n do
   local at = base + (i - 1) * 4
   local capacity, rate, cost, mode = number(ARGV[at + 1]), number(ARGV[at + 2]), number(ARGV[at + 3]), number(ARGV[at + 4])
@@ -87,57 +93,56 @@ for i = 1, n do
   if mode ~= 1 and mode ~= 2 and mode ~= 3 and mode ~= 4 and mode ~= 5 and mode ~= 6 and mode ~= 8 then
     return fail(i, "mode", ARGV[at + 4], "1 take, 2 check, 3 refund, 4 force (+4: no veto)")
   end
-  local veto = mode <= 4
+  vetoes[i] = mode <= 4
   if mode > 4 then mode = mode - 4 end
-  local full_ms = math.ceil(capacity / rate * 1000)
+  local full_ms = ceil(capacity / rate * 1000)
   if full_ms < 1 then full_ms = 1 elseif full_ms > MAX_MS then full_ms = MAX_MS end
-  req[i] = { key = keys[i], capacity = capacity, rate = rate, cost = cost, mode = mode, veto = veto, full_ms = full_ms }
+  caps[i], rates[i], costs[i], modes[i], fulls[i] = capacity, rate, cost, mode, full_ms
 end
 
--- The groups: runs of consecutive buckets.
-local groups = {}
+-- The groups: runs of consecutive buckets, as their last index.
+local ends = {}
 local rest = base + 4 * n
 if #ARGV > rest then
-  local first, total = 1, 0
+  local total = 0
   for g = rest + 1, #ARGV do
     local len = tonumber(ARGV[g])
     if len == nil or len < 1 or len ~= math.floor(len) then
       return redis.error_reply("ERR tollgate: group lengths must be whole numbers >= 1, got '" .. tostring(ARGV[g]) .. "'")
     end
-    groups[#groups + 1] = { first, first + len - 1 }
-    first = first + len
     total = total + len
+    ends[#ends + 1] = total
   end
   if total ~= n then
     return redis.error_reply("ERR tollgate: group lengths add up to " .. total .. ", not " .. n)
   end
 else
-  for i = 1, n do groups[i] = { i, i } end
+  for i = 1, n do ends[i] = i end
 end
 
--- Read every bucket before writing any.
-local state = {}   -- key -> { tokens, ts } or false (absent: full)
+-- Read every bucket before writing any. tok[key] == false: absent (full).
+local tok, tss = {}, {}
+local unpack = struct.unpack
 for i = 1, n do
-  local key = req[i].key
-  if state[key] == nil then
-    local ok, raw = pcall(redis.call, "GET", key)
-    if not ok then
-      if string.find(tostring(raw.err or raw), "WRONGTYPE", 1, true) then
+  local key = keys[i]
+  if tok[key] == nil then
+    local raw = redis.pcall("GET", key)
+    if type(raw) == "table" and raw.err then
+      if string.find(raw.err, "WRONGTYPE", 1, true) then
         local h = redis.call("HMGET", key, "tokens", "ts")
-        local tokens, ts = tonumber(h[1]), tonumber(h[2])
-        raw = (tokens and ts) and { tokens, ts } or false
+        local t, ts = tonumber(h[1]), tonumber(h[2])
+        if t and ts then tok[key], tss[key] = t, ts else tok[key] = false end
       else
-        return redis.error_reply(tostring(raw.err or raw))
+        return redis.error_reply(raw.err)
       end
     elseif raw then
-      if #raw == 16 then
-        local tokens, ts = struct.unpack("<dd", raw)
-        raw = { tokens, ts }
-      else
+      if #raw ~= 16 then
         return redis.error_reply("ERR tollgate: " .. key .. " holds a value tollgate did not write")
       end
+      tok[key], tss[key] = unpack("<dd", raw)
+    else
+      tok[key] = false
     end
-    state[key] = raw
   end
 end
 
@@ -146,23 +151,25 @@ local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
 
 local function capped_ms(ms)
   if ms >= MAX_MS then return MAX_MS end
-  ms = math.ceil(ms)
+  ms = ceil(ms)
   if ms < 0 then return 0 end
   return ms
 end
 
--- One request against a state (a table or false); returns the decision and the new state or nil.
-local function apply(s, r, mode)
-  local capacity, rate, cost = r.capacity, r.rate, r.cost
-  local before, ts
-  if not s then
+-- Request i with operation `mode` against the bucket's state. Returns allowed, tokens after,
+-- retry_after, reset_after, and whether to write (the new `ts` is then `now` or later).
+local function apply(i, t, ts, mode)
+  local capacity, rate, cost = caps[i], rates[i], costs[i]
+  local before
+  if t == false then
     before, ts = capacity, now
   else
-    local elapsed = now - s[2]
-    local window = 2 * r.full_ms
+    local elapsed = now - ts
+    local window = 2 * fulls[i]
     if elapsed < 0 then elapsed = 0 elseif elapsed > window then elapsed = window end
-    before = math.min(math.max(s[1], -capacity) + rate * elapsed / 1000, capacity)
-    ts = s[2]
+    if t < -capacity then t = -capacity end
+    before = t + rate * elapsed / 1000
+    if before > capacity then before = capacity end
     if now > ts then ts = now end
   end
   local allowed, tokens, write
@@ -172,69 +179,77 @@ local function apply(s, r, mode)
   elseif mode == 2 then
     allowed, tokens, write = before >= cost, before, false
   elseif mode == 3 then
-    allowed, tokens, write = true, math.min(before + cost, capacity), true
+    tokens = before + cost
+    if tokens > capacity then tokens = capacity end
+    allowed, write = true, true
   else
-    allowed, tokens, write = before >= cost, math.max(before - cost, -capacity), true
+    allowed, tokens, write = before >= cost, before - cost, true
+    if tokens < -capacity then tokens = -capacity end
   end
   local retry = 0
   if not allowed then retry = capped_ms((cost - tokens) / rate * 1000) end
-  local d = { allowed = allowed, tokens = tokens, retry = retry, reset = capped_ms((capacity - tokens) / rate * 1000) }
-  if write then return d, { tokens, ts } end
-  return d, nil
+  return allowed, tokens, retry, capped_ms((capacity - tokens) / rate * 1000), write, ts
 end
 
+-- Decide group by group. ttl[key]: the TTL of the state to write (nil: nothing to write).
 local out = {}
-local dirty = {}   -- key -> the decision and request that describe its stored state
-for _, g in ipairs(groups) do
-  local saved = {}
-  local decisions = {}
+local ttl = {}
+local first = 1
+for _, last in ipairs(ends) do
   local vetoed = false
-  for i = g[1], g[2] do
-    local r = req[i]
-    if saved[r.key] == nil then saved[r.key] = { state[r.key], dirty[r.key] or false } end
-    local d, w = apply(state[r.key], r, r.mode)
-    if w then
-      state[r.key] = w
-      dirty[r.key] = { d, r }
-    end
-    if r.veto and not d.allowed then vetoed = true end
-    decisions[i] = d
+  local saved_t, saved_ts, saved_ttl
+  if last > first then
+    saved_t, saved_ts, saved_ttl = {}, {}, {}
   end
-  if vetoed and g[2] > g[1] then
-    for key, s in pairs(saved) do
-      state[key] = s[1]
-      dirty[key] = s[2] or nil
+  for i = first, last do
+    local key = keys[i]
+    if saved_t and saved_t[key] == nil then
+      saved_t[key], saved_ts[key], saved_ttl[key] = tok[key], tss[key], ttl[key] or false
     end
-    for i = g[1], g[2] do
-      local r = req[i]
-      if r.mode == 3 or r.mode == 4 then
-        local d, w = apply(state[r.key], r, r.mode)
-        if w then
-          state[r.key] = w
-          dirty[r.key] = { d, r }
+    local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], modes[i])
+    if write then
+      tok[key], tss[key] = tokens, ts
+      ttl[key] = reset > fulls[i] and reset or fulls[i]
+    end
+    if vetoes[i] and not allowed then vetoed = true end
+    local o = 4 * (i - 1)
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, retry, reset
+  end
+  if vetoed and saved_t then
+    -- No take of the group is charged: back to the states before it, then only the refunds and
+    -- forced charges (which always land) again. Each answer keeps its own verdict.
+    for key, t in pairs(saved_t) do
+      tok[key], tss[key] = t, saved_ts[key]
+      ttl[key] = saved_ttl[key] or nil
+    end
+    for i = first, last do
+      local key, mode = keys[i], modes[i]
+      local o = 4 * (i - 1)
+      if mode == 3 or mode == 4 then
+        local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], mode)
+        if write then
+          tok[key], tss[key] = tokens, ts
+          ttl[key] = reset > fulls[i] and reset or fulls[i]
         end
-        decisions[i] = d
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, retry, reset
       else
-        local now_d = apply(state[r.key], r, 2)
-        decisions[i] = { allowed = decisions[i].allowed, tokens = now_d.tokens, retry = decisions[i].retry, reset = now_d.reset }
+        local _, tokens, _, reset = apply(i, tok[key], tss[key], 2)
+        out[o + 2], out[o + 4] = tokens, reset
       end
     end
   end
-  for i = g[1], g[2] do
-    local d = decisions[i]
-    out[#out + 1] = d.allowed and 1 or 0
-    out[#out + 1] = string.format("%.17g", d.tokens)
-    out[#out + 1] = d.retry
-    out[#out + 1] = d.reset
-  end
+  first = last + 1
 end
 
-for key, w in pairs(dirty) do
-  local d, r = w[1], w[2]
-  local s = state[key]
-  local ttl = d.reset
-  if ttl < r.full_ms then ttl = r.full_ms end
-  redis.call("SET", key, struct.pack("<dd", s[1], s[2]), "PX", ttl)
+-- Tokens as "%.17g" strings: a number would reach the caller truncated to an integer.
+local format = string.format
+for i = 2, 4 * n, 4 do
+  out[i] = format("%.17g", out[i])
+end
+
+local pack = struct.pack
+for key, t in pairs(ttl) do
+  redis.call("SET", key, pack("<dd", tok[key], tss[key]), "PX", t)
 end
 
 return out

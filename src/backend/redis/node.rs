@@ -21,7 +21,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
 };
 use smallvec::SmallVec;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::breaker::{Breaker, Permit};
 use super::connect::{CONNECT_TIMEOUT, DEAD_CONNECTION_AFTER, Template};
@@ -303,14 +303,33 @@ async fn connect(
     }
 }
 
-/// The lane: one call per free slot, carrying every decision that queued meanwhile.
+/// The lane: one call per free slot, carrying every decision that queued meanwhile. The calls in
+/// flight are polled here, not spawned: one task per node, no hand-off per batch.
 async fn lane(mut rx: mpsc::Receiver<Job>, conns: Arc<Conns>, lanes: Arc<Lanes>) {
-    let slots = Arc::new(Semaphore::new(lanes.connections));
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        // A slot is free: take what queued (waiting for the first job only when idle).
+        let job = if !open {
+            None
+        } else if in_flight.len() < lanes.connections {
+            tokio::select! {
+                job = rx.recv() => job,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+            }
+        } else {
+            // Every slot busy: wait for one; meanwhile decisions queue up for the next call.
+            in_flight.next().await;
+            continue;
         };
-        let Some(first) = rx.recv().await else { return };
+        let Some(first) = job else {
+            open = false;
+            if in_flight.next().await.is_none() {
+                return;
+            }
+            continue;
+        };
         let mut batch = vec![first];
         let mut buckets = batch[0].buckets();
         while buckets < MAX_BUCKETS_PER_CALL {
@@ -325,15 +344,10 @@ async fn lane(mut rx: mpsc::Receiver<Job>, conns: Arc<Conns>, lanes: Arc<Lanes>)
         // A caller that gave up (its deadline passed) was answered otherwise: its decisions
         // must not be charged now.
         batch.retain(|j| !j.gone());
-        if batch.is_empty() {
-            continue;
+        if !batch.is_empty() {
+            let (conns, lanes) = (conns.clone(), lanes.clone());
+            in_flight.push(async move { run_batch(&conns, &lanes, batch).await });
         }
-        let conns = conns.clone();
-        let lanes = lanes.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            run_batch(&conns, &lanes, batch).await;
-        });
     }
 }
 

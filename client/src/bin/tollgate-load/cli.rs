@@ -32,7 +32,8 @@ impl Api {
 #[derive(Clone, Debug, Parser)]
 #[command(name = "tollgate-load", version)]
 pub struct Cli {
-    /// tollgate's gRPC address (should-allow, envoy).
+    /// tollgate's gRPC address (should-allow, envoy, settle); several, comma-separated, spread the
+    /// connections over replicas (the bound is then checked across them).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     pub target: String,
 
@@ -128,6 +129,9 @@ pub struct Cli {
 impl Cli {
     /// Checks that need several flags together; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if self.target.split(',').all(|t| t.trim().is_empty()) {
+            return Err("--target must name at least one address".into());
+        }
         if self.keys == 0 {
             return Err("--keys must be at least 1".into());
         }

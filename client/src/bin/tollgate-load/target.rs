@@ -319,18 +319,32 @@ impl Target {
 }
 
 /// `--connections` HTTP/2 connections to the gRPC target, each checked before the run.
+/// `--connections` HTTP/2 connections, spread over the comma-separated `--target`s (several
+/// replicas of tollgate sharing one Redis), each checked before the run.
 async fn channels(cli: &Cli) -> anyhow::Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(cli.target.clone())
-        .with_context(|| format!("--target {}", cli.target))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true);
-    let mut out = Vec::with_capacity(cli.connections);
-    for _ in 0..cli.connections {
+    let targets: Vec<&str> = cli
+        .target
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let endpoints = targets
+        .iter()
+        .map(|t| {
+            Ok(Endpoint::from_shared(t.to_string())
+                .with_context(|| format!("--target {t}"))?
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut out = Vec::with_capacity(cli.connections.max(targets.len()));
+    for i in 0..cli.connections.max(targets.len()) {
+        let (endpoint, target) = (&endpoints[i % endpoints.len()], targets[i % targets.len()]);
         out.push(
             endpoint
                 .connect()
                 .await
-                .with_context(|| format!("{}: unreachable", cli.target))?,
+                .with_context(|| format!("{target}: unreachable"))?,
         );
     }
     Ok(out)
