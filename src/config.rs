@@ -227,6 +227,79 @@ pub struct ServeArgs {
     #[arg(long, env = "ALLOW_CLIENT_SHAPES", value_name = "ALLOW_CLIENT_SHAPES", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub allow_client_shapes: bool,
 
+    /// TLS on the gRPC port (envoyproxy/ratelimit's variable).
+    #[arg(long = "grpc-tls", env = "GRPC_SERVER_USE_TLS", value_name = "GRPC_SERVER_USE_TLS", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub grpc_tls: bool,
+
+    /// The gRPC port's certificate chain (PEM); re-read when the file changes.
+    #[arg(
+        long = "grpc-tls-cert",
+        env = "GRPC_SERVER_TLS_CERT",
+        value_name = "GRPC_SERVER_TLS_CERT"
+    )]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// The gRPC port's private key (PEM); re-read when the file changes.
+    #[arg(
+        long = "grpc-tls-key",
+        env = "GRPC_SERVER_TLS_KEY",
+        value_name = "GRPC_SERVER_TLS_KEY"
+    )]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// mTLS: clients must present a certificate that chains to this CA (PEM).
+    #[arg(
+        long = "grpc-client-ca",
+        env = "GRPC_CLIENT_TLS_CACERT",
+        value_name = "GRPC_CLIENT_TLS_CACERT"
+    )]
+    pub grpc_client_ca: Option<PathBuf>,
+
+    /// mTLS: the client certificate SANs accepted, comma-separated (DNS names, URIs such as
+    /// spiffe://..., IPs); a client whose certificate carries none of them is refused.
+    #[arg(
+        long = "grpc-client-san",
+        env = "GRPC_CLIENT_TLS_SAN",
+        value_name = "GRPC_CLIENT_TLS_SAN",
+        value_delimiter = ','
+    )]
+    pub grpc_client_san: Vec<String>,
+
+    /// The largest gRPC request accepted, in bytes; larger ones are refused from their length
+    /// prefix, before decoding.
+    #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", value_name = "GRPC_MAX_MESSAGE_BYTES", default_value = "1048576", value_parser = clap::value_parser!(u32).range(64..))]
+    pub grpc_max_message_bytes: u32,
+
+    /// Decision calls in progress at most; beyond it a call is refused at once with
+    /// RESOURCE_EXHAUSTED (never queued).
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", value_name = "MAX_CONCURRENT_REQUESTS", default_value = "10000", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Close client connections older than this, gracefully (GOAWAY), so clients spread over new
+    /// replicas; 0: never.
+    #[arg(
+        long,
+        env = "GRPC_MAX_CONNECTION_AGE_SECS",
+        value_name = "GRPC_MAX_CONNECTION_AGE_SECS",
+        default_value = "0"
+    )]
+    pub grpc_max_connection_age_secs: u64,
+
+    /// Serve /debug/* (rules, configuration, top denied keys) and the status page on HTTP_ADDR;
+    /// false: only /metrics and the probes.
+    #[arg(long, env = "DEBUG_ENDPOINTS", value_name = "DEBUG_ENDPOINTS", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub debug_endpoints: bool,
+
+    /// After SIGTERM: report not ready (readiness and gRPC health) at once but keep serving this
+    /// many seconds, so load balancers stop sending first; then drain.
+    #[arg(
+        long,
+        env = "SHUTDOWN_DELAY_SECS",
+        value_name = "SHUTDOWN_DELAY_SECS",
+        default_value = "0"
+    )]
+    pub shutdown_delay_secs: u64,
+
     /// Seconds in-flight calls may take to finish after SIGTERM/SIGINT.
     #[arg(
         long,
@@ -254,6 +327,25 @@ impl ServeArgs {
                     "{name} must not be empty: it keeps ShouldAllow and Envoy buckets apart"
                 ));
             }
+        }
+        match (self.grpc_tls, &self.grpc_tls_cert, &self.grpc_tls_key) {
+            (true, Some(_), Some(_)) | (false, None, None) => {}
+            (true, _, _) => {
+                return Err(
+                    "GRPC_SERVER_USE_TLS needs GRPC_SERVER_TLS_CERT and GRPC_SERVER_TLS_KEY".into(),
+                );
+            }
+            (false, _, _) => {
+                return Err(
+                    "GRPC_SERVER_TLS_CERT/KEY are set but GRPC_SERVER_USE_TLS is not true".into(),
+                );
+            }
+        }
+        if self.grpc_client_ca.is_some() && !self.grpc_tls {
+            return Err("GRPC_CLIENT_TLS_CACERT (mTLS) needs GRPC_SERVER_USE_TLS=true".into());
+        }
+        if !self.grpc_client_san.is_empty() && self.grpc_client_ca.is_none() {
+            return Err("GRPC_CLIENT_TLS_SAN needs GRPC_CLIENT_TLS_CACERT (mTLS)".into());
         }
         let (a, b) = (&self.bucket_prefix, &self.rls_key_prefix);
         if a.starts_with(b.as_str()) || b.starts_with(a.as_str()) {
@@ -286,6 +378,10 @@ impl ServeArgs {
 
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_secs(self.shutdown_delay_secs)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -403,11 +499,15 @@ impl RedisUrl {
                 let Some((master, sentinels)) = entries.split_first() else {
                     return Err("expected master_name,host:port[,host:port...]".into());
                 };
-                if master.contains("://") || master.contains(':') || sentinels.is_empty() {
-                    return Err(
-                        "with REDIS_TYPE=sentinel, expected master_name,host:port[,host:port...]"
-                            .into(),
-                    );
+                // The master entry is a name, or `redis[s]://[:password@]name` to give the
+                // master's credentials and TLS.
+                let bad_master = if master.contains("://") {
+                    url(master, 0).is_err()
+                } else {
+                    master.contains(':')
+                };
+                if bad_master || sentinels.is_empty() {
+                    return Err("with REDIS_TYPE=sentinel, expected master_name,host:port[,host:port...] (the master may be redis://:password@master_name)".into());
                 }
                 sentinels
                     .iter()
@@ -510,6 +610,7 @@ mod tests {
         assert!(ok("10.0.0.1", RedisType::Cluster).is_err());
         assert!(ok("mymaster,10.0.0.1:26379", RedisType::Sentinel).is_ok());
         assert!(ok("10.0.0.1:26379", RedisType::Sentinel).is_err());
+        assert!(ok("redis://:pw@mymaster,10.0.0.1:26379", RedisType::Sentinel).is_ok());
         assert!(ok("redis://h:1/db", RedisType::Single).is_err());
     }
 

@@ -9,6 +9,7 @@ use common::{Envoy, RedisServer, Tollgate, Upstream, eventually, http_request};
 
 const ENVOY_YAML: &str = include_str!("../deploy/envoy/envoy.yaml");
 const METERED_YAML: &str = include_str!("../deploy/envoy/envoy-metered.yaml");
+const MTLS_YAML: &str = include_str!("../deploy/envoy/envoy-mtls.yaml");
 
 /// Rules fitting the descriptors deploy/envoy/envoy.yaml sends (remote_address, api_key,
 /// generic_key=global, tenant+api_key).
@@ -40,7 +41,14 @@ descriptors:
 
 #[test]
 fn shipped_envoy_configs_validate() {
-    for config in ["deploy/envoy/envoy.yaml", "deploy/envoy/envoy-metered.yaml"] {
+    // envoy-mtls.yaml names certificate files: give it real ones to validate against.
+    let dir = tempfile::tempdir().unwrap();
+    let mtls = mtls_config(dir.path());
+    for config in [
+        "deploy/envoy/envoy.yaml",
+        "deploy/envoy/envoy-metered.yaml",
+        mtls.to_str().unwrap(),
+    ] {
         let out = std::process::Command::new(common::envoy_bin())
             .args(["--mode", "validate", "-c", config])
             .output()
@@ -53,6 +61,108 @@ fn shipped_envoy_configs_validate() {
         );
         assert!(stdout.contains("OK"), "{stdout}");
     }
+}
+
+/// deploy/envoy/envoy-mtls.yaml with its certificates made in `dir` (a CA, tollgate's server
+/// certificate for `tollgate`, Envoy's client certificate); returns the config's path.
+fn mtls_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let ca = common::pki::Ca::new(dir, "ca");
+    ca.issue("tollgate", &["DNS:tollgate", "DNS:localhost"], "serverAuth");
+    ca.issue(
+        "envoy",
+        &["URI:spiffe://tollgate.local/envoy"],
+        "clientAuth",
+    );
+    let config = MTLS_YAML
+        .replace(
+            "/etc/envoy/tls/envoy.crt",
+            &dir.join("envoy.pem").display().to_string(),
+        )
+        .replace(
+            "/etc/envoy/tls/envoy.key",
+            &dir.join("envoy.key").display().to_string(),
+        )
+        .replace(
+            "/etc/envoy/tls/ca.crt",
+            &dir.join("ca.pem").display().to_string(),
+        );
+    let path = dir.join("envoy-mtls.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Envoy talks mutual TLS to tollgate (deploy/envoy/envoy-mtls.yaml) and limits still hold; a
+/// tollgate that does not accept Envoy's SAN refuses it, and Envoy fails open as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_over_mtls_still_enforces_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = mtls_config(dir.path());
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let rules_path = dir.path().join("edge.yaml");
+    std::fs::write(&rules_path, rules(3)).unwrap();
+    let tls = |san: &str| {
+        vec![
+            "--rules".to_string(),
+            rules_path.display().to_string(),
+            "--grpc-tls".into(),
+            "--grpc-tls-cert".into(),
+            dir.path().join("tollgate.pem").display().to_string(),
+            "--grpc-tls-key".into(),
+            dir.path().join("tollgate.key").display().to_string(),
+            "--grpc-client-ca".into(),
+            dir.path().join("ca.pem").display().to_string(),
+            "--grpc-client-san".into(),
+            san.to_string(),
+        ]
+    };
+    let args = tls("spiffe://tollgate.local/envoy");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tollgate = Tollgate::start(&args, &[]).await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(&config, upstream.port, tollgate.grpc_port).await;
+    let get = |key: &'static str| {
+        let url = envoy.url("/api/items");
+        async move {
+            http_request(&url, &[("x-api-key", key)])
+                .await
+                .expect("envoy answers")
+        }
+    };
+    assert_eq!(get("warm-up").await.status, 200);
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(get("alice").await.status);
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 200, 429], "3 per minute over mTLS");
+    assert!(
+        envoy
+            .stat("cluster.upstream.ratelimit.over_limit")
+            .await
+            .is_some_and(|n| n >= 1)
+    );
+
+    // A tollgate accepting another SAN refuses Envoy's certificate: every call errors, and Envoy
+    // (failure_mode_deny: false) lets requests through, counting them.
+    let args = tls("spiffe://tollgate.local/someone-else");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let strict = Tollgate::start(&args, &[]).await;
+    let envoy = Envoy::start(&config, upstream.port, strict.grpc_port).await;
+    for _ in 0..4 {
+        let a = http_request(&envoy.url("/api/items"), &[("x-api-key", "bob")])
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200, "fail open: {a:?}");
+    }
+    let failed = envoy
+        .stat("cluster.upstream.ratelimit.failure_mode_allowed")
+        .await;
+    assert!(
+        failed.is_some_and(|n| n >= 4),
+        "failure_mode_allowed = {failed:?}"
+    );
 }
 
 /// Envoy's `apply_on_stream_done` reports a cost known only after the response: with a `debt`

@@ -318,3 +318,46 @@ async fn envoy_descriptors_across_masters_in_one_request() {
     }
     assert!(holding >= 2, "the 8 buckets landed on {holding} master(s)");
 }
+
+/// A sentinel-managed master that requires a password: `redis://:password@master_name` gives the
+/// master's credentials (the sentinels themselves need none here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_master_with_a_password() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let group = RedisSentinels::start_with_password(Some("s3cret")).await;
+    let sentinels: Vec<String> = group
+        .sentinels
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let url = format!(
+        "redis://:s3cret@{},{}",
+        common::SENTINEL_MASTER,
+        sentinels.join(",")
+    );
+    let t = Tollgate::start(
+        &["--redis-type", "sentinel", "--redis-timeout-ms", "500"],
+        &[("REDIS_URL", &url)],
+    )
+    .await;
+    let mut c = t.client().await;
+    eventually(
+        Duration::from_secs(10),
+        "a decision through the sentinels",
+        async || should_allow(&mut c, ask("pw", 5.0, 1e-6, 1)).await.is_ok(),
+    )
+    .await;
+    // Without the password the master refuses: an error, never an answer.
+    let plain = format!("{},{}", common::SENTINEL_MASTER, sentinels.join(","));
+    let t2 = Tollgate::start(
+        &["--redis-type", "sentinel", "--redis-timeout-ms", "300"],
+        &[("REDIS_URL", &plain)],
+    )
+    .await;
+    let mut c2 = t2.client().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = should_allow(&mut c2, ask("pw", 5.0, 1e-6, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+}

@@ -95,21 +95,28 @@ async fn redis_killed_then_restarted() {
             }
         }
     }
+    // FAILURE_MODE=error cannot answer without Redis: not ready. allow and deny still answer
+    // every call, so they stay ready (SPEC 10).
+    let strict = &modes[0];
+    eventually(Duration::from_secs(5), "NOT_SERVING", async || {
+        health(&strict.grpc_url(), "").await == Some(NOT_SERVING)
+    })
+    .await;
+    assert_eq!(
+        health(&strict.grpc_url(), "tollgate.v1.RateLimitService").await,
+        Some(NOT_SERVING)
+    );
+    assert_eq!(http_get(&strict.http_url("/readyz")).await.unwrap().0, 503);
     for t in &modes {
-        eventually(Duration::from_secs(5), "NOT_SERVING", async || {
-            health(&t.grpc_url(), "").await == Some(NOT_SERVING)
-        })
-        .await;
-        assert_eq!(
-            health(&t.grpc_url(), "tollgate.v1.RateLimitService").await,
-            Some(NOT_SERVING)
-        );
-        assert_eq!(http_get(&t.http_url("/readyz")).await.unwrap().0, 503);
         assert_eq!(
             http_get(&t.http_url("/healthz")).await.unwrap().0,
             200,
             "still alive"
         );
+    }
+    for t in &modes[1..] {
+        assert_eq!(health(&t.grpc_url(), "").await, Some(SERVING));
+        assert_eq!(http_get(&t.http_url("/readyz")).await.unwrap().0, 200);
     }
     let (_, metrics) = http_get(&modes[1].http_url("/metrics")).await.unwrap();
     assert!(
@@ -161,6 +168,131 @@ async fn starts_while_redis_is_down_and_connects_when_it_appears() {
     .await;
     eventually(Duration::from_secs(5), "SERVING", async || {
         health(&t.grpc_url(), "").await == Some(SERVING)
+    })
+    .await;
+}
+
+/// Redis paused (SIGSTOP: connections open, nothing answers) under FAILURE_MODE=allow: the first
+/// calls wait out REDIS_TIMEOUT_MS, then the breaker opens and answers come at once, degraded;
+/// one missed ping does not flip readiness; after SIGCONT the breaker closes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_trips_the_breaker_and_it_closes_by_itself() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    const PAUSED_TIMEOUT_MS: u64 = 300;
+    let redis = RedisServer::start().await;
+    let t = Tollgate::start(
+        &[
+            "--redis-timeout-ms",
+            &PAUSED_TIMEOUT_MS.to_string(),
+            "--failure-mode",
+            "allow",
+        ],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    let mut c = t.client().await;
+    eventually(
+        Duration::from_secs(5),
+        "a real answer",
+        async || matches!(should_allow(&mut c, ask("p", 0.0, 0.0, 1)).await, Ok(r) if !r.degraded),
+    )
+    .await;
+    let pid = Pid::from_raw(redis.pid() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // Until the breaker opens, each call waits for its deadline.
+    let mut fast = 0;
+    let mut latencies = Vec::new();
+    for _ in 0..12 {
+        let started = Instant::now();
+        let r = should_allow(&mut c, ask("p", 0.0, 0.0, 1)).await.unwrap();
+        let took = started.elapsed();
+        assert!(r.allowed && r.degraded, "{r:?}");
+        assert!(
+            took < Duration::from_millis(PAUSED_TIMEOUT_MS) + SLACK,
+            "{took:?}"
+        );
+        latencies.push(took);
+        if took < Duration::from_millis(50) {
+            fast += 1;
+        }
+    }
+    assert!(
+        fast >= 5,
+        "the breaker should answer at once after a few failures: {latencies:?}"
+    );
+    let m = http_get(&t.http_url("/metrics")).await.unwrap().1;
+    assert!(
+        m.contains("tollgate_backend_circuit_open{node=\"127.0.0.1:"),
+        "{m}"
+    );
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("tollgate_backend_circuit_open{") && l.ends_with(" 1")),
+        "{m}"
+    );
+    // FAILURE_MODE=allow still answers: the replica stays ready.
+    assert_eq!(http_get(&t.http_url("/readyz")).await.unwrap().0, 200);
+    kill(pid, Signal::SIGCONT).unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the breaker to close",
+        async || matches!(should_allow(&mut c, ask("p", 0.0, 0.0, 1)).await, Ok(r) if !r.degraded),
+    )
+    .await;
+    let m = http_get(&t.http_url("/metrics")).await.unwrap().1;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("tollgate_backend_circuit_open{") && l.ends_with(" 0")),
+        "{m}"
+    );
+}
+
+/// One missed ping is not an outage: readiness stays up through a Redis pause shorter than the
+/// threshold, and drops after several misses (FAILURE_MODE=error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_needs_several_failed_pings() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let redis = RedisServer::start().await;
+    let t = Tollgate::start(
+        &["--redis-timeout-ms", "100"],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    eventually(Duration::from_secs(5), "ready", async || {
+        http_get(&t.http_url("/readyz"))
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let pid = Pid::from_raw(redis.pid() as i32);
+    // A pause of about one ping interval: at most one ping misses.
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let mut statuses = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(450) {
+        statuses.push(http_get(&t.http_url("/readyz")).await.unwrap().0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "flipped on one miss: {statuses:?}"
+    );
+    // A long pause: not ready after a few misses.
+    kill(pid, Signal::SIGSTOP).unwrap();
+    eventually(Duration::from_secs(5), "not ready", async || {
+        http_get(&t.http_url("/readyz"))
+            .await
+            .is_some_and(|(s, _)| s == 503)
+    })
+    .await;
+    kill(pid, Signal::SIGCONT).unwrap();
+    eventually(Duration::from_secs(5), "ready again", async || {
+        http_get(&t.http_url("/readyz"))
+            .await
+            .is_some_and(|(s, _)| s == 200)
     })
     .await;
 }

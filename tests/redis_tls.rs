@@ -8,83 +8,11 @@ use std::{path::Path, process::Command, time::Duration};
 use common::{Tollgate, ask, eventually, free_port, should_allow};
 use tonic::Code;
 
-const INSTALL_OPENSSL: &str =
-    "openssl not found: install it with `apt-get install -y openssl` (scripts/test.sh does)";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{INSTALL_OPENSSL} ({e})"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA and a server certificate for localhost signed by it.
-fn certificates(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=tollgate test CA",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+/// A test CA and a server certificate for localhost signed by it: ca.pem, server.pem, server.key.
+fn certificates(dir: &Path) -> common::pki::Ca {
+    let ca = common::pki::Ca::new(dir, "ca");
+    ca.issue("server", &["DNS:localhost", "IP:127.0.0.1"], "serverAuth");
+    ca
 }
 
 #[tokio::test]
@@ -151,6 +79,93 @@ async fn rediss_with_a_trusted_ca_and_refused_without() {
     .await;
     let mut c = untrusting.client().await;
     let err = should_allow(&mut c, ask("tls", 2.0, 1e-6, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
+
+/// A TLS-only redis-server that requires client certificates (`--tls-auth-clients yes`), reached
+/// with REDIS_TLS_CACERT and a client certificate, as a single server and as a cluster node's
+/// template would be; without the client certificate it is refused.
+#[tokio::test]
+async fn rediss_with_a_private_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certificates(dir.path());
+    let (client_cert, client_key) = ca.issue("tollgate", &["DNS:tollgate"], "clientAuth");
+    let port = free_port();
+    let d = |f: &str| dir.path().join(f).display().to_string();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            &d("server.pem"),
+            "--tls-key-file",
+            &d("server.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &d("ca.pem"),
+            "--tls-auth-clients",
+            "yes",
+        ])
+        .args(["--requirepass", "s3cret"])
+        .args(["--save", "", "--appendonly", "no", "--dir", &d("")])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_REDIS));
+    let url = format!("rediss://:s3cret@localhost:{port}/0");
+    let with_cert = Tollgate::start(
+        &[
+            "--redis-timeout-ms",
+            "1000",
+            "--redis-tls-cacert",
+            &d("ca.pem"),
+            "--redis-tls-client-cert",
+            client_cert.to_str().unwrap(),
+            "--redis-tls-client-key",
+            client_key.to_str().unwrap(),
+        ],
+        &[("REDIS_URL", &url)],
+    )
+    .await;
+    let mut c = with_cert.client().await;
+    eventually(
+        Duration::from_secs(10),
+        "a decision over mTLS",
+        async || {
+            should_allow(&mut c, ask("mtls", 2.0, 1e-6, 1))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    let r = should_allow(&mut c, ask("mtls", 2.0, 1e-6, 1))
+        .await
+        .unwrap();
+    assert!(r.allowed && !r.degraded, "{r:?}");
+
+    // The CA alone, no client certificate: Redis refuses the handshake.
+    let without = Tollgate::start(
+        &[
+            "--redis-timeout-ms",
+            "300",
+            "--redis-tls-cacert",
+            &d("ca.pem"),
+        ],
+        &[("REDIS_URL", &url)],
+    )
+    .await;
+    let mut c = without.client().await;
+    let err = should_allow(&mut c, ask("mtls", 2.0, 1e-6, 1))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");

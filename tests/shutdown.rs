@@ -61,3 +61,52 @@ async fn sigterm_lets_in_flight_calls_finish() {
     // The admin connection may time out its own reply to DEBUG SLEEP; only its effect mattered.
     let _ = sleep.await;
 }
+
+/// SHUTDOWN_DELAY_SECS=2: on SIGTERM readiness and gRPC health go down at once, calls are still
+/// answered for the delay (load balancers take a moment to stop sending), then a clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_delay_goes_unready_first_and_keeps_answering() {
+    use common::{NOT_SERVING, SERVING, health, http_get};
+    use std::time::Instant;
+    let mut t = Tollgate::start(&["--shutdown-delay-secs", "2"], &[]).await;
+    let mut c = t.client().await;
+    common::eventually(Duration::from_secs(5), "SERVING", async || {
+        health(&t.grpc_url(), "").await == Some(SERVING)
+    })
+    .await;
+    let started = Instant::now();
+    t.signal_term();
+    common::eventually(
+        Duration::from_millis(500),
+        "NOT_SERVING at once",
+        async || {
+            health(&t.grpc_url(), "").await == Some(NOT_SERVING)
+                && http_get(&t.http_url("/readyz"))
+                    .await
+                    .is_some_and(|(s, _)| s == 503)
+        },
+    )
+    .await;
+    // Still answering during the delay.
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        should_allow(&mut c, ask("late", 0.0, 0.0, 1))
+            .await
+            .unwrap_or_else(|e| panic!("refused {:?} after SIGTERM: {e}", started.elapsed()));
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered >= 5, "{answered}");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = t.wait_exit(Duration::from_secs(8));
+        (s, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let (status, took) = status;
+    assert!(status.expect("exits after the delay").success());
+    assert!(
+        took >= Duration::from_secs(2),
+        "exited before the delay: {took:?}"
+    );
+}

@@ -214,3 +214,64 @@ async fn reserve_then_settle() {
         "all or nothing: bob uncharged"
     );
 }
+
+/// A CA, a server certificate for `localhost` and a client certificate, made with rcgen; PEM files
+/// in `dir`: ca.pem, server.pem/key, client.pem/key.
+fn certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for (name, san) in [("server", "localhost"), ("client", "client.test")] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![san.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// The client's TLS options against a tollgate requiring mutual TLS.
+#[tokio::test]
+async fn tls_and_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let path = |f: &str| dir.path().join(f).display().to_string();
+    let t = tollgate(&[
+        "--grpc-tls",
+        "--grpc-tls-cert",
+        &path("server.pem"),
+        "--grpc-tls-key",
+        &path("server.key"),
+        "--grpc-client-ca",
+        &path("ca.pem"),
+        "--grpc-client-san",
+        "client.test",
+    ])
+    .await;
+    let url = t.url.replace("http://", "https://");
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+    let client = Client::builder(&url)
+        .timeout(Duration::from_secs(2))
+        .tls(read("ca.pem"), "localhost")
+        .client_certificate(read("client.pem"), read("client.key"))
+        .build()
+        .unwrap();
+    assert!(client.should_allow("tls", 1).await.unwrap().allowed);
+    // Without the client certificate the server refuses: unavailable, never an answer.
+    let anonymous = Client::builder(&url)
+        .timeout(Duration::from_secs(2))
+        .tls(read("ca.pem"), "localhost")
+        .build()
+        .unwrap();
+    assert!(
+        anonymous
+            .should_allow("tls", 1)
+            .await
+            .unwrap_err()
+            .is_unavailable()
+    );
+}

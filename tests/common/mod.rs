@@ -154,6 +154,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The server's process id (to pause it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Starts redis-server on `self.port`; false if it exited (the port was taken).
     async fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
@@ -314,12 +319,23 @@ impl Tollgate {
 
     /// Sends SIGTERM and waits for the exit status (None if it did not exit within `within`).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.signal_term();
+        self.wait_exit(within)
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        if let Some(child) = self.child.as_ref() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// Waits for the process to exit (None if it did not within `within`).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .ok()?;
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -806,7 +822,12 @@ impl RedisCluster {
 
     /// INFO `section` (or CLUSTER INFO for "cluster"); empty when the node does not answer.
     pub async fn info(port: u16, section: &str) -> String {
-        let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        Self::info_at(&format!("redis://127.0.0.1:{port}/"), section).await
+    }
+
+    /// INFO `section` of the node at `url` (which may carry a password).
+    pub async fn info_at(url: &str, section: &str) -> String {
+        let Ok(mut conn) = redis::Client::open(url)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -921,6 +942,11 @@ pub const SENTINEL_MASTER: &str = "tollgate-master";
 
 impl RedisSentinels {
     pub async fn start() -> Self {
+        Self::start_with_password(None).await
+    }
+
+    /// The master and replica require `password` (and the sentinels know it).
+    pub async fn start_with_password(password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let dir_path = dir.path().display().to_string();
         let (master, replica) = (free_port(), free_port());
@@ -951,6 +977,13 @@ impl RedisSentinels {
             ]
             .iter()
             .map(|s| s.to_string())
+            .chain(
+                password
+                    .map(|p| ["--requirepass", p, "--masterauth", p])
+                    .into_iter()
+                    .flatten()
+                    .map(str::to_string),
+            )
             .collect()
         };
         let mut procs = Procs::default();
@@ -969,8 +1002,11 @@ impl RedisSentinels {
                      sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
                      sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                      sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
-                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
-                    dir.path().display()
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n{}",
+                    dir.path().display(),
+                    password
+                        .map(|p| format!("sentinel auth-pass {SENTINEL_MASTER} {p}\n"))
+                        .unwrap_or_default()
                 ),
             )
             .unwrap();
@@ -987,11 +1023,13 @@ impl RedisSentinels {
             procs,
             _dir: dir,
         };
+        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+        let replica_url = format!("redis://{auth}127.0.0.1:{}/", s.replica);
         eventually(
             Duration::from_secs(20),
             "replica in sync and sentinels aware of it",
             async || {
-                RedisCluster::info(s.replica, "replication")
+                RedisCluster::info_at(&replica_url, "replication")
                     .await
                     .contains("master_link_status:up")
                     && s.sentinel_replicas().await >= 1
@@ -1029,5 +1067,123 @@ impl RedisSentinels {
 
     pub fn kill(&mut self, port: u16) {
         self.procs.kill(port);
+    }
+}
+
+pub mod pki {
+    //! Test certificates made with openssl: a CA, and server or client certificates signed by it
+    //! with the SANs a test needs (ECDSA P-256: quick to make).
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    pub const INSTALL_OPENSSL: &str =
+        "openssl not found: install it with `apt-get install -y openssl` (scripts/test.sh does)";
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{INSTALL_OPENSSL} ({e})"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A certificate authority in `dir`, named `name`.
+    pub struct Ca {
+        pub dir: PathBuf,
+        pub name: String,
+    }
+
+    impl Ca {
+        pub fn new(dir: &Path, name: &str) -> Self {
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=tollgate test {name}"),
+                ],
+            );
+            Self {
+                dir: dir.to_path_buf(),
+                name: name.to_string(),
+            }
+        }
+
+        pub fn pem(&self) -> PathBuf {
+            self.dir.join(format!("{}.pem", self.name))
+        }
+
+        /// A leaf certificate `leaf.pem` / `leaf.key` with `sans` (`DNS:localhost`,
+        /// `URI:spiffe://...`, `IP:127.0.0.1`) for `usage` (`serverAuth` or `clientAuth`).
+        pub fn issue(&self, leaf: &str, sans: &[&str], usage: &str) -> (PathBuf, PathBuf) {
+            let dir = &self.dir;
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{leaf}.key"),
+                    "-out",
+                    &format!("{leaf}.csr"),
+                    "-subj",
+                    &format!("/CN={leaf}"),
+                ],
+            );
+            std::fs::write(
+                dir.join(format!("{leaf}.ext")),
+                format!(
+                    "subjectAltName={}\nbasicConstraints=CA:FALSE\n\
+                     keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n",
+                    sans.join(",")
+                ),
+            )
+            .unwrap();
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{leaf}.csr"),
+                    "-CA",
+                    &format!("{}.pem", self.name),
+                    "-CAkey",
+                    &format!("{}.key", self.name),
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{leaf}.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{leaf}.ext"),
+                ],
+            );
+            (
+                dir.join(format!("{leaf}.pem")),
+                dir.join(format!("{leaf}.key")),
+            )
+        }
     }
 }

@@ -1,20 +1,27 @@
 //! Wires tollgate together: the backend, the gRPC services behind one layer stack, health and
-//! reflection, the HTTP listener (`/metrics` and the probes), and graceful shutdown.
+//! reflection, the HTTP listener, and graceful shutdown.
+//!
+//! - `health.rs`: readiness (and gRPC health) from backend pings and shutdown;
+//! - `http.rs`: the HTTP port's routes;
+//! - `limits.rs`: bounded work on the gRPC port (calls in progress, what was shed);
+//! - `tls.rs`: TLS and mTLS on the gRPC port, certificates reloaded when they change.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+mod health;
+mod http;
+mod limits;
+mod tls;
+
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::{ServingStatus, server::HealthReporter};
+
+use health::Health;
+use http::HttpState;
+use limits::LimitLayer;
+use tls::{Tls, TlsSettings};
 
 use crate::api::{Defaults, EnvoyApi, EnvoySettings, ShouldAllowApi};
 use crate::backend::{
@@ -22,26 +29,18 @@ use crate::backend::{
     redis::{RedisOptions, RedisTls, Topology},
 };
 use crate::config::{RedisType, ServeArgs};
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::{
-    RateLimitServiceServer as EnvoyServer, SERVICE_NAME as ENVOY_SERVICE,
-};
-use crate::proto::tollgate::v1::rate_limit_service_server::{
-    RateLimitServiceServer, SERVICE_NAME as TOLLGATE_SERVICE,
-};
+use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
+use crate::proto::tollgate::v1::rate_limit_service_server::RateLimitServiceServer;
 use crate::rules::{ReloadObserver, RulesHandle};
 use crate::telemetry::{
-    METRICS_CONTENT_TYPE, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
-    redis_metrics,
+    MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics, redis_metrics,
 };
 
-/// gRPC services reported by health, besides the server as a whole ("").
-const HEALTH_SERVICES: &[&str] = &["", TOLLGATE_SERVICE, ENVOY_SERVICE];
-/// How often the backend is probed for health and readiness.
-const HEALTH_EVERY: Duration = Duration::from_millis(500);
 /// How often histogram samples are folded into buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
-/// Largest number of calls in progress per connection; more wait (load shedding answers the rest).
-const CONCURRENCY_PER_CONNECTION: usize = 1024;
+/// HTTP/2 pings on idle connections, and how long an answer may take before the peer is dropped.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The deadline of a whole call on the server side, whatever the client asked.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often idle memory buckets are dropped.
@@ -139,19 +138,13 @@ async fn serve<B: Backend>(
     let backend = Arc::new(Timed::new(backend));
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
-    let ready = Arc::new(AtomicBool::new(false));
-    // Stops the listeners; fired only after health says NOT_SERVING.
+    // Stops the listeners and the background tasks; fired after readiness went down.
     let stop = CancellationToken::new();
 
-    let monitor = tokio::spawn(watch_backend(
-        backend.clone(),
-        health.clone(),
-        ready.clone(),
-        stop.clone(),
-    ));
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let answers_anyway = args.failure_mode.fallback_allowed().is_some();
+    let health = Health::new(reporter, answers_anyway).await;
+    let monitor = health.spawn_monitor(backend.clone(), stop.clone());
     let upkeep = {
         let metrics = metrics.clone();
         let stop = stop.clone();
@@ -174,8 +167,10 @@ async fn serve<B: Backend>(
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
 
-    let should_allow = ShouldAllowApi::new(backend.clone(), defaults);
-    let envoy = EnvoyApi::new(
+    let max_message = args.grpc_max_message_bytes as usize;
+    let should_allow = RateLimitServiceServer::new(ShouldAllowApi::new(backend.clone(), defaults))
+        .max_decoding_message_size(max_message);
+    let envoy = EnvoyServer::new(EnvoyApi::new(
         backend.clone(),
         rules,
         EnvoySettings {
@@ -187,37 +182,53 @@ async fn serve<B: Backend>(
             max_descriptors: args.max_descriptors as usize,
             max_key_bytes: args.max_key_bytes as usize,
         },
-    );
-    let grpc_server = tonic::transport::Server::builder()
-        // One stack for every service: a server-side deadline, a bound on calls in flight per
-        // connection, and shedding (UNAVAILABLE) instead of queueing without end.
+    ))
+    .max_decoding_message_size(max_message);
+
+    // One stack for every service: a server-side deadline, a global bound on calls in progress
+    // (beyond it RESOURCE_EXHAUSTED at once, never a queue), keepalives that drop dead peers, and
+    // an optional maximum connection age (GOAWAY, so clients spread over new replicas).
+    let mut builder = tonic::transport::Server::builder()
         .timeout(CALL_TIMEOUT)
-        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
-        .load_shed(true)
         .tcp_nodelay(true)
-        .add_service(RateLimitServiceServer::new(should_allow))
-        .add_service(EnvoyServer::new(envoy))
+        .http2_keepalive_interval(Some(KEEPALIVE_EVERY))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    if args.grpc_max_connection_age_secs > 0 {
+        builder = builder
+            .max_connection_age(Duration::from_secs(args.grpc_max_connection_age_secs))
+            .max_connection_age_grace(args.shutdown_grace());
+    }
+    let router = builder
+        .layer(LimitLayer::new(args.max_concurrent_requests as usize))
+        .add_service(should_allow)
+        .add_service(envoy)
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            stop.clone().cancelled_owned(),
-        );
+        .add_service(reflection_v1alpha);
+    let grpc_server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
+        match tls_settings(&args) {
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                stop.clone().cancelled_owned(),
+            )),
+            Some(settings) => {
+                let tls = Tls::load(settings).map_err(anyhow::Error::msg)?;
+                tls.spawn_watcher(stop.clone());
+                let incoming = tls.incoming(grpc, stop.clone());
+                Box::pin(
+                    router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
+                )
+            }
+        };
 
-    let http_app = Router::new()
-        .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "OK" }))
-        .route("/readyz", get(readiness))
-        .route("/healthcheck", get(healthcheck))
-        .with_state(HttpState {
-            metrics,
-            ready: ready.clone(),
-        });
+    let http_app = http::router(HttpState {
+        metrics,
+        health: health.clone(),
+    });
     let http_server =
         axum::serve(http, http_app).with_graceful_shutdown(stop.clone().cancelled_owned());
 
-    tracing::info!(%grpc_addr, %http_addr, backend = backend.name(), "tollgate listening");
+    tracing::info!(%grpc_addr, %http_addr, backend = backend.name(), tls = args.grpc_tls, "tollgate listening");
     let mut grpc_task = tokio::spawn(grpc_server);
     let mut http_task = tokio::spawn(async move { http_server.await });
 
@@ -227,13 +238,21 @@ async fn serve<B: Backend>(
         r = &mut http_task => anyhow::bail!("HTTP server stopped: {:?}", r),
     }
 
-    // Tell load balancers first, then stop accepting; calls in flight carry on.
+    // Tell load balancers first (not ready, NOT_SERVING), keep answering for
+    // SHUTDOWN_DELAY_SECS while they take it in, then stop accepting and let calls in flight
+    // finish within SHUTDOWN_GRACE_SECS.
+    health.shutting_down().await;
+    if !args.shutdown_delay().is_zero() {
+        tracing::info!(
+            delay_secs = args.shutdown_delay_secs,
+            "shutting down: not ready, still serving"
+        );
+        tokio::time::sleep(args.shutdown_delay()).await;
+    }
     tracing::info!(
         grace_secs = args.shutdown_grace_secs,
         "shutting down: draining in-flight calls"
     );
-    ready.store(false, Ordering::Relaxed);
-    set_health(&health, ServingStatus::NotServing).await;
     stop.cancel();
     let drained = tokio::time::timeout(args.shutdown_grace(), async {
         let grpc = grpc_task.await;
@@ -260,86 +279,17 @@ async fn serve<B: Backend>(
     }
 }
 
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for service in HEALTH_SERVICES {
-        health.set_service_status(*service, status).await;
+/// TLS settings of the gRPC port, when GRPC_SERVER_USE_TLS (validated: cert and key are set).
+fn tls_settings(args: &ServeArgs) -> Option<TlsSettings> {
+    if !args.grpc_tls {
+        return None;
     }
-}
-
-/// Probes the backend and mirrors its reachability into gRPC health and `/readyz`.
-async fn watch_backend<B: Backend>(
-    backend: B,
-    health: HealthReporter,
-    ready: Arc<AtomicBool>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(HEALTH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<bool> = None;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let ok = match backend.ping().await {
-            Ok(()) => true,
-            Err(e) => {
-                if last != Some(false) {
-                    tracing::warn!(error = %e, "backend unreachable: health NOT_SERVING");
-                }
-                false
-            }
-        };
-        if stop.is_cancelled() {
-            return;
-        }
-        if last != Some(ok) {
-            if ok && last.is_some() {
-                tracing::info!("backend reachable again: health SERVING");
-            }
-            ready.store(ok, Ordering::Relaxed);
-            let status = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            set_health(&health, status).await;
-            last = Some(ok);
-        }
-    }
-}
-
-#[derive(Clone)]
-struct HttpState {
-    metrics: MetricsHandle,
-    ready: Arc<AtomicBool>,
-}
-
-async fn render_metrics(State(state): State<HttpState>) -> impl axum::response::IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        state.metrics.render(),
-    )
-}
-
-async fn readiness(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "OK")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "backend unreachable or shutting down",
-        )
-    }
-}
-
-/// envoyproxy/ratelimit's probe: 200 `OK`, or 500 when unhealthy.
-async fn healthcheck(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "OK")
-    } else {
-        (StatusCode::INTERNAL_SERVER_ERROR, "unhealthy")
-    }
+    Some(TlsSettings {
+        cert: args.grpc_tls_cert.clone()?,
+        key: args.grpc_tls_key.clone()?,
+        client_ca: args.grpc_client_ca.clone(),
+        client_sans: args.grpc_client_san.clone(),
+    })
 }
 
 /// Waits for SIGTERM or SIGINT (the binaries' shutdown trigger).
