@@ -125,8 +125,9 @@ pub struct ServeArgs {
     #[arg(long, env = "LOCAL_DENY_CACHE", value_name = "LOCAL_DENY_CACHE", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub local_deny_cache: bool,
 
-    /// Deadline of one call to Redis, in milliseconds.
-    #[arg(long, env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value = "50", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Deadline of one call to Redis, in milliseconds. Below Envoy's default rate-limit timeout
+    /// (20 ms), so that FAILURE_MODE answers before Envoy gives up on the call.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", value_name = "REDIS_TIMEOUT_MS", default_value = "15", value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
 
     /// Default bucket size (burst) when a request gives none.
@@ -642,7 +643,7 @@ mod tests {
         let a = Cli::parse_from(["tollgate"]).into_serve().unwrap();
         assert_eq!(a.capacity, 20.0);
         assert_eq!(a.rate, 20.0);
-        assert_eq!(a.redis_timeout_ms, 50);
+        assert_eq!(a.redis_timeout_ms, 15);
         assert_eq!(a.bucket_prefix, "tb:user:");
         assert_eq!(a.rls_key_prefix, "tb:rls:");
         assert_eq!(a.failure_mode, FailureMode::Error);

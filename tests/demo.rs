@@ -57,7 +57,14 @@ async fn headers_along_a_sequence_memory() {
 async fn headers_along_a_sequence_redis() {
     let redis = RedisServer::start().await;
     let t = Tollgate::start(
-        &["--capacity", "3", "--rate", "1"],
+        &[
+            "--capacity",
+            "3",
+            "--rate",
+            "1",
+            "--redis-timeout-ms",
+            "1000",
+        ],
         &[("REDIS_URL", &redis.url())],
     )
     .await;

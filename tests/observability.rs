@@ -44,7 +44,12 @@ fn promtool_check(text: &str) -> (bool, String) {
 async fn promtool_finds_nothing_after_traffic() {
     let redis = RedisServer::start().await;
     let t = Tollgate::start(
-        &["--rules", &common::repo_path("deploy/rules")],
+        &[
+            "--rules",
+            &common::repo_path("deploy/rules"),
+            "--redis-timeout-ms",
+            "1000",
+        ],
         &[("REDIS_URL", &redis.url())],
     )
     .await;
@@ -206,7 +211,12 @@ fn has_data(series: &[Value]) -> bool {
 async fn every_dashboard_panel_has_data() {
     let redis = RedisServer::start().await;
     let t = Tollgate::start(
-        &["--rules", &common::repo_path("deploy/rules")],
+        &[
+            "--rules",
+            &common::repo_path("deploy/rules"),
+            "--redis-timeout-ms",
+            "1000",
+        ],
         &[("REDIS_URL", &redis.url())],
     )
     .await;

@@ -296,3 +296,62 @@ async fn readiness_needs_several_failed_pings() {
     })
     .await;
 }
+
+/// A wrong password is reported as such, once, not as a timeout on every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_cause_of_a_connection_failure_is_logged_once() {
+    let redis = RedisServer::start_with(&["--requirepass", "right"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let mut child = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+        .env("RUST_LOG", "warn")
+        .env(
+            "REDIS_URL",
+            format!("redis://:wrong@127.0.0.1:{}/0", redis.port),
+        )
+        .args(["--redis-timeout-ms", "100"])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{grpc}");
+    eventually(Duration::from_secs(15), "tollgate up", async || {
+        tollgate::proto::tollgate::v1::rate_limit_service_client::RateLimitServiceClient::connect(
+            url.clone(),
+        )
+        .await
+        .is_ok()
+    })
+    .await;
+    let mut c =
+        tollgate::proto::tollgate::v1::rate_limit_service_client::RateLimitServiceClient::connect(
+            url,
+        )
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let err = should_allow(&mut c, ask("k", 0.0, 0.0, 1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    let named: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            l.contains("WRONGPASS")
+                || l.contains("authentication failed")
+                || l.contains("invalid username-password")
+        })
+        .collect();
+    assert_eq!(named.len(), 1, "the cause, once:\n{stderr}");
+    assert!(
+        !stderr.contains("s3cret") && !stderr.contains(":wrong@"),
+        "{stderr}"
+    );
+}

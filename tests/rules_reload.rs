@@ -167,3 +167,41 @@ async fn configmap_symlink_swap_is_picked_up() {
         "the swap never exposed a broken state"
     );
 }
+
+/// `--rules rules.yaml` (a bare file name, relative to the working directory) is watched like any
+/// other path: no fallback to slow polling, the edit applies at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_file_name_is_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), rules(3)).unwrap();
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut child = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .args(["--rules", "rules.yaml"])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{grpc}");
+    eventually(Duration::from_secs(15), "tollgate up", async || {
+        RateLimitServiceClient::connect(url.clone()).await.is_ok()
+    })
+    .await;
+    let mut c = RateLimitServiceClient::connect(url).await.unwrap();
+    assert_eq!(limit_now(&mut c).await, Some(3));
+    replace(&dir.path().join("rules.yaml"), &rules(8));
+    // Polling would take up to 2 s; a watched directory reacts within a few hundred ms.
+    eventually(
+        Duration::from_millis(1500),
+        "the edit to apply",
+        async || limit_now(&mut c).await == Some(8),
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(!stderr.contains("cannot watch"), "{stderr}");
+}

@@ -114,7 +114,9 @@ pub fn spawn_watcher(
     let dir = if path.is_dir() {
         path.clone()
     } else {
+        // A bare file name (`--rules rules.yaml`) has an empty parent: the working directory.
         path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."))
     };
@@ -134,7 +136,14 @@ pub fn spawn_watcher(
     };
     Some(tokio::spawn(async move {
         let _watcher = watcher; // dropping it stops the events
-        let mut last = fingerprint(&path);
+        // Reading and parsing files blocks: done on the blocking pool, never on a runtime thread.
+        let look = |path: PathBuf| async move {
+            tokio::task::spawn_blocking(move || fingerprint(&path))
+                .await
+                .ok()
+                .flatten()
+        };
+        let mut last = look(path.clone()).await;
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -146,10 +155,11 @@ pub fn spawn_watcher(
                 }
                 _ = poll.tick() => {}
             }
-            let now = fingerprint(&path);
+            let now = look(path.clone()).await;
             if now != last {
                 // A failed reload is remembered too: the same broken content is reported once.
-                let _ = rules.reload();
+                let rules = rules.clone();
+                let _ = tokio::task::spawn_blocking(move || rules.reload()).await;
                 last = now;
             }
         }
