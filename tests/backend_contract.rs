@@ -393,41 +393,105 @@ async fn memory_clock_stepping_back_adds_nothing() {
     );
 }
 
-/// Both backends give the same figures for the same sequence (within the drift of real time).
-#[tokio::test]
-async fn both_backends_answer_alike() {
-    let server = common::RedisServer::start().await;
-    let redis = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
-    let memory = MemoryBackend::new(100);
-    let ops = [
-        Op::Take(3),
-        Op::Take(4),
-        Op::Check(2),
-        Op::Take(5),
-        Op::Refund(2),
-        Op::Take(2),
-        Op::Check(0),
-        Op::Force(9),
-        Op::Check(0),
-        Op::Take(u64::MAX),
-        Op::Refund(3),
+/// One step of a random sequence: a single request, or a group decided together.
+#[derive(Clone, Debug)]
+enum Step {
+    One(usize, Op),
+    Group(Vec<(usize, Op, bool)>, bool),
+}
+
+fn any_op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    let cost = prop_oneof![
+        3 => 0u64..=12,
+        1 => Just(u64::MAX),
+        1 => 1_000u64..=2_000_000,
     ];
-    for op in ops {
-        let m = decide(&memory, "same", 7.5, SLOW, op).await;
-        let r = decide(&redis, "same", 7.5, SLOW, op).await;
-        assert_eq!(m.allowed, r.allowed, "{op:?}: {m:?} vs {r:?}");
-        assert!(
-            (m.tokens_remaining - r.tokens_remaining).abs() < EPS,
-            "{op:?}: {m:?} vs {r:?}"
-        );
-        let close = |a: u64, b: u64| a.abs_diff(b) <= a.max(b) / 100 + 1;
-        assert!(
-            close(m.retry_after_ms, r.retry_after_ms),
-            "{op:?}: {m:?} vs {r:?}"
-        );
-        assert!(
-            close(m.reset_after_ms, r.reset_after_ms),
-            "{op:?}: {m:?} vs {r:?}"
-        );
+    (0u8..4, cost).prop_map(|(kind, c)| match kind {
+        0 => Op::Take(c),
+        1 => Op::Check(c),
+        2 => Op::Refund(c),
+        _ => Op::Force(c),
+    })
+}
+
+fn steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
+    use proptest::prelude::*;
+    let one = (0usize..3, any_op()).prop_map(|(k, op)| Step::One(k, op));
+    let group = (
+        prop::collection::vec((0usize..3, any_op(), any::<bool>()), 1..5),
+        any::<bool>(),
+    )
+        .prop_map(|(reqs, aon)| Step::Group(reqs, aon));
+    prop::collection::vec(prop_oneof![3 => one, 1 => group], 1..30)
+}
+
+/// Memory and Redis give the same answers to random sequences of single and grouped requests over
+/// a few buckets of different shapes (within the drift of real time at a very slow refill).
+#[test]
+fn both_backends_answer_random_sequences_alike() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(common::RedisServer::start());
+    // The backend spawns its connection tasks on this runtime.
+    let _runtime = rt.enter();
+    let redis = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
+    let memory = MemoryBackend::new(10_000);
+    let capacities = [7.5, 1.0, 1e6];
+    let case = std::sync::atomic::AtomicU32::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 96,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&steps(), |steps| {
+        let case = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let keys: Vec<String> = (0..3).map(|k| format!("prop:{case}:{k}")).collect();
+        let request = |k: usize, op: Op, veto: bool| BucketRequest {
+            veto,
+            ..BucketRequest::new(&keys[k], Shape::new(capacities[k], SLOW).unwrap(), op)
+        };
+        for (i, step) in steps.iter().enumerate() {
+            let (m, r) = rt.block_on(async {
+                match step {
+                    Step::One(k, op) => {
+                        let req = request(*k, *op, true);
+                        (
+                            vec![memory.decide(req).await],
+                            vec![redis.decide(req).await],
+                        )
+                    }
+                    Step::Group(reqs, aon) => {
+                        let group: Vec<BucketRequest> = reqs
+                            .iter()
+                            .map(|&(k, op, veto)| request(k, op, veto))
+                            .collect();
+                        (
+                            memory.decide_group(&group, *aon).await,
+                            redis.decide_group(&group, *aon).await,
+                        )
+                    }
+                }
+            });
+            for (m, r) in m.into_iter().zip(r) {
+                let (m, r) = (m.unwrap(), r.unwrap());
+                let close = |a: u64, b: u64| a.abs_diff(b) <= a.max(b) / 100 + 1;
+                let context = format!("step {i} {step:?}: memory {m:?}, redis {r:?}");
+                prop_assert_eq!(m.allowed, r.allowed, "{}", context);
+                prop_assert!(
+                    (m.tokens_remaining - r.tokens_remaining).abs() < EPS,
+                    "{}",
+                    context
+                );
+                prop_assert!(close(m.retry_after_ms, r.retry_after_ms), "{}", context);
+                prop_assert!(close(m.reset_after_ms, r.reset_after_ms), "{}", context);
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }

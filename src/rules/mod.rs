@@ -13,7 +13,7 @@ mod watch;
 use std::{fmt, sync::Arc};
 
 pub use matcher::{Match, descriptor_key};
-pub use parse::{RulesError, load_path};
+pub use parse::{RulesError, load_path, parse_text};
 pub use watch::{ReloadObserver, RulesHandle, spawn_watcher};
 
 use crate::core::Shape;
@@ -181,7 +181,7 @@ impl fmt::Display for Rule {
                     f,
                     "{requests_per_unit}/{per}  bucket: capacity={} rate={}/s",
                     shape.capacity(),
-                    trim_float(shape.rate())
+                    significant(shape.rate())
                 )?;
             }
         }
@@ -198,9 +198,21 @@ impl fmt::Display for Rule {
     }
 }
 
-fn trim_float(v: f64) -> String {
-    let s = format!("{v:.6}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
+/// `v` with six significant digits, trailing zeros dropped: a rate of 1 per year is
+/// 0.0000000317098/s, not 0.
+fn significant(v: f64) -> String {
+    let magnitude = v.abs().log10().floor();
+    let decimals = if magnitude.is_finite() {
+        (5.0 - magnitude).clamp(0.0, 20.0) as usize
+    } else {
+        0
+    };
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 /// Every loaded rule, by domain.
@@ -226,5 +238,19 @@ impl RuleSet {
 
     pub fn domains(&self) -> impl Iterator<Item = &str> {
         self.domains.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::significant;
+
+    #[test]
+    fn rates_keep_six_significant_digits() {
+        assert_eq!(significant(20.0), "20");
+        assert_eq!(significant(1.0 / 3.0), "0.333333");
+        assert_eq!(significant(1.0 / 31_536_000.0), "0.0000000317098");
+        assert_eq!(significant(1234567.0), "1234567");
+        assert_eq!(significant(0.5), "0.5");
     }
 }

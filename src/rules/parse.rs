@@ -107,6 +107,16 @@ pub fn load_path(path: &Path) -> Result<RuleSet, RulesError> {
     Ok(set)
 }
 
+/// Parses the text of one rules file; `name` stands for the file in error messages. The same
+/// checks as [`load_path`], without the file system (for tests and fuzzing).
+pub fn parse_text(name: &str, text: &str) -> Result<RuleSet, RulesError> {
+    let (domain, level, rules) = parse_file(Path::new(name), text, 0)?;
+    let mut set = RuleSet::default();
+    set.domains.insert(domain, level);
+    set.rules = rules;
+    Ok(set)
+}
+
 /// The files a path stands for, sorted, each resolved through symlinks.
 pub(super) fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
     let meta = std::fs::metadata(path)
