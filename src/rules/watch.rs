@@ -41,6 +41,15 @@ impl RulesHandle {
         }
     }
 
+    /// Rules that never change (no file behind them): for embedding, tests and fuzzing.
+    pub fn fixed(set: RuleSet) -> Self {
+        Self {
+            current: ArcSwapOption::from_pointee(set),
+            path: None,
+            observer: None,
+        }
+    }
+
     /// Loads `path` (a file or a directory of `*.yaml`); an error stops the start. `observer`
     /// hears of this load and of every reload.
     pub fn load(path: &Path, observer: Option<ReloadObserver>) -> Result<Self, RulesError> {
