@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""The soak: tollgate under steady load while Redis dies and rules change. Run by scripts/soak.sh.
+
+Two tollgate replicas share one Redis. Two load clients (ShouldAllow and Envoy's API, both spread
+over the replicas) first run flat out for a few seconds to measure the maximum, then run open loop
+at a share of it (70% by default) for the whole soak, checking every bucket's bound across both
+replicas. Meanwhile, every OUTAGE_EVERY seconds Redis hangs (SIGSTOP), is killed (SIGKILL), stays
+down, then is started again on the same port and data (append-only file, fsync on every write, so
+an acknowledged charge survives the kill); every RELOAD_EVERY seconds the rules file is rewritten
+(same limits, other text) and must be reloaded by both replicas.
+
+Reported, and checked (exit status 1 if any check fails):
+- errors outside the outage windows (from the hang to a few seconds after Redis is back): 0;
+- bound violations (allowed more than capacity + rate x elapsed on any bucket): 0;
+- RSS of each replica at the start and the end of the soak: growth under 10%;
+- answer latency while Redis is hung and while it is down: p99 per second, bounded by the circuit
+  breaker (well under REDIS_TIMEOUT_MS), not by the timeout;
+- every rules rewrite reloaded by both replicas, no reload error; both replicas alive and ready.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Long enough that waiting it out would show: answers while Redis is away must come from the
+# breaker, far below it.
+REDIS_TIMEOUT_MS = 100
+# After Redis is back: the breaker's longest cooldown (4 s) and a reconnect.
+RECOVERY_GRACE_S = 6.0
+# Few enough keys that many requests are denied: the bound is checked where it binds.
+KEYS = 50
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, check, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"soak: {what} did not come up within {timeout} s")
+
+
+def http_get(url, timeout=2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def redis_ping(port):
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, timeout=2
+    )
+    return out.stdout.strip() == "PONG"
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise SystemExit(f"soak: no RSS for {pid}")
+
+
+class Redis:
+    """One redis-server in the work directory, with an append-only file fsynced on every write."""
+
+    def __init__(self, work):
+        self.work = work
+        self.port = free_port()
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [
+                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", self.work, "--save", "", "--appendonly", "yes",
+                "--appendfsync", "always",
+            ],
+            stdout=open(os.path.join(self.work, "redis.log"), "a"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for("redis", lambda: redis_ping(self.port))
+
+    def hang(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Tollgate:
+    def __init__(self, name, binary, work, env):
+        self.name = name
+        self.grpc = free_port()
+        self.http = free_port()
+        self.log = open(os.path.join(work, f"tollgate-{name}.log"), "w")
+        # The work directory as cwd: no developer .env is read.
+        self.proc = subprocess.Popen(
+            [binary, "--grpc-addr", f"127.0.0.1:{self.grpc}", "--http-addr", f"127.0.0.1:{self.http}"],
+            cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_for(f"tollgate {name}", lambda: http_get(self.url("/readyz"))[0] == 200)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.http}{path}"
+
+    def target(self):
+        return f"http://127.0.0.1:{self.grpc}"
+
+    def metric(self, name, labels):
+        _, text = http_get(self.url("/metrics"))
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+RULES = """# Soak rules, version {version}: the limits never change, the text does.
+domain: soak
+descriptors:
+  - key: user
+    rate_limit: {{ unit: second, requests_per_unit: 5, burst: 10, name: per_user }}
+  - key: unused_{version}
+    rate_limit: {{ unit: minute, requests_per_unit: 1 }}
+"""
+
+
+def write_rules(path, version):
+    # Write then rename: a reader never sees half a file.
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(RULES.format(version=version))
+    os.replace(tmp, path)
+
+
+def load_args(load_bin, targets, api, duration, json_path, rules, extra):
+    args = [
+        load_bin, "--target", ",".join(targets), "--api", api, "--duration", f"{duration}s",
+        "--keys", str(KEYS), "--connections", "4", "--timeout", "2s",
+        "--max-error-rate", "1", "--json", json_path,
+    ]
+    if api == "envoy":
+        args += ["--domain", "soak", "--descriptor", "user={key}", "--rules", rules]
+    else:
+        args += ["--capacity", "10", "--rate", "5"]
+    return args + extra
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=600, help="seconds of soak (default 600)")
+    p.add_argument("--profile", default="release", help="cargo profile of the binaries")
+    p.add_argument("--load-share", type=float, default=0.7, help="share of the measured maximum")
+    p.add_argument("--outage-every", type=float, help="seconds between outages (default duration/5)")
+    p.add_argument("--reload-every", type=float, help="seconds between rules rewrites (default duration/10)")
+    p.add_argument("--hang", type=float, help="seconds Redis hangs before it is killed (default 5, less in a short soak)")
+    p.add_argument("--down", type=float, help="seconds Redis stays down after the kill (as --hang)")
+    p.add_argument("--json", help="write the report here too")
+    a = p.parse_args()
+    outage_every = a.outage_every or a.duration / 5
+    a.hang = a.hang or min(5.0, a.duration / 20)
+    a.down = a.down or min(5.0, a.duration / 20)
+    reload_every = a.reload_every or a.duration / 10
+    bindir = os.path.join(ROOT, "target", "debug" if a.profile == "dev" else a.profile)
+    tollgate_bin, load_bin = (os.path.join(bindir, b) for b in ("tollgate", "tollgate-load"))
+
+    work = tempfile.mkdtemp(prefix="tollgate-soak-")
+    redis = Redis(work)
+    replicas = []
+    loads = []
+    try:
+        redis.start()
+        rules = os.path.join(work, "rules.yaml")
+        write_rules(rules, 0)
+        env = {
+            "PATH": os.environ["PATH"],
+            "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
+            "REDIS_TIMEOUT_MS": str(REDIS_TIMEOUT_MS),
+            "FAILURE_MODE": "error",
+            "RULES": rules,
+            "RUST_LOG": "warn",
+        }
+        replicas = [Tollgate(n, tollgate_bin, work, env) for n in ("a", "b")]
+        targets = [r.target() for r in replicas]
+
+        # The maximum: both clients flat out at once, as they will run together.
+        calib = max(3, min(10, a.duration / 20))
+        print(f"soak: measuring the maximum for {calib:.0f} s", flush=True)
+        probes = []
+        for api in ("should-allow", "envoy"):
+            out = os.path.join(work, f"max-{api}.json")
+            probes.append((api, out, subprocess.Popen(
+                load_args(load_bin, targets, api, calib, out, rules, ["--concurrency", "32"]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        rates = {}
+        for api, out, proc in probes:
+            proc.wait()
+            with open(out) as f:
+                rates[api] = json.load(f)["rate"]
+        rps = {api: max(1, int(r * a.load_share)) for api, r in rates.items()}
+        print(f"soak: maximum {sum(rates.values()):.0f}/s ({rates}); soaking at {sum(rps.values())}/s "
+              f"for {a.duration:.0f} s, outage every {outage_every:.0f} s, rules rewrite every "
+              f"{reload_every:.0f} s", flush=True)
+
+        rss_start = {r.name: rss_kib(r.proc.pid) for r in replicas}
+        t0 = time.monotonic()
+        for api, r in rps.items():
+            out = os.path.join(work, f"soak-{api}.json")
+            loads.append((api, out, subprocess.Popen(
+                load_args(load_bin, targets, api, a.duration, out, rules,
+                          ["--rps", str(r), "--check-bound"]),
+                stdout=open(os.path.join(work, f"soak-{api}.txt"), "w"), stderr=subprocess.STDOUT)))
+
+        outages = []  # (hang, killed, up) in seconds since t0
+        reloads = 0
+        next_outage, next_reload = outage_every, reload_every
+        # Outages must end (and recover) before the load stops.
+        last_outage = a.duration - a.hang - a.down - RECOVERY_GRACE_S - 2
+        while True:
+            now = time.monotonic() - t0
+            if now >= a.duration:
+                break
+            if now >= next_reload:
+                reloads += 1
+                write_rules(rules, reloads)
+                print(f"soak: {now:6.1f} s rules rewritten ({reloads})", flush=True)
+                next_reload += reload_every
+            if now >= next_outage and now <= last_outage:
+                hang = time.monotonic() - t0
+                redis.hang()
+                time.sleep(a.hang)
+                redis.kill()
+                killed = time.monotonic() - t0
+                time.sleep(a.down)
+                redis.start()
+                up = time.monotonic() - t0
+                outages.append((hang, killed, up))
+                print(f"soak: {hang:6.1f} s Redis hung, killed at {killed:.1f} s, back at {up:.1f} s",
+                      flush=True)
+                next_outage += outage_every
+            time.sleep(0.05)
+
+        results = {}
+        for api, out, proc in loads:
+            proc.wait()
+            with open(out) as f:
+                results[api] = json.load(f)
+        # Rules watched by both: give the last rewrite time to land.
+        time.sleep(1)
+        rss_end = {r.name: rss_kib(r.proc.pid) for r in replicas}
+        reload_ok = {r.name: r.metric("tollgate_rules_reloads_total", {"outcome": "ok"}) for r in replicas}
+        reload_err = {r.name: r.metric("tollgate_rules_reloads_total", {"outcome": "error"}) for r in replicas}
+        alive = {r.name: r.proc.poll() is None and http_get(r.url("/readyz"))[0] == 200 for r in replicas}
+    finally:
+        for _, _, proc in loads:
+            if proc.poll() is None:
+                proc.kill()
+        for r in replicas:
+            r.stop()
+        redis.stop()
+
+    report = analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive)
+    report["maximum_per_s"] = round(sum(rates.values()))
+    report["load_per_s"] = sum(rps.values())
+    print_report(report)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+    shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0 if report["passed"] else 1)
+
+
+def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive):
+    def in_window(second):
+        # Second s covers [s, s+1) of the client's clock, which starts a little after t0.
+        return any(hang - 1 <= second + 1 and second <= up + RECOVERY_GRACE_S for hang, _, up in outages)
+
+    def inside(second, start, end):
+        return start <= second and second + 1 <= end
+
+    report = {"duration_s": a.duration, "outages": len(outages), "rules_rewrites": reloads, "apis": {}}
+    passed = True
+    for api, r in results.items():
+        timeline = r["timeline"]
+        errors_outside = sum(s["errors"] for s in timeline if not in_window(s["second"]))
+        errors_inside = sum(s["errors"] for s in timeline if in_window(s["second"]))
+        # While hung: from a second after the hang (the breaker has opened) to the kill.
+        hung = [s["p99_ms"] for s in timeline
+                if any(inside(s["second"], h + 1.5, k) for h, k, _ in outages)]
+        down = [s["p99_ms"] for s in timeline
+                if any(inside(s["second"], k + 0.5, u) for _, k, u in outages)]
+        recovery = []
+        for _, _, up in outages:
+            after = [s for s in timeline if s["second"] >= up]
+            clean = next((s["second"] for s in after if s["errors"] == 0), None)
+            recovery.append(None if clean is None else round(max(0.0, clean + 1 - up), 1))
+        entry = {
+            "requests": r["requests"],
+            "allowed": r["allowed"],
+            "denied": r["denied"],
+            "errors_outside_outages": errors_outside,
+            "errors_during_outages": errors_inside,
+            "bound_violations": r["bound"]["violations"],
+            "buckets_checked": r["bound"]["buckets"],
+            "p99_ms_overall": r["latency_ms"]["p99"],
+            "p99_ms_while_hung_max": max(hung) if hung else None,
+            "p99_ms_while_down_max": max(down) if down else None,
+            "seconds_to_first_clean_second_after_restart": recovery,
+        }
+        ok = (errors_outside == 0 and entry["bound_violations"] == 0 and r["bound"]["checked"]
+              and all(v is not None and v < REDIS_TIMEOUT_MS / 2 for v in hung + down))
+        entry["passed"] = ok
+        passed &= ok
+        report["apis"][api] = entry
+    report["rss_kib"] = {n: {"start": rss_start[n], "end": rss_end[n],
+                             "growth_pct": round(100 * (rss_end[n] - rss_start[n]) / rss_start[n], 1)}
+                         for n in rss_start}
+    rss_ok = all(v["growth_pct"] < 10 for v in report["rss_kib"].values())
+    # Each replica loaded the file once at start, then every rewrite (a burst of events is one
+    # reload, and a rewrite is one rename).
+    reload_ok_all = all(reload_ok[n] >= 1 + reloads for n in reload_ok) and not any(reload_err.values())
+    report["rules_reloads"] = {n: {"ok": reload_ok[n], "error": reload_err[n]} for n in reload_ok}
+    report["replicas_alive_and_ready"] = alive
+    report["checks"] = {
+        "errors_outside_outages_and_bounds": passed,
+        "rss_growth_under_10pct": rss_ok,
+        "every_rewrite_reloaded": reload_ok_all,
+        "replicas_alive_and_ready": all(alive.values()),
+        "outages_happened": len(outages) >= 1,
+    }
+    report["passed"] = all(report["checks"].values())
+    return report
+
+
+def print_report(r):
+    print()
+    print(f"soak: {r['duration_s']:.0f} s at {r['load_per_s']}/s (maximum {r['maximum_per_s']}/s), "
+          f"{r['outages']} Redis outages, {r['rules_rewrites']} rules rewrites")
+    for api, e in r["apis"].items():
+        print(f"  {api:12} {e['requests']} requests ({e['allowed']} allowed, {e['denied']} denied), "
+              f"errors outside outages {e['errors_outside_outages']}, during {e['errors_during_outages']}, "
+              f"bound violations {e['bound_violations']} of {e['buckets_checked']} buckets")
+        print(f"  {'':12} p99 {e['p99_ms_overall']} ms overall; while Redis hung {e['p99_ms_while_hung_max']} ms, "
+              f"down {e['p99_ms_while_down_max']} ms (max per-second p99; REDIS_TIMEOUT_MS={REDIS_TIMEOUT_MS}); "
+              f"clean again after {e['seconds_to_first_clean_second_after_restart']} s")
+    for n, v in r["rss_kib"].items():
+        print(f"  replica {n}: RSS {v['start']} KiB -> {v['end']} KiB ({v['growth_pct']:+}%), "
+              f"reloads {r['rules_reloads'][n]}")
+    for check, ok in r["checks"].items():
+        print(f"  {'ok  ' if ok else 'FAIL'} {check}")
+    print("soak: passed" if r["passed"] else "soak: FAILED")
+
+
+if __name__ == "__main__":
+    main()
