@@ -66,7 +66,8 @@ impl Cli {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RedisType {
     #[default]
     Single,
@@ -75,7 +76,7 @@ pub enum RedisType {
 }
 
 /// Everything `tollgate serve` reads. Value names are the environment variables.
-#[derive(Clone, Debug, Args)]
+#[derive(Clone, Debug, Args, serde::Serialize)]
 pub struct ServeArgs {
     /// Redis URL (redis:// or rediss://); for cluster and sentinel a comma-separated list. Unset: buckets live in memory.
     #[arg(
@@ -84,6 +85,7 @@ pub struct ServeArgs {
         value_name = "REDIS_URL",
         hide_env_values = true
     )]
+    #[serde(serialize_with = "redacted")]
     pub redis_url: Option<RedisUrl>,
 
     /// How REDIS_URL is read: single, cluster or sentinel (sentinel: master_name,host:port,...).
@@ -162,6 +164,7 @@ pub struct ServeArgs {
 
     /// On backend failure: error (gRPC UNAVAILABLE), allow or deny (an answer flagged degraded).
     #[arg(long, env = "FAILURE_MODE", value_name = "FAILURE_MODE", default_value = "error", value_parser = FailureMode::from_str)]
+    #[serde(serialize_with = "display")]
     pub failure_mode: FailureMode,
 
     /// gRPC listener (ShouldAllow, health, reflection).
@@ -187,6 +190,7 @@ pub struct ServeArgs {
     pub shadow_mode: bool,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pub log: LogArgs,
 
     /// The largest capacity a request may ask for (at most 1e15).
@@ -285,6 +289,37 @@ pub struct ServeArgs {
         default_value = "0"
     )]
     pub grpc_max_connection_age_secs: u64,
+
+    /// Envoy: add RateLimit-Limit, -Remaining and -Reset headers to every answer, from the most
+    /// restrictive descriptor (envoyproxy/ratelimit's variable).
+    #[arg(long, env = "LIMIT_RESPONSE_HEADERS_ENABLED", value_name = "LIMIT_RESPONSE_HEADERS_ENABLED", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub limit_response_headers_enabled: bool,
+
+    /// Envoy: the name of the limit header (with LIMIT_RESPONSE_HEADERS_ENABLED).
+    #[arg(long, env = "LIMIT_LIMIT_HEADER", value_name = "LIMIT_LIMIT_HEADER", default_value = "RateLimit-Limit", value_parser = header_name)]
+    pub limit_limit_header: String,
+
+    /// Envoy: the name of the remaining header (with LIMIT_RESPONSE_HEADERS_ENABLED).
+    #[arg(long, env = "LIMIT_REMAINING_HEADER", value_name = "LIMIT_REMAINING_HEADER", default_value = "RateLimit-Remaining", value_parser = header_name)]
+    pub limit_remaining_header: String,
+
+    /// Envoy: the name of the reset header, in seconds (with LIMIT_RESPONSE_HEADERS_ENABLED).
+    #[arg(long, env = "LIMIT_RESET_HEADER", value_name = "LIMIT_RESET_HEADER", default_value = "RateLimit-Reset", value_parser = header_name)]
+    pub limit_reset_header: String,
+
+    /// Envoy: put the domain, rule and entries of each descriptor over the limit in the answer's
+    /// dynamic_metadata, so Envoy's access log can name the limit that fired.
+    #[arg(long, env = "RESPONSE_DYNAMIC_METADATA", value_name = "RESPONSE_DYNAMIC_METADATA", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub response_dynamic_metadata: bool,
+
+    /// A decision that leaves less than (1 - NEAR_LIMIT_RATIO) of the capacity is counted as near
+    /// the limit (between 0 and 1).
+    #[arg(long, env = "NEAR_LIMIT_RATIO", value_name = "NEAR_LIMIT_RATIO", default_value = "0.8", value_parser = ratio)]
+    pub near_limit_ratio: f64,
+
+    /// Size of the heavy-hitter sketch of denied keys (/debug/top, the status page); 0: off.
+    #[arg(long, env = "TOP_KEYS", value_name = "TOP_KEYS", default_value = "100", value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub top_keys: u32,
 
     /// Serve /debug/* (rules, configuration, top denied keys) and the status page on HTTP_ADDR;
     /// false: only /metrics and the probes.
@@ -387,6 +422,25 @@ impl ServeArgs {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The effective settings, keyed by environment variable, with REDIS_URL's password
+    /// redacted: what /debug/config shows and the start logs.
+    pub fn effective(&self) -> serde_json::Map<String, serde_json::Value> {
+        let serde_json::Value::Object(mut by_field) =
+            serde_json::to_value(self).expect("every setting serializes")
+        else {
+            unreachable!("a struct serializes to an object");
+        };
+        let command = <Self as Args>::augment_args(clap::Command::new("tollgate"));
+        command
+            .get_arguments()
+            .filter_map(|arg| {
+                let env = arg.get_env()?.to_str()?.to_string();
+                let value = by_field.remove(arg.get_id().as_str())?;
+                Some((env, value))
+            })
+            .collect()
     }
 
     /// A default configuration with both listeners on ephemeral loopback ports (tests, embedding).
@@ -543,6 +597,34 @@ impl FromStr for RedisUrl {
     }
 }
 
+fn display<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn redacted<S: serde::Serializer>(v: &Option<RedisUrl>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(url) => s.serialize_str(&url.redacted()),
+        None => s.serialize_none(),
+    }
+}
+
+/// An HTTP header name (LIMIT_*_HEADER).
+fn header_name(s: &str) -> Result<String, String> {
+    http::HeaderName::from_bytes(s.as_bytes())
+        .map(|_| s.to_string())
+        .map_err(|_| format!("expected an HTTP header name such as RateLimit-Limit, got '{s}'"))
+}
+
+/// NEAR_LIMIT_RATIO: a fraction of the capacity.
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "expected a number between 0 and 1, such as 0.8, got '{s}'"
+        )),
+    }
+}
+
 /// MAX_CAPACITY, MAX_RATE: positive, and at most 1e15 (SPEC 2 item 10).
 fn shape_bound(s: &str) -> Result<f64, String> {
     let v = positive_f64(s)?;
@@ -582,6 +664,29 @@ mod tests {
         assert!(!url.to_string().contains("s3cret"));
         assert!(url.to_string().contains("***"));
         assert_eq!(url.expose(), "redis://user:s3cret@localhost:6379/0");
+    }
+
+    #[test]
+    fn effective_settings_name_every_variable_and_hide_the_password() {
+        let mut a = ServeArgs::for_tests();
+        a.redis_url = Some("redis://user:s3cret@localhost:6379/0".parse().unwrap());
+        let e = a.effective();
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert_eq!(e["REDIS_URL"], "redis://user:***@localhost:6379/0");
+        assert_eq!(e["FAILURE_MODE"], "error");
+        assert_eq!(e["REDIS_TYPE"], "single");
+        assert_eq!(e["LOG_FORMAT"], "text");
+        assert_eq!(e["REDIS_TIMEOUT_MS"], 15);
+        assert_eq!(e["NEAR_LIMIT_RATIO"], 0.8);
+        // Every variable of --help is there, under its own name.
+        let command = <ServeArgs as Args>::augment_args(clap::Command::new("t"));
+        let envs: Vec<String> = command
+            .get_arguments()
+            .filter_map(|a| Some(a.get_env()?.to_str()?.to_string()))
+            .collect();
+        assert_eq!(e.len(), envs.len());
+        assert!(envs.iter().all(|v| e.contains_key(v)), "{envs:?}");
     }
 
     #[test]

@@ -78,6 +78,9 @@ async fn statuses_one_per_descriptor_in_order() {
     );
     let r = c.should_rate_limit(req.clone()).await.unwrap().into_inner();
     assert_eq!(r.overall_code, OK);
+    // Neither headers nor metadata unless asked for.
+    assert!(r.response_headers_to_add.is_empty(), "{r:?}");
+    assert!(r.dynamic_metadata.is_none(), "{r:?}");
     assert_eq!(r.statuses.len(), 4);
     // Unmatched: OK, no current limit.
     assert_eq!(r.statuses[0].code, OK);
@@ -360,4 +363,101 @@ async fn redis_backend_and_its_failure() {
         .into_inner();
     assert_eq!(r.overall_code, OK, "FAILURE_MODE=allow answers OK");
     assert_eq!(r.statuses.len(), 2);
+}
+
+/// The text of a field of a dynamic-metadata struct.
+fn text(s: &prost_types::Struct, field: &str) -> Option<String> {
+    match s.fields.get(field)?.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(v) => Some(v.clone()),
+        prost_types::value::Kind::BoolValue(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The structs of the `descriptors` list.
+fn fired(s: &prost_types::Struct) -> Vec<prost_types::Struct> {
+    let Some(prost_types::value::Kind::ListValue(l)) =
+        s.fields.get("descriptors").and_then(|v| v.kind.clone())
+    else {
+        return Vec::new();
+    };
+    l.values
+        .into_iter()
+        .filter_map(|v| match v.kind {
+            Some(prost_types::value::Kind::StructValue(s)) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+fn header<'a>(r: &'a common::envoy::RateLimitResponse, name: &str) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
+}
+
+#[tokio::test]
+async fn headers_and_metadata_name_the_limit() {
+    let (t, _dir) = start(
+        &[
+            "--limit-response-headers-enabled",
+            "--response-dynamic-metadata",
+            "--limit-remaining-header",
+            "X-Left",
+        ],
+        &[],
+    )
+    .await;
+    let mut c = client(&t).await;
+    let req = || {
+        request(
+            "edge",
+            vec![
+                descriptor(&[("remote_address", "10.0.0.9")]),
+                descriptor(&[("api_key", "k-meta")]),
+            ],
+        )
+    };
+    // Within the limits: the headers describe the descriptor with the fewest left (the api_key,
+    // 3 per minute), and no rule fired.
+    let r = c.should_rate_limit(req()).await.unwrap().into_inner();
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(header(&r, "RateLimit-Limit"), Some("3"), "{r:?}");
+    assert_eq!(header(&r, "X-Left"), Some("2"), "{r:?}");
+    assert_eq!(header(&r, "RateLimit-Remaining"), None, "renamed");
+    let reset: u64 = header(&r, "RateLimit-Reset").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&reset), "one token back in 20 s: {reset}");
+    assert!(r.dynamic_metadata.is_none(), "{r:?}");
+
+    for _ in 0..2 {
+        c.should_rate_limit(req()).await.unwrap();
+    }
+    let r = c.should_rate_limit(req()).await.unwrap().into_inner();
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(header(&r, "RateLimit-Limit"), Some("3"));
+    assert_eq!(header(&r, "X-Left"), Some("0"));
+    let m = r
+        .dynamic_metadata
+        .expect("metadata for a request over its limit");
+    assert_eq!(text(&m, "domain").as_deref(), Some("edge"));
+    assert_eq!(text(&m, "rule").as_deref(), Some("per_key"));
+    assert_eq!(text(&m, "rules").as_deref(), Some("per_key"));
+    let d = fired(&m);
+    assert_eq!(d.len(), 1, "only the descriptor over its limit: {d:?}");
+    assert_eq!(text(&d[0], "descriptor").as_deref(), Some("api_key=k-meta"));
+    assert_eq!(text(&d[0], "limit").as_deref(), Some("3/minute"));
+    assert_eq!(text(&d[0], "shadow").as_deref(), Some("false"));
+
+    // A shadow rule over its limit: the request passes, the metadata says which rule would have
+    // denied it (marked shadow), and names no enforced rule.
+    let watched = || request("edge", vec![descriptor(&[("generic_key", "watched")])]);
+    c.should_rate_limit(watched()).await.unwrap();
+    let r = c.should_rate_limit(watched()).await.unwrap().into_inner();
+    assert_eq!(r.overall_code, OK);
+    let m = r.dynamic_metadata.expect("the shadow rule fired");
+    assert_eq!(text(&m, "rule"), None);
+    let d = fired(&m);
+    assert_eq!(text(&d[0], "rule").as_deref(), Some("watched"));
+    assert_eq!(text(&d[0], "shadow").as_deref(), Some("true"));
 }

@@ -378,3 +378,91 @@ async fn envoy_limits_through_tollgate() {
         "failure_mode_allowed = {allowed:?}"
     );
 }
+
+/// With RESPONSE_DYNAMIC_METADATA, Envoy's access log line for a 429 names the rule that fired (the
+/// shipped config's format); with LIMIT_RESPONSE_HEADERS_ENABLED the client sees RateLimit-*.
+#[tokio::test]
+async fn the_access_log_names_the_rule_that_fired() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("edge.yaml");
+    std::fs::write(&rules_path, rules(2)).unwrap();
+    let tollgate = Tollgate::start(
+        &[
+            "--rules",
+            rules_path.to_str().unwrap(),
+            "--response-dynamic-metadata",
+            "--limit-response-headers-enabled",
+        ],
+        &[],
+    )
+    .await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(ENVOY_YAML, upstream.port, tollgate.grpc_port).await;
+    let get = |path: &'static str, key: &'static str| {
+        let url = envoy.url(path);
+        async move {
+            http_request(&url, &[("x-api-key", key)])
+                .await
+                .expect("envoy answers")
+        }
+    };
+    assert_eq!(get("/warm-up", "warm-up").await.status, 200);
+
+    let first = get("/ok-1", "erin").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    // The most restrictive descriptor is erin's key: 2 per minute, 1 left.
+    assert_eq!(first.header("ratelimit-limit"), Some("2"), "{first:?}");
+    assert_eq!(first.header("ratelimit-remaining"), Some("1"), "{first:?}");
+    assert_eq!(get("/ok-2", "erin").await.status, 200);
+    let denied = get("/denied", "erin").await;
+    assert_eq!(denied.status, 429, "{denied:?}");
+    assert_eq!(
+        denied.header("ratelimit-remaining"),
+        Some("0"),
+        "{denied:?}"
+    );
+    let reset: u64 = denied
+        .header("ratelimit-reset")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a RateLimit-Reset in seconds: {denied:?}"));
+    assert!(
+        (1..=30).contains(&reset),
+        "a token comes back within 30 s: {reset}"
+    );
+    // A shadow rule that would deny fires nothing in the access log: the request passed.
+    for _ in 0..2 {
+        assert_eq!(get("/shadow", "shadow-svc").await.status, 200);
+    }
+
+    // Envoy writes its access log every second or so.
+    let mut log = String::new();
+    eventually(
+        Duration::from_secs(10),
+        "the access log lines",
+        async || {
+            log = std::fs::read_to_string(&envoy.access_log).unwrap_or_default();
+            log.contains("/denied") && log.matches("/shadow").count() == 2
+        },
+    )
+    .await;
+    let line = |path: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!(" {path}\"")))
+            .unwrap_or_else(|| panic!("no line for {path} in:\n{log}"))
+            .to_string()
+    };
+    let denied_line = line("/denied");
+    assert!(denied_line.contains(" 429 "), "{denied_line}");
+    assert!(
+        denied_line.contains("rate_limited_by=per_key "),
+        "{denied_line}"
+    );
+    assert!(denied_line.contains("domain=edge"), "{denied_line}");
+    for path in ["/ok-1", "/ok-2"] {
+        let l = line(path);
+        assert!(l.contains(" 200 "), "{l}");
+        assert!(l.contains("rate_limited_by=- "), "{l}");
+    }
+    let shadow = line("/shadow");
+    assert!(shadow.contains("rate_limited_by=- "), "{shadow}");
+}

@@ -6,6 +6,6 @@ mod error;
 mod group;
 mod should_allow;
 
-pub use envoy::{EnvoyApi, EnvoySettings};
+pub use envoy::{EnvoyApi, EnvoySettings, HeaderNames};
 pub use error::ApiError;
 pub use should_allow::{Defaults, ShouldAllowApi};

@@ -2,7 +2,7 @@
 //! ShouldAllowBatch (several, optionally all or nothing) and Settle (the real cost of a
 //! reservation, after the work).
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use tonic::{Request, Response, Status};
 
@@ -13,7 +13,7 @@ use crate::proto::tollgate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_server::RateLimitService,
 };
-use crate::telemetry::{DecisionMetrics, FailureModeMetrics, ShedMetrics};
+use crate::telemetry::{Activity, DecisionMetrics, FailureModeMetrics, ShedMetrics, decision_log};
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -32,6 +32,8 @@ pub struct Defaults {
     pub allow_refunds: bool,
     /// MAX_BATCH: the most requests in one ShouldAllowBatch.
     pub max_batch: usize,
+    /// Where decisions are seen (status page, top keys, near-limit ratio).
+    pub activity: Arc<Activity>,
 }
 
 impl Defaults {
@@ -46,6 +48,7 @@ impl Defaults {
             allow_client_shapes: true,
             allow_refunds: true,
             max_batch: 100,
+            activity: Arc::new(Activity::default()),
         }
     }
 }
@@ -76,8 +79,8 @@ impl<B: Backend> ShouldAllowApi<B> {
     pub fn new(backend: B, defaults: Defaults) -> Self {
         Self {
             backend,
+            metrics: DecisionMetrics::new("should_allow", defaults.activity.clone()),
             defaults,
-            metrics: DecisionMetrics::new("should_allow"),
             failure_metrics: FailureModeMetrics::default(),
             shed: ShedMetrics::default(),
         }
@@ -151,6 +154,19 @@ impl<B: Backend> ShouldAllowApi<B> {
         Ok(Parsed { key, shape, op })
     }
 
+    /// What every decision goes through on its way out: near the limit?, the decision log, and the
+    /// top-keys sketch when denied.
+    fn observe(&self, key: &str, p: &Parsed, d: &Decision) {
+        let activity = &self.defaults.activity;
+        if activity.is_near_limit(d, p.shape.capacity()) {
+            self.metrics.near_limit();
+        }
+        decision_log::should_allow(activity.denial_sampler(), key, p.op.cost(), d);
+        if !d.allowed {
+            activity.denied_str(key);
+        }
+    }
+
     /// FAILURE_MODE's answer to a failed decision: None means report the error.
     fn fallback(&self, e: &BackendError) -> Option<bool> {
         let allowed = self.defaults.failure_mode.fallback_allowed();
@@ -202,6 +218,7 @@ impl<B: Backend> ShouldAllowApi<B> {
             Ok(d) => {
                 self.metrics.record(Some(d.allowed), started);
                 self.metrics.local(&[&d]);
+                self.observe(&req.key, &p, &d);
                 Ok(self.answer(&d, p.shape))
             }
             Err(e) => {
@@ -260,10 +277,12 @@ impl<B: Backend> ShouldAllowApi<B> {
         let responses: Vec<ShouldAllowResponse> = results
             .iter()
             .zip(&parsed)
-            .map(|(r, p)| match r {
+            .zip(&req.requests)
+            .map(|((r, p), request)| match r {
                 Ok(d) => {
                     self.metrics.count(Some(d.allowed));
                     self.metrics.local(&[d]);
+                    self.observe(&request.key, p, d);
                     self.answer(d, p.shape)
                 }
                 Err(_) => {

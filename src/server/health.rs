@@ -57,7 +57,6 @@ impl Health {
     }
 
     /// Whether the backend answered its latest pings (for the status page).
-    #[allow(dead_code)] // read by the status page
     pub fn backend_up(&self) -> bool {
         self.backend_up.load(Ordering::Relaxed)
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 
+use super::debug::{self, DebugState};
 use super::health::Health;
 use crate::telemetry::{METRICS_CONTENT_TYPE, MetricsHandle};
 
@@ -12,16 +13,23 @@ use crate::telemetry::{METRICS_CONTENT_TYPE, MetricsHandle};
 pub struct HttpState {
     pub metrics: MetricsHandle,
     pub health: Arc<Health>,
+    /// The status page and /debug/*; None with DEBUG_ENDPOINTS=false.
+    pub debug: Option<DebugState>,
 }
 
 /// The routes of the HTTP port.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let debug = state.debug.clone();
+    let probes = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "OK" }))
         .route("/readyz", get(readiness))
         .route("/healthcheck", get(healthcheck))
-        .with_state(state)
+        .with_state(state);
+    match debug {
+        Some(d) => probes.merge(debug::routes(d)),
+        None => probes,
+    }
 }
 
 async fn render_metrics(State(state): State<HttpState>) -> impl axum::response::IntoResponse {

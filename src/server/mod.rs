@@ -1,11 +1,13 @@
 //! Wires tollgate together: the backend, the gRPC services behind one layer stack, health and
 //! reflection, the HTTP listener, and graceful shutdown.
 //!
+//! - `debug.rs`: the status page and /debug/* (what an operator can look at);
 //! - `health.rs`: readiness (and gRPC health) from backend pings and shutdown;
 //! - `http.rs`: the HTTP port's routes;
 //! - `limits.rs`: bounded work on the gRPC port (calls in progress, what was shed);
 //! - `tls.rs`: TLS and mTLS on the gRPC port, certificates reloaded when they change.
 
+mod debug;
 mod health;
 mod http;
 mod limits;
@@ -23,7 +25,7 @@ use http::HttpState;
 use limits::LimitLayer;
 use tls::{Tls, TlsSettings};
 
-use crate::api::{Defaults, EnvoyApi, EnvoySettings, ShouldAllowApi};
+use crate::api::{Defaults, EnvoyApi, EnvoySettings, HeaderNames, ShouldAllowApi};
 use crate::backend::{
     Backend, MemoryBackend, RedisBackend,
     redis::{RedisOptions, RedisTls, Topology},
@@ -33,7 +35,8 @@ use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::Rate
 use crate::proto::tollgate::v1::rate_limit_service_server::RateLimitServiceServer;
 use crate::rules::{ReloadObserver, RulesHandle};
 use crate::telemetry::{
-    MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics, redis_metrics,
+    Activity, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
+    redis_metrics,
 };
 
 /// How often histogram samples are folded into buckets.
@@ -55,6 +58,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
+    // Once, redacted: what this replica runs with, for whoever reads the log after an incident.
+    tracing::info!(config = %serde_json::Value::Object(args.effective()), "effective configuration");
     let metrics = install_metrics();
     // rediss:// needs a TLS crypto provider; rustls takes the first one installed process-wide.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -77,6 +82,7 @@ pub async fn run(
     });
     crate::rules::spawn_watcher(rules.clone(), shutdown.clone());
     let default_shape = args.default_shape().map_err(anyhow::Error::msg)?;
+    let activity = Arc::new(Activity::new(args.top_keys as usize, args.near_limit_ratio));
     let defaults = Defaults {
         shape: default_shape,
         limits: args.limits(),
@@ -86,6 +92,7 @@ pub async fn run(
         allow_client_shapes: args.allow_client_shapes,
         allow_refunds: args.allow_refunds,
         max_batch: args.max_batch as usize,
+        activity: activity.clone(),
     };
     match &args.redis_url {
         None => {
@@ -115,7 +122,7 @@ pub async fn run(
                     client_cert: args.redis_tls_client_cert.clone(),
                     client_key: args.redis_tls_client_key.clone(),
                 },
-                metrics: redis_metrics(),
+                metrics: redis_metrics(activity.clone()),
             };
             let redis = RedisBackend::with_options(url.expose(), options)
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -168,11 +175,12 @@ async fn serve<B: Backend>(
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
 
     let max_message = args.grpc_max_message_bytes as usize;
+    let activity = defaults.activity.clone();
     let should_allow = RateLimitServiceServer::new(ShouldAllowApi::new(backend.clone(), defaults))
         .max_decoding_message_size(max_message);
     let envoy = EnvoyServer::new(EnvoyApi::new(
         backend.clone(),
-        rules,
+        rules.clone(),
         EnvoySettings {
             key_prefix: args.rls_key_prefix.clone(),
             failure_mode: args.failure_mode,
@@ -181,6 +189,13 @@ async fn serve<B: Backend>(
             allow_refunds: args.allow_refunds,
             max_descriptors: args.max_descriptors as usize,
             max_key_bytes: args.max_key_bytes as usize,
+            response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {
+                limit: args.limit_limit_header.clone(),
+                remaining: args.limit_remaining_header.clone(),
+                reset: args.limit_reset_header.clone(),
+            }),
+            dynamic_metadata: args.response_dynamic_metadata,
+            activity: activity.clone(),
         },
     ))
     .max_decoding_message_size(max_message);
@@ -221,9 +236,17 @@ async fn serve<B: Backend>(
             }
         };
 
+    let debug = args.debug_endpoints.then(|| debug::DebugState {
+        activity: activity.clone(),
+        rules,
+        health: health.clone(),
+        config: Arc::new(args.effective()),
+        backend: backend.name(),
+    });
     let http_app = http::router(HttpState {
         metrics,
         health: health.clone(),
+        debug,
     });
     let http_server =
         axum::serve(http, http_app).with_graceful_shutdown(stop.clone().cancelled_owned());

@@ -1,8 +1,14 @@
 //! The Prometheus recorder and the metric names, each described once.
 
-use std::sync::OnceLock;
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use metrics::{Counter, Histogram, describe_counter, describe_gauge, describe_histogram};
+
+use super::activity::Activity;
+use super::live::Api;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Metric names (SPEC section 8): promises to dashboards, never renamed.
@@ -21,6 +27,7 @@ pub mod names {
     pub const BATCH_SIZE: &str = "tollgate_backend_batch_size";
     pub const CIRCUIT_OPEN: &str = "tollgate_backend_circuit_open";
     pub const MEMORY_EVICTIONS: &str = "tollgate_memory_evictions_total";
+    pub const NEAR_LIMIT: &str = "tollgate_near_limit_total";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -116,7 +123,11 @@ fn describe() {
     );
     describe_counter!(
         names::RULE_DECISIONS,
-        "Hits decided per Envoy rule, by domain, rule and result (allowed, denied, shadow_denied)."
+        "Hits decided per Envoy rule, by domain, rule and result (allowed, denied, shadow_denied; near_limit counts allowed hits that left the bucket near its limit)."
+    );
+    describe_counter!(
+        names::NEAR_LIMIT,
+        "Allowed decisions that left less than (1 - NEAR_LIMIT_RATIO) of the capacity, by API."
     );
     describe_gauge!(
         names::TOKENS_REMAINING,
@@ -155,19 +166,29 @@ pub struct DecisionMetrics {
     denied: Counter,
     error: Counter,
     local: Counter,
+    near_limit: Counter,
     duration: Histogram,
+    api: Api,
+    activity: Arc<Activity>,
 }
 
 impl DecisionMetrics {
-    /// `api` is `should_allow` or `envoy`.
-    pub fn new(api: &'static str) -> Self {
+    /// `api` is `should_allow` or `envoy`; `activity` sees every decision too (the status page).
+    pub fn new(api: &'static str, activity: Arc<Activity>) -> Self {
         let c = |result: &'static str| metrics::counter!(names::DECISIONS, "api" => api, "result" => result);
         Self {
             allowed: c("allowed"),
             denied: c("denied"),
             error: c("error"),
             local: metrics::counter!(names::LOCAL_ANSWERS, "api" => api),
+            near_limit: metrics::counter!(names::NEAR_LIMIT, "api" => api),
             duration: metrics::histogram!(names::DECISION_DURATION, "api" => api),
+            api: if api == "envoy" {
+                Api::Envoy
+            } else {
+                Api::ShouldAllow
+            },
+            activity,
         }
     }
 
@@ -184,6 +205,13 @@ impl DecisionMetrics {
             Some(false) => self.denied.increment(1),
             None => self.error.increment(1),
         }
+        self.activity.live.count(self.api, outcome, 1);
+    }
+
+    /// Counts a decision that left its bucket near the limit.
+    pub fn near_limit(&self) {
+        self.near_limit.increment(1);
+        self.activity.live.near_limit();
     }
 
     /// Counts the decisions the deny cache answered without the backend.
@@ -196,7 +224,9 @@ impl DecisionMetrics {
 
     /// Times one call.
     pub fn time(&self, started: std::time::Instant) {
-        self.duration.record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.duration.record(took.as_secs_f64());
+        self.activity.live.latency(took);
     }
 }
 
@@ -227,13 +257,24 @@ impl FailureModeMetrics {
 }
 
 /// The per-rule metrics, registered when a rule is loaded so that each series exists (at 0) from
-/// then on and the hot path only increments.
+/// then on and the hot path only increments. The counts are kept here too, for the status page.
 #[derive(Clone)]
 pub struct RuleMetrics {
     allowed: Counter,
     denied: Counter,
     shadow_denied: Counter,
+    near_limit: Counter,
     tokens: metrics::Gauge,
+    counts: Arc<[AtomicU64; 4]>,
+}
+
+/// A rule's hits by result since its rules were loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    pub allowed: u64,
+    pub denied: u64,
+    pub shadow_denied: u64,
+    pub near_limit: u64,
 }
 
 impl RuleMetrics {
@@ -243,20 +284,46 @@ impl RuleMetrics {
             allowed: c("allowed"),
             denied: c("denied"),
             shadow_denied: c("shadow_denied"),
+            near_limit: c("near_limit"),
             tokens: metrics::gauge!(names::TOKENS_REMAINING, "domain" => domain.to_string(), "rule" => rule.to_string()),
+            counts: Arc::new(Default::default()),
         }
     }
 
     /// Counts one decision (`hits` is the cost) and the tokens left after it, when a bucket was
-    /// asked.
-    pub fn record(&self, allowed: bool, shadow: bool, hits: u64, tokens_remaining: Option<f64>) {
-        match (allowed, shadow) {
-            (true, _) => self.allowed.increment(hits),
-            (false, false) => self.denied.increment(hits),
-            (false, true) => self.shadow_denied.increment(hits),
+    /// asked. `near` (an allowed decision that left the bucket near its limit) counts in
+    /// `near_limit` as well as in `allowed`.
+    pub fn record(
+        &self,
+        allowed: bool,
+        shadow: bool,
+        hits: u64,
+        tokens_remaining: Option<f64>,
+        near: bool,
+    ) {
+        let (counter, slot) = match (allowed, shadow) {
+            (true, _) => (&self.allowed, 0),
+            (false, false) => (&self.denied, 1),
+            (false, true) => (&self.shadow_denied, 2),
+        };
+        counter.increment(hits);
+        self.counts[slot].fetch_add(hits, Relaxed);
+        if near {
+            self.near_limit.increment(hits);
+            self.counts[3].fetch_add(hits, Relaxed);
         }
         if let Some(tokens) = tokens_remaining {
             self.tokens.set(tokens);
+        }
+    }
+
+    pub fn counts(&self) -> RuleCounts {
+        let c = |i: usize| self.counts[i].load(Relaxed);
+        RuleCounts {
+            allowed: c(0),
+            denied: c(1),
+            shadow_denied: c(2),
+            near_limit: c(3),
         }
     }
 }
@@ -316,11 +383,15 @@ pub fn eviction_counters() -> crate::backend::memory::EvictionCounters {
 }
 
 /// The Redis backend's metric handles: batch sizes and a breaker gauge per node.
-pub fn redis_metrics() -> crate::backend::redis::RedisMetrics {
+/// The breaker gauges also tell `activity`, for the status page.
+pub fn redis_metrics(activity: Arc<Activity>) -> crate::backend::redis::RedisMetrics {
     crate::backend::redis::RedisMetrics {
         batch_size: Some(metrics::histogram!(names::BATCH_SIZE, "backend" => "redis")),
-        circuit: Some(std::sync::Arc::new(
-            |node: &str| metrics::gauge!(names::CIRCUIT_OPEN, "node" => node.to_string()),
-        )),
+        circuit: Some(Arc::new(move |node: &str| {
+            activity.circuit_gauge(
+                node,
+                metrics::gauge!(names::CIRCUIT_OPEN, "node" => node.to_string()),
+            )
+        })),
     }
 }

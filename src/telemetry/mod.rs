@@ -1,17 +1,29 @@
 //! Logs and metrics: tracing setup, the metric names of SPEC section 8 (described once), the
-//! Prometheus recorder, and a backend wrapper that times every call.
+//! Prometheus recorder, a backend wrapper that times every call, and what the status page shows.
+//!
+//! - `metrics_setup.rs`: the recorder, the names, the handles the hot path increments;
+//! - `activity.rs`: what this process saw, for `/` and `/debug` (it composes the next three);
+//! - `live.rs`: the last minutes second by second; `top_keys.rs`: the heaviest denied keys;
+//! - `decision_log.rs`: a line per decision at debug, denials sampled at info;
+//! - `timed.rs`: the backend wrapper.
 
+mod activity;
+pub mod decision_log;
+pub mod live;
 mod metrics_setup;
 mod timed;
+pub mod top_keys;
 
+pub use activity::{Activity, Circuit, RuleMetricsFor, RuleStat};
 pub use metrics_setup::{
-    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleMetrics, ShedMetrics,
-    eviction_counters, install_metrics, install_recorder, names, redis_metrics,
+    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleCounts, RuleMetrics,
+    ShedMetrics, eviction_counters, install_metrics, install_recorder, names, redis_metrics,
 };
 pub use timed::Timed;
 
 /// Log output: human-readable lines or one JSON object per line.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
     Text,
@@ -19,7 +31,7 @@ pub enum LogFormat {
 }
 
 /// The logging flag shared by every binary.
-#[derive(Clone, Copy, Debug, clap::Args)]
+#[derive(Clone, Copy, Debug, clap::Args, serde::Serialize)]
 pub struct LogArgs {
     /// Log format: text or json (level from RUST_LOG, default info).
     #[arg(
@@ -40,8 +52,11 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never in a file or a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -254,17 +254,30 @@ impl Tollgate {
     /// Starts `tollgate` with extra flags and environment, and waits until its HTTP listener
     /// answers. The environment starts clean of tollgate's variables so the host cannot leak in.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_logging(args, env, None).await
+    }
+
+    /// As [`Tollgate::start`], with its stderr (the log) written to `log` when given.
+    pub async fn start_logging(
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
         // A port picked free can be taken by a parallel test before tollgate binds it: then
         // tollgate exits at once, and we try again on other ports.
         for _ in 0..5 {
-            if let Some(t) = Self::try_start(args, env).await {
+            if let Some(t) = Self::try_start(args, env, log).await {
                 return t;
             }
         }
         panic!("tollgate did not start (see its stderr above)");
     }
 
-    async fn try_start(args: &[&str], env: &[(&str, &str)]) -> Option<Self> {
+    async fn try_start(
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Option<Self> {
         let grpc_port = free_port();
         let http_port = free_port();
         let mut cmd = our_binary(env!("CARGO_BIN_EXE_tollgate"));
@@ -273,6 +286,9 @@ impl Tollgate {
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
             .args(args)
             .stdout(Stdio::null());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).expect("create the log file"));
+        }
         let child = cmd.spawn().expect("spawn tollgate");
         let mut t = Tollgate {
             grpc_port,
@@ -556,6 +572,8 @@ pub fn envoy_bin() -> std::path::PathBuf {
 pub struct Envoy {
     pub listen_port: u16,
     pub admin_port: u16,
+    /// Where the access log goes (the config's /dev/stdout, redirected to a file).
+    pub access_log: std::path::PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -574,6 +592,11 @@ impl Envoy {
                 &format!("port_value: {tollgate_grpc_port}"),
             );
         let dir = tempfile::tempdir().unwrap();
+        let access_log = dir.path().join("access.log");
+        let config = config.replace(
+            "path: /dev/stdout",
+            &format!("path: {}", access_log.display()),
+        );
         let path = dir.path().join("envoy.yaml");
         std::fs::write(&path, config).unwrap();
         let child = Command::new(envoy_bin())
@@ -585,6 +608,9 @@ impl Envoy {
                 "1",
                 "--log-level",
                 "error",
+                // Access-log lines reach the file within a fifth of a second (the default is 10 s).
+                "--file-flush-interval-msec",
+                "200",
             ])
             .args(["--base-id", &(admin_port as u32 * 7 + 11).to_string()])
             .stdout(Stdio::null())
@@ -593,6 +619,7 @@ impl Envoy {
         let envoy = Envoy {
             listen_port,
             admin_port,
+            access_log,
             child,
             _dir: dir,
         };

@@ -1,10 +1,15 @@
-//! From decisions to the answer Envoy reads: one status per descriptor, in order, and the
-//! per-rule metrics.
+//! From decisions to the answer Envoy reads: one status per descriptor, in order; and on the way
+//! out each descriptor's decision is counted (per rule, near the limit), logged and, when denied,
+//! fed to the top-keys sketch.
+
+use std::fmt;
 
 use crate::backend::BackendError;
 use crate::core::Decision;
+use crate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as DescEntry;
+use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus};
-use crate::telemetry::RuleMetrics;
+use crate::telemetry::{Activity, DecisionMetrics, RuleMetrics, decision_log};
 
 use super::plan::{Entry, Plan};
 
@@ -12,23 +17,70 @@ use super::plan::{Entry, Plan};
 pub(super) struct Answer {
     pub statuses: Vec<DescriptorStatus>,
     pub over: bool,
+    /// Per descriptor: its rule said no (shadow rules too, whose status is OK; not a
+    /// FAILURE_MODE answer, which no rule gave).
+    pub fired: Vec<bool>,
+}
+
+/// Where each descriptor's decision is reported.
+pub(super) struct Observers<'a> {
+    /// The per-rule metrics, by rule id.
+    pub rules: &'a [RuleMetrics],
+    pub decisions: &'a DecisionMetrics,
+    pub activity: &'a Activity,
+}
+
+/// A descriptor's entries as `k=v, k2=v2`, rendered only when a log line or the sketch needs it.
+pub(super) struct Entries<'a>(pub &'a [DescEntry]);
+
+impl fmt::Display for Entries<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{}={}", e.key, e.value)?;
+        }
+        Ok(())
+    }
 }
 
 /// Builds the statuses. `fallback` is FAILURE_MODE's verdict for the descriptors whose bucket
-/// failed (None when none failed); `metrics` holds the per-rule metrics by rule id.
+/// failed (None when none failed).
 pub(super) fn answer(
+    req: &RateLimitRequest,
     plan: &Plan,
     results: &[Result<Decision, BackendError>],
     fallback: Option<bool>,
-    metrics: &[RuleMetrics],
+    seen: &Observers<'_>,
 ) -> Answer {
     let mut over = false;
+    let mut fired = Vec::with_capacity(plan.entries.len());
     let statuses = plan
         .entries
         .iter()
-        .map(|entry| {
+        .zip(&req.descriptors)
+        .enumerate()
+        .map(|(i, (entry, descriptor))| {
             let shadow = entry.shadow();
-            let rule_metrics = entry.rule().and_then(|r| metrics.get(r.id));
+            let rule_metrics = entry.rule().and_then(|r| seen.rules.get(r.id));
+            let rule_label = entry.rule().map_or("override", |r| r.label.as_str());
+            let entries = Entries(&descriptor.entries);
+            let denied = |hits: u64, d: &Decision| {
+                decision_log::envoy(
+                    seen.activity.denial_sampler(),
+                    &req.domain,
+                    rule_label,
+                    &entries,
+                    hits,
+                    d,
+                    shadow,
+                );
+                if !d.allowed {
+                    seen.activity
+                        .denied(|| format!("{}: {}", req.domain, entries));
+                }
+            };
             let (code, status) = match entry {
                 Entry::Free => (Code::Ok, DescriptorStatus::default()),
                 Entry::Unlimited => (
@@ -46,8 +98,17 @@ pub(super) fn answer(
                     ..
                 } => {
                     if let Some(m) = rule_metrics {
-                        m.record(!over, shadow, *hits, None);
+                        m.record(!over, shadow, *hits, None, false);
                     }
+                    let d = Decision {
+                        allowed: !over,
+                        tokens_remaining: 0.0,
+                        retry_after_ms: 0,
+                        reset_after_ms: 0,
+                        local: true,
+                    };
+                    denied(*hits, &d);
+                    fired.push(*over);
                     (
                         verdict(!over, shadow),
                         DescriptorStatus {
@@ -59,15 +120,21 @@ pub(super) fn answer(
                 }
                 Entry::Bucket { limit, bucket, .. } => match (&results[*bucket], fallback) {
                     (Ok(d), _) => {
-                        if let Some(m) = rule_metrics {
-                            let hits = plan.buckets[*bucket].op.cost();
-                            m.record(d.allowed, shadow, hits, Some(d.tokens_remaining));
+                        let planned = &plan.buckets[*bucket];
+                        let hits = planned.op.cost();
+                        let near = seen.activity.is_near_limit(d, planned.shape.capacity());
+                        if near {
+                            seen.decisions.near_limit();
                         }
+                        if let Some(m) = rule_metrics {
+                            m.record(d.allowed, shadow, hits, Some(d.tokens_remaining), near);
+                        }
+                        denied(hits, d);
+                        fired.push(!d.allowed);
                         (
                             verdict(d.allowed, shadow),
                             DescriptorStatus {
                                 current_limit: Some(limit.clone()),
-                                // As envoyproxy/ratelimit: 0 on a denial, whatever is left.
                                 limit_remaining: if d.allowed {
                                     d.tokens_remaining.floor().clamp(0.0, f64::from(u32::MAX))
                                         as u32
@@ -93,6 +160,10 @@ pub(super) fn answer(
                     ),
                 },
             };
+            if fired.len() == i {
+                // Free, unlimited, or answered by FAILURE_MODE: no rule said no.
+                fired.push(false);
+            }
             over |= code == Code::OverLimit;
             DescriptorStatus {
                 code: code as i32,
@@ -100,10 +171,13 @@ pub(super) fn answer(
             }
         })
         .collect();
-    Answer { statuses, over }
+    Answer {
+        statuses,
+        over,
+        fired,
+    }
 }
 
-/// A denied shadow-mode descriptor is reported OK: decided and counted, never enforced.
 fn verdict(allowed: bool, shadow: bool) -> Code {
     if allowed || shadow {
         Code::Ok

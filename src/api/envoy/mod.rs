@@ -5,7 +5,10 @@
 //! - `plan.rs`: checks and bounds, the rule each descriptor matches, the bucket operations;
 //! - here: the decision, one backend group (all or nothing unless CHARGE_ON_DENY), and what a
 //!   backend failure makes of it;
-//! - `answer.rs`: one status per descriptor, in order, and the per-rule metrics.
+//! - `answer.rs`: one status per descriptor, in order; each decision counted, logged, and fed to
+//!   the top-keys sketch;
+//! - `annotate.rs`: the optional `RateLimit-*` headers and the dynamic metadata naming the rules
+//!   that fired.
 //!
 //! Wire rules honoured (SPEC section 3): always OK or OVER_LIMIT; one status per descriptor, in
 //! order; an unmatched descriptor is OK without `current_limit`; a descriptor's own `hits_addend`
@@ -15,12 +18,12 @@
 //! `failure_mode_deny` decides) unless FAILURE_MODE answers, and then only for the descriptors
 //! whose bucket failed.
 
+mod annotate;
 mod answer;
 mod plan;
 
 use std::{sync::Arc, time::Instant};
 
-use arc_swap::ArcSwapOption;
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
@@ -30,8 +33,10 @@ use crate::proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
     rate_limit_service_server::RateLimitService,
 };
-use crate::rules::{RuleSet, RulesHandle};
-use crate::telemetry::{DecisionMetrics, FailureModeMetrics, RuleMetrics, ShedMetrics};
+use crate::rules::RulesHandle;
+use crate::telemetry::{Activity, DecisionMetrics, FailureModeMetrics, ShedMetrics};
+
+pub use annotate::HeaderNames;
 
 /// Settings of the Envoy API.
 #[derive(Clone, Debug)]
@@ -47,6 +52,12 @@ pub struct EnvoySettings {
     pub allow_refunds: bool,
     pub max_descriptors: usize,
     pub max_key_bytes: usize,
+    /// LIMIT_RESPONSE_HEADERS_ENABLED: the headers' names; None: no headers.
+    pub response_headers: Option<HeaderNames>,
+    /// RESPONSE_DYNAMIC_METADATA: name the rules that fired in `dynamic_metadata`.
+    pub dynamic_metadata: bool,
+    /// Where decisions are seen (status page, top keys, near-limit ratio).
+    pub activity: Arc<Activity>,
 }
 
 impl EnvoySettings {
@@ -60,14 +71,11 @@ impl EnvoySettings {
             allow_refunds: true,
             max_descriptors: 64,
             max_key_bytes: 1024,
+            response_headers: None,
+            dynamic_metadata: false,
+            activity: Arc::new(Activity::default()),
         }
     }
-}
-
-/// The per-rule metrics of one loaded rule set, by rule id.
-struct RuleMetricsFor {
-    set: Arc<RuleSet>,
-    metrics: Vec<RuleMetrics>,
 }
 
 /// The Envoy RLS service over any backend.
@@ -78,7 +86,6 @@ pub struct EnvoyApi<B> {
     metrics: DecisionMetrics,
     failure_metrics: FailureModeMetrics,
     shed: ShedMetrics,
-    rule_metrics: ArcSwapOption<RuleMetricsFor>,
 }
 
 impl<B: Backend> EnvoyApi<B> {
@@ -86,32 +93,11 @@ impl<B: Backend> EnvoyApi<B> {
         Self {
             backend,
             rules,
-            settings,
-            metrics: DecisionMetrics::new("envoy"),
+            metrics: DecisionMetrics::new("envoy", settings.activity.clone()),
             failure_metrics: FailureModeMetrics::default(),
             shed: ShedMetrics::default(),
-            rule_metrics: ArcSwapOption::empty(),
+            settings,
         }
-    }
-
-    /// The metrics of the rules in force, registered once per loaded rule set.
-    fn rule_metrics(&self, set: Option<&Arc<RuleSet>>) -> Option<Arc<RuleMetricsFor>> {
-        let set = set?;
-        if let Some(current) = self.rule_metrics.load_full()
-            && Arc::ptr_eq(&current.set, set)
-        {
-            return Some(current);
-        }
-        let fresh = Arc::new(RuleMetricsFor {
-            set: set.clone(),
-            metrics: set
-                .rules()
-                .iter()
-                .map(|r| RuleMetrics::new(&r.domain, &r.label))
-                .collect(),
-        });
-        self.rule_metrics.store(Some(fresh.clone()));
-        Some(fresh)
     }
 
     /// The whole of ShouldRateLimit but the proto envelope.
@@ -169,12 +155,18 @@ impl<B: Backend> EnvoyApi<B> {
             },
         };
 
-        let metrics = self.rule_metrics(rules.as_ref());
+        let activity = &self.settings.activity;
+        let rule_metrics = rules.as_ref().map(|set| activity.rule_metrics(set));
         let answer = answer::answer(
+            req,
             &plan,
             &results,
             fallback,
-            metrics.as_deref().map_or(&[], |m| &m.metrics),
+            &answer::Observers {
+                rules: rule_metrics.as_deref().map_or(&[], |m| &m.metrics),
+                decisions: &self.metrics,
+                activity,
+            },
         );
 
         if all_or_nothing && answer.over && failed.is_some() {
@@ -194,9 +186,20 @@ impl<B: Backend> EnvoyApi<B> {
         } else {
             Code::Ok
         };
+        let response_headers_to_add = match &self.settings.response_headers {
+            Some(names) => annotate::headers(&answer.statuses, names),
+            None => Vec::new(),
+        };
+        let dynamic_metadata = if self.settings.dynamic_metadata {
+            annotate::metadata(req, &plan, &answer.statuses, &answer.fired)
+        } else {
+            None
+        };
         Ok(RateLimitResponse {
             overall_code: overall as i32,
             statuses: answer.statuses,
+            response_headers_to_add,
+            dynamic_metadata,
             ..Default::default()
         })
     }

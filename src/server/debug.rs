@@ -1,0 +1,174 @@
+//! What an operator can look at on the HTTP port (SPEC 10), unless DEBUG_ENDPOINTS=false: the
+//! status page (`/`, with its script and style) and the JSON it refreshes from, the loaded rules,
+//! the effective configuration and the heaviest denied keys.
+//!
+//! Everything shown is already in this process; nothing here touches the backend. Keys and
+//! descriptor values are caller input: the page puts them in the document as text, never as HTML,
+//! and its Content-Security-Policy allows no script but its own.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::header,
+    response::IntoResponse,
+    routing::get,
+};
+use serde_json::{Value, json};
+
+use super::health::Health;
+use crate::rules::{Limit, RulesHandle};
+use crate::telemetry::Activity;
+
+/// How much history the status page shows.
+const STATUS_SECONDS: usize = 120;
+/// Rows of top denied keys on the status page; `/debug/top` takes `n` up to [`MAX_TOP`].
+const STATUS_TOP: usize = 20;
+const MAX_TOP: usize = 1000;
+
+const PAGE: &str = include_str!("status/index.html");
+const SCRIPT: &str = include_str!("status/status.js");
+const STYLE: &str = include_str!("status/status.css");
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+#[derive(Clone)]
+pub struct DebugState {
+    pub activity: Arc<Activity>,
+    pub rules: Arc<RulesHandle>,
+    pub health: Arc<Health>,
+    /// The effective configuration, secrets redacted (computed once at start).
+    pub config: Arc<serde_json::Map<String, Value>>,
+    pub backend: &'static str,
+}
+
+/// The routes of this module, for the HTTP router.
+pub fn routes(state: DebugState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/status.js", get(script))
+        .route("/status.css", get(style))
+        .route("/debug/status", get(status))
+        .route("/debug/rules", get(rules))
+        .route("/debug/config", get(config))
+        .route("/debug/top", get(top))
+        .with_state(state)
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+}
+
+async fn style() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE)
+}
+
+/// Everything the status page shows, refreshed every second.
+async fn status(State(s): State<DebugState>) -> Json<Value> {
+    use crate::telemetry::live::Api;
+    let mut rules = s.activity.rule_stats();
+    rules.sort_by(|a, b| {
+        (b.denied + b.shadow_denied, b.allowed).cmp(&(a.denied + a.shadow_denied, a.allowed))
+    });
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": s.activity.live.uptime().as_secs(),
+        "backend": s.backend,
+        "backend_up": s.health.backend_up(),
+        "ready": s.health.ready(),
+        "circuits": s.activity.circuits(),
+        "seconds": s.activity.live.seconds(STATUS_SECONDS),
+        "totals": {
+            "should_allow": s.activity.live.totals(Api::ShouldAllow),
+            "envoy": s.activity.live.totals(Api::Envoy),
+        },
+        "rules": rules,
+        "rules_loaded": s.rules.current().map_or(0, |set| set.rules().len()),
+        "top_keys_enabled": s.activity.top_enabled(),
+        "top_denied": s.activity.top(STATUS_TOP),
+    }))
+}
+
+/// The loaded rules with their bucket shapes (envoyproxy/ratelimit's `/rlconfig`, as JSON).
+async fn rules(State(s): State<DebugState>) -> Json<Value> {
+    let Some(set) = s.rules.current() else {
+        return Json(json!({ "path": null, "rules": [] }));
+    };
+    let rules: Vec<Value> = set
+        .rules()
+        .iter()
+        .map(|r| {
+            let (limit, bucket) = match r.limit {
+                Limit::Unlimited => (json!({ "kind": "unlimited" }), Value::Null),
+                Limit::Blocked { unit } => (
+                    json!({ "kind": "blocked", "requests_per_unit": 0, "unit": unit.as_str() }),
+                    Value::Null,
+                ),
+                Limit::Bucket {
+                    shape,
+                    requests_per_unit,
+                    unit,
+                    unit_multiplier,
+                } => (
+                    json!({
+                        "kind": "bucket",
+                        "requests_per_unit": requests_per_unit,
+                        "unit": unit.as_str(),
+                        "unit_multiplier": unit_multiplier,
+                    }),
+                    json!({ "capacity": shape.capacity(), "rate_per_second": shape.rate() }),
+                ),
+            };
+            json!({
+                "domain": r.domain,
+                "descriptor": r.path,
+                "name": r.name,
+                "rule": r.label,
+                "source": r.source,
+                "limit": limit,
+                "bucket": bucket,
+                "shadow_mode": r.shadow_mode,
+                "debt": r.debt,
+                "replaces": r.replaces,
+            })
+        })
+        .collect();
+    Json(json!({
+        "path": s.rules.path().map(|p| p.display().to_string()),
+        "rules": rules,
+    }))
+}
+
+async fn config(State(s): State<DebugState>) -> Json<Value> {
+    Json(Value::Object((*s.config).clone()))
+}
+
+#[derive(serde::Deserialize)]
+struct TopQuery {
+    n: Option<usize>,
+}
+
+/// The heaviest denied keys on this replica, decayed so that they show now.
+async fn top(State(s): State<DebugState>, Query(q): Query<TopQuery>) -> Json<Value> {
+    let n = q.n.unwrap_or(STATUS_TOP).min(MAX_TOP);
+    Json(json!({
+        "enabled": s.activity.top_enabled(),
+        "half_life_s": crate::telemetry::top_keys::HALF_LIFE.as_secs(),
+        "keys": s.activity.top(n),
+    }))
+}
