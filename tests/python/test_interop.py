@@ -65,6 +65,8 @@ def tollgate():
             "--rate", "0.001",
         ],
         env=env,
+        # Not the repository: a developer's .env there must not reach the test.
+        cwd=tempfile.gettempdir(),
     )
     deadline = time.time() + 15
     while True:

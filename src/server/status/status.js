@@ -33,12 +33,19 @@ function badge(el, text, up) {
   el.className = "badge " + (up ? "up" : "down");
 }
 
+// The scale's top: 1, 2, 2.5 or 5 times a power of ten, so the grid reads in round numbers.
+function niceCeiling(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
 function drawChart(seconds) {
   const canvas = $("chart");
   const ctx = canvas.getContext("2d");
   const w = canvas.width, h = canvas.height, pad = 40;
   ctx.clearRect(0, 0, w, h);
-  const max = Math.max(1, ...seconds.map((s) => Math.max(s.allowed, s.denied, s.errors)));
+  const max = niceCeiling(Math.max(1, ...seconds.map((s) => Math.max(s.allowed, s.denied, s.errors))));
   // Grid and scale.
   ctx.strokeStyle = "#eee";
   ctx.fillStyle = "#777";
