@@ -40,7 +40,10 @@ impl Cli {
     /// Parses the command line after loading `.env` (which never overrides the real environment).
     /// A bad value prints one line naming the flag and its variable, and exits with status 2.
     pub fn load() -> Self {
-        let _ = dotenvy::dotenv();
+        if let Err(e) = load_dotenv() {
+            eprintln!("tollgate: {e}");
+            std::process::exit(2);
+        }
         match Self::try_parse() {
             Ok(cli) => cli,
             Err(e) => {
@@ -48,9 +51,7 @@ impl Cli {
                 if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                     e.exit();
                 }
-                let text = e.render().to_string();
-                let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-                eprintln!("tollgate: {}", line.trim_start_matches("error: "));
+                eprintln!("tollgate: {}", one_line(&e.render().to_string()));
                 std::process::exit(2);
             }
         }
@@ -64,6 +65,51 @@ impl Cli {
             Some(Command::CheckRules { .. }) => None,
         }
     }
+}
+
+/// Loads `.env` from the working directory; it never overrides the real environment. A line that
+/// does not parse stops the start (a setting silently dropped is worse); the message gives its
+/// number, never its text, which may hold a password.
+pub fn load_dotenv() -> Result<(), String> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(dotenvy::Error::LineParse(line, _)) => {
+            let first = line.lines().next().unwrap_or("").trim();
+            let number = std::fs::read_to_string(".env")
+                .ok()
+                .and_then(|text| text.lines().position(|l| l.trim() == first))
+                .map_or_else(|| "?".to_string(), |i| (i + 1).to_string());
+            Err(format!(
+                ".env line {number} does not parse: expected NAME=value (the line is not shown: \
+                 it may hold a secret)"
+            ))
+        }
+        Err(e) => Err(format!(".env cannot be read: {e}")),
+    }
+}
+
+/// clap's error as one line: its first line, plus the valid values and its "did you mean" tip.
+fn one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut line = first.trim_start_matches("error: ").to_string();
+    let extras: Vec<String> = lines
+        .filter_map(|l| {
+            if let Some(values) = l
+                .strip_prefix("[possible values: ")
+                .and_then(|v| v.strip_suffix(']'))
+            {
+                Some(format!("expected one of: {values}"))
+            } else {
+                l.strip_prefix("tip: ").map(str::to_string)
+            }
+        })
+        .collect();
+    if !extras.is_empty() {
+        line.push_str(&format!(" ({})", extras.join("; ")));
+    }
+    line
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -133,11 +179,11 @@ pub struct ServeArgs {
     pub redis_timeout_ms: u64,
 
     /// Default bucket size (burst) when a request gives none.
-    #[arg(long = "capacity", env = "TB_CAPACITY", value_name = "TB_CAPACITY", default_value = "20", value_parser = positive_f64)]
+    #[arg(long = "capacity", env = "TB_CAPACITY", value_name = "TB_CAPACITY", default_value = "20", value_parser = positive_f64, allow_negative_numbers = true)]
     pub capacity: f64,
 
     /// Default refill, tokens per second, when a request gives none.
-    #[arg(long = "rate", env = "TB_RATE", value_name = "TB_RATE", default_value = "20", value_parser = positive_f64)]
+    #[arg(long = "rate", env = "TB_RATE", value_name = "TB_RATE", default_value = "20", value_parser = positive_f64, allow_negative_numbers = true)]
     pub rate: f64,
 
     /// Redis key prefix of ShouldAllow buckets.
@@ -172,7 +218,8 @@ pub struct ServeArgs {
         long,
         env = "GRPC_ADDR",
         value_name = "GRPC_ADDR",
-        default_value = "0.0.0.0:8081"
+        default_value = "0.0.0.0:8081",
+        value_parser = listen_addr
     )]
     pub grpc_addr: SocketAddr,
 
@@ -181,7 +228,8 @@ pub struct ServeArgs {
         long,
         env = "HTTP_ADDR",
         value_name = "HTTP_ADDR",
-        default_value = "0.0.0.0:8080"
+        default_value = "0.0.0.0:8080",
+        value_parser = listen_addr
     )]
     pub http_addr: SocketAddr,
 
@@ -194,11 +242,11 @@ pub struct ServeArgs {
     pub log: LogArgs,
 
     /// The largest capacity a request may ask for (at most 1e15).
-    #[arg(long, env = "MAX_CAPACITY", value_name = "MAX_CAPACITY", default_value = "1e9", value_parser = shape_bound)]
+    #[arg(long, env = "MAX_CAPACITY", value_name = "MAX_CAPACITY", default_value = "1e9", value_parser = shape_bound, allow_negative_numbers = true)]
     pub max_capacity: f64,
 
     /// The largest rate a request may ask for (at most 1e15).
-    #[arg(long, env = "MAX_RATE", value_name = "MAX_RATE", default_value = "1e9", value_parser = shape_bound)]
+    #[arg(long, env = "MAX_RATE", value_name = "MAX_RATE", default_value = "1e9", value_parser = shape_bound, allow_negative_numbers = true)]
     pub max_rate: f64,
 
     /// Memory backend: the most buckets held; when full, the bucket nearest to full is dropped first.
@@ -314,7 +362,7 @@ pub struct ServeArgs {
 
     /// A decision that leaves less than (1 - NEAR_LIMIT_RATIO) of the capacity is counted as near
     /// the limit (between 0 and 1).
-    #[arg(long, env = "NEAR_LIMIT_RATIO", value_name = "NEAR_LIMIT_RATIO", default_value = "0.8", value_parser = ratio)]
+    #[arg(long, env = "NEAR_LIMIT_RATIO", value_name = "NEAR_LIMIT_RATIO", default_value = "0.8", value_parser = ratio, allow_negative_numbers = true)]
     pub near_limit_ratio: f64,
 
     /// Size of the heavy-hitter sketch of denied keys (/debug/top, the status page); 0: off.
@@ -606,6 +654,26 @@ fn redacted<S: serde::Serializer>(v: &Option<RedisUrl>, s: S) -> Result<S::Ok, S
         Some(url) => s.serialize_str(&url.redacted()),
         None => s.serialize_none(),
     }
+}
+
+/// A listen address: `IP:PORT`; also `:PORT` (every interface, as Go programs take it) and
+/// `localhost:PORT` (loopback).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let port = |p: &str| p.parse::<u16>().ok();
+    let addr = match s.rsplit_once(':') {
+        Some(("", p)) => port(p).map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
+        Some(("localhost", p)) => port(p).map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        _ => None,
+    };
+    addr.ok_or_else(|| {
+        format!(
+            "expected IP:PORT, e.g. 0.0.0.0:8081 (every interface) or 127.0.0.1:8081, got '{s}'"
+        )
+    })
 }
 
 /// An HTTP header name (LIMIT_*_HEADER).

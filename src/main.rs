@@ -48,10 +48,13 @@ fn check_rules(path: &std::path::Path) -> ExitCode {
             }
             let mut domains: Vec<&str> = set.domains().collect();
             domains.sort_unstable();
+            let plural = |n: usize, one: &str, many: &str| {
+                format!("{n} {}", if n == 1 { one } else { many })
+            };
             println!(
-                "OK: {} rules in {} domains ({})",
-                set.rules().len(),
-                domains.len(),
+                "OK: {} in {} ({})",
+                plural(set.rules().len(), "rule", "rules"),
+                plural(domains.len(), "domain", "domains"),
                 domains.join(", ")
             );
             ExitCode::SUCCESS

@@ -321,7 +321,7 @@ fn errors_name_the_file_and_line() {
         (
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -1 }\n",
             ":4",
-            "u32",
+            "whole number from 0 to 4294967295, got -1",
         ),
         (
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, burst: 0.5 }\n",
@@ -345,7 +345,7 @@ fn errors_name_the_file_and_line() {
         ),
         (
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 1, unit_multiplier: 0 }\n",
-            ":3",
+            ":4",
             "unit_multiplier",
         ),
         (
@@ -431,6 +431,7 @@ fn check_rules_command() {
         "{stdout}"
     );
     assert!(stdout.contains("capacity=100 rate=10/s"), "{stdout}");
+    assert!(stdout.contains("OK: 1 rule in 1 domain (edge)"), "{stdout}");
 
     write(
         dir.path(),
@@ -450,4 +451,27 @@ fn check_rules_command() {
 fn the_shipped_rules_load() {
     let set = load_path(Path::new("deploy/rules")).unwrap();
     assert!(set.rules().len() >= 5);
+}
+
+#[test]
+fn newcomer_mistakes_get_messages_that_say_what_is_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    rate_limit: { unit: second, requests_per_unit: -5 }\n",
+            "requests_per_unit must be a whole number from 0 to 4294967295, got -5",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    rate_limit: { unit: second, requests_per_unit: 2, unit_multiplier: 0 }\n",
+            "unit_multiplier must be a whole number from 1",
+        ),
+        ("", "the file is empty"),
+        ("# nothing yet\n\n", "the file is empty"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let name = format!("case{i}.yaml");
+        write(dir.path(), &name, text);
+        let err = load_path(&dir.path().join(&name)).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains(&name), "{text:?}: {err}");
+    }
 }

@@ -185,6 +185,108 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
     }
 }
 
+/// What a newcomer types wrong gets a line that says what is expected.
+#[test]
+fn newcomer_mistakes_are_answered_with_what_is_expected() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for (args, env, want) in [
+        (
+            &[][..],
+            &[("REDIS_TYPE", "bogus")][..],
+            "expected one of: single, cluster, sentinel",
+        ),
+        (
+            &[],
+            &[("LOG_FORMAT", "yaml")],
+            "expected one of: text, json",
+        ),
+        (
+            &[],
+            &[("REDIS_TYPE", "clster")],
+            "a similar value exists: 'cluster'",
+        ),
+        (
+            &["--redis-tpye", "single"],
+            &[],
+            "a similar argument exists: '--redis-type'",
+        ),
+        (
+            &["--capacity", "-1"],
+            &[],
+            "expected a finite number greater than 0, got '-1'",
+        ),
+        (
+            &[],
+            &[("GRPC_ADDR", "somehost:8081")],
+            "expected IP:PORT, e.g. 0.0.0.0:8081",
+        ),
+        (&[], &[("NEAR_LIMIT_RATIO", "1.5")], "between 0 and 1"),
+        (
+            &[],
+            &[("LIMIT_LIMIT_HEADER", "Bad Header")],
+            "HTTP header name",
+        ),
+    ] {
+        let (code, stderr) = run(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(want), "{args:?} {env:?}: {stderr}");
+    }
+
+    // `:PORT` and `localhost:PORT` are understood.
+    let mut t = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    // A directory of its own: a .env is written there below.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = t
+        .current_dir(dir.path())
+        .env_clear()
+        .env("GRPC_ADDR", ":0")
+        .env("HTTP_ADDR", "localhost:0")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(alive, "{log}");
+    assert!(
+        log.contains("grpc_addr=0.0.0.0:") && log.contains("http_addr=127.0.0.1:"),
+        "{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes when not a terminal: {log}"
+    );
+
+    // A .env line that does not parse stops the start, without showing the line.
+    std::fs::write(
+        dir.path().join(".env"),
+        "TB_RATE=3\nREDIS_URL redis://:s3cret@x\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(".env line 2"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
 #[tokio::test]
 async fn an_unparsable_redis_url_never_shows_its_password() {
     for url in [

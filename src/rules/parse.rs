@@ -61,8 +61,10 @@ struct DescriptorYaml {
 struct RateLimitYaml {
     #[serde(default)]
     unit: Option<String>,
+    /// Read as a number and checked by hand, so that `-5` or `1.5` get a message saying what is
+    /// expected rather than the parser's "invalid u32".
     #[serde(default)]
-    requests_per_unit: Option<u32>,
+    requests_per_unit: Option<Spanned<f64>>,
     #[serde(default)]
     unlimited: bool,
     #[serde(default)]
@@ -74,7 +76,7 @@ struct RateLimitYaml {
     burst: Option<f64>,
     /// tollgate: the window is this many units (`unit: minute, unit_multiplier: 5`).
     #[serde(default)]
-    unit_multiplier: Option<u32>,
+    unit_multiplier: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -145,6 +147,18 @@ pub(super) fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
     Ok(files)
 }
 
+/// A whole number from `min` to 2^32 - 1, as the format's u32 fields take.
+fn whole(field: &str, v: f64, min: u32) -> Result<u32, String> {
+    if v.fract() == 0.0 && v >= f64::from(min) && v <= f64::from(u32::MAX) {
+        Ok(v as u32)
+    } else {
+        Err(format!(
+            "{field} must be a whole number from {min} to {}, got {v}",
+            u32::MAX
+        ))
+    }
+}
+
 /// Parses one file's text (`file` only names it in errors).
 pub(super) fn parse_file(
     file: &Path,
@@ -152,6 +166,16 @@ pub(super) fn parse_file(
     first_id: usize,
 ) -> Result<(String, Level, Vec<Arc<Rule>>), RulesError> {
     let name = file.display().to_string();
+    // Comments alone are no rules file (the parser would only say "unexpected end of input").
+    if text
+        .lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#') || l == "---")
+    {
+        return Err(RulesError(format!(
+            "{name}: the file is empty: a rules file needs at least `domain: NAME`"
+        )));
+    }
     let parsed: FileYaml = serde_saphyr::from_str(text).map_err(|e| {
         let at = e
             .location()
@@ -304,11 +328,17 @@ impl Builder<'_> {
             })?;
             let rpu = rl
                 .requests_per_unit
+                .as_ref()
                 .ok_or_else(|| at("rate_limit needs requests_per_unit".into()))?;
-            let multiplier = rl.unit_multiplier.unwrap_or(1);
-            if multiplier == 0 {
-                return Err(at("unit_multiplier must be at least 1".into()));
-            }
+            // Errors point at the value's own line.
+            let at_value = |v: &Spanned<f64>, msg: String| {
+                RulesError(format!("{}:{}: {msg}", self.file, v.referenced.line()))
+            };
+            let rpu = whole("requests_per_unit", rpu.value, 0).map_err(|m| at_value(rpu, m))?;
+            let multiplier = match &rl.unit_multiplier {
+                Some(m) => whole("unit_multiplier", m.value, 1).map_err(|e| at_value(m, e))?,
+                None => 1,
+            };
             Limit::bucket(rpu, unit, multiplier, rl.burst).map_err(at)?
         };
         let name = rl.name.clone().filter(|n| !n.is_empty());

@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _ = dotenvy::dotenv();
+    if let Err(e) = tollgate::config::load_dotenv() {
+        eprintln!("tollgate-demo: {e}");
+        return ExitCode::from(2);
+    }
     let config = app::DemoConfig::parse();
     tollgate::telemetry::init_tracing(config.log.log_format);
     let listener = match tokio::net::TcpListener::bind(config.addr).await {
