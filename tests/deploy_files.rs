@@ -122,6 +122,18 @@ fn names_and_ports_agree() {
     let envoy = std::fs::read_to_string("deploy/envoy/envoy-compose.yaml").unwrap();
     assert!(envoy.contains(&format!("address: tollgate, port_value: {grpc_port}")));
     assert!(envoy.contains(&format!("address: demo, port_value: {demo_port}")));
+    // Every element of every command and entrypoint is a string: an unquoted "--x=A: b" is a YAML
+    // mapping, which docker compose refuses.
+    for (name, service) in s.as_object().unwrap() {
+        for field in ["command", "entrypoint"] {
+            for element in service[field].as_array().into_iter().flatten() {
+                assert!(
+                    element.is_string(),
+                    "{name:?} {field}: {element:?} is not a string (quote it)"
+                );
+            }
+        }
+    }
     let load = s["load"]["command"].as_array().unwrap();
     assert!(
         load.iter()

@@ -482,18 +482,37 @@ fn bad_usage_and_unreachable_target_exit_1() {
     );
     assert_eq!(code(&["--api", "http"]), Some(1), "http without url");
     assert_eq!(code(&["--duration", "0s"]), Some(1));
+    assert_eq!(
+        code(&["--bogus-flag"]),
+        Some(1),
+        "an unknown flag is bad usage"
+    );
+    assert_eq!(
+        code(&["--keys", "many"]),
+        Some(1),
+        "a bad value is bad usage"
+    );
+    assert_eq!(code(&["--help"]), Some(0));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    assert_eq!(
-        code(&[
+    let out = Command::new(bin)
+        .args([
             "--target",
             &format!("http://127.0.0.1:{port}"),
             "--duration",
-            "1s"
-        ]),
-        Some(1)
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unreachable"), "{stderr}");
+    assert_eq!(
+        stderr.matches("tcp connect error").count(),
+        1,
+        "each cause said once: {stderr}"
     );
 }

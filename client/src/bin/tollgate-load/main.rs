@@ -23,9 +23,35 @@ use clap::Parser;
 
 use crate::{cli::Cli, keys::KeyChooser, record::Bound, report::Summary, target::Target};
 
+/// An error and its causes, each said once: transport errors repeat their cause in their own
+/// message ("tcp connect error: tcp connect error: ...").
+fn chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        // A cause whose text is already in an outer message adds nothing.
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A bad flag is bad usage: exit 1, as documented (clap's own would be 2, "bound violated").
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     if let Err(e) = cli.validate() {
         eprintln!("tollgate-load: {e}");
         return ExitCode::from(1);
@@ -40,7 +66,7 @@ async fn main() -> ExitCode {
     let target = match Target::connect(&cli).await {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("tollgate-load: {e:#}");
+            eprintln!("tollgate-load: {}", chain(&e));
             return ExitCode::from(1);
         }
     };
