@@ -466,3 +466,39 @@ async fn the_access_log_names_the_rule_that_fired() {
     let shadow = line("/shadow");
     assert!(shadow.contains("rate_limited_by=- "), "{shadow}");
 }
+
+/// The demo behind Envoy with DEMO_LIMIT=false: limited once (by Envoy asking tollgate), so each
+/// answer carries one set of rate-limit headers, not two.
+#[tokio::test]
+async fn the_demo_behind_envoy_is_limited_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("edge.yaml");
+    std::fs::write(&rules_path, rules(3)).unwrap();
+    let tollgate = Tollgate::start(&["--rules", rules_path.to_str().unwrap()], &[]).await;
+    let demo = common::Demo::start(
+        &tollgate.grpc_url(),
+        &["--identity", "api-key", "--limit", "false"],
+    )
+    .await;
+    let envoy = Envoy::start(ENVOY_YAML, demo.port, tollgate.grpc_port).await;
+    let get = || {
+        let url = envoy.url("/api/items");
+        async move {
+            http_request(&url, &[("x-api-key", "frank")])
+                .await
+                .expect("envoy answers")
+        }
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let a = get().await;
+        let limits = a
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("x-ratelimit-limit"))
+            .count();
+        assert!(limits <= 1, "one set of headers: {a:?}");
+        statuses.push(a.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429], "Envoy's 3 per minute, once");
+}

@@ -11,6 +11,32 @@ use crate::proto::tollgate::v1::{
 
 /// What to answer when tollgate cannot: it is unreachable, overloaded or slower than the
 /// deadline. Never applied to a request tollgate refused ([`Error::Rejected`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate_client::{Client, Error, FailureMode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // Nothing listens on port 9 here: tollgate is unreachable.
+/// let open = Client::builder("http://127.0.0.1:9")
+///     .timeout(Duration::from_millis(200))
+///     .failure_mode(FailureMode::Allow)
+///     .build()
+///     .unwrap();
+/// let d = open.should_allow("user:42", 1).await.unwrap();
+/// assert!(d.allowed && d.degraded, "fail open, and say so");
+///
+/// let strict = Client::builder("http://127.0.0.1:9")
+///     .timeout(Duration::from_millis(200))
+///     .build()
+///     .unwrap();
+/// assert!(matches!(
+///     strict.should_allow("user:42", 1).await,
+///     Err(Error::Unavailable(_))
+/// ));
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FailureMode {
     /// Return [`Error::Unavailable`]: the caller decides.

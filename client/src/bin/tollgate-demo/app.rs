@@ -126,6 +126,12 @@ pub struct DemoConfig {
     )]
     pub near_limit_ratio: f64,
 
+    /// Ask tollgate before serving / and /api/items. false: serve them unlimited, for running
+    /// behind Envoy, which already asks tollgate (else each answer would be limited twice and
+    /// carry two sets of rate-limit headers).
+    #[arg(long, env = "DEMO_LIMIT", value_name = "DEMO_LIMIT", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub limit: bool,
+
     /// POST /api/generate: the token budget's size per identity (LLM tokens, say).
     #[arg(
         long,
@@ -213,10 +219,15 @@ pub async fn run(
         }
     });
 
-    let limited = Router::new()
+    let pages = Router::new()
         .route("/", get(index))
-        .route("/api/items", get(items))
-        .route_layer(limit);
+        .route("/api/items", get(items));
+    let limited = if config.limit {
+        pages.route_layer(limit)
+    } else {
+        tracing::info!("DEMO_LIMIT=false: / and /api/items are not limited by the demo itself");
+        pages
+    };
     let app =
         Router::new()
             .merge(limited)
