@@ -245,3 +245,28 @@ fn dashboard_promises() {
         );
     }
 }
+
+/// Every setting of `tollgate serve --help` is in the README's configuration table, by variable
+/// and by flag.
+#[test]
+fn the_readme_documents_every_setting() {
+    use clap::CommandFactory;
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let cmd = tollgate::config::Cli::command();
+    let serve = cmd.find_subcommand("serve").unwrap();
+    let mut missing = Vec::new();
+    for arg in serve.get_arguments() {
+        let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        let env = env.to_str().unwrap();
+        let row = readme.lines().find(|l| {
+            l.starts_with("| `") && l.split(" | ").next().unwrap().contains(&format!("`{env}`"))
+        });
+        match row {
+            Some(row) if row.contains(&format!("`--{long}`")) => {}
+            _ => missing.push(format!("{env} (--{long})")),
+        }
+    }
+    assert!(missing.is_empty(), "not in the README's table: {missing:?}");
+}

@@ -76,7 +76,8 @@ pub(super) fn answer(
                     d,
                     shadow,
                 );
-                if !d.allowed {
+                // A shadow rule's "no" denies nobody: not a denied key.
+                if !d.allowed && !shadow {
                     seen.activity
                         .denied(|| format!("{}: {}", req.domain, entries));
                 }
