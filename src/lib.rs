@@ -8,23 +8,29 @@
 //! - [`core`]: the domain. Bucket arithmetic (pure, time passed in), shapes, operations, decisions,
 //!   failure policy. Depends on nothing else in the crate.
 //! - [`backend`]: where buckets live. The [`backend::Backend`] trait, `memory.rs` (sharded maps)
-//!   and `redis/` (runs `lua/token_bucket.lua`; `connection.rs` hides single, cluster, sentinel).
-//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow and Envoy RLS v3 (proto <-> core
-//!   conversion and input checks) and the one place errors become `tonic::Status`.
+//!   and `redis/` (runs `lua/token_bucket.lua`: per-node lanes that batch concurrent decisions into
+//!   one script call, the topology of single, cluster and sentinel, a circuit breaker per node, the
+//!   local deny cache).
+//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow, ShouldAllowBatch and Settle, and
+//!   Envoy RLS v3 (plan, decide, answer, annotate), input checks, and the one place errors become
+//!   `tonic::Status`.
 //! - [`proto`]: code generated from `proto/` and the descriptor set served by reflection.
 //! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
 //!   and hot-reload.
-//! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, and
-//!   the timing wrapper that measures every backend call.
+//! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, the
+//!   timing wrapper that measures every backend call, the decision logs, and what the status page
+//!   shows (the last minutes second by second, the heaviest denied keys).
 //! - [`config`]: flags, environment and `.env`, validated at start; secrets redacted.
-//! - [`server`]: wires it all: listeners, the layer stack, health, reflection, `/metrics` and the
-//!   probes, graceful shutdown.
+//! - [`server`]: wires it all: listeners (TLS, mTLS), the layer stack (bounded work), health,
+//!   reflection, the HTTP port (`/metrics`, probes, the status page and `/debug/*`), graceful
+//!   shutdown.
 //! - `main.rs`: the thin `tollgate` binary: parse flags, bind, call [`server::run`].
 //!
 //! Everything that *calls* tollgate (the Rust client library with its tower layer, the
 //! `tollgate-load` and `tollgate-demo` binaries) lives in the `tollgate-client` crate, `client/`.
 //!
-//! Dependencies point inwards: `api`, `rules` and `telemetry` use `core` (and `backend`); `core`
+//! Dependencies point inwards: `api`, `rules` and `telemetry` use `core` (and `backend`; `api`
+//! and `telemetry` read `rules`); `core`
 //! and `backend` import no tonic, axum, clap or exporter (`backend` counts evictions through the
 //! `metrics` facade only).
 

@@ -302,35 +302,15 @@ async fn readiness_needs_several_failed_pings() {
 async fn the_real_cause_of_a_connection_failure_is_logged_once() {
     let redis = RedisServer::start_with(&["--requirepass", "right"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-    let (grpc, http) = (common::free_port(), common::free_port());
-    let mut child = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
-        .env("RUST_LOG", "warn")
-        .env(
-            "REDIS_URL",
-            format!("redis://:wrong@127.0.0.1:{}/0", redis.port),
-        )
-        .args(["--redis-timeout-ms", "100"])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http}")])
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{grpc}");
-    eventually(Duration::from_secs(15), "tollgate up", async || {
-        tollgate::proto::tollgate::v1::rate_limit_service_client::RateLimitServiceClient::connect(
-            url.clone(),
-        )
-        .await
-        .is_ok()
-    })
+    let log = dir.path().join("stderr.log");
+    let url = format!("redis://:wrong@127.0.0.1:{}/0", redis.port);
+    let t = Tollgate::start_logging(
+        &["--redis-timeout-ms", "100"],
+        &[("RUST_LOG", "warn"), ("REDIS_URL", url.as_str())],
+        Some(&log),
+    )
     .await;
-    let mut c =
-        tollgate::proto::tollgate::v1::rate_limit_service_client::RateLimitServiceClient::connect(
-            url,
-        )
-        .await
-        .unwrap();
+    let mut c = t.client().await;
     for _ in 0..10 {
         let err = should_allow(&mut c, ask("k", 0.0, 0.0, 1))
             .await
@@ -338,9 +318,8 @@ async fn the_real_cause_of_a_connection_failure_is_logged_once() {
         assert_eq!(err.code(), Code::Unavailable);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let stderr = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    drop(t);
+    let stderr = std::fs::read_to_string(&log).unwrap();
     let named: Vec<&str> = stderr
         .lines()
         .filter(|l| {
