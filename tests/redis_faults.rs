@@ -334,3 +334,47 @@ async fn the_real_cause_of_a_connection_failure_is_logged_once() {
         "{stderr}"
     );
 }
+
+/// An open circuit closes as soon as the health pings get answers again, not only when a call
+/// happens to probe: with no traffic at all after Redis comes back, the circuit is closed within
+/// a couple of ping periods (without this it would stay open until the next call).
+#[tokio::test]
+async fn the_circuit_closes_when_pings_answer_again() {
+    let mut redis = RedisServer::start().await;
+    let t = start(&redis, "allow").await;
+    let mut c = t.client().await;
+    assert!(
+        !should_allow(&mut c, ask("k", 0.0, 0.0, 1))
+            .await
+            .unwrap()
+            .degraded
+    );
+    let open = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("tollgate_backend_circuit_open{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v == "1")
+    };
+
+    redis.kill();
+    for _ in 0..10 {
+        let r = should_allow(&mut c, ask("k", 0.0, 0.0, 1)).await.unwrap();
+        assert!(r.degraded);
+    }
+    let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
+    assert_eq!(open(&metrics), Some(true), "{metrics}");
+
+    redis.restart().await;
+    let up = Instant::now();
+    eventually(Duration::from_secs(3), "the circuit to close", async || {
+        let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
+        open(&metrics) == Some(false)
+    })
+    .await;
+    let (_, status) = http_get(&t.http_url("/debug/status")).await.unwrap();
+    assert!(status.contains("\"open\":false"), "{status}");
+    assert!(up.elapsed() < Duration::from_secs(3));
+    let r = should_allow(&mut c, ask("k3", 0.0, 0.0, 1)).await.unwrap();
+    assert!(!r.degraded, "a real answer at once: {r:?}");
+}

@@ -201,14 +201,19 @@ impl Node {
             &result,
             Err(e) if matches!(e.kind, ErrorKind::Timeout | ErrorKind::Connection)
         );
-        if self.breaker.record(&permit, !node_fault) {
+        self.record(&permit, !node_fault);
+        result
+    }
+
+    /// Tells the breaker how a call went, and says so when that opened or closed it.
+    fn record(&self, permit: &Permit, ok: bool) {
+        if self.breaker.record(permit, ok) {
             if self.breaker.is_open() {
                 tracing::warn!(node = %self.addr, "circuit open: answering without waiting for this node");
             } else {
                 tracing::info!(node = %self.addr, "circuit closed: the node answers again");
             }
         }
-        result
     }
 
     /// PING, within REDIS_TIMEOUT_MS.
@@ -216,7 +221,7 @@ impl Node {
         let Some(mut conn) = self.conns.pick() else {
             return Err(not_connected(&self.addr));
         };
-        match tokio::time::timeout(
+        let answered = match tokio::time::timeout(
             self.timeout,
             redis::cmd("PING").query_async::<()>(&mut conn),
         )
@@ -224,7 +229,13 @@ impl Node {
         {
             Ok(r) => r.map_err(map_error),
             Err(_) => Err(timeout_error(self.timeout)),
+        };
+        // The health monitor pings every 500 ms: an answer proves the node is back, so an open
+        // circuit closes now rather than at its next probe (up to 4 s away).
+        if answered.is_ok() && self.breaker.is_open() {
+            self.record(&Permit::Probe, true);
         }
+        answered
     }
 }
 
