@@ -41,6 +41,9 @@ if ! cmp -s tests/python/requirements.txt "$VENV/.requirements" 2>/dev/null; the
   cp tests/python/requirements.txt "$VENV/.requirements"
 fi
 
+# One clean build, no incremental caches: they double target/ on a fresh machine's disk.
+export CARGO_INCREMENTAL=0
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
