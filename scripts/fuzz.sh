@@ -4,6 +4,7 @@
 #
 #   scripts/fuzz.sh 15      # the brief run CI makes
 #   scripts/fuzz.sh 1800    # a long run
+#   scripts/fuzz.sh 600 rules_parser should_allow_request   # only these targets
 #
 # Starts from the committed seeds (fuzz/seeds/TARGET) and the corpus grown by earlier runs
 # (fuzz/corpus/TARGET, git-ignored). Prints one line per target: executions, coverage (edges and
@@ -15,6 +16,7 @@
 set -euo pipefail
 
 seconds=${1:-300}
+shift $(($# > 0 ? 1 : 0))
 sanitizer=${FUZZ_SANITIZER:-address}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root/fuzz"
@@ -30,7 +32,9 @@ cargo fuzz build --sanitizer "$sanitizer" 2>&1 | grep -E '^(error|warning: unuse
 
 status=0
 printf '%-22s %12s %8s %8s %8s  %s\n' target executions cov ft corpus verdict
-for target in $(cargo fuzz list); do
+targets=("$@")
+((${#targets[@]})) || mapfile -t targets < <(cargo fuzz list)
+for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
     dirs=("corpus/$target")
     [[ -d "seeds/$target" ]] && dirs+=("seeds/$target")
