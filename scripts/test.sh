@@ -62,8 +62,9 @@ TOLLGATE_BIN="$PWD/target/debug/tollgate" TOLLGATE_LOAD_BIN="$PWD/target/debug/t
   "$VENV/bin/python" -m pytest -q tests/python
 
 log "soak, one minute (scripts/soak.sh runs ten): Redis hung, killed and restarted under load"
-# A third of the maximum: on CI's two shared cores the breaker's answers must not queue behind CPU.
-SOAK_PROFILE=dev scripts/soak.sh 60 --load-share 0.3
+# Half the open-loop maximum (a debug build, on CI's two shared cores): the breaker's answers must
+# not queue behind CPU.
+SOAK_PROFILE=dev scripts/soak.sh 60 --load-share 0.5
 
 log "fuzzing, briefly (scripts/fuzz.sh SECONDS runs longer)"
 FUZZ_SANITIZER=none scripts/fuzz.sh 15

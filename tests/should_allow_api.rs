@@ -139,6 +139,12 @@ async fn health_probes_and_metrics() {
         let (status, _) = http_get(&t.http_url(path)).await.unwrap();
         assert_eq!(status, 200, "{path}");
     }
+    // Before any decision: counters a dashboard alerts on exist at 0, not absent.
+    let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
+    for bucket in ["full", "partial"] {
+        let series = format!("tollgate_memory_evictions_total{{bucket=\"{bucket}\"}}");
+        assert_eq!(metric_value(&metrics, &series), Some(0.0), "{series}");
+    }
     let mut c = t.client().await;
     should_allow(&mut c, ask("m", 0.0, 0.0, 1)).await.unwrap();
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
