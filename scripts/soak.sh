@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The soak (see scripts/soak.py for what it does and checks): two replicas sharing Redis at 70% of
-# the measured maximum, Redis hung, killed and restarted every duration/5, the rules rewritten
+# the maximum measured open loop, Redis hung, killed and restarted every duration/5, the rules rewritten
 # every duration/10. Exit status 1 if a check fails.
 #
 #   scripts/soak.sh              # 10 minutes, release build
