@@ -6,17 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::envoy::{RateLimitServiceClient as EnvoyClient, descriptor, request};
-use common::{RedisServer, Tollgate, ask, http_get, should_allow};
+use common::{RedisServer, Tollgate, ask, http_get, metric, should_allow};
 use tollgate::proto::tollgate::v1::SettleRequest;
 use tonic::Code;
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 async fn metrics(t: &Tollgate) -> String {
     http_get(&t.http_url("/metrics")).await.unwrap().1

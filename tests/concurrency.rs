@@ -5,16 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, Tollgate, ask, http_get, should_allow};
-
-/// A sample's value in Prometheus text.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
+use common::{RedisServer, Tollgate, ask, http_get, metric, should_allow};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {

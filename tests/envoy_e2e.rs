@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Envoy, RedisServer, Tollgate, Upstream, eventually, http_request};
+use common::{Envoy, RedisServer, Tollgate, Upstream, eventually};
 
 const ENVOY_YAML: &str = include_str!("../deploy/envoy/envoy.yaml");
 const METERED_YAML: &str = include_str!("../deploy/envoy/envoy-metered.yaml");
@@ -120,14 +120,7 @@ async fn envoy_over_mtls_still_enforces_limits() {
     let tollgate = Tollgate::start(&args, &[]).await;
     let upstream = Upstream::start().await;
     let envoy = Envoy::start(&config, upstream.port, tollgate.grpc_port).await;
-    let get = |key: &'static str| {
-        let url = envoy.url("/api/items");
-        async move {
-            http_request(&url, &[("x-api-key", key)])
-                .await
-                .expect("envoy answers")
-        }
-    };
+    let get = |key| envoy.get_as("/api/items", ("x-api-key", key));
     assert_eq!(get("warm-up").await.status, 200);
     let statuses: Vec<u16> = {
         let mut v = Vec::new();
@@ -151,9 +144,7 @@ async fn envoy_over_mtls_still_enforces_limits() {
     let strict = Tollgate::start(&args, &[]).await;
     let envoy = Envoy::start(&config, upstream.port, strict.grpc_port).await;
     for _ in 0..4 {
-        let a = http_request(&envoy.url("/api/items"), &[("x-api-key", "bob")])
-            .await
-            .unwrap();
+        let a = envoy.get_as("/api/items", ("x-api-key", "bob")).await;
         assert_eq!(a.status, 200, "fail open: {a:?}");
     }
     let failed = envoy
@@ -185,14 +176,7 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
     )
     .await;
     let envoy = Envoy::start(METERED_YAML, upstream.port, tollgate.grpc_port).await;
-    let get = |user: &'static str| {
-        let url = envoy.url("/generate");
-        async move {
-            http_request(&url, &[("x-user", user)])
-                .await
-                .expect("envoy answers")
-        }
-    };
+    let get = |user| envoy.get_as("/generate", ("x-user", user));
     let mut rls = RateLimitServiceClient::connect(tollgate.grpc_url())
         .await
         .unwrap();
@@ -296,14 +280,7 @@ async fn envoy_limits_through_tollgate() {
     .await;
     let upstream = Upstream::start().await;
     let envoy = Envoy::start(ENVOY_YAML, upstream.port, tollgate.grpc_port).await;
-    let get = |key: &'static str| {
-        let url = envoy.url("/api/items");
-        async move {
-            http_request(&url, &[("x-api-key", key)])
-                .await
-                .expect("envoy answers")
-        }
-    };
+    let get = |key| envoy.get_as("/api/items", ("x-api-key", key));
 
     // Warm every connection (Envoy to tollgate, tollgate to Redis, the script) so that no call below
     // runs into the filter's timeout and fails open.
@@ -398,14 +375,7 @@ async fn the_access_log_names_the_rule_that_fired() {
     .await;
     let upstream = Upstream::start().await;
     let envoy = Envoy::start(ENVOY_YAML, upstream.port, tollgate.grpc_port).await;
-    let get = |path: &'static str, key: &'static str| {
-        let url = envoy.url(path);
-        async move {
-            http_request(&url, &[("x-api-key", key)])
-                .await
-                .expect("envoy answers")
-        }
-    };
+    let get = |path, key| envoy.get_as(path, ("x-api-key", key));
     assert_eq!(get("/warm-up", "warm-up").await.status, 200);
 
     let first = get("/ok-1", "erin").await;
@@ -481,17 +451,9 @@ async fn the_demo_behind_envoy_is_limited_once() {
     )
     .await;
     let envoy = Envoy::start(ENVOY_YAML, demo.port, tollgate.grpc_port).await;
-    let get = || {
-        let url = envoy.url("/api/items");
-        async move {
-            http_request(&url, &[("x-api-key", "frank")])
-                .await
-                .expect("envoy answers")
-        }
-    };
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let a = get().await;
+        let a = envoy.get_as("/api/items", ("x-api-key", "frank")).await;
         let limits = a
             .headers
             .iter()

@@ -350,11 +350,7 @@ async fn the_circuit_closes_when_pings_answer_again() {
             .degraded
     );
     let open = |metrics: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("tollgate_backend_circuit_open{"))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(|v| v == "1")
+        common::metric_value(metrics, "tollgate_backend_circuit_open{").map(|v| v == 1.0)
     };
 
     redis.kill();

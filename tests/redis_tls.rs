@@ -15,37 +15,58 @@ fn certificates(dir: &Path) -> common::pki::Ca {
     ca
 }
 
+/// A redis-server on its TLS port only (certificates from [`certificates`] in `dir`), asking for
+/// client certificates when `auth_clients`; killed when dropped.
+struct TlsRedis(std::process::Child);
+
+impl TlsRedis {
+    fn start(dir: &Path, port: u16, auth_clients: bool, extra: &[&str]) -> Self {
+        let d = |f: &str| dir.join(f).display().to_string();
+        let auth = if auth_clients { "yes" } else { "no" };
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                &d("server.pem"),
+                "--tls-key-file",
+                &d("server.key"),
+            ])
+            .args([
+                "--tls-ca-cert-file",
+                &d("ca.pem"),
+                "--tls-auth-clients",
+                auth,
+            ])
+            .args(extra)
+            .args(["--save", "", "--appendonly", "no", "--dir", &d("")])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_REDIS));
+        Self(child)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test]
 async fn rediss_with_a_trusted_ca_and_refused_without() {
     let dir = tempfile::tempdir().unwrap();
     certificates(dir.path());
     let port = free_port();
     let d = |f: &str| dir.path().join(f).display().to_string();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args([
-            "--tls-cert-file",
-            &d("server.pem"),
-            "--tls-key-file",
-            &d("server.key"),
-        ])
-        .args([
-            "--tls-ca-cert-file",
-            &d("ca.pem"),
-            "--tls-auth-clients",
-            "no",
-        ])
-        .args(["--save", "", "--appendonly", "no", "--dir", &d("")])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_REDIS));
+    let _redis = TlsRedis::start(dir.path(), port, false, &[]);
     let url = format!("rediss://localhost:{port}/0");
 
     let trusted = Tollgate::start(
@@ -82,8 +103,6 @@ async fn rediss_with_a_trusted_ca_and_refused_without() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let _ = redis.kill();
-    let _ = redis.wait();
 }
 
 /// A TLS-only redis-server that requires client certificates (`--tls-auth-clients yes`), reached
@@ -96,32 +115,7 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
     let (client_cert, client_key) = ca.issue("tollgate", &["DNS:tollgate"], "clientAuth");
     let port = free_port();
     let d = |f: &str| dir.path().join(f).display().to_string();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args([
-            "--tls-cert-file",
-            &d("server.pem"),
-            "--tls-key-file",
-            &d("server.key"),
-        ])
-        .args([
-            "--tls-ca-cert-file",
-            &d("ca.pem"),
-            "--tls-auth-clients",
-            "yes",
-        ])
-        .args(["--requirepass", "s3cret"])
-        .args(["--save", "", "--appendonly", "no", "--dir", &d("")])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_REDIS));
+    let _redis = TlsRedis::start(dir.path(), port, true, &["--requirepass", "s3cret"]);
     let url = format!("rediss://:s3cret@localhost:{port}/0");
     let with_cert = Tollgate::start(
         &[
@@ -169,6 +163,4 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let _ = redis.kill();
-    let _ = redis.wait();
 }

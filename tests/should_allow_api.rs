@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{SERVING, Tollgate, ask, health, http_get, should_allow};
+use common::{SERVING, Tollgate, ask, health, http_get, metric_value, should_allow};
 use tonic::Code;
 
 #[tokio::test]
@@ -390,11 +390,4 @@ fn secrets_never_appear_in_help() {
         "{help}"
     );
     assert!(!help.contains("hunter2"), "{help}");
-}
-
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }

@@ -477,6 +477,20 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     http_request(url, &[]).await.map(|a| (a.status, a.body))
 }
 
+/// A sample's value in Prometheus text: the first line starting with `series` (a metric name
+/// with its labels, or a prefix of them).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A counter's value, 0 when the series is not there yet.
+pub fn metric(text: &str, series: &str) -> f64 {
+    metric_value(text, series).unwrap_or(0.0)
+}
+
 /// A ShouldAllow request for `key` with the given shape (0 = server default) and cost.
 pub fn ask(key: &str, capacity: f64, rate: f64, cost: u32) -> ShouldAllowRequest {
     ShouldAllowRequest {
@@ -633,6 +647,13 @@ impl Envoy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.listen_port)
+    }
+
+    /// GET `path` through Envoy with one request header (the identity the rules key on).
+    pub async fn get_as(&self, path: &str, header: (&str, &str)) -> HttpAnswer {
+        http_request(&self.url(path), &[header])
+            .await
+            .expect("envoy answers")
     }
 
     /// One counter or gauge from Envoy's admin stats.
