@@ -85,7 +85,7 @@ def rss_kib(pid):
 
 
 class Redis:
-    """One redis-server in the work directory, with an append-only file fsynced on every write."""
+    """One redis-server with an append-only file fsynced on every write, its data in `work`."""
 
     def __init__(self, work):
         self.work = work
@@ -223,7 +223,13 @@ def main():
     tollgate_bin, load_bin = (os.path.join(bindir, b) for b in ("tollgate", "tollgate-load"))
 
     work = tempfile.mkdtemp(prefix="tollgate-soak-")
-    redis = Redis(work)
+    # Redis's data on tmpfs where there is one: an fsync there survives a SIGKILL of Redis just as
+    # well, and never stalls for a busy disk (a stall past REDIS_TIMEOUT_MS on a shared CI disk is
+    # an error outside the outages that says nothing about tollgate).
+    shm = "/dev/shm"
+    redis_dir = tempfile.mkdtemp(prefix="tollgate-soak-redis-",
+                                 dir=shm if os.access(shm, os.W_OK) else None)
+    redis = Redis(redis_dir)
     replicas = []
     loads = []
     try:
@@ -237,6 +243,9 @@ def main():
             "FAILURE_MODE": "error",
             "RULES": rules,
             "RUST_LOG": "warn",
+            # One JSON object per line, with a timestamp: a failed check prints the lines of the
+            # seconds it failed in.
+            "LOG_FORMAT": "json",
         }
         replicas = [Tollgate(n, tollgate_bin, work, env) for n in ("a", "b")]
         targets = [r.target() for r in replicas]
@@ -273,6 +282,9 @@ def main():
               f"rules rewrite every {reload_every:.0f} s", flush=True)
 
         t0 = time.monotonic()
+        # The clients' timelines start at their own second 0 (`started_unix_s`, wall clock): this
+        # lines them up with the outages, which are in seconds since t0.
+        t0_unix = time.time()
         for api, r in rps.items():
             out = os.path.join(work, f"soak-{api}.json")
             loads.append((api, out, subprocess.Popen(
@@ -337,43 +349,50 @@ def main():
             r.stop()
         redis.stop()
 
+    for r in results.values():
+        r["offset_s"] = r["started_unix_s"] - t0_unix
     report = analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive)
     report["maximum_per_s"] = round(sum(rates.values()))
     report["closed_loop_maximum_per_s"] = round(sum(closed.values()))
     report["load_per_s"] = sum(rps.values())
     print_report(report)
+    if not report["passed"]:
+        print_diagnosis(report, work, redis_dir, t0_unix)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(redis_dir, ignore_errors=True)
     sys.exit(0 if report["passed"] else 1)
 
 
 def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive):
-    def in_window(second):
-        # Second s covers [s, s+1) of the client's clock, which starts a little after t0.
-        return any(hang - 1 <= second + 1 and second <= up + RECOVERY_GRACE_S for hang, _, up in outages)
+    # Times below are soak seconds (since t0); a client's second s covers [t, t+1) with
+    # t = s + its offset (it starts a little after t0, more on a busy machine).
+    def in_window(t):
+        return any(hang - 1 <= t + 1 and t <= up + RECOVERY_GRACE_S for hang, _, up in outages)
 
-    def inside(second, start, end):
-        return start <= second and second + 1 <= end
+    def inside(t, start, end):
+        return start <= t and t + 1 <= end
 
-    report = {"duration_s": a.duration, "outages": len(outages), "rules_rewrites": reloads, "apis": {}}
+    report = {"duration_s": a.duration, "outages": len(outages),
+              "outages_at": [[round(x, 1) for x in o] for o in outages], "rules_rewrites": reloads, "apis": {}}
     passed = True
     for api, r in results.items():
-        timeline = r["timeline"]
-        errors_outside = sum(s["errors"] for s in timeline if not in_window(s["second"]))
-        errors_inside = sum(s["errors"] for s in timeline if in_window(s["second"]))
+        timeline = [dict(s, t=s["second"] + r["offset_s"]) for s in r["timeline"]]
+        errors_outside = sum(s["errors"] for s in timeline if not in_window(s["t"]))
+        errors_inside = sum(s["errors"] for s in timeline if in_window(s["t"]))
         # While hung: from a second after the hang (the breaker has opened) to the kill. Hang and
         # down last at least 3 s (the soak is at least a minute), so each outage gives a whole
         # second of each.
         hung = [s["p99_ms"] for s in timeline
-                if any(inside(s["second"], h + 1, k) for h, k, _ in outages)]
+                if any(inside(s["t"], h + 1, k) for h, k, _ in outages)]
         down = [s["p99_ms"] for s in timeline
-                if any(inside(s["second"], k + 0.5, u) for _, k, u in outages)]
+                if any(inside(s["t"], k + 0.5, u) for _, k, u in outages)]
         recovery = []
         for _, _, up in outages:
-            after = [s for s in timeline if s["second"] >= up]
-            clean = next((s["second"] for s in after if s["errors"] == 0), None)
+            after = [s for s in timeline if s["t"] >= up]
+            clean = next((s["t"] for s in after if s["errors"] == 0), None)
             recovery.append(None if clean is None else round(max(0.0, clean + 1 - up), 1))
         entry = {
             "requests": r["requests"],
@@ -381,13 +400,17 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
             "denied": r["denied"],
             "errors_outside_outages": errors_outside,
             "errors_during_outages": errors_inside,
+            # [soak second, errors]: what a failed check looks at first.
+            "error_seconds_outside_outages": [[round(s["t"], 1), s["errors"]] for s in timeline
+                                              if s["errors"] and not in_window(s["t"])],
+            "client_offset_s": round(r["offset_s"], 3),
             "bound_violations": r["bound"]["violations"],
             "buckets_checked": r["bound"]["buckets"],
             "p99_ms_overall": r["latency_ms"]["p99"],
             "p99_ms_while_hung_max": max(hung) if hung else None,
             "p99_ms_while_down_max": max(down) if down else None,
-            # Per second: [second, answered, errors, p99 ms], to see where time went.
-            "timeline": [[t["second"], t["allowed"] + t["denied"], t["errors"], t["p99_ms"]]
+            # Per second: [soak second, answered, errors, p99 ms], to see where time went.
+            "timeline": [[round(t["t"], 1), t["allowed"] + t["denied"], t["errors"], t["p99_ms"]]
                          for t in timeline],
             "client_summary": r.get("summary_text", ""),
             "seconds_to_first_clean_second_after_restart": recovery,
@@ -417,6 +440,49 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
     }
     report["passed"] = all(report["checks"].values())
     return report
+
+
+def print_diagnosis(r, work, redis_dir, t0_unix):
+    """For a failed check: the outages, where the stray errors were, the clients' summaries (they
+    name the errors' causes) and the replicas' log lines of those seconds."""
+    print(f"soak: outages (hang, kill, up, in soak seconds): {r['outages_at']}")
+    stray = set()
+    for api, e in r["apis"].items():
+        print(f"soak: {api}: client second 0 at soak {e['client_offset_s']:+.3f} s; "
+              f"errors outside outages at (soak second, count) {e['error_seconds_outside_outages']}")
+        print("  " + e["client_summary"].strip().replace("\n", "\n  "))
+        stray.update(int(t) for t, _ in e["error_seconds_outside_outages"])
+    for name in ("a", "b"):
+        shown = 0
+        with open(os.path.join(work, f"tollgate-{name}.log")) as f:
+            for line in f:
+                try:
+                    at = json.loads(line)["timestamp"]
+                except (ValueError, KeyError):
+                    continue
+                t = parse_rfc3339(at) - t0_unix
+                if any(s - 1 <= t <= s + 2 for s in stray) and shown < 40:
+                    print(f"  tollgate-{name} {t:6.1f} s: {line.strip()}")
+                    shown += 1
+    redis_log = os.path.join(redis_dir, "redis.log")
+    if os.path.exists(redis_log):
+        with open(redis_log) as f:
+            for line in f:
+                # "pid:role 01 Dec 2026 14:40:53.199 # message", local time.
+                try:
+                    stamp, ms = " ".join(line.split()[1:5]).split(".")
+                    at = time.mktime(time.strptime(stamp, "%d %b %Y %H:%M:%S")) + int(ms) / 1000
+                except ValueError:
+                    continue
+                t = at - t0_unix
+                if any(s - 2 <= t <= s + 2 for s in stray):
+                    print(f"  redis {t:6.1f} s: {line.strip()}")
+
+
+def parse_rfc3339(text):
+    """Seconds since the epoch of tracing's UTC timestamp, e.g. 2026-12-01T10:00:00.123456Z."""
+    from datetime import datetime
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def print_report(r):

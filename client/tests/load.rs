@@ -81,6 +81,13 @@ async fn closed_loop_counts_add_up_and_bound_holds() {
     let t = tollgate(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("plot.svg");
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let before = unix_now();
     let run = load(&[
         "--target",
         &t.grpc,
@@ -99,10 +106,12 @@ async fn closed_loop_counts_add_up_and_bound_holds() {
         plot.to_str().unwrap(),
     ])
     .await;
+    let after = unix_now();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     let j = &run.json;
     for field in [
         "api",
+        "started_unix_s",
         "duration_s",
         "requests",
         "allowed",
@@ -122,6 +131,13 @@ async fn closed_loop_counts_add_up_and_bound_holds() {
         );
     }
     assert_eq!(j["api"], "should-allow");
+    // The timeline's second 0 by the wall clock: after the process started, two seconds before
+    // it ended at the latest.
+    let started = j["started_unix_s"].as_f64().unwrap();
+    assert!(
+        before < started && started <= after - 2.0,
+        "{before} {started} {after}"
+    );
     let (requests, allowed, denied, errors) = (
         n(&j["requests"]),
         n(&j["allowed"]),

@@ -7,7 +7,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -52,8 +52,16 @@ impl Shared {
     }
 }
 
-/// Runs the load and returns what it saw and how long it took (until the last answer).
-pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> (Recorder, Duration) {
+/// What a run saw, how long it took (until the last answer), and when it started by the wall
+/// clock: the timeline's second 0, for tools that line it up with their own events (the soak).
+pub struct Run {
+    pub recorded: Recorder,
+    pub elapsed: Duration,
+    pub started: SystemTime,
+}
+
+/// Runs the load.
+pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> Run {
     let slots = target.slots();
     let shared = Arc::new(Shared {
         target,
@@ -67,6 +75,7 @@ pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> (Recorder, Dura
         denied: AtomicU64::new(0),
         errors: AtomicU64::new(0),
     });
+    let started = SystemTime::now();
     let deadline = shared.start + cli.duration;
     let progress = progress_bar(cli, shared.clone());
 
@@ -139,7 +148,11 @@ pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> (Recorder, Dura
         let part = std::mem::replace(&mut *r.lock(), Recorder::new(slots, false, 0.0));
         total.merge(part);
     }
-    (total, elapsed)
+    Run {
+        recorded: total,
+        elapsed,
+        started,
+    }
 }
 
 /// How many capacities of debt the bound allows: a settled cost may exceed what was left, down

@@ -71,13 +71,17 @@ async fn main() -> ExitCode {
         }
     };
 
-    let (mut recorded, elapsed) = driver::run(&cli, target, keys).await;
+    let driver::Run {
+        mut recorded,
+        elapsed,
+        started,
+    } = driver::run(&cli, target, keys).await;
     let bound = if cli.check_bound {
         recorded.check_bound()
     } else {
         Bound::default()
     };
-    let summary = Summary::new(&cli, &recorded, elapsed, &bound);
+    let summary = Summary::new(&cli, &recorded, elapsed, started, &bound);
     print!("{}", summary.text(&cli, &bound));
 
     if let Some(path) = &cli.json {

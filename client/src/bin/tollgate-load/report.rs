@@ -1,6 +1,6 @@
 //! The summary printed after a run, and the JSON file of SPEC section 7.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -12,6 +12,8 @@ use crate::{
 #[derive(Serialize)]
 pub struct Summary {
     pub api: String,
+    /// When the run started (the timeline's second 0), in seconds since the Unix epoch.
+    pub started_unix_s: f64,
     pub duration_s: f64,
     pub requests: u64,
     pub allowed: u64,
@@ -63,7 +65,13 @@ fn ms(us: u64) -> f64 {
 }
 
 impl Summary {
-    pub fn new(cli: &Cli, rec: &Recorder, elapsed: Duration, bound: &Bound) -> Self {
+    pub fn new(
+        cli: &Cli,
+        rec: &Recorder,
+        elapsed: Duration,
+        started: SystemTime,
+        bound: &Bound,
+    ) -> Self {
         let h = &rec.latency;
         let q = |p: f64| {
             if h.is_empty() {
@@ -74,6 +82,9 @@ impl Summary {
         };
         Summary {
             api: cli.api.as_str().to_string(),
+            started_unix_s: started
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
             duration_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             requests: rec.requests,
             allowed: rec.allowed,
