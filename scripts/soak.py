@@ -15,7 +15,7 @@ Reported, and checked (exit status 1 if any check fails):
 - bound violations (allowed more than capacity + rate x elapsed on any bucket): 0;
 - RSS of each replica at the start and the end of the soak: growth under 10%;
 - answer latency while Redis is hung and while it is down: p99 per second, bounded by the circuit
-  breaker (well under REDIS_TIMEOUT_MS), not by the timeout;
+  breaker (under half of REDIS_TIMEOUT_MS in every such second), not by the timeout;
 - every rules rewrite reloaded by both replicas, no reload error; both replicas alive and ready.
 """
 
@@ -33,8 +33,10 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Long enough that waiting it out would show: answers while Redis is away must come from the
-# breaker, far below it.
-REDIS_TIMEOUT_MS = 100
+# breaker, far below it. Far, too, above this noisy machine's own hiccups: a second's p99 reaches
+# 25-55 ms now and then with no fault at all (dev build, two cores shared by two replicas and two
+# load clients), and a Redis that stalls past the timeout outside an outage is an error.
+REDIS_TIMEOUT_MS = 250
 # After Redis is back: the breaker's longest cooldown (4 s) and a reconnect.
 RECOVERY_GRACE_S = 6.0
 # Few enough keys that many requests are denied: the bound is checked where it binds.
@@ -377,7 +379,7 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
 
     report = {"duration_s": a.duration, "outages": len(outages),
               "outages_at": [[round(x, 1) for x in o] for o in outages], "rules_rewrites": reloads, "apis": {}}
-    passed = True
+    passed = away_fast = True
     for api, r in results.items():
         timeline = [dict(s, t=s["second"] + r["offset_s"]) for s in r["timeline"]]
         errors_outside = sum(s["errors"] for s in timeline if not in_window(s["t"]))
@@ -406,7 +408,10 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
             "client_offset_s": round(r["offset_s"], 3),
             "bound_violations": r["bound"]["violations"],
             "buckets_checked": r["bound"]["buckets"],
+            # Overall, the calls in flight when Redis hangs (they wait the timeout) weigh in.
             "p99_ms_overall": r["latency_ms"]["p99"],
+            "p99_ms_outside_outages_max": max((s["p99_ms"] for s in timeline if not in_window(s["t"])),
+                                              default=None),
             "p99_ms_while_hung_max": max(hung) if hung else None,
             "p99_ms_while_down_max": max(down) if down else None,
             # Per second: [soak second, answered, errors, p99 ms], to see where time went.
@@ -415,12 +420,13 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
             "client_summary": r.get("summary_text", ""),
             "seconds_to_first_clean_second_after_restart": recovery,
         }
-        ok = (errors_outside == 0 and entry["bound_violations"] == 0 and r["bound"]["checked"]
-              # No second measured while Redis was away is a failure, not a pass.
-              and bool(hung) and bool(down)
-              and all(v < REDIS_TIMEOUT_MS / 2 for v in hung + down))
-        entry["passed"] = ok
+        ok = errors_outside == 0 and entry["bound_violations"] == 0 and r["bound"]["checked"]
+        # Calls that waited out the timeout would put a second's p99 at REDIS_TIMEOUT_MS or more.
+        # No second measured while Redis was away is a failure, not a pass.
+        fast = bool(hung) and bool(down) and all(v < REDIS_TIMEOUT_MS / 2 for v in hung + down)
+        entry["passed"] = ok and fast
         passed &= ok
+        away_fast &= fast
         report["apis"][api] = entry
     report["rss_kib"] = {n: {"start": rss_start[n], "end": rss_end[n],
                              "growth_pct": round(100 * (rss_end[n] - rss_start[n]) / rss_start[n], 1)}
@@ -433,6 +439,7 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
     report["replicas_alive_and_ready"] = alive
     report["checks"] = {
         "errors_outside_outages_and_bounds": passed,
+        "answers_while_redis_away_from_the_breaker": away_fast,
         "rss_growth_under_10pct": rss_ok,
         "every_rewrite_reloaded": reload_ok_all,
         "replicas_alive_and_ready": all(alive.values()),
@@ -443,15 +450,20 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
 
 
 def print_diagnosis(r, work, redis_dir, t0_unix):
-    """For a failed check: the outages, where the stray errors were, the clients' summaries (they
-    name the errors' causes) and the replicas' log lines of those seconds."""
+    """For a failed check: the outages, where the stray errors and the slow seconds were, the
+    clients' summaries (they name the errors' causes) and the replicas' log lines of those
+    seconds."""
     print(f"soak: outages (hang, kill, up, in soak seconds): {r['outages_at']}")
     stray = set()
     for api, e in r["apis"].items():
         print(f"soak: {api}: client second 0 at soak {e['client_offset_s']:+.3f} s; "
               f"errors outside outages at (soak second, count) {e['error_seconds_outside_outages']}")
+        # Slow: a p99 a quarter of the timeout or more (the seconds of a hang itself are slow by
+        # design: calls in flight wait the timeout before the breaker opens).
+        slow = [[t, p99] for t, _, _, p99 in e["timeline"] if p99 >= REDIS_TIMEOUT_MS / 4]
+        print(f"  slow seconds (soak second, p99 ms): {slow}")
         print("  " + e["client_summary"].strip().replace("\n", "\n  "))
-        stray.update(int(t) for t, _ in e["error_seconds_outside_outages"])
+        stray.update(int(t) for t, _ in e["error_seconds_outside_outages"] + slow)
     for name in ("a", "b"):
         shown = 0
         with open(os.path.join(work, f"tollgate-{name}.log")) as f:
@@ -494,7 +506,8 @@ def print_report(r):
         print(f"  {api:12} {e['requests']} requests ({e['allowed']} allowed, {e['denied']} denied), "
               f"errors outside outages {e['errors_outside_outages']}, during {e['errors_during_outages']}, "
               f"bound violations {e['bound_violations']} of {e['buckets_checked']} buckets")
-        print(f"  {'':12} p99 {e['p99_ms_overall']} ms overall; while Redis hung {e['p99_ms_while_hung_max']} ms, "
+        print(f"  {'':12} p99 {e['p99_ms_overall']} ms overall, {e['p99_ms_outside_outages_max']} ms outside "
+              f"outages; while Redis hung {e['p99_ms_while_hung_max']} ms, "
               f"down {e['p99_ms_while_down_max']} ms (max per-second p99; REDIS_TIMEOUT_MS={REDIS_TIMEOUT_MS}); "
               f"clean again after {e['seconds_to_first_clean_second_after_restart']} s")
     for n, v in r["rss_kib"].items():
