@@ -42,10 +42,15 @@ RECOVERY_GRACE_S = 6.0
 # Few enough keys that many requests are denied: the bound is checked where it binds.
 KEYS = 50
 # The open-loop maximum: probes of PROBE_S seconds at these shares of the closed-loop rate, the
-# first with no error and a p99 under PROBE_P99_MS wins.
+# first with no error and a p99 under probe_p99_ms(profile) wins. At a rate the machine
+# sustains, a release build's p99 is 11-16 ms and a debug build's 20-45 ms; a release probe at
+# 40 ms was already queueing, and 70% of it collapsed within a minute of the soak.
 PROBE_SHARES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 PROBE_S = 4
-PROBE_P99_MS = 50.0
+
+
+def probe_p99_ms(profile):
+    return 20.0 if profile == "release" else 50.0
 
 
 def free_port():
@@ -257,7 +262,7 @@ def main():
         # far more CPU than closed-loop ones for the same rate, and at 70% of the closed-loop
         # figure the machine is already saturated: queues grow to seconds without any fault.
         # So: the closed-loop figure, then open-loop probes down from it until one is sustained
-        # (no error, p99 under PROBE_P99_MS), which is the maximum the soak takes a share of.
+        # (no error, p99 under probe_p99_ms), which is the maximum the soak takes a share of.
         calib = max(3, min(10, a.duration / 20))
         print(f"soak: measuring the closed-loop maximum for {calib:.0f} s", flush=True)
         closed = {api: j["rate"] for api, j in run_both(
@@ -269,7 +274,7 @@ def main():
             reports = run_both(load_bin, targets, rules, work, PROBE_S,
                                {api: ["--rps", str(r)] for api, r in trial.items()})
             worst = max(j["latency_ms"]["p99"] for j in reports.values())
-            ok = worst < PROBE_P99_MS and all(j["errors"] == 0 for j in reports.values())
+            ok = worst < probe_p99_ms(a.profile) and all(j["errors"] == 0 for j in reports.values())
             print(f"soak: open loop at {sum(trial.values())}/s ({share:.0%} of closed loop): "
                   f"{'sustained' if ok else 'not sustained'}, p99 {worst:.1f} ms", flush=True)
             if ok:
