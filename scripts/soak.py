@@ -356,9 +356,7 @@ def main():
             r.stop()
         redis.stop()
 
-    for r in results.values():
-        r["offset_s"] = r["started_unix_s"] - t0_unix
-    report = analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive)
+    report = analyse(results, t0_unix, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive)
     report["maximum_per_s"] = round(sum(rates.values()))
     report["closed_loop_maximum_per_s"] = round(sum(closed.values()))
     report["load_per_s"] = sum(rps.values())
@@ -373,7 +371,7 @@ def main():
     sys.exit(0 if report["passed"] else 1)
 
 
-def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive):
+def analyse(results, t0_unix, outages, a, reloads, rss_start, rss_end, reload_ok, reload_err, alive):
     # Times below are soak seconds (since t0); a client's second s covers [t, t+1) with
     # t = s + its offset (it starts a little after t0, more on a busy machine).
     def in_window(t):
@@ -386,9 +384,13 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
               "outages_at": [[round(x, 1) for x in o] for o in outages], "rules_rewrites": reloads, "apis": {}}
     passed = away_fast = True
     for api, r in results.items():
-        timeline = [dict(s, t=s["second"] + r["offset_s"]) for s in r["timeline"]]
-        errors_outside = sum(s["errors"] for s in timeline if not in_window(s["t"]))
-        errors_inside = sum(s["errors"] for s in timeline if in_window(s["t"]))
+        offset = r["started_unix_s"] - t0_unix
+        timeline = [dict(s, t=s["second"] + offset) for s in r["timeline"]]
+        # [soak second, errors]: what a failed check looks at first.
+        stray = [[round(s["t"], 1), s["errors"]] for s in timeline
+                 if s["errors"] and not in_window(s["t"])]
+        errors_outside = sum(n for _, n in stray)
+        errors_inside = sum(s["errors"] for s in timeline) - errors_outside
         # While hung: from a second after the hang (the breaker has opened) to the kill. Hang and
         # down last at least 3 s (the soak is at least a minute), so each outage gives a whole
         # second of each.
@@ -407,10 +409,8 @@ def analyse(results, outages, a, reloads, rss_start, rss_end, reload_ok, reload_
             "denied": r["denied"],
             "errors_outside_outages": errors_outside,
             "errors_during_outages": errors_inside,
-            # [soak second, errors]: what a failed check looks at first.
-            "error_seconds_outside_outages": [[round(s["t"], 1), s["errors"]] for s in timeline
-                                              if s["errors"] and not in_window(s["t"])],
-            "client_offset_s": round(r["offset_s"], 3),
+            "error_seconds_outside_outages": stray,
+            "client_offset_s": round(offset, 3),
             "bound_violations": r["bound"]["violations"],
             "buckets_checked": r["bound"]["buckets"],
             # Overall, the calls in flight when Redis hangs (they wait the timeout) weigh in.

@@ -71,17 +71,13 @@ async fn main() -> ExitCode {
         }
     };
 
-    let driver::Run {
-        mut recorded,
-        elapsed,
-        started,
-    } = driver::run(&cli, target, keys).await;
+    let mut run = driver::run(&cli, target, keys).await;
     let bound = if cli.check_bound {
-        recorded.check_bound()
+        run.recorded.check_bound()
     } else {
         Bound::default()
     };
-    let summary = Summary::new(&cli, &recorded, elapsed, started, &bound);
+    let summary = Summary::new(&cli, &run, &bound);
     print!("{}", summary.text(&cli, &bound));
 
     if let Some(path) = &cli.json {

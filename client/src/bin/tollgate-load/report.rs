@@ -1,12 +1,13 @@
 //! The summary printed after a run, and the JSON file of SPEC section 7.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::{
     cli::Cli,
-    record::{Bound, Recorder, SlotCounts},
+    driver::Run,
+    record::{Bound, SlotCounts},
 };
 
 #[derive(Serialize)]
@@ -65,13 +66,8 @@ fn ms(us: u64) -> f64 {
 }
 
 impl Summary {
-    pub fn new(
-        cli: &Cli,
-        rec: &Recorder,
-        elapsed: Duration,
-        started: SystemTime,
-        bound: &Bound,
-    ) -> Self {
+    pub fn new(cli: &Cli, run: &Run, bound: &Bound) -> Self {
+        let (rec, elapsed) = (&run.recorded, run.elapsed);
         let h = &rec.latency;
         let q = |p: f64| {
             if h.is_empty() {
@@ -82,7 +78,8 @@ impl Summary {
         };
         Summary {
             api: cli.api.as_str().to_string(),
-            started_unix_s: started
+            started_unix_s: run
+                .started
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
             duration_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
