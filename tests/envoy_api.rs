@@ -309,9 +309,9 @@ async fn without_rules_everything_is_ok() {
 async fn redis_backend_and_its_failure() {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
-    let (strict, _d1) = start(&["--redis-timeout-ms", "50"], &[("REDIS_URL", &url)]).await;
+    let (strict, _d1) = start(&["--redis-timeout-ms", "500"], &[("REDIS_URL", &url)]).await;
     let (open, _d2) = start(
-        &["--redis-timeout-ms", "50", "--failure-mode", "allow"],
+        &["--redis-timeout-ms", "500", "--failure-mode", "allow"],
         &[("REDIS_URL", &url)],
     )
     .await;

@@ -268,12 +268,14 @@ async fn envoy_limits_through_tollgate() {
     let dir = tempfile::tempdir().unwrap();
     let rules_path = dir.path().join("edge.yaml");
     std::fs::write(&rules_path, rules(5)).unwrap();
+    // Under the filter's 0.1 s timeout (deploy/envoy/envoy.yaml), so tollgate decides first, with
+    // room for a slow Redis round trip on a busy machine.
     let mut tollgate = Tollgate::start(
         &[
             "--rules",
             rules_path.to_str().unwrap(),
             "--redis-timeout-ms",
-            "50",
+            "90",
         ],
         &[("REDIS_URL", &redis.url())],
     )

@@ -281,6 +281,16 @@ impl Tollgate {
         let grpc_port = free_port();
         let http_port = free_port();
         let mut cmd = our_binary(env!("CARGO_BIN_EXE_tollgate"));
+        // The product's REDIS_TIMEOUT_MS (15 ms) is sized to answer before Envoy's 20 ms RLS
+        // timeout on a production machine; the tests run debug builds, many at once, on two
+        // cores, where a Redis round trip (or the first script load) can take longer than that
+        // now and then, and a test about rules or counts would fail on a timeout it is not about.
+        // A test about timeouts sets its own (flag or variable), which this leaves alone.
+        let sets_timeout = env.iter().any(|(k, _)| *k == "REDIS_TIMEOUT_MS")
+            || args.iter().any(|a| a.starts_with("--redis-timeout-ms"));
+        if !sets_timeout {
+            cmd.env("REDIS_TIMEOUT_MS", "1000");
+        }
         cmd.envs(env.iter().copied())
             .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
