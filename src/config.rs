@@ -726,6 +726,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn listen_addresses_as_go_programs_take_them() {
+        let ok = |s| listen_addr(s).unwrap().to_string();
+        assert_eq!(ok(":8081"), "0.0.0.0:8081");
+        assert_eq!(ok("localhost:8080"), "127.0.0.1:8080");
+        assert_eq!(ok(" 127.0.0.1:0 "), "127.0.0.1:0");
+        assert_eq!(ok("[::1]:9"), "[::1]:9");
+        for bad in ["8081", "host:8081", ":", ":70000", "localhost:x"] {
+            let e = listen_addr(bad).unwrap_err();
+            assert!(e.contains("IP:PORT") && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn redacts_passwords() {
         let url: RedisUrl = "redis://user:s3cret@localhost:6379/0".parse().unwrap();
         assert!(!format!("{url:?}").contains("s3cret"));
