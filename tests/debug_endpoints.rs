@@ -60,17 +60,32 @@ async fn status_rules_config_and_top_keys() {
     assert!(keys[0]["count"].as_f64().unwrap() > 250.0, "{top}");
     assert!(keys.len() <= 3);
 
-    // The status JSON: a completed second with both verdicts, the backend, the top keys.
+    // The status JSON: completed seconds only, so wait until every call's second has completed
+    // (the calls above can straddle two), then the backend, the verdicts, the top keys.
     let mut status = Value::Null;
-    eventually(Duration::from_secs(5), "a completed second", async || {
-        status = json(&t, "/debug/status").await;
+    eventually(
+        Duration::from_secs(5),
+        "every call's second completed",
+        async || {
+            status = json(&t, "/debug/status").await;
+            let counted: u64 = status["seconds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["allowed"].as_u64().unwrap() + s["denied"].as_u64().unwrap())
+                .sum();
+            counted == 401
+        },
+    )
+    .await;
+    assert!(
         status["seconds"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["allowed"].as_u64().unwrap() > 0 && s["denied"].as_u64().unwrap() > 0)
-    })
-    .await;
+            .any(|s| s["allowed"].as_u64().unwrap() > 0 && s["denied"].as_u64().unwrap() > 0),
+        "{status}"
+    );
     assert_eq!(status["backend"], "redis");
     assert_eq!(status["backend_up"], true);
     assert_eq!(status["ready"], true);
