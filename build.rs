@@ -1,7 +1,15 @@
 //! Compiles `proto/` with protox (pure Rust, so no system protoc) and writes the descriptor set that
 //! gRPC server reflection serves.
+//!
+//! One change from the protos as written: the generated code reads Envoy's descriptor entries
+//! (`RateLimitDescriptor.Entry.key` and `.value`) as bytes. They carry header values from Envoy's
+//! clients, and Envoy relays them without checking UTF-8; read as `string`, one byte 0xFF would fail
+//! the whole call to decode, and Envoy lets a failed call through. `string` and `bytes` are the same
+//! on the wire, so nothing else changes; reflection still serves the protos as written.
 
 use std::{env, path::PathBuf};
+
+use prost_types::field_descriptor_proto::Type;
 
 const PROTOS: &[&str] = &[
     "proto/tollgate/v1/tollgate.proto",
@@ -12,11 +20,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let out = PathBuf::from(env::var("OUT_DIR")?);
 
-    let fds = protox::compile(PROTOS, ["proto"])?;
+    let mut fds = protox::compile(PROTOS, ["proto"])?;
     std::fs::write(
         out.join("tollgate_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+
+    let entry = fds
+        .file
+        .iter_mut()
+        .filter(|f| f.package() == "envoy.extensions.common.ratelimit.v3")
+        .flat_map(|f| f.message_type.iter_mut())
+        .filter(|m| m.name() == "RateLimitDescriptor")
+        .flat_map(|m| m.nested_type.iter_mut())
+        .find(|m| m.name() == "Entry")
+        .ok_or("RateLimitDescriptor.Entry not found in the Envoy protos")?;
+    for field in &mut entry.field {
+        field.set_type(Type::Bytes);
+    }
 
     tonic_prost_build::configure()
         .build_client(true)

@@ -119,37 +119,61 @@ async fn lock_down_switches_refuse_with_permission_denied() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("ALLOW_REFUNDS"), "{err:?}");
+    // On the Envoy API a refused refund is answered OK (an error would be Envoy's fail-open) and
+    // counted.
     let mut envoy = EnvoyClient::connect(t.grpc_url()).await.unwrap();
     let mut d = descriptor(&[("user", "u")]);
     d.hits_addend = Some(3);
     d.is_negative_hits = true;
-    let err = envoy
+    let r = envoy
         .should_rate_limit(request("edge", vec![d]))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, envoy_ok());
+    let m = metrics(&t).await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_refused_total{api=\"envoy\",reason=\"refund\"}"
+        ),
+        1.0,
+        "{m}"
+    );
     healthy(&t).await;
 }
 
 #[tokio::test]
-async fn envoy_requests_past_the_bounds_are_refused_naming_the_descriptor() {
+async fn envoy_requests_past_the_bounds_are_over_limit_and_counted() {
     let t = Tollgate::start(&["--max-descriptors", "8"], &[]).await;
     let mut envoy = EnvoyClient::connect(t.grpc_url()).await.unwrap();
     let many = (0..9)
         .map(|i| descriptor(&[("k", &i.to_string())]))
         .collect();
-    let err = envoy
+    let r = envoy
         .should_rate_limit(request("edge", many))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("descriptors"), "{err:?}");
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, envoy_over(), "fail closed, never an error");
+    assert_eq!(r.statuses.len(), 9);
     let m = metrics(&t).await;
     assert_eq!(
-        metric(&m, "tollgate_shed_total{reason=\"bounds\"}"),
+        metric(
+            &m,
+            "tollgate_refused_total{api=\"envoy\",reason=\"descriptors\"}"
+        ),
         1.0,
         "{m}"
     );
+}
+
+fn envoy_ok() -> i32 {
+    common::envoy::OK
+}
+
+fn envoy_over() -> i32 {
+    common::envoy::OVER
 }
 
 /// Resident memory of a process, in bytes.

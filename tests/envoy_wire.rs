@@ -107,8 +107,8 @@ fn request_bytes_identical_both_ways() {
     assert_eq!(ours.hits_addend, 3);
     let d0 = &ours.descriptors[0];
     assert_eq!(
-        (d0.entries[1].key.as_str(), d0.entries[1].value.as_str()),
-        ("api_key", "premium-1")
+        (d0.entries[1].key.as_slice(), d0.entries[1].value.as_slice()),
+        (&b"api_key"[..], &b"premium-1"[..])
     );
     assert_eq!(
         d0.limit.as_ref().map(|l| (l.requests_per_unit, l.unit)),

@@ -21,7 +21,8 @@ pub(super) struct Node {
     pub children: Level,
 }
 
-/// A value pattern where each `*` matches any run of characters, possibly empty.
+/// A value pattern where each `*` matches any run of bytes, possibly empty. Values are bytes: Envoy
+/// relays header values without checking UTF-8, and a pattern's literal parts must still match.
 pub(super) struct Wildcard {
     text: String,
     parts: Vec<String>,
@@ -35,25 +36,34 @@ impl Wildcard {
         }
     }
 
-    pub fn matches(&self, value: &str) -> bool {
+    pub fn matches(&self, value: &[u8]) -> bool {
         let (first, rest) = match self.parts.split_first() {
             Some(p) => p,
             None => return value.is_empty(),
         };
-        let Some(mut remaining) = value.strip_prefix(first.as_str()) else {
+        let Some(mut remaining) = value.strip_prefix(first.as_bytes()) else {
             return false;
         };
         let Some((last, middle)) = rest.split_last() else {
             return remaining.is_empty();
         };
         for part in middle {
-            match remaining.find(part.as_str()) {
+            let part = part.as_bytes();
+            match find(remaining, part) {
                 Some(i) => remaining = &remaining[i + part.len()..],
                 None => return false,
             }
         }
-        remaining.len() >= last.len() && remaining.ends_with(last.as_str())
+        remaining.len() >= last.len() && remaining.ends_with(last.as_bytes())
     }
+}
+
+/// The first place `needle` occurs in `haystack` (patterns are short: a plain scan is enough).
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The rule for a descriptor and the key of its bucket.
@@ -67,10 +77,12 @@ pub struct Match {
 }
 
 impl RuleSet {
-    /// The rule applying to `entries` (key, value pairs) in `domain`, if any.
-    pub fn lookup<'e, I>(&self, prefix: &str, domain: &str, entries: I) -> Option<Match>
+    /// The rule applying to `entries` (key, value pairs, as text or raw bytes) in `domain`, if any.
+    pub fn lookup<I, K, V>(&self, prefix: &str, domain: &str, entries: I) -> Option<Match>
     where
-        I: ExactSizeIterator<Item = (&'e str, &'e str)> + Clone,
+        I: ExactSizeIterator<Item = (K, V)> + Clone,
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
     {
         let mut level = self.domains.get(domain)?;
         let last = entries.len().checked_sub(1)?;
@@ -79,15 +91,17 @@ impl RuleSet {
         let mut shared: Option<Vec<(usize, &str)>> = None;
         let mut found = None;
         for (i, (key, value)) in entries.clone().enumerate() {
-            let node = level
-                .exact
-                .get(key)
-                .and_then(|values| values.get(value))
+            let (key, value) = (key.as_ref(), value.as_ref());
+            // Rule keys and values are text: bytes that are not UTF-8 can match only a wildcard.
+            let key_text = std::str::from_utf8(key).ok();
+            let node = key_text
+                .zip(std::str::from_utf8(value).ok())
+                .and_then(|(k, v)| level.exact.get(k)?.get(v))
                 .or_else(|| {
                     let (_, pattern, share, node) = level
                         .wildcards
                         .iter()
-                        .find(|(k, pattern, _, _)| k == key && pattern.matches(value))?;
+                        .find(|(k, pattern, _, _)| k.as_bytes() == key && pattern.matches(value))?;
                     if *share {
                         shared
                             .get_or_insert_with(Vec::new)
@@ -95,7 +109,7 @@ impl RuleSet {
                     }
                     Some(node)
                 })
-                .or_else(|| level.key_only.get(key));
+                .or_else(|| level.key_only.get(key_text?));
             let Some(node) = node else { break };
             if i == last {
                 found = node.rule.clone();
@@ -115,42 +129,53 @@ impl RuleSet {
 
 /// The bucket key of a descriptor with no rule of its own (a `limit` override): the same encoding
 /// as a matched rule's bucket.
-pub fn descriptor_key<'e>(
+pub fn descriptor_key<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     prefix: &str,
     domain: &str,
-    entries: impl ExactSizeIterator<Item = (&'e str, &'e str)>,
+    entries: impl ExactSizeIterator<Item = (K, V)>,
 ) -> String {
     build_key(prefix, domain, entries, |_| None)
 }
 
 /// `prefix`, then the domain and each entry as `len:text`, so that no two different descriptors can
 /// share a key. `pattern(i)` gives the wildcard that stands in for entry `i`'s value in a shared
-/// bucket; it is marked with `*` before its length, which no ordinary part has.
-fn build_key<'e, 'p>(
+/// bucket; it is marked with `*` before its length, which no ordinary part has. A part that is not
+/// UTF-8 is written `len~hex`: its own marker, so it can equal no text part.
+fn build_key<'p, K: AsRef<[u8]>, V: AsRef<[u8]>>(
     prefix: &str,
     domain: &str,
-    entries: impl ExactSizeIterator<Item = (&'e str, &'e str)>,
+    entries: impl ExactSizeIterator<Item = (K, V)>,
     pattern: impl Fn(usize) -> Option<&'p str>,
 ) -> String {
     let mut key = String::with_capacity(prefix.len() + domain.len() + 24 * entries.len() + 8);
     key.push_str(prefix);
-    push_part(&mut key, domain);
+    push_part(&mut key, domain.as_bytes());
     for (i, (k, v)) in entries.enumerate() {
-        push_part(&mut key, k);
+        push_part(&mut key, k.as_ref());
         match pattern(i) {
             Some(p) => {
                 key.push('*');
-                push_part(&mut key, p);
+                push_part(&mut key, p.as_bytes());
             }
-            None => push_part(&mut key, v),
+            None => push_part(&mut key, v.as_ref()),
         }
     }
     key
 }
 
-fn push_part(key: &mut String, part: &str) {
-    let _ = write!(key, "{}:", part.len());
-    key.push_str(part);
+fn push_part(key: &mut String, part: &[u8]) {
+    match std::str::from_utf8(part) {
+        Ok(text) => {
+            let _ = write!(key, "{}:", text.len());
+            key.push_str(text);
+        }
+        Err(_) => {
+            let _ = write!(key, "{}~", part.len());
+            for b in part {
+                let _ = write!(key, "{b:02x}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -176,10 +201,23 @@ mod tests {
         ];
         for (pattern, value, want) in cases {
             assert_eq!(
-                Wildcard::new(pattern).matches(value),
+                Wildcard::new(pattern).matches(value.as_bytes()),
                 want,
                 "{pattern} ~ {value}"
             );
         }
+        // Bytes that are not UTF-8 still meet the pattern's literal parts.
+        assert!(Wildcard::new("premium-*").matches(b"premium-\xff"));
+        assert!(!Wildcard::new("premium-*").matches(b"\xffpremium-"));
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_have_keys_of_their_own() {
+        let text = super::descriptor_key("p:", "d", [("k", "ff")].into_iter());
+        let bytes = super::descriptor_key("p:", "d", [(&b"k"[..], &b"\xff"[..])].into_iter());
+        let other = super::descriptor_key("p:", "d", [(&b"k"[..], &b"\xfe"[..])].into_iter());
+        assert_eq!(text, "p:1:d1:k2:ff");
+        assert_eq!(bytes, "p:1:d1:k1~ff");
+        assert_ne!(bytes, other);
     }
 }

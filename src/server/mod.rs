@@ -187,6 +187,7 @@ async fn serve<B: Backend>(
             shadow_mode: args.shadow_mode,
             charge_on_deny: args.charge_on_deny,
             allow_refunds: args.allow_refunds,
+            allow_client_shapes: args.allow_client_shapes,
             max_descriptors: args.max_descriptors as usize,
             max_key_bytes: args.max_key_bytes as usize,
             response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {

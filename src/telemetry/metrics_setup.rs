@@ -28,6 +28,7 @@ pub mod names {
     pub const CIRCUIT_OPEN: &str = "tollgate_backend_circuit_open";
     pub const MEMORY_EVICTIONS: &str = "tollgate_memory_evictions_total";
     pub const NEAR_LIMIT: &str = "tollgate_near_limit_total";
+    pub const REFUSED: &str = "tollgate_refused_total";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -152,6 +153,10 @@ fn describe() {
     describe_gauge!(
         names::CIRCUIT_OPEN,
         "1 while the circuit breaker of a Redis node is open (calls answered at once), by node."
+    );
+    describe_counter!(
+        names::REFUSED,
+        "Requests answered without evaluating all of them as asked (past the bounds, a descriptor with no entries, an ignored override, a refused refund), by API and reason."
     );
     describe_counter!(
         names::SHED,
@@ -369,6 +374,50 @@ impl Default for ShedMetrics {
             concurrency: c("concurrency"),
             message_size: c("message_size"),
             bounds: c("bounds"),
+        }
+    }
+}
+
+/// Parts of requests answered without being evaluated as asked: one counter per reason,
+/// registered (at 0) up front, and a warning line, sampled so a flood cannot flood the log.
+pub struct RefusedMetrics {
+    api: &'static str,
+    counters: Vec<(&'static str, Counter)>,
+    sampler: super::decision_log::DenialSampler,
+}
+
+impl RefusedMetrics {
+    pub fn new(api: &'static str, reasons: &[&'static str]) -> Self {
+        Self {
+            api,
+            counters: reasons
+                .iter()
+                .map(|&r| {
+                    (
+                        r,
+                        metrics::counter!(names::REFUSED, "api" => api, "reason" => r),
+                    )
+                })
+                .collect(),
+            sampler: super::decision_log::DenialSampler::new(
+                super::decision_log::DENIALS_PER_SECOND,
+            ),
+        }
+    }
+
+    /// Counts one refusal of `reason` (one of those given to `new`) and may log `detail`.
+    pub fn record(&self, reason: &'static str, detail: impl FnOnce() -> String) {
+        if let Some((_, c)) = self.counters.iter().find(|(r, _)| *r == reason) {
+            c.increment(1);
+        }
+        if let Some(left_out) = self.sampler.admit() {
+            tracing::warn!(
+                api = self.api,
+                reason,
+                detail = detail(),
+                left_out,
+                "request answered without evaluating it as asked"
+            );
         }
     }
 }

@@ -16,8 +16,9 @@ pub mod top_keys;
 
 pub use activity::{Activity, Circuit, RuleMetricsFor, RuleStat};
 pub use metrics_setup::{
-    DecisionMetrics, FailureModeMetrics, MetricsHandle, ReloadMetrics, RuleCounts, RuleMetrics,
-    ShedMetrics, eviction_counters, install_metrics, install_recorder, names, redis_metrics,
+    DecisionMetrics, FailureModeMetrics, MetricsHandle, RefusedMetrics, ReloadMetrics, RuleCounts,
+    RuleMetrics, ShedMetrics, eviction_counters, install_metrics, install_recorder, names,
+    redis_metrics,
 };
 pub use timed::Timed;
 

@@ -559,8 +559,8 @@ pub mod envoy {
             entries: entries
                 .iter()
                 .map(|(k, v)| Entry {
-                    key: k.to_string(),
-                    value: v.to_string(),
+                    key: k.as_bytes().to_vec(),
+                    value: v.as_bytes().to_vec(),
                 })
                 .collect(),
             ..Default::default()

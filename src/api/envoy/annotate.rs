@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use prost_types::{ListValue, Struct, Value, value::Kind};
 
-use super::answer::Entries;
 use super::plan::Plan;
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -95,22 +94,30 @@ pub(super) fn metadata(
         if !shadow {
             enforced.push(rule.clone());
         }
-        let entries = descriptor
+        // Read by Envoy's access log, not ours: the values as text (bytes that are not UTF-8
+        // replaced), each entry `k=v`.
+        let pairs: Vec<String> = descriptor
             .entries
             .iter()
-            .map(|e| string(format!("{}={}", e.key, e.value)))
+            .map(|e| {
+                format!(
+                    "{}={}",
+                    String::from_utf8_lossy(&e.key),
+                    String::from_utf8_lossy(&e.value)
+                )
+            })
             .collect();
         let mut d = BTreeMap::new();
-        d.insert("entries".to_string(), list(entries));
+        d.insert("descriptor".to_string(), string(pairs.join(", ")));
+        d.insert(
+            "entries".to_string(),
+            list(pairs.into_iter().map(string).collect()),
+        );
         d.insert("rule".to_string(), string(rule));
         d.insert("shadow".to_string(), boolean(shadow));
         if let Some(limit) = &status.current_limit {
             d.insert("limit".to_string(), string(describe(limit)));
         }
-        d.insert(
-            "descriptor".to_string(),
-            string(Entries(&descriptor.entries).to_string()),
-        );
         fired.push(Value {
             kind: Some(Kind::StructValue(Struct { fields: d })),
         });

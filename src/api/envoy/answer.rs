@@ -30,7 +30,9 @@ pub(super) struct Observers<'a> {
     pub activity: &'a Activity,
 }
 
-/// A descriptor's entries as `k=v, k2=v2`, rendered only when a log line or the sketch needs it.
+/// A descriptor's entries as `k="v", k2="v2"`, rendered only when a log line or the sketch needs
+/// it. Keys and values are a client's bytes: escaped (quotes, control bytes, anything not ASCII),
+/// so no value can forge a log line or a field.
 pub(super) struct Entries<'a>(pub &'a [DescEntry]);
 
 impl fmt::Display for Entries<'_> {
@@ -39,7 +41,7 @@ impl fmt::Display for Entries<'_> {
             if i > 0 {
                 f.write_str(", ")?;
             }
-            write!(f, "{}={}", e.key, e.value)?;
+            write!(f, "{}=\"{}\"", e.key.escape_ascii(), e.value.escape_ascii())?;
         }
         Ok(())
     }
@@ -84,6 +86,7 @@ pub(super) fn answer(
             };
             let (code, status) = match entry {
                 Entry::Free => (Code::Ok, DescriptorStatus::default()),
+                Entry::Refused => (Code::OverLimit, DescriptorStatus::default()),
                 Entry::Unlimited => (
                     Code::Ok,
                     DescriptorStatus {

@@ -34,7 +34,7 @@ use crate::proto::envoy::service::ratelimit::v3::{
     rate_limit_service_server::RateLimitService,
 };
 use crate::rules::RulesHandle;
-use crate::telemetry::{Activity, DecisionMetrics, FailureModeMetrics, ShedMetrics};
+use crate::telemetry::{Activity, DecisionMetrics, FailureModeMetrics, RefusedMetrics};
 
 pub use annotate::HeaderNames;
 
@@ -48,8 +48,10 @@ pub struct EnvoySettings {
     /// CHARGE_ON_DENY: charge every descriptor within its limit even when the request is over
     /// (envoyproxy/ratelimit's behaviour); otherwise a request answered OVER_LIMIT charges none.
     pub charge_on_deny: bool,
-    /// ALLOW_REFUNDS: honour `is_negative_hits`.
+    /// ALLOW_REFUNDS: honour `is_negative_hits` (otherwise answered OK, nothing given back, counted).
     pub allow_refunds: bool,
+    /// ALLOW_CLIENT_SHAPES: honour a descriptor's `limit` override (otherwise the rule answers).
+    pub allow_client_shapes: bool,
     pub max_descriptors: usize,
     pub max_key_bytes: usize,
     /// LIMIT_RESPONSE_HEADERS_ENABLED: the headers' names; None: no headers.
@@ -69,6 +71,7 @@ impl EnvoySettings {
             shadow_mode: false,
             charge_on_deny: false,
             allow_refunds: true,
+            allow_client_shapes: true,
             max_descriptors: 64,
             max_key_bytes: 1024,
             response_headers: None,
@@ -85,7 +88,7 @@ pub struct EnvoyApi<B> {
     settings: EnvoySettings,
     metrics: DecisionMetrics,
     failure_metrics: FailureModeMetrics,
-    shed: ShedMetrics,
+    refused: RefusedMetrics,
 }
 
 impl<B: Backend> EnvoyApi<B> {
@@ -95,7 +98,7 @@ impl<B: Backend> EnvoyApi<B> {
             rules,
             metrics: DecisionMetrics::new("envoy", settings.activity.clone()),
             failure_metrics: FailureModeMetrics::default(),
-            shed: ShedMetrics::default(),
+            refused: RefusedMetrics::new("envoy", &plan::Refusal::ALL.map(plan::Refusal::as_str)),
             settings,
         }
     }
@@ -107,11 +110,12 @@ impl<B: Backend> EnvoyApi<B> {
     ) -> Result<RateLimitResponse, ApiError> {
         let started = Instant::now();
         let rules = self.rules.current();
-        let mut plan = plan::plan(req, rules.as_deref(), &self.settings).inspect_err(|e| {
-            if let ApiError::OutOfBounds { .. } = e {
-                self.shed.bounds.increment(1);
-            }
-        })?;
+        let mut plan = plan::plan(req, rules.as_deref(), &self.settings)?;
+        for &(refusal, i) in &plan.refusals {
+            self.refused.record(refusal.as_str(), || {
+                refusal_detail(refusal, i, req, &self.settings)
+            });
+        }
 
         let all_or_nothing = !self.settings.charge_on_deny;
         if all_or_nothing && plan.over_without_backend {
@@ -202,6 +206,38 @@ impl<B: Backend> EnvoyApi<B> {
             dynamic_metadata,
             ..Default::default()
         })
+    }
+}
+
+/// What a refusal's log line says: the bound and the request's size, never a value.
+fn refusal_detail(
+    refusal: plan::Refusal,
+    i: usize,
+    req: &RateLimitRequest,
+    settings: &EnvoySettings,
+) -> String {
+    use plan::Refusal;
+    let domain = req.domain.escape_debug();
+    match refusal {
+        Refusal::Descriptors => format!(
+            "domain {domain}: {} descriptors, more than MAX_DESCRIPTORS ({}): answered OVER_LIMIT",
+            req.descriptors.len(),
+            settings.max_descriptors
+        ),
+        Refusal::Entries => format!(
+            "domain {domain}: descriptor {i} has {} entries, more than {}: answered OVER_LIMIT",
+            req.descriptors[i].entries.len(),
+            plan::MAX_ENTRIES
+        ),
+        Refusal::EmptyDescriptor => {
+            format!("domain {domain}: descriptor {i} has no entries: answered OK, no limit")
+        }
+        Refusal::Override => format!(
+            "domain {domain}: descriptor {i}: its limit override was ignored (ALLOW_CLIENT_SHAPES=false, or an unknown unit): the rule answered"
+        ),
+        Refusal::Refund => format!(
+            "domain {domain}: descriptor {i}: is_negative_hits refused (ALLOW_REFUNDS=false): answered OK, nothing given back"
+        ),
     }
 }
 

@@ -1,7 +1,7 @@
 //! From a request to a plan: the checks Envoy's proto validation would make, the bounds, the rule
 //! each descriptor matches, and the bucket operations to send to the backend.
 
-use std::sync::Arc;
+use std::{fmt::Write as _, sync::Arc};
 
 use super::EnvoySettings;
 use crate::api::ApiError;
@@ -18,6 +18,9 @@ use crate::rules::{Limit, Rule, RuleSet, Unit, descriptor_key};
 pub(super) enum Entry {
     /// No rule, or a rule replaced by another: OK, no `current_limit`.
     Free,
+    /// Past tollgate's bounds (MAX_DESCRIPTORS, entries per descriptor): OVER_LIMIT without any
+    /// evaluation. Failing closed: Envoy lets an errored call through, so an error would be a bypass.
+    Refused,
     /// An `unlimited` rule: OK, `limit_remaining` 2^32 - 1.
     Unlimited,
     /// `requests_per_unit: 0`: over the limit without touching a bucket, unless it gives hits back
@@ -41,7 +44,7 @@ impl Entry {
     pub fn rule(&self) -> Option<&Arc<Rule>> {
         match self {
             Entry::Blocked { rule, .. } | Entry::Bucket { rule, .. } => rule.as_ref(),
-            Entry::Free | Entry::Unlimited => None,
+            Entry::Free | Entry::Refused | Entry::Unlimited => None,
         }
     }
 
@@ -64,24 +67,85 @@ pub(super) struct Plan {
     /// One per descriptor, in order.
     pub entries: Vec<Entry>,
     pub buckets: Vec<PlannedBucket>,
-    /// Over the limit whatever the buckets answer (an enforced `requests_per_unit: 0` rule).
+    /// Over the limit whatever the buckets answer (an enforced `requests_per_unit: 0` rule, or a
+    /// request past the bounds).
     pub over_without_backend: bool,
+    /// What was answered without being evaluated as asked, with the descriptor's index: counted
+    /// and logged by the caller.
+    pub refusals: Vec<(Refusal, usize)>,
 }
 
-/// Checks the request, matches every descriptor and plans its bucket operations.
+/// Why part of a request was not evaluated as asked. Each is answered (never an error: Envoy lets
+/// a failed call through) and counted in `tollgate_refused_total{api="envoy",reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// More descriptors than MAX_DESCRIPTORS: the whole request is OVER_LIMIT.
+    Descriptors,
+    /// A descriptor with more entries than [`MAX_ENTRIES`]: the whole request is OVER_LIMIT.
+    Entries,
+    /// A descriptor with no entries: OK with no limit, as envoyproxy/ratelimit answers it.
+    EmptyDescriptor,
+    /// A `limit` override with ALLOW_CLIENT_SHAPES=false, or with a unit that does not exist: the
+    /// rule answers instead.
+    Override,
+    /// `is_negative_hits` with ALLOW_REFUNDS=false: OK, nothing given back.
+    Refund,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Descriptors => "descriptors",
+            Refusal::Entries => "entries",
+            Refusal::EmptyDescriptor => "empty_descriptor",
+            Refusal::Override => "override",
+            Refusal::Refund => "refund",
+        }
+    }
+
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Descriptors,
+        Refusal::Entries,
+        Refusal::EmptyDescriptor,
+        Refusal::Override,
+        Refusal::Refund,
+    ];
+}
+
+/// The most entries one descriptor may have. Envoy's descriptors are a few levels deep; a rule
+/// tree deeper than this could never match, and the bound keeps a request's work linear in its
+/// size.
+pub const MAX_ENTRIES: usize = 64;
+
+/// Checks the request, matches every descriptor and plans its bucket operations. The only errors
+/// are for requests Envoy never sends (no domain, no descriptors); everything a client of Envoy
+/// can put in a descriptor is answered.
 pub(super) fn plan(
     req: &RateLimitRequest,
     rules: Option<&RuleSet>,
     settings: &EnvoySettings,
 ) -> Result<Plan, ApiError> {
-    validate(req, settings)?;
+    validate(req)?;
+    let mut plan = Plan {
+        entries: Vec::with_capacity(req.descriptors.len()),
+        buckets: Vec::new(),
+        over_without_backend: false,
+        refusals: Vec::new(),
+    };
+    if let Some(refusal) = out_of_bounds(req, settings) {
+        plan.refusals.push(refusal);
+        plan.entries
+            .extend(req.descriptors.iter().map(|_| Entry::Refused));
+        plan.over_without_backend = true;
+        return Ok(plan);
+    }
 
     // Match every descriptor first: `replaces` looks across the whole request.
     let matched: Vec<Option<(Arc<Rule>, String)>> = req
         .descriptors
         .iter()
         .map(|d| {
-            let entries = d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str()));
+            let entries = d.entries.iter().map(|e| (&e.key, &e.value));
             rules?
                 .lookup(&settings.key_prefix, &req.domain, entries)
                 .map(|m| (m.rule, m.key))
@@ -101,23 +165,29 @@ pub(super) fn plan(
         })
         .collect();
 
-    let mut plan = Plan {
-        entries: Vec::with_capacity(req.descriptors.len()),
-        buckets: Vec::new(),
-        over_without_backend: false,
-    };
     for (i, (d, m)) in req.descriptors.iter().zip(matched).enumerate() {
-        let op = operation(d, req.hits_addend, settings)?;
-        let entry = match (&d.limit, m) {
-            // The override replaces any rule (as envoyproxy/ratelimit does), in any domain; its
-            // bucket is the descriptor's own.
-            (Some(over), _) => {
-                let unit = override_unit(over.unit).ok_or_else(|| {
-                    ApiError::invalid(
-                        "descriptors.limit.unit",
-                        format!("descriptor {i}: unit {} is not a known unit", over.unit),
-                    )
-                })?;
+        if d.entries.is_empty() {
+            plan.refusals.push((Refusal::EmptyDescriptor, i));
+            plan.entries.push(Entry::Free);
+            continue;
+        }
+        let Some(op) = operation(d, req.hits_addend, settings) else {
+            plan.refusals.push((Refusal::Refund, i));
+            plan.entries.push(Entry::Free);
+            continue;
+        };
+        let limit_override = d.limit.as_ref().and_then(|over| {
+            let unit = override_unit(over.unit).filter(|_| settings.allow_client_shapes);
+            if unit.is_none() {
+                plan.refusals.push((Refusal::Override, i));
+            }
+            Some((over, unit?))
+        });
+        let entry = match (limit_override, m) {
+            // The override replaces any rule (as envoyproxy/ratelimit does), in any domain. Its
+            // bucket is its own: the descriptor's key and the override's shape, so an override
+            // can neither refill nor drain the rule's bucket.
+            (Some((over, unit)), _) => {
                 let limit = RateLimit {
                     name: String::new(),
                     requests_per_unit: over.requests_per_unit,
@@ -125,9 +195,10 @@ pub(super) fn plan(
                 };
                 match Limit::bucket(over.requests_per_unit, unit, 1, None) {
                     Ok(Limit::Bucket { shape, .. }) => {
-                        let entries = d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str()));
-                        let key = descriptor_key(&settings.key_prefix, &req.domain, entries);
-                        plan.bucket(i, None, limit, key, shape, op, settings)?
+                        let entries = d.entries.iter().map(|e| (&e.key, &e.value));
+                        let mut key = descriptor_key(&settings.key_prefix, &req.domain, entries);
+                        let _ = write!(key, "!{}/{}", over.requests_per_unit, unit.as_str());
+                        plan.bucket(None, limit, key, shape, op, settings)
                     }
                     _ => blocked(None, limit, unit, op),
                 }
@@ -152,7 +223,7 @@ pub(super) fn plan(
                         Op::Take(hits) if rule.debt => Op::Force(hits),
                         op => op,
                     };
-                    plan.bucket(i, Some(rule), limit, key, shape, op, settings)?
+                    plan.bucket(Some(rule), limit, key, shape, op, settings)
                 }
             },
         };
@@ -165,27 +236,16 @@ pub(super) fn plan(
 }
 
 impl Plan {
-    #[allow(clippy::too_many_arguments)]
     fn bucket(
         &mut self,
-        i: usize,
         rule: Option<Arc<Rule>>,
         limit: RateLimit,
         key: String,
         shape: Shape,
         op: Op,
         settings: &EnvoySettings,
-    ) -> Result<Entry, ApiError> {
-        if key.len() > settings.max_key_bytes {
-            return Err(ApiError::out_of_bounds(
-                "descriptors.entries",
-                format!(
-                    "descriptor {i}: its bucket key is {} bytes, more than MAX_KEY_BYTES ({})",
-                    key.len(),
-                    settings.max_key_bytes
-                ),
-            ));
-        }
+    ) -> Entry {
+        let key = bounded_key(key, &settings.key_prefix, settings.max_key_bytes);
         let veto = !rule.as_ref().is_some_and(|r| r.shadow_mode);
         self.buckets.push(PlannedBucket {
             key,
@@ -193,12 +253,30 @@ impl Plan {
             op,
             veto,
         });
-        Ok(Entry::Bucket {
+        Entry::Bucket {
             rule,
             limit,
             bucket: self.buckets.len() - 1,
-        })
+        }
     }
+}
+
+/// A bucket key of at most `max` bytes: a longer one (a long header value) becomes the prefix, `#`
+/// and the SHA-256 of the whole key in hex. The same value always gives the same digest, so that
+/// client keeps a bucket of its own; `#` never follows the prefix in a key built from parts (they
+/// start with a length), so a digest cannot equal a short key.
+pub(super) fn bounded_key(key: String, prefix: &str, max: usize) -> String {
+    if key.len() <= max {
+        return key;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut short = String::with_capacity(prefix.len() + 1 + 64);
+    short.push_str(prefix);
+    short.push('#');
+    for b in digest.as_ref() {
+        let _ = write!(short, "{b:02x}");
+    }
+    short
 }
 
 fn blocked(rule: Option<Arc<Rule>>, limit: RateLimit, unit: Unit, op: Op) -> Entry {
@@ -206,69 +284,49 @@ fn blocked(rule: Option<Arc<Rule>>, limit: RateLimit, unit: Unit, op: Op) -> Ent
         rule,
         limit,
         unit,
-        over: matches!(op, Op::Take(h) | Op::Force(h) if h > 0),
+        // A rule of 0 per unit blocks everything, checks (0 hits) included, as envoyproxy/ratelimit
+        // answers them; only a refund is not over.
+        over: !matches!(op, Op::Refund(_)),
         hits: op.cost(),
     }
 }
 
-/// The checks Envoy's proto validation would make (it is never enforced on the wire), and the
-/// bounds, all before any work: an oversized request costs nothing but this loop.
-fn validate(req: &RateLimitRequest, settings: &EnvoySettings) -> Result<(), ApiError> {
+/// The checks Envoy's proto validation would make (it is never enforced on the wire). Envoy never
+/// sends a request without a domain or descriptors: these are a direct caller's mistakes.
+fn validate(req: &RateLimitRequest) -> Result<(), ApiError> {
     if req.domain.is_empty() {
         return Err(ApiError::invalid("domain", "must not be empty"));
     }
     if req.descriptors.is_empty() {
         return Err(ApiError::invalid("descriptors", "must not be empty"));
     }
-    if req.descriptors.len() > settings.max_descriptors {
-        return Err(ApiError::out_of_bounds(
-            "descriptors",
-            format!(
-                "{} descriptors, more than MAX_DESCRIPTORS ({})",
-                req.descriptors.len(),
-                settings.max_descriptors
-            ),
-        ));
-    }
-    for (i, d) in req.descriptors.iter().enumerate() {
-        if d.entries.is_empty() {
-            return Err(ApiError::invalid(
-                "descriptors.entries",
-                format!("descriptor {i} has no entries"),
-            ));
-        }
-        if let Some(j) = d.entries.iter().position(|e| e.key.is_empty()) {
-            return Err(ApiError::invalid(
-                "descriptors.entries.key",
-                format!("descriptor {i}, entry {j}: key must not be empty"),
-            ));
-        }
-    }
     Ok(())
 }
 
+/// The bounds, before any work: an oversized request costs nothing but this loop.
+fn out_of_bounds(req: &RateLimitRequest, settings: &EnvoySettings) -> Option<(Refusal, usize)> {
+    if req.descriptors.len() > settings.max_descriptors {
+        return Some((Refusal::Descriptors, settings.max_descriptors));
+    }
+    let i = req
+        .descriptors
+        .iter()
+        .position(|d| d.entries.len() > MAX_ENTRIES)?;
+    Some((Refusal::Entries, i))
+}
+
 /// What a descriptor does: its own hits_addend wins (0: check only), else the request's (0: 1);
-/// `is_negative_hits` gives the hits back (refused with ALLOW_REFUNDS=false).
-fn operation(
-    d: &RateLimitDescriptor,
-    request_hits: u32,
-    settings: &EnvoySettings,
-) -> Result<Op, ApiError> {
+/// `is_negative_hits` gives the hits back. None: a refund with ALLOW_REFUNDS=false.
+fn operation(d: &RateLimitDescriptor, request_hits: u32, settings: &EnvoySettings) -> Option<Op> {
     let hits = match d.hits_addend {
-        Some(0) => return Ok(Op::Check(0)),
+        Some(0) => return Some(Op::Check(0)),
         Some(n) => n,
         None => u64::from(request_hits.max(1)),
     };
     if !d.is_negative_hits {
-        return Ok(Op::Take(hits));
+        return Some(Op::Take(hits));
     }
-    if !settings.allow_refunds {
-        return Err(ApiError::PermissionDenied(
-            "descriptors.is_negative_hits: refunds are disabled on this server (ALLOW_REFUNDS=false)"
-                .into(),
-        ));
-    }
-    Ok(Op::Refund(hits))
+    settings.allow_refunds.then_some(Op::Refund(hits))
 }
 
 fn current_limit(rule: &Rule, requests_per_unit: u32, unit: Unit) -> RateLimit {

@@ -1,11 +1,16 @@
-//! A circuit breaker per Redis node: after consecutive failures, calls for the node fail at once
-//! (FAILURE_MODE answers them without waiting out REDIS_TIMEOUT_MS each) until a probe succeeds.
+//! A circuit breaker per Redis node, judged on the node's Redis calls: one outcome per script call
+//! or ping, never one per caller (a call carries many callers' decisions; counting those would let
+//! one slow call open the circuit for everybody).
 //!
-//! Closed: calls go through; `FAILURES_TO_OPEN` failures in a row open it. Open: calls fail at
-//! once for the cooldown (doubling while the node stays down, up to `MAX_COOLDOWN`). Then one
-//! call goes through as a probe (half-open): success closes the breaker, failure opens it again.
+//! Closed: calls go through. It opens when the calls of the last [`window`] mostly failed, at least
+//! [`MIN_FAILURES`] of them, and the failures are spread over at least REDIS_TIMEOUT_MS: a blip
+//! shorter than the timeout fails the calls in flight during it (all at about the same moment) and
+//! nobody else. Open: calls fail at once for the cooldown (doubling while the node stays down, up
+//! to `MAX_COOLDOWN`). Then one call goes through as a probe (half-open): success closes the
+//! breaker, failure opens it again.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Mutex,
         atomic::{AtomicBool, Ordering},
@@ -15,14 +20,24 @@ use std::{
 
 use tokio::time::Instant;
 
-const FAILURES_TO_OPEN: u32 = 5;
+/// Failed calls needed, at least, in the window to open.
+pub const MIN_FAILURES: usize = 5;
+/// Outcomes kept: enough for the window at any rate that matters (more only adds successes).
+const KEPT: usize = 64;
 const FIRST_COOLDOWN: Duration = Duration::from_millis(250);
 const MAX_COOLDOWN: Duration = Duration::from_secs(4);
 
+/// The span judged: four call timeouts (at least the two the contract asks for), so that a node
+/// that is really down shows failures from several rounds of calls.
+pub fn window(timeout: Duration) -> Duration {
+    timeout * 4
+}
+
 #[derive(Debug)]
 enum State {
+    /// The recent outcomes: (when, ok).
     Closed {
-        failures: u32,
+        recent: VecDeque<(Instant, bool)>,
     },
     Open {
         until: Instant,
@@ -34,12 +49,20 @@ enum State {
     },
 }
 
+fn closed() -> State {
+    State::Closed {
+        recent: VecDeque::with_capacity(KEPT),
+    }
+}
+
 /// One node's breaker; cheap to consult on every call.
 #[derive(Debug)]
 pub struct Breaker {
     state: Mutex<State>,
     /// Mirrors "not closed" for a lock-free fast path and for the gauge.
     open: AtomicBool,
+    /// REDIS_TIMEOUT_MS: failures must be spread over at least this long.
+    timeout: Duration,
     on_change: Option<metrics::Gauge>,
 }
 
@@ -56,13 +79,14 @@ pub enum Permit {
 
 impl Breaker {
     /// A closed breaker; `gauge` (tollgate_backend_circuit_open{node}) follows its state.
-    pub fn new(gauge: Option<metrics::Gauge>) -> Self {
+    pub fn new(timeout: Duration, gauge: Option<metrics::Gauge>) -> Self {
         if let Some(g) = &gauge {
             g.set(0.0);
         }
         Self {
-            state: Mutex::new(State::Closed { failures: 0 }),
+            state: Mutex::new(closed()),
             open: AtomicBool::new(false),
+            timeout,
             on_change: gauge,
         }
     }
@@ -99,27 +123,30 @@ impl Breaker {
         }
     }
 
-    /// Records how a call went (`ok: false` only for the node's fault: timeouts, connections).
-    /// Any answer proves the node is back; a failure of a call sent before the breaker opened
-    /// changes nothing. Returns true when this outcome opened or closed the breaker.
-    pub fn record(&self, permit: &Permit, ok: bool) -> bool {
+    /// Records how one Redis call went (`ok: false` only for the node's fault: timeouts,
+    /// connections); `probe` when it carried the probe. Any answer proves the node is back; a
+    /// failure of a call sent before the breaker opened changes nothing. Returns true when this
+    /// outcome opened or closed the breaker.
+    pub fn record(&self, probe: bool, ok: bool) -> bool {
+        let now = Instant::now();
         let mut state = self.lock();
         let was_open = !matches!(*state, State::Closed { .. });
-        let next = match (&*state, ok) {
-            (_, true) => Some(State::Closed { failures: 0 }),
-            (State::Closed { failures }, false) if failures + 1 < FAILURES_TO_OPEN => {
-                Some(State::Closed {
-                    failures: failures + 1,
+        let next = match (&mut *state, ok) {
+            (State::Closed { recent }, _) => {
+                if recent.len() == KEPT {
+                    recent.pop_front();
+                }
+                recent.push_back((now, ok));
+                (!ok && self.mostly_failed(recent, now)).then(|| State::Open {
+                    until: now + FIRST_COOLDOWN,
+                    cooldown: FIRST_COOLDOWN,
                 })
             }
-            (State::Closed { .. }, false) => Some(State::Open {
-                until: Instant::now() + FIRST_COOLDOWN,
-                cooldown: FIRST_COOLDOWN,
-            }),
-            (State::Probing { cooldown }, false) if *permit == Permit::Probe => {
+            (_, true) => Some(closed()),
+            (State::Probing { cooldown }, false) if probe => {
                 let cooldown = (*cooldown * 2).min(MAX_COOLDOWN);
                 Some(State::Open {
-                    until: Instant::now() + cooldown,
+                    until: now + cooldown,
                     cooldown,
                 })
             }
@@ -133,42 +160,107 @@ impl Breaker {
         self.set_open(open);
         open != was_open
     }
+
+    /// Within the window: at least MIN_FAILURES failed calls, more failures than successes, and
+    /// the first and last failure at least a call timeout apart.
+    fn mostly_failed(&self, recent: &VecDeque<(Instant, bool)>, now: Instant) -> bool {
+        let since = now.checked_sub(window(self.timeout));
+        let in_window = recent
+            .iter()
+            .filter(|(at, _)| since.is_none_or(|s| *at >= s));
+        let (mut failures, mut successes, mut first_failure) = (0, 0, None);
+        for (at, ok) in in_window {
+            if *ok {
+                successes += 1;
+            } else {
+                failures += 1;
+                first_failure.get_or_insert(*at);
+            }
+        }
+        failures >= MIN_FAILURES
+            && failures > successes
+            && first_failure.is_some_and(|first| now.duration_since(first) >= self.timeout)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const TIMEOUT: Duration = Duration::from_millis(15);
+
+    /// A node that is down: every call times out, round after round.
+    async fn fail_rounds(b: &Breaker, rounds: usize, calls_per_round: usize) {
+        for _ in 0..rounds {
+            tokio::time::advance(TIMEOUT).await;
+            for _ in 0..calls_per_round {
+                b.record(false, false);
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn opens_after_consecutive_failures_and_closes_after_a_probe() {
-        let b = Breaker::new(None);
-        for _ in 0..FAILURES_TO_OPEN - 1 {
-            assert_eq!(b.permit(), Permit::Call);
-            b.record(&Permit::Call, false);
-        }
-        assert!(!b.is_open(), "one short of the threshold");
-        b.record(&Permit::Call, true);
-        for _ in 0..FAILURES_TO_OPEN {
-            b.record(&Permit::Call, false);
-        }
-        assert!(b.is_open());
+    async fn a_node_that_stays_down_opens_it_and_a_probe_closes_it() {
+        let b = Breaker::new(TIMEOUT, None);
+        fail_rounds(&b, 3, 2).await;
+        assert!(b.is_open(), "six failed calls over two timeouts");
         assert_eq!(b.permit(), Permit::Reject);
         tokio::time::advance(FIRST_COOLDOWN).await;
         assert_eq!(b.permit(), Permit::Probe);
         assert_eq!(b.permit(), Permit::Reject, "one probe at a time");
-        assert!(
-            !b.record(&Permit::Probe, false),
-            "a failed probe keeps it open"
-        );
+        assert!(!b.record(true, false), "a failed probe keeps it open");
         assert!(b.is_open());
-        assert_eq!(b.permit(), Permit::Reject);
         tokio::time::advance(FIRST_COOLDOWN).await;
         assert_eq!(b.permit(), Permit::Reject, "the cooldown doubled");
         tokio::time::advance(FIRST_COOLDOWN).await;
-        let probe = b.permit();
-        assert_eq!(probe, Permit::Probe);
-        assert!(b.record(&probe, true));
+        assert_eq!(b.permit(), Permit::Probe);
+        assert!(b.record(true, true));
         assert!(!b.is_open());
         assert_eq!(b.permit(), Permit::Call);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blip_shorter_than_the_timeout_never_opens_it() {
+        // Many calls in flight fail together (a pause of the server): one moment, not a trend.
+        let b = Breaker::new(TIMEOUT, None);
+        for _ in 0..KEPT {
+            b.record(false, false);
+        }
+        assert!(!b.is_open(), "failures all at one moment");
+        tokio::time::advance(TIMEOUT / 2).await;
+        b.record(false, true);
+        b.record(false, false);
+        assert!(!b.is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_among_the_failures_keep_it_closed() {
+        let b = Breaker::new(TIMEOUT, None);
+        for _ in 0..8 {
+            tokio::time::advance(TIMEOUT).await;
+            b.record(false, false);
+            b.record(false, true);
+            b.record(false, true);
+        }
+        assert!(!b.is_open(), "a third of the calls failed: not most");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_failures_leave_the_window() {
+        let b = Breaker::new(TIMEOUT, None);
+        fail_rounds(&b, 1, 4).await;
+        tokio::time::advance(window(TIMEOUT) * 2).await;
+        b.record(false, false);
+        assert!(!b.is_open(), "four old failures and one new one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_from_a_call_sent_earlier_closes_it() {
+        let b = Breaker::new(TIMEOUT, None);
+        fail_rounds(&b, 3, 2).await;
+        assert!(b.is_open());
+        assert!(!b.record(false, false), "a late failure changes nothing");
+        assert!(b.record(false, true), "any answer proves the node is back");
+        assert!(!b.is_open());
     }
 }

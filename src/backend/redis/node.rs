@@ -51,6 +51,9 @@ pub struct Job {
     pub ends: SmallVec<[u32; 4]>,
     pub ops: SmallVec<[Op1; 4]>,
     pub group: bool,
+    /// This job's caller holds the breaker's probe: the call carrying it decides whether the
+    /// circuit closes.
+    probe: bool,
     reply: Option<oneshot::Sender<Result<Vec<Decision>, BackendError>>>,
 }
 
@@ -61,6 +64,7 @@ impl Job {
             ends: SmallVec::new(),
             ops: SmallVec::new(),
             group,
+            probe: false,
             reply: None,
         }
     }
@@ -124,7 +128,7 @@ pub struct Node {
     pub addr: String,
     jobs: mpsc::Sender<Job>,
     conns: Arc<Conns>,
-    pub breaker: Breaker,
+    pub breaker: Arc<Breaker>,
     timeout: Duration,
 }
 
@@ -139,8 +143,12 @@ impl Node {
             made: tokio::sync::Notify::new(),
         });
         let (tx, rx) = mpsc::channel(QUEUE);
+        let breaker = Arc::new(Breaker::new(
+            lanes.timeout,
+            lanes.metrics.circuit_gauge(&addr),
+        ));
         let node = Arc::new(Node {
-            breaker: Breaker::new(lanes.metrics.circuit_gauge(&addr)),
+            breaker: breaker.clone(),
             addr,
             jobs: tx,
             conns: conns.clone(),
@@ -153,7 +161,11 @@ impl Node {
             lanes.connections,
             lanes.timeout,
         ));
-        tokio::spawn(lane(rx, conns, lanes.clone()));
+        let judge = Judge {
+            breaker,
+            addr: node.addr.clone(),
+        };
+        tokio::spawn(lane(rx, conns, lanes.clone(), Arc::new(judge)));
         node
     }
 
@@ -175,12 +187,15 @@ impl Node {
                 .await
                 .is_err()
         {
+            // No call was made: this caller's wait is the outcome (one per caller, each a full
+            // timeout long, so a node that never connects still opens the circuit).
             let e = not_connected(&self.addr);
-            self.breaker.record(&permit, false);
+            note(&self.breaker, &self.addr, permit == Permit::Probe, false);
             return Err(e);
         }
         let (tx, rx) = oneshot::channel();
         job.reply = Some(tx);
+        job.probe = permit == Permit::Probe;
         let result = match self.jobs.try_send(job) {
             Err(_) => Err(BackendError {
                 backend: "redis",
@@ -194,26 +209,12 @@ impl Node {
                     kind: ErrorKind::Other,
                     message: "the node's lane stopped".into(),
                 }),
+                // The call itself is judged where it is made (`run_batch`), once for all the
+                // callers it carries.
                 Err(_) => Err(timeout_error(self.timeout)),
             },
         };
-        let node_fault = matches!(
-            &result,
-            Err(e) if matches!(e.kind, ErrorKind::Timeout | ErrorKind::Connection)
-        );
-        self.record(&permit, !node_fault);
         result
-    }
-
-    /// Tells the breaker how a call went, and says so when that opened or closed it.
-    fn record(&self, permit: &Permit, ok: bool) {
-        if self.breaker.record(permit, ok) {
-            if self.breaker.is_open() {
-                tracing::warn!(node = %self.addr, "circuit open: answering without waiting for this node");
-            } else {
-                tracing::info!(node = %self.addr, "circuit closed: the node answers again");
-            }
-        }
     }
 
     /// PING, within REDIS_TIMEOUT_MS.
@@ -232,10 +233,32 @@ impl Node {
         };
         // The health monitor pings every 500 ms: an answer proves the node is back, so an open
         // circuit closes now rather than at its next probe (up to 4 s away).
-        if answered.is_ok() && self.breaker.is_open() {
-            self.record(&Permit::Probe, true);
-        }
+        let node_fault = answered.as_ref().is_err_and(is_node_fault);
+        note(&self.breaker, &self.addr, true, !node_fault);
         answered
+    }
+}
+
+/// The breaker of a node and its name, for the lane.
+struct Judge {
+    breaker: Arc<Breaker>,
+    addr: String,
+}
+
+/// A failure that is the node's (it did not answer in time, or the connection failed), not the
+/// request's.
+fn is_node_fault(e: &BackendError) -> bool {
+    matches!(e.kind, ErrorKind::Timeout | ErrorKind::Connection)
+}
+
+/// Tells the breaker how one call went, and says so when that opened or closed it.
+fn note(breaker: &Breaker, addr: &str, probe: bool, ok: bool) {
+    if breaker.record(probe, ok) {
+        if breaker.is_open() {
+            tracing::warn!(node = %addr, "circuit open: answering without waiting for this node");
+        } else {
+            tracing::info!(node = %addr, "circuit closed: the node answers again");
+        }
     }
 }
 
@@ -316,7 +339,12 @@ async fn connect(
 
 /// The lane: one call per free slot, carrying every decision that queued meanwhile. The calls in
 /// flight are polled here, not spawned: one task per node, no hand-off per batch.
-async fn lane(mut rx: mpsc::Receiver<Job>, conns: Arc<Conns>, lanes: Arc<Lanes>) {
+async fn lane(
+    mut rx: mpsc::Receiver<Job>,
+    conns: Arc<Conns>,
+    lanes: Arc<Lanes>,
+    judge: Arc<Judge>,
+) {
     use futures::stream::{FuturesUnordered, StreamExt};
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
@@ -356,14 +384,14 @@ async fn lane(mut rx: mpsc::Receiver<Job>, conns: Arc<Conns>, lanes: Arc<Lanes>)
         // must not be charged now.
         batch.retain(|j| !j.gone());
         if !batch.is_empty() {
-            let (conns, lanes) = (conns.clone(), lanes.clone());
-            in_flight.push(async move { run_batch(&conns, &lanes, batch).await });
+            let (conns, lanes, judge) = (conns.clone(), lanes.clone(), judge.clone());
+            in_flight.push(async move { run_batch(&conns, &lanes, &judge, batch).await });
         }
     }
 }
 
 /// One script call for `batch`, its answers handed back job by job.
-async fn run_batch(conns: &Conns, lanes: &Lanes, mut batch: Vec<Job>) {
+async fn run_batch(conns: &Conns, lanes: &Lanes, judge: &Judge, mut batch: Vec<Job>) {
     let total: usize = batch.iter().map(Job::buckets).sum();
     lanes.metrics.batch(total);
     let result = match conns.pick() {
@@ -382,6 +410,9 @@ async fn run_batch(conns: &Conns, lanes: &Lanes, mut batch: Vec<Job>) {
             }
         }
     };
+    let probe = batch.iter().any(|j| j.probe);
+    let node_fault = result.as_ref().is_err_and(is_node_fault);
+    note(&judge.breaker, &judge.addr, probe, !node_fault);
     match result {
         Ok(decisions) => {
             let mut rest = decisions.into_iter();
