@@ -376,3 +376,80 @@ async fn the_circuit_closes_when_pings_answer_again() {
     let r = should_allow(&mut c, ask("k3", 0.0, 0.0, 1)).await.unwrap();
     assert!(!r.degraded, "a real answer at once: {r:?}");
 }
+
+/// A blip is a blip: Redis paused for less than two timeouts under load, on a hot key at its
+/// limit, with FAILURE_MODE=allow and no local deny cache. The calls in flight during the pause
+/// fail (their callers get FAILURE_MODE's allow), and nobody else: the breaker judges Redis calls,
+/// not the callers they carry, so one failed call of 64 callers does not open the circuit for the
+/// next 250 ms (which admitted 5,000 to 10,000 requests here before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blip_admits_at_most_the_calls_in_flight_during_it() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    };
+    const CALLERS: u64 = 64;
+    const BLIP_TIMEOUT_MS: u64 = 60;
+    let redis = RedisServer::start().await;
+    let t = Tollgate::start(
+        &[
+            "--redis-timeout-ms",
+            &BLIP_TIMEOUT_MS.to_string(),
+            "--failure-mode",
+            "allow",
+            "--local-deny-cache",
+            "false",
+        ],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    let mut c = t.client().await;
+    // 10 tokens, 1 a second: the key is drained within the first moment of the load.
+    let hot = || ask("blip", 10.0, 1.0, 1);
+    eventually(
+        Duration::from_secs(5),
+        "a real answer",
+        async || matches!(should_allow(&mut c, ask("warm", 0.0, 0.0, 1)).await, Ok(r) if !r.degraded),
+    )
+    .await;
+    let (allowed, degraded) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..CALLERS {
+        let (mut c, allowed, degraded, stop) =
+            (c.clone(), allowed.clone(), degraded.clone(), stop.clone());
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                if let Ok(r) = should_allow(&mut c, hot()).await {
+                    allowed.fetch_add(u64::from(r.allowed), Relaxed);
+                    degraded.fetch_add(u64::from(r.degraded), Relaxed);
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pid = Pid::from_raw(redis.pid() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // Longer than one timeout (the calls in flight fail), shorter than two.
+    std::thread::sleep(Duration::from_millis(BLIP_TIMEOUT_MS * 3 / 2));
+    kill(pid, Signal::SIGCONT).unwrap();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    stop.store(true, Relaxed);
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (allowed, degraded) = (allowed.load(Relaxed), degraded.load(Relaxed));
+    // The bucket's own: 10 + 1 a second. On top: the callers of the calls that failed, one call
+    // per connection (2) in flight when Redis stopped, and as many again as slack for a busy
+    // machine's own slow calls.
+    let bound = 10 + elapsed.ceil() as u64 + 4 * CALLERS;
+    eprintln!("blip: {allowed} allowed ({degraded} by FAILURE_MODE) in {elapsed:.1} s");
+    assert!(
+        allowed <= bound,
+        "{allowed} allowed ({degraded} by FAILURE_MODE) in {elapsed:.1} s, at most {bound}"
+    );
+}
