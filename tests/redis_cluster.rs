@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{RedisCluster, RedisSentinels, Tollgate, ask, eventually, http_get, should_allow};
+use tollgate::core::Shape;
 
 /// One cluster at a time: several six-node clusters at once on two cores could miss their own
 /// node timeouts and fail over by themselves.
@@ -101,10 +102,11 @@ async fn a_master_killed_under_load() {
     let t = on_cluster(&cluster, &["--redis-timeout-ms", &TIMEOUT_MS.to_string()]).await;
     let client = t.client().await;
     let keys: Vec<String> = (0..60).map(|i| format!("failover-{i}")).collect();
-    let victim = cluster.master_of(&format!("tb:user:{}", keys[0])).await;
+    let bucket = |k: &str| tollgate::api::bucket_key("tb:user:", k, Shape::new(1e6, 1e6).unwrap());
+    let victim = cluster.master_of(&bucket(&keys[0])).await;
     let mut victim_keys = Vec::new();
     for k in &keys {
-        if cluster.master_of(&format!("tb:user:{k}")).await == victim {
+        if cluster.master_of(&bucket(k)).await == victim {
             victim_keys.push(k.clone());
         }
     }
@@ -248,7 +250,11 @@ async fn sentinel_failover_is_followed() {
                 return false;
             };
             let exists: i64 = redis::cmd("EXISTS")
-                .arg("tb:user:s")
+                .arg(tollgate::api::bucket_key(
+                    "tb:user:",
+                    "s",
+                    Shape::new(5.0, 1e-6).unwrap(),
+                ))
                 .query_async(&mut conn)
                 .await
                 .unwrap_or(0);

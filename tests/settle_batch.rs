@@ -123,6 +123,35 @@ async fn batch_bounds_and_field_names<B: Backend>(a: &ShouldAllowApi<B>) {
     assert!(err.to_string().starts_with("key: request 1"), "{err}");
 }
 
+/// A bucket is its key and its shape: a caller naming the victim's key with another shape has a
+/// bucket of its own, and can neither refill nor drain the victim's.
+async fn another_shape_is_another_bucket<B: Backend>(a: &ShouldAllowApi<B>) {
+    let r = a.should_allow(&take("victim", 10)).await.unwrap();
+    assert!(r.allowed);
+    assert!(!a.should_allow(&take("victim", 1)).await.unwrap().allowed);
+    // Same key, a huge rate: allowed in its own bucket, the victim's stays empty.
+    let greedy = ShouldAllowRequest {
+        rate: 1e9,
+        ..take("victim", 1)
+    };
+    assert!(a.should_allow(&greedy).await.unwrap().allowed);
+    assert!(!a.should_allow(&take("victim", 1)).await.unwrap().allowed);
+    // A forced charge with another shape lands in that shape's bucket only.
+    assert!(a.should_allow(&take("other", 1)).await.unwrap().allowed);
+    let s = a
+        .settle(&SettleRequest {
+            capacity: 1e9,
+            actual: 2_000_000_000,
+            ..settle("other", 0, 0)
+        })
+        .await
+        .unwrap();
+    assert!(s.in_debt, "{s:?}");
+    let r = a.should_allow(&take("other", 1)).await.unwrap();
+    assert!(r.allowed, "the 10-token bucket is not in that debt: {r:?}");
+    assert!((r.tokens_remaining - 8.0).abs() < EPS, "{r:?}");
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -150,6 +179,7 @@ macro_rules! both {
 
 both!(
     settle_less_equal_more,
+    another_shape_is_another_bucket,
     batch_all_or_nothing,
     batch_bounds_and_field_names
 );

@@ -8,4 +8,4 @@ mod should_allow;
 
 pub use envoy::{EnvoyApi, EnvoySettings, HeaderNames};
 pub use error::ApiError;
-pub use should_allow::{Defaults, ShouldAllowApi};
+pub use should_allow::{Defaults, ShouldAllowApi, bucket_key};

@@ -53,6 +53,19 @@ impl Defaults {
     }
 }
 
+/// The backend key of a caller's key with a shape: a bucket's identity is its key and its shape,
+/// so a caller naming someone's key with another shape (a huge rate, say) gets a bucket of its own
+/// and can neither refill nor drain theirs. `prefix`, the key, then `|capacity/rate`: the suffix
+/// has no `|`, so the last one splits any key unambiguously.
+pub fn bucket_key(prefix: &str, key: &str, shape: Shape) -> String {
+    use std::fmt::Write as _;
+    let mut bucket = String::with_capacity(prefix.len() + key.len() + 24);
+    bucket.push_str(prefix);
+    bucket.push_str(key);
+    let _ = write!(bucket, "|{}/{}", shape.capacity(), shape.rate());
+    bucket
+}
+
 /// A checked request: its bucket key (prefix included), shape and operation.
 struct Parsed {
     key: String,
@@ -125,10 +138,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         let rate = if rate == 0.0 { d.shape.rate() } else { rate };
         let shape = Shape::within(capacity, rate, &d.limits)
             .map_err(|e| ApiError::invalid(e.field, format!("{which}{}", e.reason)))?;
-        let mut bucket = String::with_capacity(d.bucket_prefix.len() + key.len());
-        bucket.push_str(&d.bucket_prefix);
-        bucket.push_str(key);
-        Ok((bucket, shape))
+        Ok((bucket_key(&d.bucket_prefix, key, shape), shape))
     }
 
     /// Checks a ShouldAllow request and turns it into a bucket operation.
