@@ -205,3 +205,63 @@ async fn a_bare_file_name_is_watched() {
     let stderr = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
     assert!(!stderr.contains("cannot watch"), "{stderr}");
 }
+
+/// A file written in two steps (a valid prefix, the rest a moment later, as a slow copy or a
+/// `>` redirect does) is never loaded half-written: the limit holds at every moment. Then a
+/// change that would leave the domain with no rules is refused, unless the file says
+/// `descriptors: []`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_file_never_lifts_the_limits() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, rules(3)).unwrap();
+    let t = Tollgate::start(&["--rules", path.to_str().unwrap()], &[]).await;
+    let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
+    assert_eq!(limit_now(&mut c).await, Some(3));
+
+    let watch = {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            // Every answer until the new rules are in: a limit, never none.
+            let mut seen = Vec::new();
+            loop {
+                let limit = limit_now(&mut c).await;
+                seen.push(limit);
+                if limit == Some(4) || seen.len() > 2_000 {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let text = rules(4);
+    let (prefix, rest) = text.split_at(text.find("descriptors").unwrap());
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(prefix.as_bytes()).unwrap();
+    f.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.write_all(rest.as_bytes()).unwrap();
+    drop(f);
+    let seen = watch.await.unwrap();
+    assert_eq!(seen.last(), Some(&Some(4)), "the whole file is loaded");
+    assert!(
+        seen.iter().all(|l| l.is_some()),
+        "a moment without the limit: {seen:?}"
+    );
+
+    // A file with no descriptors at all: refused, the rules stay.
+    let refused = reloads(&t, "error").await;
+    replace(&path, "domain: edge\n");
+    eventually(Duration::from_secs(10), "the refusal", async || {
+        reloads(&t, "error").await > refused
+    })
+    .await;
+    assert_eq!(limit_now(&mut c).await, Some(4));
+    // Said on purpose: the domain's rules go.
+    replace(&path, "domain: edge\ndescriptors: []\n");
+    eventually(Duration::from_secs(10), "the rules to go", async || {
+        limit_now(&mut c).await.is_none()
+    })
+    .await;
+}

@@ -220,6 +220,8 @@ fn significant(v: f64) -> String {
 pub struct RuleSet {
     domains: std::collections::HashMap<String, matcher::Level>,
     rules: Vec<Arc<Rule>>,
+    /// Domains whose file says `descriptors: []`: emptied on purpose.
+    emptied: std::collections::HashSet<String>,
 }
 
 impl fmt::Debug for RuleSet {
@@ -238,6 +240,21 @@ impl RuleSet {
 
     pub fn domains(&self) -> impl Iterator<Item = &str> {
         self.domains.keys().map(String::as_str)
+    }
+
+    /// The domains that have rules in `self` and none in `next`, where `next` does not say so
+    /// on purpose (`descriptors: []`): a reload to `next` would silently lift all their limits.
+    pub fn domains_emptied_by(&self, next: &RuleSet) -> Vec<String> {
+        let mut lost: Vec<String> = self
+            .rules
+            .iter()
+            .map(|r| r.domain.as_str())
+            .filter(|d| !next.rules.iter().any(|r| r.domain == *d) && !next.emptied.contains(*d))
+            .map(str::to_string)
+            .collect();
+        lost.sort();
+        lost.dedup();
+        lost
     }
 }
 

@@ -22,8 +22,10 @@ pub struct RulesError(pub String);
 #[serde(deny_unknown_fields)]
 struct FileYaml {
     domain: Spanned<String>,
+    /// None when the file has no `descriptors` at all (perhaps a file caught half-written):
+    /// only an explicit `descriptors: []` may take every rule of a domain away on a reload.
     #[serde(default)]
-    descriptors: Vec<DescriptorYaml>,
+    descriptors: Option<Vec<DescriptorYaml>>,
 }
 
 #[derive(Deserialize)]
@@ -94,7 +96,12 @@ pub fn load_path(path: &Path) -> Result<RuleSet, RulesError> {
     for file in &files {
         let text = std::fs::read_to_string(file)
             .map_err(|e| RulesError(format!("{}: cannot read: {e}", file.display())))?;
-        let (domain, level, rules) = parse_file(file, &text, set.rules.len())?;
+        let File {
+            domain,
+            level,
+            rules,
+            emptied,
+        } = parse_file(file, &text, set.rules.len())?;
         if let Some(first) = domain_files.get(&domain) {
             return Err(RulesError(format!(
                 "{}: domain '{domain}' is already defined in {}",
@@ -103,6 +110,9 @@ pub fn load_path(path: &Path) -> Result<RuleSet, RulesError> {
             )));
         }
         domain_files.insert(domain.clone(), file.clone());
+        if emptied {
+            set.emptied.insert(domain.clone());
+        }
         set.domains.insert(domain, level);
         set.rules.extend(rules);
     }
@@ -112,8 +122,16 @@ pub fn load_path(path: &Path) -> Result<RuleSet, RulesError> {
 /// Parses the text of one rules file; `name` stands for the file in error messages. The same
 /// checks as [`load_path`], without the file system (for tests and fuzzing).
 pub fn parse_text(name: &str, text: &str) -> Result<RuleSet, RulesError> {
-    let (domain, level, rules) = parse_file(Path::new(name), text, 0)?;
+    let File {
+        domain,
+        level,
+        rules,
+        emptied,
+    } = parse_file(Path::new(name), text, 0)?;
     let mut set = RuleSet::default();
+    if emptied {
+        set.emptied.insert(domain.clone());
+    }
     set.domains.insert(domain, level);
     set.rules = rules;
     Ok(set)
@@ -160,11 +178,16 @@ fn whole(field: &str, v: f64, min: u32) -> Result<u32, String> {
 }
 
 /// Parses one file's text (`file` only names it in errors).
-pub(super) fn parse_file(
-    file: &Path,
-    text: &str,
-    first_id: usize,
-) -> Result<(String, Level, Vec<Arc<Rule>>), RulesError> {
+/// One file, parsed.
+pub(super) struct File {
+    pub domain: String,
+    pub level: Level,
+    pub rules: Vec<Arc<Rule>>,
+    /// The file says `descriptors: []`: no rules on purpose.
+    pub emptied: bool,
+}
+
+pub(super) fn parse_file(file: &Path, text: &str, first_id: usize) -> Result<File, RulesError> {
     let name = file.display().to_string();
     // Comments alone are no rules file (the parser would only say "unexpected end of input").
     if text
@@ -196,10 +219,16 @@ pub(super) fn parse_file(
         first_id,
         rules: Vec::new(),
     };
-    let level = builder.level(&parsed.descriptors, "")?;
+    let descriptors = parsed.descriptors.as_deref().unwrap_or_default();
+    let level = builder.level(descriptors, "")?;
     let rules = builder.rules;
     warn_unknown_replaces(&name, &rules);
-    Ok((domain, level, rules))
+    Ok(File {
+        emptied: parsed.descriptors.as_ref().is_some_and(Vec::is_empty),
+        domain,
+        level,
+        rules,
+    })
 }
 
 /// The parser's message alone: its first line, without the location it repeats or its advice

@@ -1,6 +1,9 @@
 //! Hot reload: the rules path is watched (inotify through `notify`, with a slow poll as a safety
 //! net), and a valid change is swapped in atomically: a request sees the old rules or the new,
-//! never none. An invalid change is logged and counted, and the old rules stay.
+//! never none. An invalid change is logged and counted, and the old rules stay. A file is read
+//! only once its content has stopped changing across a short interval, and a change that would
+//! leave a domain with no rules, when it had some, is refused unless the file says
+//! `descriptors: []`: a half-written file must never lift every limit.
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -21,6 +24,8 @@ pub type ReloadObserver = Arc<dyn Fn(bool) + Send + Sync>;
 
 /// How long to let a burst of file events settle (an editor's save, a ConfigMap's symlink swap).
 const SETTLE: Duration = Duration::from_millis(150);
+/// How many times to wait for a changing file to settle before loading what is there anyway.
+const MAX_SETTLES: usize = 20;
 /// The safety net for missed events (network filesystems, exotic mounts).
 const POLL_EVERY: Duration = Duration::from_secs(2);
 
@@ -83,7 +88,26 @@ impl RulesHandle {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        match load_path(path) {
+        let loaded = load_path(path).and_then(|set| {
+            let lost = self
+                .current()
+                .map(|old| old.domains_emptied_by(&set))
+                .unwrap_or_default();
+            if lost.is_empty() {
+                Ok(set)
+            } else {
+                Err(RulesError(format!(
+                    "{}: the change would leave domain {} with no rules; refused (a file that \
+                     means it says `descriptors: []`)",
+                    path.display(),
+                    lost.iter()
+                        .map(|d| format!("{d:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        });
+        match loaded {
             Ok(set) => {
                 let count = set.rules().len();
                 self.current.store(Some(Arc::new(set)));
@@ -164,7 +188,19 @@ pub fn spawn_watcher(
                 }
                 _ = poll.tick() => {}
             }
-            let now = look(path.clone()).await;
+            // Reload only what has stopped changing: a file written in steps (a valid prefix,
+            // then the rest) must not be loaded half-written.
+            let mut now = look(path.clone()).await;
+            if now != last {
+                for _ in 0..MAX_SETTLES {
+                    tokio::time::sleep(SETTLE).await;
+                    let again = look(path.clone()).await;
+                    if again == now {
+                        break;
+                    }
+                    now = again;
+                }
+            }
             if now != last {
                 // A failed reload is remembered too: the same broken content is reported once.
                 let rules = rules.clone();
