@@ -371,8 +371,25 @@ pub struct ServeArgs {
 
     /// Serve /debug/* (rules, configuration, top denied keys) and the status page on HTTP_ADDR;
     /// false: only /metrics and the probes.
-    #[arg(long, env = "DEBUG_ENDPOINTS", value_name = "DEBUG_ENDPOINTS", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    /// Off by default: they show the loaded rules, the configuration and the heaviest denied keys.
+    #[arg(long, env = "DEBUG_ENDPOINTS", value_name = "DEBUG_ENDPOINTS", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub debug_endpoints: bool,
+
+    /// Show raw keys on /debug/top and the status page; otherwise each is truncated and hashed
+    /// (keys are often secrets: API keys, user ids).
+    #[arg(long, env = "DEBUG_SHOW_KEYS", value_name = "DEBUG_SHOW_KEYS", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub debug_show_keys: bool,
+
+    /// Host names (comma-separated) that the status page and /debug/* answer; a request naming
+    /// another Host gets 403, which closes DNS rebinding. Unset: localhost, 127.0.0.1, ::1 and
+    /// HTTP_ADDR's host. /metrics and the probes answer any Host.
+    #[arg(
+        long,
+        env = "HTTP_ALLOWED_HOSTS",
+        value_name = "HTTP_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub http_allowed_hosts: Vec<String>,
 
     /// After SIGTERM: report not ready (readiness and gRPC health) at once but keep serving this
     /// many seconds, so load balancers stop sending first; then drain.
@@ -466,6 +483,25 @@ impl ServeArgs {
 
     pub fn shutdown_delay(&self) -> Duration {
         Duration::from_secs(self.shutdown_delay_secs)
+    }
+
+    /// The Host names the status page and /debug/* answer (HTTP_ALLOWED_HOSTS, or its default),
+    /// lower-cased, without ports or brackets.
+    pub fn allowed_hosts(&self) -> Vec<String> {
+        if !self.http_allowed_hosts.is_empty() {
+            return self
+                .http_allowed_hosts
+                .iter()
+                .map(|h| h.trim().trim_matches(['[', ']']).to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect();
+        }
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
+        let ip = self.http_addr.ip();
+        if !ip.is_unspecified() && !hosts.contains(&ip.to_string()) {
+            hosts.push(ip.to_string());
+        }
+        hosts
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -34,7 +34,14 @@ async fn status_rules_config_and_top_keys() {
     std::fs::write(&rules, RULES).unwrap();
     let url = format!("redis://:s3cret@127.0.0.1:{}/0", redis.port);
     let t = Tollgate::start(
-        &["--rules", rules.to_str().unwrap()],
+        &[
+            "--rules",
+            rules.to_str().unwrap(),
+            "--debug-endpoints",
+            "true",
+            "--debug-show-keys",
+            "true",
+        ],
         &[("REDIS_URL", url.as_str())],
     )
     .await;
@@ -160,8 +167,8 @@ fn rules_path_text(r: &Value) -> Value {
 }
 
 #[tokio::test]
-async fn debug_endpoints_can_be_turned_off() {
-    let t = Tollgate::start(&[], &[("DEBUG_ENDPOINTS", "false")]).await;
+async fn debug_endpoints_are_off_by_default() {
+    let t = Tollgate::start(&[], &[]).await;
     for path in [
         "/",
         "/status.js",
@@ -178,7 +185,7 @@ async fn debug_endpoints_can_be_turned_off() {
 
 #[tokio::test]
 async fn top_keys_can_be_turned_off() {
-    let t = Tollgate::start(&["--top-keys", "0"], &[]).await;
+    let t = Tollgate::start(&["--top-keys", "0", "--debug-endpoints", "true"], &[]).await;
     let mut c = t.client().await;
     for _ in 0..5 {
         c.should_allow(ask("k", 1.0, 0.01, 1)).await.unwrap();
@@ -270,4 +277,80 @@ async fn denial_logs_stay_under_the_cap_under_load() {
         "{left_out} left out, {} lines, {denied} denials",
         lines.len()
     );
+}
+
+/// Keys are often secrets: without DEBUG_SHOW_KEYS the pages show a key's first characters and a
+/// digest, never the whole key.
+#[tokio::test]
+async fn keys_are_hidden_unless_asked_for() {
+    let t = Tollgate::start(&["--debug-endpoints", "true"], &[]).await;
+    let mut c = t.client().await;
+    let secret = "sk-live-0123456789abcdef";
+    for _ in 0..5 {
+        c.should_allow(ask(secret, 1.0, 0.01, 1)).await.unwrap();
+    }
+    for path in ["/debug/top", "/debug/status"] {
+        let (status, body) = http_get(&t.http_url(path)).await.unwrap();
+        assert_eq!(status, 200, "{path}");
+        assert!(!body.contains(secret), "{path}: {body}");
+        assert!(body.contains("sk-liv…#"), "{path}: {body}");
+    }
+}
+
+/// DNS rebinding: a page on another site whose name now resolves here sends its own Host. The
+/// status page and /debug/* answer only HTTP_ALLOWED_HOSTS; /metrics and the probes answer any.
+#[tokio::test]
+async fn only_allowed_hosts_see_the_pages() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Tollgate::start(&["--debug-endpoints", "true"], &[]).await;
+    let addr = t
+        .http_url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let get = |path: &'static str, host: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u16>()
+                .unwrap()
+        }
+    };
+    for path in ["/", "/debug/config", "/debug/top"] {
+        assert_eq!(get(path, "evil.example:8080").await, 403, "{path}");
+        assert_eq!(get(path, "localhost:8080").await, 200, "{path}");
+        assert_eq!(get(path, "127.0.0.1").await, 200, "{path}");
+    }
+    assert_eq!(get("/metrics", "evil.example").await, 200);
+    assert_eq!(get("/readyz", "evil.example").await, 200);
+
+    let named = Tollgate::start(
+        &[
+            "--debug-endpoints",
+            "true",
+            "--http-allowed-hosts",
+            "status.internal",
+        ],
+        &[],
+    )
+    .await;
+    let addr = named
+        .http_url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: Status.Internal:80\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }

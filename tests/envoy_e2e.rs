@@ -466,3 +466,73 @@ async fn the_demo_behind_envoy_is_limited_once() {
     }
     assert_eq!(statuses, [200, 200, 200, 429], "Envoy's 3 per minute, once");
 }
+
+const SHIPPED_RULES: &str = include_str!("../deploy/rules/edge.yaml");
+
+/// One GET through Envoy with raw header bytes (not necessarily UTF-8); the status code.
+async fn raw_get(envoy: &Envoy, api_key: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = envoy.url("/api/items");
+    let addr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut req =
+        b"GET /api/items HTTP/1.1\r\nHost: edge\r\nConnection: close\r\nx-api-key: ".to_vec();
+    req.extend_from_slice(api_key);
+    req.extend_from_slice(b"\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let head = String::from_utf8_lossy(&out);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head}"))
+}
+
+/// As an attacker would, through a real Envoy with the shipped config and the shipped rules: an
+/// `x-api-key` that is too long for a bucket key, one that is not UTF-8, and one that claims a
+/// premium plan are each limited like any key (10 a second), and Envoy's fail-open never fires.
+#[tokio::test]
+async fn no_header_value_switches_the_limiter_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("edge.yaml");
+    std::fs::write(&rules_path, SHIPPED_RULES).unwrap();
+    let tollgate = Tollgate::start(&["--rules", rules_path.to_str().unwrap()], &[]).await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(ENVOY_YAML, upstream.port, tollgate.grpc_port).await;
+    assert_eq!(raw_get(&envoy, b"warm-up").await, 200);
+
+    let long = vec![b'k'; 2_000];
+    let cases: [(&str, &[u8]); 4] = [
+        ("a key longer than MAX_KEY_BYTES", &long),
+        ("a key that is not UTF-8", b"\xff\xfe-key"),
+        ("a key claiming the premium plan", b"premium-evil"),
+        ("an ordinary key", b"alice"),
+    ];
+    for (what, key) in cases {
+        let mut limited = 0;
+        for _ in 0..15 {
+            match raw_get(&envoy, key).await {
+                429 => limited += 1,
+                200 => {}
+                other => panic!("{what}: status {other}"),
+            }
+        }
+        // 10 a second: of 15 sent at once, at least 3 are over even with a slow machine's refill.
+        assert!(limited >= 3, "{what}: only {limited} of 15 limited");
+    }
+    let failed_open = envoy
+        .stat("cluster.upstream.ratelimit.failure_mode_allowed")
+        .await
+        .unwrap_or(0);
+    let errors = envoy
+        .stat("cluster.upstream.ratelimit.error")
+        .await
+        .unwrap_or(0);
+    assert_eq!((failed_open, errors), (0, 0), "no call failed");
+}

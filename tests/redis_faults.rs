@@ -307,7 +307,7 @@ async fn the_real_cause_of_a_connection_failure_is_logged_once() {
     let log = dir.path().join("stderr.log");
     let url = format!("redis://:wrong@127.0.0.1:{}/0", redis.port);
     let t = Tollgate::start_logging(
-        &["--redis-timeout-ms", "100"],
+        &["--redis-timeout-ms", "100", "--debug-endpoints", "true"],
         &[("RUST_LOG", "warn"), ("REDIS_URL", url.as_str())],
         Some(&log),
     )

@@ -1,10 +1,12 @@
-//! What an operator can look at on the HTTP port (SPEC 10), unless DEBUG_ENDPOINTS=false: the
+//! What an operator can look at on the HTTP port, with DEBUG_ENDPOINTS=true (off by default): the
 //! status page (`/`, with its script and style) and the JSON it refreshes from, the loaded rules,
 //! the effective configuration and the heaviest denied keys.
 //!
 //! Everything shown is already in this process; nothing here touches the backend. Keys and
 //! descriptor values are caller input: the page puts them in the document as text, never as HTML,
-//! and its Content-Security-Policy allows no script but its own.
+//! and its Content-Security-Policy allows no script but its own. Keys are often secrets (API
+//! keys): shown truncated and hashed unless DEBUG_SHOW_KEYS=true. Only the Host names of
+//! HTTP_ALLOWED_HOSTS are answered, so a page elsewhere cannot read these through DNS rebinding.
 
 use std::sync::Arc;
 
@@ -41,6 +43,66 @@ pub struct DebugState {
     /// The effective configuration, secrets redacted (computed once at start).
     pub config: Arc<serde_json::Map<String, Value>>,
     pub backend: &'static str,
+    /// DEBUG_SHOW_KEYS: raw keys; otherwise truncated and hashed.
+    pub show_keys: bool,
+    /// HTTP_ALLOWED_HOSTS (lower case, no ports).
+    pub allowed_hosts: Arc<Vec<String>>,
+}
+
+/// The first characters of a key kept when it is hidden.
+const SHOWN_CHARS: usize = 6;
+
+/// A key as these pages show it: whole with DEBUG_SHOW_KEYS, else its first few characters and a
+/// digest (the same key always shows the same, so an operator can still follow one).
+pub fn shown_key(key: &str, show: bool) -> String {
+    if show {
+        return key.to_string();
+    }
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut shown: String = key.chars().take(SHOWN_CHARS).collect();
+    shown.push_str("…#");
+    for b in &digest.as_ref()[..6] {
+        let _ = write!(shown, "{b:02x}");
+    }
+    shown
+}
+
+/// The Host a request names (the header, or HTTP/2's authority), lower case, without its port.
+fn host_of(req: &axum::extract::Request) -> Option<String> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))?;
+    let host = match raw.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => raw.rsplit_once(':').map_or(raw.as_str(), |(h, _)| h),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Refuses a request whose Host is not in HTTP_ALLOWED_HOSTS (DNS rebinding: a page on another
+/// site whose name now points here).
+async fn allowed_host(
+    State(s): State<DebugState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match host_of(&req) {
+        Some(host) if s.allowed_hosts.contains(&host) => next.run(req).await,
+        host => (
+            axum::http::StatusCode::FORBIDDEN,
+            format!(
+                "Host {:?} is not in HTTP_ALLOWED_HOSTS ({}): set it to the names you reach this port by\n",
+                host.unwrap_or_default(),
+                s.allowed_hosts.join(",")
+            ),
+        )
+            .into_response(),
+    }
 }
 
 /// The routes of this module, for the HTTP router.
@@ -58,7 +120,20 @@ pub fn routes(state: DebugState) -> Router {
         .route("/debug/rules", get(rules))
         .route("/debug/config", get(config))
         .route("/debug/top", get(top))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            allowed_host,
+        ))
         .with_state(state)
+}
+
+/// The heaviest denied keys, shown as DEBUG_SHOW_KEYS says.
+fn top_keys(s: &DebugState, n: usize) -> Vec<crate::telemetry::top_keys::TopKey> {
+    let mut rows = s.activity.top(n);
+    for row in &mut rows {
+        row.key = shown_key(&row.key, s.show_keys);
+    }
+    rows
 }
 
 async fn page() -> impl IntoResponse {
@@ -105,7 +180,7 @@ async fn status(State(s): State<DebugState>) -> Json<Value> {
         "rules": rules,
         "rules_loaded": s.rules.current().map_or(0, |set| set.rules().len()),
         "top_keys_enabled": s.activity.top_enabled(),
-        "top_denied": s.activity.top(STATUS_TOP),
+        "top_denied": top_keys(&s, STATUS_TOP),
     }))
 }
 
@@ -174,6 +249,6 @@ async fn top(State(s): State<DebugState>, Query(q): Query<TopQuery>) -> Json<Val
     Json(json!({
         "enabled": s.activity.top_enabled(),
         "half_life_s": crate::telemetry::top_keys::HALF_LIFE.as_secs(),
-        "keys": s.activity.top(n),
+        "keys": top_keys(&s, n),
     }))
 }

@@ -243,6 +243,8 @@ async fn serve<B: Backend>(
         health: health.clone(),
         config: Arc::new(args.effective()),
         backend: backend.name(),
+        show_keys: args.debug_show_keys,
+        allowed_hosts: Arc::new(args.allowed_hosts()),
     });
     let http_app = http::router(HttpState {
         metrics,

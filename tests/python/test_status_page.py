@@ -58,7 +58,7 @@ def tollgate():
     # The work directory as cwd: no developer .env is read.
     proc = subprocess.Popen(
         [binary, "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}",
-         "--rules", str(rules)],
+         "--rules", str(rules), "--debug-endpoints", "true", "--debug-show-keys", "true"],
         cwd=work, env=env,
     )
     wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc)
