@@ -23,6 +23,18 @@ Per bucket:
             4 force: charge cost whatever is left, down to -capacity (debt); allowed only if the
               tokens were there
             5, 6, 8: take, check, force whose denial does not veto its group (shadow-mode rules)
+            9 settle a reservation (below)
+
+Then, optionally, reservations: the literal `R`, then triples `index key ttl_ms`: bucket `index` (1-based)
+has a reservation key. For a take (mode 1) that is charged, the key is written ("r", what was taken,
+the bucket's key) with PX ttl_ms, so that a settle can later give back at most that, once. For a
+settle (mode 9) the key is the reservation to settle; `cost` is then the real cost.
+
+Settle (mode 9): reads the reservation. Missing, or made for another bucket: nothing changes and the
+answer's allowed is 2 (not found). Not settled yet: what the work cost below what was taken is
+refunded, above it charged as a forced charge (debt), and the reservation is marked settled with the
+answer (KEEPTTL). Settled already: the same answer again, nothing changes. Settles are alone in
+their group.
 
 Groups: `len1 len2 ...` split the buckets, in order, into runs that must add up to N. Within a run,
 if any vetoing request is denied, no take of the run is charged (refunds and forced charges still
@@ -83,6 +95,7 @@ end
 
 -- The requests, as parallel arrays.
 local caps, rates, costs, modes, vetoes, fulls = {}, {}, {}, {}, {}, {}
+local settles = {}
 local ceil = math.ceil
 for i = 1, n do
   local at = base + (i - 1) * 4
@@ -90,34 +103,61 @@ for i = 1, n do
   if capacity == nil or capacity <= 0 then return fail(i, "capacity", ARGV[at + 1], "a finite number > 0") end
   if rate == nil or rate <= 0 then return fail(i, "rate", ARGV[at + 2], "a finite number > 0") end
   if cost == nil or cost < 0 then return fail(i, "cost", ARGV[at + 3], "a finite number >= 0") end
-  if mode ~= 1 and mode ~= 2 and mode ~= 3 and mode ~= 4 and mode ~= 5 and mode ~= 6 and mode ~= 8 then
-    return fail(i, "mode", ARGV[at + 4], "1 take, 2 check, 3 refund, 4 force (+4: no veto)")
+  if mode ~= 1 and mode ~= 2 and mode ~= 3 and mode ~= 4 and mode ~= 5 and mode ~= 6 and mode ~= 8 and mode ~= 9 then
+    return fail(i, "mode", ARGV[at + 4], "1 take, 2 check, 3 refund, 4 force (+4: no veto), 9 settle")
   end
-  vetoes[i] = mode <= 4
-  if mode > 4 then mode = mode - 4 end
+  if mode == 9 then
+    -- The operation is known once the reservation is read.
+    settles[i], vetoes[i], mode = true, true, 2
+  else
+    vetoes[i] = mode <= 4
+    if mode > 4 then mode = mode - 4 end
+  end
   local full_ms = ceil(capacity / rate * 1000)
   if full_ms < 1 then full_ms = 1 elseif full_ms > MAX_MS then full_ms = MAX_MS end
   caps[i], rates[i], costs[i], modes[i], fulls[i] = capacity, rate, cost, mode, full_ms
 end
 
--- The groups: runs of consecutive buckets, as their last index.
+-- The groups: runs of consecutive buckets, as their last index; then the reservations.
 local ends = {}
-local rest = base + 4 * n
-if #ARGV > rest then
-  local total = 0
-  for g = rest + 1, #ARGV do
-    local len = tonumber(ARGV[g])
-    if len == nil or len < 1 or len ~= math.floor(len) then
-      return redis.error_reply("ERR tollgate: group lengths must be whole numbers >= 1, got '" .. tostring(ARGV[g]) .. "'")
-    end
-    total = total + len
-    ends[#ends + 1] = total
+local at = base + 4 * n + 1
+local total = 0
+while at <= #ARGV and ARGV[at] ~= "R" do
+  local len = tonumber(ARGV[at])
+  if len == nil or len < 1 or len ~= math.floor(len) then
+    return redis.error_reply("ERR tollgate: group lengths must be whole numbers >= 1, got '" .. tostring(ARGV[at]) .. "'")
   end
+  total = total + len
+  ends[#ends + 1] = total
+  at = at + 1
+end
+if #ends > 0 then
   if total ~= n then
     return redis.error_reply("ERR tollgate: group lengths add up to " .. total .. ", not " .. n)
   end
 else
   for i = 1, n do ends[i] = i end
+end
+local rkeys, rttls = {}, {}
+if at <= #ARGV then
+  at = at + 1
+  while at + 2 <= #ARGV do
+    local i, ttl = tonumber(ARGV[at]), tonumber(ARGV[at + 2])
+    if i == nil or i < 1 or i > n or i ~= math.floor(i) then
+      return redis.error_reply("ERR tollgate: reservation for bucket '" .. tostring(ARGV[at]) .. "' of " .. n)
+    end
+    if ttl == nil or ttl < 0 or ttl ~= math.floor(ttl) then
+      return redis.error_reply("ERR tollgate: reservation ttl must be a whole number of ms, got '" .. tostring(ARGV[at + 2]) .. "'")
+    end
+    rkeys[i], rttls[i] = ARGV[at + 1], ttl
+    at = at + 3
+  end
+  if at ~= #ARGV + 1 then
+    return redis.error_reply("ERR tollgate: reservations come in triples: index key ttl_ms")
+  end
+end
+for i in pairs(settles) do
+  if rkeys[i] == nil then return fail(i, "reservation", "", "given for a settle") end
 end
 
 -- Read every bucket before writing any. tok[key] == false: absent (full).
@@ -143,6 +183,39 @@ for i = 1, n do
     else
       tok[key] = false
     end
+  end
+end
+
+-- The reservations to settle, read before any write too. done[i]: answered without the bucket
+-- arithmetic (settled before, or not found).
+local done, settle_now = {}, {}
+local find, sub = string.find, string.sub
+for i in pairs(settles) do
+  local raw = redis.call("GET", rkeys[i])
+  -- "r\n<reserved>\n<bucket key>" or "s\n<tokens>\n<reset_ms>\n<bucket key>"
+  local kind = raw and sub(raw, 1, 2)
+  if kind == "r\n" then
+    local e1 = find(raw, "\n", 3, true)
+    local reserved = e1 and tonumber(sub(raw, 3, e1 - 1))
+    if reserved and sub(raw, e1 + 1) == keys[i] then
+      local actual = costs[i]
+      if actual < reserved then modes[i], costs[i] = 3, reserved - actual
+      elseif actual > reserved then modes[i], costs[i] = 4, actual - reserved
+      else modes[i], costs[i] = 2, 0 end
+      settle_now[i] = true
+    else
+      done[i] = {2, 0, 0}
+    end
+  elseif kind == "s\n" then
+    local e1 = find(raw, "\n", 3, true)
+    local e2 = e1 and find(raw, "\n", e1 + 1, true)
+    if e2 and sub(raw, e2 + 1) == keys[i] then
+      done[i] = {1, tonumber(sub(raw, 3, e1 - 1)), tonumber(sub(raw, e1 + 1, e2 - 1))}
+    else
+      done[i] = {2, 0, 0}
+    end
+  else
+    done[i] = {2, 0, 0}
   end
 end
 
@@ -194,6 +267,7 @@ end
 -- Decide group by group. ttl[key]: the TTL of the state to write (nil: nothing to write).
 local out = {}
 local ttl = {}
+local charged = {}
 local first = 1
 for _, last in ipairs(ends) do
   local vetoed = false
@@ -206,14 +280,19 @@ for _, last in ipairs(ends) do
     if saved_t and saved_t[key] == nil then
       saved_t[key], saved_ts[key], saved_ttl[key] = tok[key], tss[key], ttl[key] or false
     end
-    local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], modes[i])
-    if write then
-      tok[key], tss[key] = tokens, ts
-      ttl[key] = reset > fulls[i] and reset or fulls[i]
-    end
-    if vetoes[i] and not allowed then vetoed = true end
     local o = 4 * (i - 1)
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, retry, reset
+    if done[i] then
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = done[i][1], done[i][2], 0, done[i][3]
+    else
+      local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], modes[i])
+      if write then
+        tok[key], tss[key] = tokens, ts
+        ttl[key] = reset > fulls[i] and reset or fulls[i]
+      end
+      if vetoes[i] and not allowed then vetoed = true end
+      if modes[i] == 1 and allowed then charged[i] = true end
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, retry, reset
+    end
   end
   if vetoed and saved_t then
     -- No take of the group is charged: back to the states before it, then only the refunds and
@@ -225,6 +304,7 @@ for _, last in ipairs(ends) do
     for i = first, last do
       local key, mode = keys[i], modes[i]
       local o = 4 * (i - 1)
+      charged[i] = nil
       if mode == 3 or mode == 4 then
         local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], mode)
         if write then
@@ -250,6 +330,16 @@ end
 local pack = struct.pack
 for key, t in pairs(ttl) do
   redis.call("SET", key, pack("<dd", tok[key], tss[key]), "PX", t)
+end
+
+-- Reservations: settled ones keep their answer (and their TTL); charged takes record theirs.
+for i, rkey in pairs(rkeys) do
+  if settle_now[i] then
+    local o = 4 * (i - 1)
+    redis.call("SET", rkey, "s\n" .. out[o + 2] .. "\n" .. out[o + 4] .. "\n" .. keys[i], "KEEPTTL")
+  elseif charged[i] and not settles[i] and rttls[i] > 0 then
+    redis.call("SET", rkey, "r\n" .. format("%.17g", costs[i]) .. "\n" .. keys[i], "PX", rttls[i])
+  end
 end
 
 return out

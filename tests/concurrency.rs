@@ -106,6 +106,7 @@ async fn the_deny_cache_never_admits_more_than_the_bucket() {
                         rate: RATE,
                         reserved: 3,
                         actual: 0,
+                        ..Default::default()
                     })
                     .await;
                 if s.is_ok() {

@@ -240,6 +240,7 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
                 rate: 2.0,
                 reserved: 0,
                 actual: 7,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -81,6 +81,12 @@ impl Backend for Flaky {
             })
             .collect()
     }
+    async fn settle(
+        &self,
+        req: tollgate::backend::SettleRequest<'_>,
+    ) -> Result<tollgate::backend::Settled, BackendError> {
+        self.0.settle(req).await
+    }
     async fn ping(&self) -> Result<(), BackendError> {
         Ok(())
     }

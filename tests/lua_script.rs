@@ -418,7 +418,7 @@ mod batched {
             let mut at = 0;
             for &g in &groups {
                 let reqs: Vec<BucketRequest<'_>> = (at..at + g)
-                    .map(|i| BucketRequest { key: &keys[i], shape, op: ops[i].1, veto: ops[i].2 })
+                    .map(|i| BucketRequest { key: &keys[i], shape, op: ops[i].1, veto: ops[i].2, reserve: None })
                     .collect();
                 rust.extend(memory.decide_group_now(&reqs, true).into_iter().map(|d| (d.allowed, d.tokens_remaining)));
                 at += g;

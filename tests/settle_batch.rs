@@ -152,6 +152,146 @@ async fn another_shape_is_another_bucket<B: Backend>(a: &ShouldAllowApi<B>) {
     assert!((r.tokens_remaining - 8.0).abs() < EPS, "{r:?}");
 }
 
+fn reserve(key: &str, cost: u32, ttl_ms: u32) -> ShouldAllowRequest {
+    ShouldAllowRequest {
+        reserve_ttl_ms: ttl_ms,
+        ..take(key, cost)
+    }
+}
+
+fn settle_id(key: &str, id: &str, actual: u64) -> SettleRequest {
+    SettleRequest {
+        reservation_id: id.into(),
+        ..settle(key, 0, actual)
+    }
+}
+
+async fn left<B: Backend>(a: &ShouldAllowApi<B>, key: &str) -> f64 {
+    let r = a
+        .should_allow(&ShouldAllowRequest {
+            dry_run: true,
+            ..take(key, 1)
+        })
+        .await
+        .unwrap();
+    r.tokens_remaining
+}
+
+/// A reservation is settled once, for at most what it took: the same id again answers the same
+/// and changes nothing; a denied request has none; an unknown, expired or other bucket's id is
+/// NOT_FOUND; more than reserved is a forced charge.
+async fn reservations_settle_once<B: Backend>(a: &ShouldAllowApi<B>) {
+    let r = a.should_allow(&reserve("r", 6, 60_000)).await.unwrap();
+    assert!(r.allowed && r.reservation_id.len() == 32, "{r:?}");
+    let first = a
+        .settle(&settle_id("r", &r.reservation_id, 2))
+        .await
+        .unwrap();
+    assert!(
+        (first.tokens_remaining - 8.0).abs() < EPS,
+        "refunded 4: {first:?}"
+    );
+    for actual in [0, 2, 9] {
+        let again = a
+            .settle(&settle_id("r", &r.reservation_id, actual))
+            .await
+            .unwrap();
+        assert!(
+            (again.tokens_remaining - first.tokens_remaining).abs() < EPS,
+            "the first answer again: {again:?}"
+        );
+    }
+    assert!(
+        (left(a, "r").await - 8.0).abs() < EPS,
+        "nothing more came back"
+    );
+
+    // A denial took nothing: no reservation.
+    let denied = a.should_allow(&reserve("r", 9, 60_000)).await.unwrap();
+    assert!(
+        !denied.allowed && denied.reservation_id.is_empty(),
+        "{denied:?}"
+    );
+
+    // Unknown, made for another bucket, another shape of the same key, expired.
+    let not_found = |e: ApiError| {
+        assert!(matches!(e, ApiError::NotFound(_)), "{e:?}");
+        assert!(e.to_string().starts_with("reservation_id"), "{e}");
+    };
+    not_found(a.settle(&settle_id("r", "0123", 0)).await.unwrap_err());
+    let other = a.should_allow(&reserve("other", 1, 60_000)).await.unwrap();
+    not_found(
+        a.settle(&settle_id("r", &other.reservation_id, 0))
+            .await
+            .unwrap_err(),
+    );
+    let shaped = SettleRequest {
+        capacity: 20.0,
+        ..settle_id("other", &other.reservation_id, 0)
+    };
+    not_found(a.settle(&shaped).await.unwrap_err());
+    let brief = a.should_allow(&reserve("brief", 3, 30)).await.unwrap();
+    assert!(brief.allowed);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    not_found(
+        a.settle(&settle_id("brief", &brief.reservation_id, 0))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        (left(a, "brief").await - 7.0).abs() < EPS,
+        "what it took stays spent"
+    );
+
+    // More than reserved: the rest is a forced charge, into debt.
+    let big = a.should_allow(&reserve("big", 5, 60_000)).await.unwrap();
+    let s = a
+        .settle(&settle_id("big", &big.reservation_id, 18))
+        .await
+        .unwrap();
+    assert!(
+        (s.tokens_remaining + 8.0).abs() < EPS,
+        "charged 13 more of 5: {s:?}"
+    );
+    assert!(s.in_debt);
+
+    // A batch all or nothing that was denied charged nothing: no reservation in it.
+    let batch = ShouldAllowBatchRequest {
+        requests: vec![reserve("b1", 1, 60_000), reserve("b2", 11, 60_000)],
+        all_or_nothing: true,
+    };
+    let err = a.should_allow_batch(&batch).await.unwrap_err();
+    assert!(err.to_string().contains("cost"), "11 > capacity: {err}");
+    let batch = ShouldAllowBatchRequest {
+        requests: vec![reserve("b1", 1, 60_000), reserve("big", 1, 60_000)],
+        all_or_nothing: true,
+    };
+    let r = a.should_allow_batch(&batch).await.unwrap();
+    assert!(!r.allowed);
+    assert!(r.responses[0].allowed, "b1 alone would pass");
+    assert!(
+        r.responses.iter().all(|r| r.reservation_id.is_empty()),
+        "{r:?}"
+    );
+    let batch = ShouldAllowBatchRequest {
+        requests: vec![reserve("b1", 1, 60_000), reserve("b3", 2, 60_000)],
+        all_or_nothing: true,
+    };
+    let r = a.should_allow_batch(&batch).await.unwrap();
+    assert!(r.allowed && r.responses.iter().all(|r| r.reservation_id.len() == 32));
+    a.settle(&settle_id("b3", &r.responses[1].reservation_id, 0))
+        .await
+        .unwrap();
+    assert!((left(a, "b3").await - 10.0).abs() < EPS);
+
+    // A reservation longer than a day is refused, naming the field.
+    let err = a
+        .should_allow(&reserve("r", 1, 86_400_001))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("reserve_ttl_ms"), "{err}");
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -179,6 +319,7 @@ macro_rules! both {
 
 both!(
     settle_less_equal_more,
+    reservations_settle_once,
     another_shape_is_another_bucket,
     batch_all_or_nothing,
     batch_bounds_and_field_names
@@ -264,4 +405,64 @@ async fn concurrent_batches_over_two_replicas_never_over_admit() {
         );
     }
     assert!(charged.iter().sum::<u32>() > 0);
+}
+
+/// The same reservation settled at once through two replicas over one Redis, 20 times: exactly one
+/// refund lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_settles_of_one_id_over_two_replicas_refund_once() {
+    use common::{RedisServer, Tollgate};
+    let redis = RedisServer::start().await;
+    let replicas = [
+        Tollgate::start(&[], &[("REDIS_URL", &redis.url())]).await,
+        Tollgate::start(&[], &[("REDIS_URL", &redis.url())]).await,
+    ];
+    let mut clients = Vec::new();
+    for t in &replicas {
+        clients.push(t.client().await);
+    }
+    let ask = |cost| ShouldAllowRequest {
+        capacity: 10.0,
+        rate: SLOW,
+        ..reserve("once", cost, 60_000)
+    };
+    let first = clients[0].should_allow(ask(4)).await.unwrap().into_inner();
+    clients[0].should_allow(ask(4)).await.unwrap();
+    assert!(first.allowed);
+    let settles = (0..20).map(|i| {
+        let mut c = clients[i % 2].clone();
+        let req = SettleRequest {
+            capacity: 10.0,
+            rate: SLOW,
+            ..settle_id("once", &first.reservation_id, 0)
+        };
+        tokio::spawn(async move { c.settle(req).await.map(|r| r.into_inner().tokens_remaining) })
+    });
+    let answers: Vec<f64> = futures_answers(settles).await;
+    let after = clients[1]
+        .should_allow(ShouldAllowRequest {
+            dry_run: true,
+            ..ask(1)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        (after.tokens_remaining - 6.0).abs() < EPS,
+        "2 left + one refund of 4: {after:?} (answers {answers:?})"
+    );
+    assert!(
+        answers.iter().all(|t| (t - 6.0).abs() < EPS),
+        "every settle answers the one settlement: {answers:?}"
+    );
+}
+
+async fn futures_answers(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<Result<f64, tonic::Status>>>,
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap().unwrap());
+    }
+    out
 }

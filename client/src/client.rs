@@ -163,6 +163,22 @@ pub struct BatchDecision {
     pub decisions: Vec<Decision>,
 }
 
+/// A ShouldAllow that reserved its tokens: the decision, and what [`Client::settle_reservation`]
+/// needs to give back what the work did not use (once, at most what was taken).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reservation {
+    /// tollgate's answer to the reserving request.
+    pub decision: Decision,
+    /// The reservation's id; None when nothing was taken (denied, or a failure mode's answer).
+    pub id: Option<String>,
+    /// The bucket it was taken from, as asked: its key,
+    pub key: String,
+    /// its capacity (0: the server's default)
+    pub capacity: f64,
+    /// and its rate (0: the server's default).
+    pub rate: f64,
+}
+
 /// The bucket after a Settle.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Settlement {
@@ -370,8 +386,62 @@ impl Client {
         }
     }
 
-    /// After the work: what a reservation of `reserved` tokens (taken by a ShouldAllow on the
-    /// same key and shape) really cost. Less gives the difference back; more charges it even
+    /// Takes `req.cost` tokens up front (an estimate of the work's cost) and keeps the right, for
+    /// `ttl` (at most a day), to settle the real cost with [`Client::settle_reservation`].
+    pub async fn reserve(&self, req: Request<'_>, ttl: Duration) -> Result<Reservation, Error> {
+        let mut proto = to_proto(&req);
+        proto.reserve_ttl_ms = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX).max(1);
+        let answer = self
+            .call(|mut c, timeout| async move {
+                let mut r = tonic::Request::new(proto);
+                r.set_timeout(timeout);
+                c.should_allow(r).await
+            })
+            .await;
+        let (decision, id) = match answer {
+            Ok(r) => (
+                Decision::from_proto(&r),
+                Some(r.reservation_id).filter(|id| !id.is_empty()),
+            ),
+            Err(e) => (self.or_fallback(e, Decision::fallback)?, None),
+        };
+        Ok(Reservation {
+            decision,
+            id,
+            key: req.key.to_string(),
+            capacity: req.capacity,
+            rate: req.rate,
+        })
+    }
+
+    /// After the work: settles a reservation with what the work really cost. Less than reserved
+    /// gives the difference back; more charges it even past what is left, into debt. Once: a
+    /// retry answers the same and changes nothing. A reservation without an id (nothing taken)
+    /// has nothing to settle and is an [`Error::Config`].
+    pub async fn settle_reservation(
+        &self,
+        reservation: &Reservation,
+        actual: u64,
+    ) -> Result<Settlement, Error> {
+        let Some(id) = &reservation.id else {
+            return Err(Error::Config(
+                "settle_reservation: this reservation took nothing (no id)".into(),
+            ));
+        };
+        self.settle_proto(SettleRequest {
+            key: reservation.key.clone(),
+            capacity: reservation.capacity,
+            rate: reservation.rate,
+            actual,
+            reservation_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// After the work, without a reservation id: `reserved` is taken on this caller's word, so
+    /// tollgate refunds only where ALLOW_REFUNDS=true; prefer [`Client::reserve`] and
+    /// [`Client::settle_reservation`]. Less gives the difference back; more charges it even
     /// past what is left, into debt. `capacity` and `rate` are the reservation's (0: defaults).
     pub async fn settle(
         &self,
@@ -381,13 +451,18 @@ impl Client {
         reserved: u64,
         actual: u64,
     ) -> Result<Settlement, Error> {
-        let proto = SettleRequest {
+        self.settle_proto(SettleRequest {
             key: key.to_string(),
             capacity,
             rate,
             reserved,
             actual,
-        };
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn settle_proto(&self, proto: SettleRequest) -> Result<Settlement, Error> {
         match self
             .call(|mut c, timeout| async move {
                 let mut r = tonic::Request::new(proto);
@@ -419,6 +494,7 @@ fn to_proto(req: &Request<'_>) -> ShouldAllowRequest {
         capacity: req.capacity,
         rate: req.rate,
         dry_run: req.dry_run,
+        ..Default::default()
     }
 }
 

@@ -43,6 +43,7 @@ mod layer;
 pub mod proto;
 
 pub use client::{
-    BatchDecision, Client, ClientBuilder, Decision, Error, FailureMode, Request, Settlement,
+    BatchDecision, Client, ClientBuilder, Decision, Error, FailureMode, Request, Reservation,
+    Settlement,
 };
 pub use layer::{KeyError, RateLimit, RateLimitLayer};

@@ -15,6 +15,9 @@ pub enum ApiError {
     /// The request asks for something this server's lock-down switches refuse.
     #[error("{0}")]
     PermissionDenied(String),
+    /// What the request names does not exist (an unknown or expired reservation).
+    #[error("{0}")]
+    NotFound(String),
     /// The backend could not decide and FAILURE_MODE says to report it (Envoy's
     /// `failure_mode_deny` then decides).
     #[error("rate limit backend unavailable: {0}")]
@@ -53,6 +56,7 @@ impl From<ApiError> for tonic::Status {
                 tonic::Status::invalid_argument(e.to_string())
             }
             ApiError::PermissionDenied(_) => tonic::Status::permission_denied(e.to_string()),
+            ApiError::NotFound(_) => tonic::Status::not_found(e.to_string()),
             ApiError::Backend(_) => tonic::Status::unavailable(e.to_string()),
         }
     }

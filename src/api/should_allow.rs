@@ -7,7 +7,9 @@ use std::{sync::Arc, time::Instant};
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
-use crate::backend::{Backend, BackendError, BucketRequest};
+use crate::backend::{
+    Backend, BackendError, BucketRequest, Reserve, SettleRequest as SettleBucket, Settled,
+};
 use crate::core::{Decision, FailureMode, Limits, Op, Shape};
 use crate::proto::tollgate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
@@ -17,6 +19,16 @@ use crate::telemetry::{Activity, DecisionMetrics, FailureModeMetrics, ShedMetric
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
+
+/// The longest a reservation may wait for its Settle: a day.
+pub const MAX_RESERVE_TTL_MS: u32 = 86_400_000;
+
+/// A fresh reservation id: 128 random bits in hex. Whoever knows it can settle the reservation
+/// (once), so it must not be guessable.
+fn reservation_id() -> String {
+    use rand::Rng;
+    format!("{:032x}", rand::rng().random::<u128>())
+}
 
 /// What the tollgate.v1 API fills in for what a request leaves out, and what it refuses.
 #[derive(Clone, Debug)]
@@ -66,16 +78,32 @@ pub fn bucket_key(prefix: &str, key: &str, shape: Shape) -> String {
     bucket
 }
 
-/// A checked request: its bucket key (prefix included), shape and operation.
+/// A checked request: its bucket key (prefix included), shape and operation, and the reservation
+/// it asks for (id, TTL).
 struct Parsed {
     key: String,
     shape: Shape,
     op: Op,
+    reserve: Option<(String, u32)>,
 }
 
 impl Parsed {
     fn bucket(&self) -> BucketRequest<'_> {
-        BucketRequest::new(&self.key, self.shape, self.op)
+        BucketRequest {
+            reserve: self.reserve.as_ref().map(|(id, ttl_ms)| Reserve {
+                id,
+                ttl_ms: *ttl_ms,
+            }),
+            ..BucketRequest::new(&self.key, self.shape, self.op)
+        }
+    }
+
+    /// The reservation id to answer with: only when the tokens were really taken.
+    fn reservation_id(&self, d: &Decision) -> String {
+        match &self.reserve {
+            Some((id, _)) if d.allowed => id.clone(),
+            _ => String::new(),
+        }
     }
 }
 
@@ -161,7 +189,25 @@ impl<B: Backend> ShouldAllowApi<B> {
         } else {
             Op::Take(u64::from(cost))
         };
-        Ok(Parsed { key, shape, op })
+        if req.reserve_ttl_ms > MAX_RESERVE_TTL_MS {
+            let which = at.map(|i| format!("request {i}: ")).unwrap_or_default();
+            return Err(ApiError::invalid(
+                "reserve_ttl_ms",
+                format!(
+                    "{which}{} ms is longer than a reservation may wait ({MAX_RESERVE_TTL_MS} ms)",
+                    req.reserve_ttl_ms
+                ),
+            ));
+        }
+        // A dry run takes nothing: there is nothing to reserve.
+        let reserve = (req.reserve_ttl_ms > 0 && !req.dry_run)
+            .then(|| (reservation_id(), req.reserve_ttl_ms));
+        Ok(Parsed {
+            key,
+            shape,
+            op,
+            reserve,
+        })
     }
 
     /// What every decision goes through on its way out: near the limit?, the decision log, and the
@@ -193,7 +239,7 @@ impl<B: Backend> ShouldAllowApi<B> {
 
     /// The answer to a decision; shadow mode: the bucket was charged and the decision counted,
     /// the caller is never held.
-    fn answer(&self, d: &Decision, shape: Shape) -> ShouldAllowResponse {
+    fn answer(&self, d: &Decision, shape: Shape, reservation_id: String) -> ShouldAllowResponse {
         let allowed = d.allowed || self.defaults.shadow_mode;
         ShouldAllowResponse {
             allowed,
@@ -203,6 +249,7 @@ impl<B: Backend> ShouldAllowApi<B> {
             capacity: shape.capacity(),
             rate: shape.rate(),
             degraded: false,
+            reservation_id,
         }
     }
 
@@ -229,7 +276,7 @@ impl<B: Backend> ShouldAllowApi<B> {
                 self.metrics.record(Some(d.allowed), started);
                 self.metrics.local(&[&d]);
                 self.observe(&req.key, &p, &d);
-                Ok(self.answer(&d, p.shape))
+                Ok(self.answer(&d, p.shape, p.reservation_id(&d)))
             }
             Err(e) => {
                 self.metrics.record(None, started);
@@ -284,6 +331,10 @@ impl<B: Backend> ShouldAllowApi<B> {
                 }
             },
         };
+        // All or nothing and not all taken: nothing was charged (or what was is refunded), so no
+        // reservation stands.
+        let reservations =
+            !req.all_or_nothing || results.iter().all(|r| r.as_ref().is_ok_and(|d| d.allowed));
         let responses: Vec<ShouldAllowResponse> = results
             .iter()
             .zip(&parsed)
@@ -293,7 +344,12 @@ impl<B: Backend> ShouldAllowApi<B> {
                     self.metrics.count(Some(d.allowed));
                     self.metrics.local(&[d]);
                     self.observe(&request.key, p, d);
-                    self.answer(d, p.shape)
+                    let id = if reservations {
+                        p.reservation_id(d)
+                    } else {
+                        String::new()
+                    };
+                    self.answer(d, p.shape, id)
                 }
                 Err(_) => {
                     self.metrics.count(None);
@@ -310,38 +366,43 @@ impl<B: Backend> ShouldAllowApi<B> {
     }
 
     /// Settles a reservation: less than reserved refunds the difference (capped at capacity),
-    /// more charges it whatever is left (down to -capacity: debt).
+    /// more charges it whatever is left (down to -capacity: debt). With a reservation id, at most
+    /// what that reservation took comes back, once; without, `reserved` is the caller's word, so a
+    /// refund needs ALLOW_REFUNDS.
     pub async fn settle(&self, req: &SettleRequest) -> Result<SettleResponse, ApiError> {
         let started = Instant::now();
         let (key, shape) = self.bucket_of(&req.key, req.capacity, req.rate, None)?;
-        let op = match req.actual.cmp(&req.reserved) {
-            std::cmp::Ordering::Less if !self.defaults.allow_refunds => {
-                return Err(ApiError::PermissionDenied(
-                    "actual: below the reservation would refund the difference, and refunds are \
-                     disabled on this server (ALLOW_REFUNDS=false)"
-                        .into(),
-                ));
-            }
-            std::cmp::Ordering::Less => Op::Refund(req.reserved - req.actual),
-            std::cmp::Ordering::Greater => Op::Force(req.actual - req.reserved),
-            // Nothing to settle: report the bucket as it is.
-            std::cmp::Ordering::Equal => Op::Check(0),
-        };
-        match self
-            .backend
-            .decide(BucketRequest::new(&key, shape, op))
-            .await
-        {
-            Ok(d) => {
-                self.metrics.time(started);
-                Ok(SettleResponse {
-                    tokens_remaining: d.tokens_remaining,
-                    reset_after_ms: d.reset_after_ms,
-                    in_debt: d.tokens_remaining < 0.0,
-                    degraded: false,
+        let settled = if req.reservation_id.is_empty() {
+            self.settle_unreserved(&key, shape, req).await
+        } else {
+            self.backend
+                .settle(SettleBucket {
+                    key: &key,
+                    shape,
+                    id: &req.reservation_id,
+                    actual: req.actual,
                 })
-            }
-            Err(e) => match self.fallback(&e) {
+                .await
+                .map_err(SettleError::Backend)
+        };
+        self.metrics.time(started);
+        match settled {
+            Ok(Settled::Done {
+                tokens_remaining,
+                reset_after_ms,
+            }) => Ok(SettleResponse {
+                tokens_remaining,
+                reset_after_ms,
+                in_debt: tokens_remaining < 0.0,
+                degraded: false,
+            }),
+            Ok(Settled::NotFound) => Err(ApiError::NotFound(format!(
+                "reservation_id: no reservation {:?} for this key and shape (unknown, expired, or \
+                 made for another bucket)",
+                req.reservation_id
+            ))),
+            Err(SettleError::Api(e)) => Err(e),
+            Err(SettleError::Backend(e)) => match self.fallback(&e) {
                 Some(_) => Ok(SettleResponse {
                     degraded: true,
                     ..Default::default()
@@ -349,6 +410,44 @@ impl<B: Backend> ShouldAllowApi<B> {
                 None => Err(ApiError::Backend(e)),
             },
         }
+    }
+
+    /// A Settle without a reservation: `reserved` is taken on the caller's word.
+    async fn settle_unreserved(
+        &self,
+        key: &str,
+        shape: Shape,
+        req: &SettleRequest,
+    ) -> Result<Settled, SettleError> {
+        if req.actual < req.reserved && !self.defaults.allow_refunds {
+            return Err(SettleError::Api(ApiError::PermissionDenied(
+                "actual: below the reservation would refund the difference, and refunds without \
+                 a reservation_id are disabled on this server (ALLOW_REFUNDS=false): reserve with \
+                 reserve_ttl_ms and settle its reservation_id"
+                    .into(),
+            )));
+        }
+        let op = crate::backend::settle_op(req.reserved, req.actual);
+        let d = self
+            .backend
+            .decide(BucketRequest::new(key, shape, op))
+            .await?;
+        Ok(Settled::Done {
+            tokens_remaining: d.tokens_remaining,
+            reset_after_ms: d.reset_after_ms,
+        })
+    }
+}
+
+/// Why a Settle did not settle: the request, or the backend.
+enum SettleError {
+    Api(ApiError),
+    Backend(BackendError),
+}
+
+impl From<BackendError> for SettleError {
+    fn from(e: BackendError) -> Self {
+        SettleError::Backend(e)
     }
 }
 

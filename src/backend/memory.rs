@@ -8,6 +8,9 @@
 //! Redis samples for eviction) is dropped: a full one first, then the one whose tokens come back
 //! soonest for the longest it has been idle, so a flood cannot reset a bucket still being drained.
 //!
+//! Reservations (a Take recorded so that a Settle can give back at most what it took, once) live
+//! in one map beside the buckets, bounded by the same cap, dropped when their TTL passes.
+//!
 //! What remains: a flood large enough to refill the whole cap with fresher drained keys between
 //! two requests of a victim still evicts it; MEMORY_MAX_BUCKETS should leave room above the keys
 //! in use, and `tollgate_memory_evictions_total{bucket="partial"}` shows when it does not.
@@ -25,7 +28,7 @@ use indexmap::IndexMap;
 use parking_lot::{Mutex, MutexGuard};
 use rand::Rng;
 
-use super::{Backend, BackendError, BucketRequest};
+use super::{Backend, BackendError, BucketRequest, SettleRequest, Settled, settle_op};
 use crate::core::{BucketState, Decision, apply, apply_group, ttl_ms};
 
 /// How many buckets to look at when one must be dropped.
@@ -139,10 +142,23 @@ pub struct EvictionCounters {
     pub partial: Option<metrics::Counter>,
 }
 
+/// A Take recorded for a later Settle.
+struct Reservation {
+    /// The bucket it was taken from (key and shape: the key includes the shape).
+    key: Box<str>,
+    reserved: u64,
+    expires_at: f64,
+    /// The answer of its Settle, once settled: a second Settle answers the same.
+    settled: Option<(f64, u64)>,
+}
+
 /// The in-memory backend.
 pub struct MemoryBackend<C: Clock = MonotonicClock> {
     shards: Box<[Shard]>,
     per_shard: usize,
+    /// Reservations by id; at most `max_reservations`.
+    reservations: Mutex<std::collections::HashMap<Box<str>, Reservation>>,
+    max_reservations: usize,
     hashers: [std::collections::hash_map::RandomState; 2],
     clock: C,
     partial_evictions: AtomicU64,
@@ -168,6 +184,8 @@ impl<C: Clock> MemoryBackend<C> {
                 .map(|_| Mutex::new(IndexMap::default()))
                 .collect(),
             per_shard: max_buckets / shards,
+            reservations: Mutex::new(std::collections::HashMap::new()),
+            max_reservations: max_buckets,
             hashers: Default::default(),
             clock,
             partial_evictions: AtomicU64::new(0),
@@ -249,7 +267,63 @@ impl<C: Clock> MemoryBackend<C> {
         if let Some(state) = write {
             self.store(&mut map, id, state, &decision, &req, now);
         }
+        drop(map);
+        if decision.allowed {
+            self.record_reservation(&req, now);
+        }
         decision
+    }
+
+    /// Records the reservation a charged Take asked for. The id is fresh (nobody can settle it
+    /// yet), so this need not be atomic with the Take. When the map is full even of live ones, the
+    /// reservation is not kept: its Settle will be NOT_FOUND and the tokens stay spent (the safe
+    /// side).
+    fn record_reservation(&self, req: &BucketRequest<'_>, now: f64) {
+        let (Some(r), crate::core::Op::Take(cost)) = (req.reserve, req.op) else {
+            return;
+        };
+        let mut all = self.reservations.lock();
+        if all.len() >= self.max_reservations {
+            all.retain(|_, r| r.expires_at > now);
+            if all.len() >= self.max_reservations {
+                return;
+            }
+        }
+        all.insert(
+            r.id.into(),
+            Reservation {
+                key: req.key.into(),
+                reserved: cost,
+                expires_at: now + f64::from(r.ttl_ms),
+                settled: None,
+            },
+        );
+    }
+
+    /// Settles a reservation: atomic with marking it settled, since its entry stays locked
+    /// through the bucket's arithmetic.
+    pub fn settle_now(&self, req: SettleRequest<'_>) -> Settled {
+        let now = self.clock.now_ms();
+        let mut all = self.reservations.lock();
+        let Some(r) = all
+            .get_mut(req.id)
+            .filter(|r| r.expires_at > now && *r.key == *req.key)
+        else {
+            return Settled::NotFound;
+        };
+        let (tokens_remaining, reset_after_ms) = match r.settled {
+            Some(done) => done,
+            None => {
+                let op = settle_op(r.reserved, req.actual);
+                let d = self.decide_now(BucketRequest::new(req.key, req.shape, op));
+                r.settled = Some((d.tokens_remaining, d.reset_after_ms));
+                (d.tokens_remaining, d.reset_after_ms)
+            }
+        };
+        Settled::Done {
+            tokens_remaining,
+            reset_after_ms,
+        }
     }
 
     /// Decides a group atomically: every shard it touches is locked (in shard order, so two groups
@@ -303,6 +377,20 @@ impl<C: Clock> MemoryBackend<C> {
                 self.store(map, id, state, &decisions[last], &reqs[last], now);
             }
         }
+        drop(guards);
+        // A vetoed all-or-nothing group charged no Take: no reservation either.
+        let vetoed = all_or_nothing
+            && reqs
+                .iter()
+                .zip(&decisions)
+                .any(|(r, d)| r.veto && !d.allowed);
+        if !vetoed {
+            for (r, d) in reqs.iter().zip(&decisions) {
+                if d.allowed {
+                    self.record_reservation(r, now);
+                }
+            }
+        }
         decisions
     }
 
@@ -341,6 +429,7 @@ impl<C: Clock> MemoryBackend<C> {
             map.retain(|_, slot| slot.expires_at > now);
             dropped += before - map.len();
         }
+        self.reservations.lock().retain(|_, r| r.expires_at > now);
         dropped
     }
 }
@@ -388,6 +477,10 @@ impl<C: Clock> Backend for MemoryBackend<C> {
             .into_iter()
             .map(Ok)
             .collect()
+    }
+
+    async fn settle(&self, req: SettleRequest<'_>) -> Result<Settled, BackendError> {
+        Ok(self.settle_now(req))
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

@@ -23,6 +23,40 @@ pub struct BucketRequest<'a> {
     pub shape: Shape,
     pub op: Op,
     pub veto: bool,
+    /// For a Take: when its tokens are charged, record a reservation under this id, so that a
+    /// Settle can later give back at most what was taken, once.
+    pub reserve: Option<Reserve<'a>>,
+}
+
+/// A reservation to record with a Take that is charged.
+#[derive(Clone, Copy, Debug)]
+pub struct Reserve<'a> {
+    /// Chosen by the caller (random: whoever knows it can settle it).
+    pub id: &'a str,
+    /// How long it can be settled; then it is gone and what it took stays spent.
+    pub ttl_ms: u32,
+}
+
+/// A Settle of a reservation: the bucket it was taken from, its id and the real cost.
+#[derive(Clone, Copy, Debug)]
+pub struct SettleRequest<'a> {
+    pub key: &'a str,
+    pub shape: Shape,
+    pub id: &'a str,
+    pub actual: u64,
+}
+
+/// The answer to a Settle of a reservation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Settled {
+    /// Settled now (less than reserved refunded, more charged) or earlier (the same answer again,
+    /// nothing changed): the bucket after that settlement.
+    Done {
+        tokens_remaining: f64,
+        reset_after_ms: u64,
+    },
+    /// No reservation of that id for that bucket: never made, or expired.
+    NotFound,
 }
 
 impl<'a> BucketRequest<'a> {
@@ -33,6 +67,7 @@ impl<'a> BucketRequest<'a> {
             shape,
             op,
             veto: true,
+            reserve: None,
         }
     }
 
@@ -110,6 +145,14 @@ pub trait Backend: Send + Sync + 'static {
         all_or_nothing: bool,
     ) -> impl Future<Output = Vec<Result<Decision, BackendError>>> + Send;
 
+    /// Settles a reservation made with a Take: `actual` below what it took refunds the difference,
+    /// above it charges the rest (debt allowed); atomically with marking it settled, so that a
+    /// second Settle of the id (a retry, another replica) answers the same and changes nothing.
+    fn settle(
+        &self,
+        req: SettleRequest<'_>,
+    ) -> impl Future<Output = Result<Settled, BackendError>> + Send;
+
     /// Whether the backend is reachable now (for health and readiness).
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
@@ -135,7 +178,24 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
         (**self).decide_group(reqs, all_or_nothing)
     }
 
+    fn settle(
+        &self,
+        req: SettleRequest<'_>,
+    ) -> impl Future<Output = Result<Settled, BackendError>> + Send {
+        (**self).settle(req)
+    }
+
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
         (**self).ping()
+    }
+}
+
+/// What a Settle of a reservation does to its bucket: less than reserved refunds the difference,
+/// more charges it whatever is left (debt), equal changes nothing.
+pub fn settle_op(reserved: u64, actual: u64) -> Op {
+    match actual.cmp(&reserved) {
+        std::cmp::Ordering::Less => Op::Refund(reserved - actual),
+        std::cmp::Ordering::Greater => Op::Force(actual - reserved),
+        std::cmp::Ordering::Equal => Op::Check(0),
     }
 }

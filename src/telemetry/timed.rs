@@ -74,6 +74,19 @@ impl<B: Backend> Backend for Timed<B> {
         results
     }
 
+    async fn settle(
+        &self,
+        req: crate::backend::SettleRequest<'_>,
+    ) -> Result<crate::backend::Settled, BackendError> {
+        let started = Instant::now();
+        let result = self.inner.settle(req).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.count_error(e);
+        }
+        result
+    }
+
     async fn ping(&self) -> Result<(), BackendError> {
         self.inner.ping().await
     }

@@ -509,6 +509,7 @@ pub fn ask(key: &str, capacity: f64, rate: f64, cost: u32) -> ShouldAllowRequest
         capacity,
         rate,
         dry_run: false,
+        ..Default::default()
     }
 }
 

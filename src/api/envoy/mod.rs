@@ -134,6 +134,7 @@ impl<B: Backend> EnvoyApi<B> {
                 shape: b.shape,
                 op: b.op,
                 veto: b.veto,
+                reserve: None,
             })
             .collect();
         let results = if reqs.is_empty() {

@@ -35,7 +35,7 @@ use node::{Job, Node, Op1};
 use script::Placement;
 use topology::Topology as Nodes;
 
-use super::{Backend, BackendError, BucketRequest, ErrorKind};
+use super::{Backend, BackendError, BucketRequest, ErrorKind, SettleRequest, Settled};
 use crate::core::{Decision, Op};
 
 const NAME: &str = "redis";
@@ -156,7 +156,7 @@ impl RedisBackend {
         reqs: &[BucketRequest<'_>],
         group: bool,
     ) -> Result<Vec<Decision>, BackendError> {
-        let job = |reqs: &[BucketRequest<'_>]| {
+        let job = || {
             let mut job = Job::new(group);
             for r in reqs {
                 job.push(
@@ -165,23 +165,38 @@ impl RedisBackend {
                         shape: r.shape,
                         op: r.op,
                         veto: r.veto,
+                        settle: false,
                     },
                 );
+                if let (Some(rv), Op::Take(_)) = (r.reserve, r.op) {
+                    job.reserve_last(script::reservation_key(r.key, rv.id), rv.ttl_ms);
+                }
             }
             job
         };
+        self.submit_routed(node, reqs[0].key, job).await
+    }
+
+    /// Submits the job `make` builds to `node`, and once more to the node that serves `key` now
+    /// if `node` no longer does (a cluster failover or resharding).
+    async fn submit_routed(
+        &self,
+        node: Option<Arc<Node>>,
+        key: &str,
+        make: impl Fn() -> Job,
+    ) -> Result<Vec<Decision>, BackendError> {
         let Some(node) = node else {
             self.nodes.suspect();
             return Err(unknown_node());
         };
-        let first = node.submit(job(reqs)).await;
+        let first = node.submit(make()).await;
         match &first {
             Err(e) if e.kind == ErrorKind::Moved => {
                 self.nodes.suspect();
                 // The map may already be right (another call refreshed it): one more try.
-                let again = self.nodes.node_for(reqs[0].key.as_bytes());
+                let again = self.nodes.node_for(key.as_bytes());
                 match again {
-                    Some(n) if !Arc::ptr_eq(&n, &node) => n.submit(job(reqs)).await,
+                    Some(n) if !Arc::ptr_eq(&n, &node) => n.submit(make()).await,
                     _ => first,
                 }
             }
@@ -248,6 +263,7 @@ impl RedisBackend {
             let refunds = charged.iter().map(|&i| {
                 let refund = BucketRequest {
                     op: Op::Refund(reqs[i].op.cost()),
+                    reserve: None,
                     ..reqs[i]
                 };
                 async move {
@@ -352,6 +368,41 @@ impl Backend for RedisBackend {
                 }
             })
             .collect()
+    }
+
+    async fn settle(&self, req: SettleRequest<'_>) -> Result<Settled, BackendError> {
+        let sent = tokio::time::Instant::now();
+        let job = || {
+            let mut job = Job::new(false);
+            job.push(
+                req.key,
+                Op1 {
+                    shape: req.shape,
+                    op: Op::Force(req.actual),
+                    veto: true,
+                    settle: true,
+                },
+            );
+            job.reserve_last(script::reservation_key(req.key, req.id), 0);
+            job
+        };
+        let node = self.nodes.node_for(req.key.as_bytes());
+        let d = self
+            .submit_routed(node, req.key, job)
+            .await?
+            .pop()
+            .ok_or_else(unknown_node)?;
+        if script::not_found(&d) {
+            return Ok(Settled::NotFound);
+        }
+        if let Some(cache) = &self.deny {
+            // A settle may have given tokens back: what this replica knew no longer bounds it.
+            cache.observe(req.key, req.shape, Op::Refund(0), sent, &d);
+        }
+        Ok(Settled::Done {
+            tokens_remaining: d.tokens_remaining,
+            reset_after_ms: d.reset_after_ms,
+        })
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

@@ -41,6 +41,8 @@ pub struct Op1 {
     pub shape: Shape,
     pub op: Op,
     pub veto: bool,
+    /// Settles the job's reservation for this bucket; `op`'s cost is the real cost.
+    pub settle: bool,
 }
 
 /// Decisions to make together: one request's buckets on this node (all or nothing when `group`),
@@ -50,6 +52,9 @@ pub struct Job {
     pub keys: String,
     pub ends: SmallVec<[u32; 4]>,
     pub ops: SmallVec<[Op1; 4]>,
+    /// (bucket index in the job, reservation key, TTL in ms): a reservation to record with a
+    /// charged Take, or to settle.
+    pub reservations: SmallVec<[(u32, String, u32); 1]>,
     pub group: bool,
     /// This job's caller holds the breaker's probe: the call carrying it decides whether the
     /// circuit closes.
@@ -63,6 +68,7 @@ impl Job {
             keys: String::new(),
             ends: SmallVec::new(),
             ops: SmallVec::new(),
+            reservations: SmallVec::new(),
             group,
             probe: false,
             reply: None,
@@ -73,6 +79,12 @@ impl Job {
         self.keys.push_str(key);
         self.ends.push(self.keys.len() as u32);
         self.ops.push(op);
+    }
+
+    /// Gives the bucket just pushed a reservation key (with its TTL, for a Take).
+    pub fn reserve_last(&mut self, key: String, ttl_ms: u32) {
+        let i = self.ops.len().saturating_sub(1) as u32;
+        self.reservations.push((i, key, ttl_ms));
     }
 
     /// Buckets in the job.

@@ -18,6 +18,9 @@ pub enum Placement {
     Argv,
 }
 
+/// The mode of a settle: the reservation decides the operation.
+const SETTLE: u8 = 9;
+
 /// The number the script receives as an operation's mode: 1 take, 2 check, 3 refund, 4 force;
 /// +4 when a denial does not veto its group (shadow rules).
 pub fn mode(op: Op, veto: bool) -> u8 {
@@ -50,7 +53,7 @@ pub fn batch(sha: &str, batch: &[Job], placement: Placement) -> Cmd {
             cmd.arg(o.shape.capacity())
                 .arg(o.shape.rate())
                 .arg(o.op.cost())
-                .arg(mode(o.op, o.veto));
+                .arg(if o.settle { SETTLE } else { mode(o.op, o.veto) });
         }
     }
     // Group lengths only when some group has more than one member (else all are alone anyway).
@@ -65,7 +68,52 @@ pub fn batch(sha: &str, batch: &[Job], placement: Placement) -> Cmd {
             }
         }
     }
+    if batch.iter().any(|j| !j.reservations.is_empty()) {
+        cmd.arg("R");
+        let mut offset = 0;
+        for job in batch {
+            for (i, key, ttl) in &job.reservations {
+                cmd.arg(offset + *i as usize + 1).arg(key).arg(*ttl);
+            }
+            offset += job.buckets();
+        }
+    }
     cmd
+}
+
+/// The key of reservation `id` of the bucket `bucket_key`: in the bucket's hash slot (a hash tag
+/// that lands there), so that on a cluster the settle's one script call reaches both; it starts
+/// with `{`, which no bucket key does (their prefixes cannot be empty).
+pub fn reservation_key(bucket_key: &str, id: &str) -> String {
+    let tag = slot_tag(super::topology::slot(bucket_key.as_bytes()));
+    format!("{{{tag}}}tb:resv:{id}")
+}
+
+/// A short string whose hash slot is `slot`, found once for every slot.
+fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); 16384];
+        let mut left = tags.len();
+        let mut n: u32 = 0;
+        while left > 0 {
+            let candidate = format!("{n:x}");
+            let s = super::topology::slot(candidate.as_bytes()) as usize;
+            if tags[s].is_empty() {
+                tags[s] = candidate;
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot)]
+}
+
+/// A settle's answer when its reservation was not found (the script says allowed = 2): tokens
+/// are NaN, which no real answer has.
+pub fn not_found(d: &Decision) -> bool {
+    d.tokens_remaining.is_nan()
 }
 
 /// The decisions in a reply to a call for `n` buckets.
@@ -97,11 +145,38 @@ pub fn decode(value: Value, n: usize) -> Result<Vec<Decision>, BackendError> {
             .ok_or_else(|| bad(format!("tokens {:?}", c[1])))?;
             Ok(Decision {
                 allowed: matches!(c[0], Value::Int(1)),
-                tokens_remaining: tokens,
+                tokens_remaining: if matches!(c[0], Value::Int(2)) {
+                    f64::NAN
+                } else {
+                    tokens
+                },
                 retry_after_ms: int(&c[2])?,
                 reset_after_ms: int(&c[3])?,
                 local: false,
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_lives_in_its_buckets_slot() {
+        for key in [
+            "tb:user:a|10/1",
+            "tb:user:{tagged}x|1/1",
+            "b",
+            "tb:rls:4:edge",
+        ] {
+            let r = reservation_key(key, "00ff");
+            assert_eq!(
+                super::super::topology::slot(r.as_bytes()),
+                super::super::topology::slot(key.as_bytes()),
+                "{key} -> {r}"
+            );
+            assert!(r.starts_with('{') && r.ends_with("tb:resv:00ff"), "{r}");
+        }
+    }
 }

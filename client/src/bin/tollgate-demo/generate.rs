@@ -19,6 +19,9 @@ use tollgate_client::{Error, Request};
 
 use crate::app::AppState;
 
+/// How long a reservation may wait for its Settle: far longer than the (fake) work takes.
+const RESERVE_FOR: Duration = Duration::from_secs(60);
+
 #[derive(Deserialize)]
 pub struct Generate {
     #[serde(default)]
@@ -53,13 +56,17 @@ pub async fn generate(
         rate: state.token_rate,
         dry_run: false,
     };
-    let reserved = match state.client.check(reserve).await {
-        Ok(d) if d.allowed => d,
-        Ok(d) if d.degraded => {
+    let reservation = match state.client.reserve(reserve, RESERVE_FOR).await {
+        Ok(r) => r,
+        Err(e) => return refused(e),
+    };
+    let reserved = match reservation.decision {
+        d if d.allowed => d,
+        d if d.degraded => {
             let body = json!({ "error": "rate limiter unavailable" });
             return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
         }
-        Ok(d) => {
+        d => {
             let retry = d.retry_after.as_millis().div_ceil(1000).max(1) as u64;
             let body = json!({
                 "error": "token budget exhausted",
@@ -71,7 +78,6 @@ pub async fn generate(
                 .insert("retry-after", HeaderValue::from(retry));
             return r;
         }
-        Err(e) => return refused(e),
     };
 
     // 2. The work: a fake model writing between 1 and max_tokens tokens.
@@ -82,21 +88,22 @@ pub async fn generate(
         .map(|i| words[(i + body.prompt.len()) % words.len()])
         .collect();
 
-    // 3. Settle the real cost: the unused part of the reservation comes back.
-    let settled = state
-        .client
-        .settle(
-            &key,
-            state.token_capacity,
-            state.token_rate,
-            u64::from(body.max_tokens),
-            u64::from(produced),
-        )
-        .await;
+    // 3. Settle the real cost: the unused part of the reservation comes back (once, at most what
+    // was taken). A degraded allow took nothing: nothing to settle.
+    let settled = match &reservation.id {
+        Some(_) => Some(
+            state
+                .client
+                .settle_reservation(&reservation, u64::from(produced))
+                .await,
+        ),
+        None => None,
+    };
     let (tokens_remaining, in_debt) = match settled {
-        Ok(s) => (s.tokens_remaining, s.in_debt),
+        None => (reserved.tokens_remaining, false),
+        Some(Ok(s)) => (s.tokens_remaining, s.in_debt),
         // The work is done; a settlement that could not land costs the caller its reservation.
-        Err(e) => {
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "settle failed; the reservation stands");
             (reserved.tokens_remaining, false)
         }

@@ -19,6 +19,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{Api, Cli};
 
+/// How long `--api settle`'s reservations wait for their Settle (which follows at once).
+const RESERVE_TTL_MS: u32 = 60_000;
+
 /// The outcome of one descriptor (or the single bucket of should-allow and http).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Verdict {
@@ -176,6 +179,8 @@ impl Target {
                     capacity: *capacity,
                     rate: *rate,
                     dry_run: false,
+                    // Settled by its reservation id: the refund is at most what was taken, once.
+                    reserve_ttl_ms: if *settle { RESERVE_TTL_MS } else { 0 },
                 });
                 req.set_timeout(*timeout);
                 let r = client.should_allow(req).await.ok()?.into_inner();
@@ -194,6 +199,7 @@ impl Target {
                         rate: *rate,
                         reserved: u64::from((*cost).max(1)),
                         actual: u64::from(charged),
+                        reservation_id: r.reservation_id.clone(),
                     });
                     req.set_timeout(*timeout);
                     client.settle(req).await.ok()?;
