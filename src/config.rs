@@ -270,9 +270,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHARGE_ON_DENY", value_name = "CHARGE_ON_DENY", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub charge_on_deny: bool,
 
-    /// Honour refunds (Envoy's is_negative_hits, a Settle below its reservation); false refuses
-    /// them with PERMISSION_DENIED.
-    #[arg(long, env = "ALLOW_REFUNDS", value_name = "ALLOW_REFUNDS", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    /// Honour refunds taken on the caller's word: a Settle without a reservation_id below what it
+    /// says it reserved, and Envoy's is_negative_hits. Any caller reaching the port could then
+    /// refill any bucket. False (the default): such a Settle is PERMISSION_DENIED, and Envoy's
+    /// is_negative_hits is answered OK without giving anything back (counted). A Settle of a
+    /// reservation_id needs no switch: it returns at most what was taken, once.
+    #[arg(long, env = "ALLOW_REFUNDS", value_name = "ALLOW_REFUNDS", default_value = "false", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub allow_refunds: bool,
 
     /// Let ShouldAllow callers choose a bucket's capacity and rate; false: they must leave both at

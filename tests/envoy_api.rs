@@ -134,7 +134,7 @@ async fn statuses_one_per_descriptor_in_order() {
 
 #[tokio::test]
 async fn hits_addend_precedence_check_only_and_refund() {
-    let (t, _dir) = start(&[], &[]).await;
+    let (t, _dir) = start(&["--allow-refunds", "true"], &[]).await;
     let mut c = client(&t).await;
     // Request-level hits 2 of 3.
     let mut req = request("edge", vec![descriptor(&[("api_key", "h")])]);

@@ -85,10 +85,13 @@ async fn every_argument_must_be_a_number_in_its_range() {
         let err = eval(&mut conn, args).await.unwrap_err();
         assert!(err.to_string().contains(name), "{err}");
     }
-    for mode in ["0", "7", "9", "1.5"] {
+    for mode in ["0", "7", "10", "1.5"] {
         let err = eval(&mut conn, ["10", "1", "1", mode]).await.unwrap_err();
         assert!(err.to_string().contains("mode"), "{err}");
     }
+    // A settle (mode 9) needs its reservation key.
+    let err = eval(&mut conn, ["10", "1", "1", "9"]).await.unwrap_err();
+    assert!(err.to_string().contains("reservation"), "{err}");
     // Group lengths must add up to the number of buckets.
     let err = eval_many(
         &mut conn,

@@ -343,7 +343,18 @@ async fn the_real_cause_of_a_connection_failure_is_logged_once() {
 #[tokio::test]
 async fn the_circuit_closes_when_pings_answer_again() {
     let mut redis = RedisServer::start().await;
-    let t = start(&redis, "allow").await;
+    let t = Tollgate::start(
+        &[
+            "--redis-timeout-ms",
+            &TIMEOUT_MS.to_string(),
+            "--failure-mode",
+            "allow",
+            "--debug-endpoints",
+            "true",
+        ],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
     let mut c = t.client().await;
     assert!(
         !should_allow(&mut c, ask("k", 0.0, 0.0, 1))

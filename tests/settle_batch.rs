@@ -14,11 +14,12 @@ use tollgate::proto::tollgate::v1::{SettleRequest, ShouldAllowBatchRequest, Shou
 const SLOW: f64 = 0.001;
 const EPS: f64 = 1e-3;
 
+/// Refunds on the caller's word allowed (ALLOW_REFUNDS=true): `settle_less_equal_more` is about
+/// them; reservations need no switch.
 fn api<B: Backend>(backend: B) -> ShouldAllowApi<B> {
-    ShouldAllowApi::new(
-        backend,
-        Defaults::new(Shape::new(10.0, SLOW).unwrap(), "tb:user:"),
-    )
+    let mut defaults = Defaults::new(Shape::new(10.0, SLOW).unwrap(), "tb:user:");
+    defaults.allow_refunds = true;
+    ShouldAllowApi::new(backend, defaults)
 }
 
 fn take(key: &str, cost: u32) -> ShouldAllowRequest {

@@ -174,12 +174,22 @@ async fn reserve_then_settle() {
         rate: 0.001,
         dry_run: false,
     };
-    assert!(client.check(reserve).await.unwrap().allowed);
-    let s = client
-        .settle("llm:ann", 100.0, 0.001, 80, 30)
+    let reservation = client
+        .reserve(reserve, Duration::from_secs(60))
         .await
         .unwrap();
+    assert!(reservation.decision.allowed && reservation.id.is_some());
+    let s = client.settle_reservation(&reservation, 30).await.unwrap();
     assert!((s.tokens_remaining - 70.0).abs() < 0.01, "{s:?}");
+    let again = client.settle_reservation(&reservation, 0).await.unwrap();
+    assert_eq!(again, s, "once: a retry answers the same");
+    // Without an id the server refunds nothing on the caller's word (ALLOW_REFUNDS=false), but
+    // charges what is more.
+    let err = client
+        .settle("llm:ann", 100.0, 0.001, 80, 30)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ALLOW_REFUNDS"), "{err}");
     let s = client
         .settle("llm:ann", 100.0, 0.001, 0, 120)
         .await

@@ -58,7 +58,7 @@ impl Defaults {
             failure_mode: FailureMode::Error,
             shadow_mode: false,
             allow_client_shapes: true,
-            allow_refunds: true,
+            allow_refunds: false,
             max_batch: 100,
             activity: Arc::new(Activity::default()),
         }

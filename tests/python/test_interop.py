@@ -151,12 +151,14 @@ def test_reflection(tollgate, version):
     ]
     service = next(p for p in protos if p.package == "tollgate.v1")
     request = next(m for m in service.message_type if m.name == "ShouldAllowRequest")
-    assert [f.name for f in request.field] == ["key", "cost", "capacity", "rate", "dry_run"]
+    assert [f.name for f in request.field] == [
+        "key", "cost", "capacity", "rate", "dry_run", "reserve_ttl_ms"]
     # The RPCs a grpcurl user would list: ShouldAllow, ShouldAllowBatch and Settle.
     methods = {m.name for s in service.service for m in s.method}
     assert methods == {"ShouldAllow", "ShouldAllowBatch", "Settle"}, methods
     settle = next(m for m in service.message_type if m.name == "SettleRequest")
-    assert [f.name for f in settle.field] == ["key", "capacity", "rate", "reserved", "actual"]
+    assert [f.name for f in settle.field] == [
+        "key", "capacity", "rate", "reserved", "actual", "reservation_id"]
 
 
 def test_reserve_work_settle(stubs, tollgate):
@@ -165,12 +167,26 @@ def test_reserve_work_settle(stubs, tollgate):
     pb, pb_grpc = stubs
     stub = pb_grpc.RateLimitServiceStub(tollgate)
     shape = dict(capacity=100, rate=0.001)
-    reserved = stub.ShouldAllow(pb.ShouldAllowRequest(key="py:llm", cost=60, **shape), timeout=2)
-    assert reserved.allowed and round(reserved.tokens_remaining) == 40
-    settled = stub.Settle(
-        pb.SettleRequest(key="py:llm", reserved=60, actual=25, **shape), timeout=2
+    reserved = stub.ShouldAllow(
+        pb.ShouldAllowRequest(key="py:llm", cost=60, reserve_ttl_ms=60000, **shape), timeout=2
     )
+    assert reserved.allowed and round(reserved.tokens_remaining) == 40
+    assert len(reserved.reservation_id) == 32
+    settle = pb.SettleRequest(
+        key="py:llm", actual=25, reservation_id=reserved.reservation_id, **shape
+    )
+    settled = stub.Settle(settle, timeout=2)
     assert round(settled.tokens_remaining) == 75 and not settled.in_debt
+    # Once: a retry answers the same and gives nothing more back.
+    assert round(stub.Settle(settle, timeout=2).tokens_remaining) == 75
+    # Without a reservation id, a refund on the caller's word is refused (ALLOW_REFUNDS=false).
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Settle(pb.SettleRequest(key="py:llm", reserved=60, actual=0, **shape), timeout=2)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.Settle(pb.SettleRequest(key="py:llm", actual=0, reservation_id="nope", **shape),
+                    timeout=2)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     settled = stub.Settle(
         pb.SettleRequest(key="py:llm", reserved=0, actual=120, **shape), timeout=2
     )

@@ -70,7 +70,7 @@ impl EnvoySettings {
             failure_mode: FailureMode::Error,
             shadow_mode: false,
             charge_on_deny: false,
-            allow_refunds: true,
+            allow_refunds: false,
             allow_client_shapes: true,
             max_descriptors: 64,
             max_key_bytes: 1024,
