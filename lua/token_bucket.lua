@@ -45,6 +45,9 @@ Returns a flat array, 4 entries per bucket, in order:
   retry_after_ms (0 when allowed), reset_after_ms (time until full)
 Both times are capped at 2^53 - 1: no input overflows an integer reply.
 
+Refunds (mode 3, and settles that give back) publish the bucket's key on the channel
+`tollgate:refunds`: every replica's local deny cache forgets what it knew of that bucket.
+
 Storage: a string of two little-endian doubles (tokens, ts in ms of server time), written with PX =
 the time until the bucket is full again, at least the full-refill time. A bucket with no key is full.
 A key holding the hash of earlier versions (fields tokens, ts) is read as such and rewritten.
@@ -268,6 +271,7 @@ end
 local out = {}
 local ttl = {}
 local charged = {}
+local refunded = {}
 local first = 1
 for _, last in ipairs(ends) do
   local vetoed = false
@@ -291,6 +295,7 @@ for _, last in ipairs(ends) do
       end
       if vetoes[i] and not allowed then vetoed = true end
       if modes[i] == 1 and allowed then charged[i] = true end
+      if modes[i] == 3 then refunded[key] = true end
       out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, retry, reset
     end
   end
@@ -330,6 +335,11 @@ end
 local pack = struct.pack
 for key, t in pairs(ttl) do
   redis.call("SET", key, pack("<dd", tok[key], tss[key]), "PX", t)
+end
+
+-- Refunds filled these buckets: every replica's deny cache must forget what it knew of them.
+for key in pairs(refunded) do
+  redis.call("PUBLISH", "tollgate:refunds", key)
 end
 
 -- Reservations: settled ones keep their answer (and their TTL); charged takes record theirs.

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, Tollgate, ask, http_get, metric, should_allow};
+use common::{RedisServer, Tollgate, ask, eventually, http_get, metric, should_allow};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
@@ -164,4 +164,57 @@ async fn memory_backend_is_exact_under_concurrency() {
         .filter(|r| r.as_ref().unwrap().as_ref().unwrap().allowed)
         .count();
     assert_eq!(allowed, 100);
+}
+
+/// A refund through one replica reaches the other's deny cache: replica A learns a bucket is
+/// empty (and denies locally), replica B settles a reservation that fills it, and A admits again
+/// within a round trip, not after the refill (1,000 s at this rate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_through_another_replica_reaches_the_deny_cache() {
+    use tollgate::proto::tollgate::v1::{SettleRequest, ShouldAllowRequest};
+    let redis = RedisServer::start().await;
+    let env = [("REDIS_URL", redis.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["--redis-timeout-ms", "2000", "--local-deny-cache", "true"];
+    let (a, b) = (
+        Tollgate::start(&args, &env).await,
+        Tollgate::start(&args, &env).await,
+    );
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let ask = |cost| ShouldAllowRequest {
+        reserve_ttl_ms: 60_000,
+        ..common::ask("shared", 10.0, 0.001, cost)
+    };
+    let reserved = should_allow(&mut cb, ask(5)).await.unwrap();
+    assert!(reserved.allowed);
+    assert!(should_allow(&mut ca, ask(5)).await.unwrap().allowed);
+    // Empty: A asks Redis once, then denies locally.
+    for _ in 0..3 {
+        assert!(!should_allow(&mut ca, ask(1)).await.unwrap().allowed);
+    }
+    let (_, m) = http_get(&a.http_url("/metrics")).await.unwrap();
+    assert!(
+        metric(&m, "tollgate_local_answers_total{api=\"should_allow\"}") >= 1.0,
+        "A's deny cache knows the bucket is empty"
+    );
+    // The refund through B.
+    cb.settle(SettleRequest {
+        key: "shared".into(),
+        capacity: 10.0,
+        rate: 0.001,
+        actual: 0,
+        reservation_id: reserved.reservation_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let refunded = Instant::now();
+    eventually(Duration::from_secs(2), "A to admit again", async || {
+        should_allow(&mut ca, ask(1)).await.unwrap().allowed
+    })
+    .await;
+    eprintln!(
+        "deny cache: A admitted {:?} after B's refund",
+        refunded.elapsed()
+    );
 }

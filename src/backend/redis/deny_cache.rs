@@ -3,9 +3,11 @@
 //! When Redis answers that a bucket holds `t` tokens, decided after this replica sent the call at
 //! local time `T`, the bucket cannot hold more than `t + rate * (now - T)` later: only refill and
 //! refunds add tokens. While that bound is below a request's cost, the request is denied here
-//! without calling Redis. Exact in the safe direction: it may deny a request that a refund made
-//! through another replica would have let through, never allow one too many. Refunds through this
-//! replica forget the key at once. Bounded: at most `MAX_ENTRIES`, and an entry whose bound has
+//! without calling Redis. Exact in the safe direction: it never allows one too many. Refunds
+//! through this replica forget the key at once; refunds through any replica are published by the
+//! script (channel [`REFUNDS_CHANNEL`]) and every replica forgets the key when it hears of it, a
+//! round trip later (and forgets everything when its subscription was broken, since it may have
+//! missed some). Bounded: at most `MAX_ENTRIES`, and an entry whose bound has
 //! reached the capacity is useless and dropped.
 
 use std::{
@@ -19,6 +21,8 @@ use tokio::time::Instant;
 use crate::core::{Decision, Op, Shape, capped_ms};
 
 const SHARDS: usize = 16;
+/// Where `lua/token_bucket.lua` publishes the key of every bucket a refund filled.
+pub const REFUNDS_CHANNEL: &str = "tollgate:refunds";
 /// About 64 bytes an entry: 6 MB at most.
 const MAX_ENTRIES: usize = 100_000;
 
@@ -128,6 +132,22 @@ impl DenyCache {
                     },
                 );
             }
+        }
+    }
+
+    /// Forgets what is known of `key` (a refund through another replica filled it).
+    pub fn forget(&self, key: &[u8]) {
+        let Ok(key) = std::str::from_utf8(key) else {
+            return;
+        };
+        let id = self.id(key);
+        self.shard(id).lock().remove(&id);
+    }
+
+    /// Forgets everything (refunds may have been missed).
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.lock().clear();
         }
     }
 

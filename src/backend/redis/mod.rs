@@ -13,7 +13,8 @@
 //! - `topology.rs`: single, sentinel, cluster: which node serves a key.
 //! - `connect.rs`: connection settings shared by the nodes (credentials, TLS).
 //! - `breaker.rs`: a circuit breaker per node.
-//! - `deny_cache.rs`: denials this replica can prove without asking Redis.
+//! - `deny_cache.rs`: denials this replica can prove without asking Redis, and the refunds of
+//!   other replicas that make it forget them.
 
 mod breaker;
 mod connect;
@@ -99,12 +100,14 @@ pub(crate) struct Lanes {
     connections: usize,
     placement: Placement,
     metrics: RedisMetrics,
+    /// The deny cache, when on: each node's refund subscription feeds it.
+    deny: Option<Arc<DenyCache>>,
 }
 
 /// The Redis backend, for a single server, a cluster or a sentinel-managed master.
 pub struct RedisBackend {
     nodes: Nodes,
-    deny: Option<DenyCache>,
+    deny: Option<Arc<DenyCache>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -126,6 +129,7 @@ impl RedisBackend {
     /// Must be called within a tokio runtime.
     pub fn with_options(url: &str, options: RedisOptions) -> Result<Self, BackendError> {
         let cluster = options.topology == Topology::Cluster;
+        let deny = options.deny_cache.then(|| Arc::new(DenyCache::default()));
         let lanes = Arc::new(Lanes {
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_string(),
             timeout: options.timeout,
@@ -136,16 +140,17 @@ impl RedisBackend {
                 Placement::Keys
             },
             metrics: options.metrics,
+            deny: deny.clone(),
         });
         Ok(Self {
             nodes: Nodes::start(options.topology, url, &options.tls, &lanes)?,
-            deny: options.deny_cache.then(DenyCache::default),
+            deny,
         })
     }
 
     /// Buckets the deny cache holds now.
     pub fn deny_cache_len(&self) -> usize {
-        self.deny.as_ref().map_or(0, DenyCache::entries)
+        self.deny.as_ref().map_or(0, |d| d.entries())
     }
 
     /// Decides `reqs` (all on `node`) in one job, re-routing once if the node no longer serves

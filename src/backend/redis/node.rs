@@ -166,6 +166,13 @@ impl Node {
             conns: conns.clone(),
             timeout: lanes.timeout,
         });
+        if let Some(cache) = &lanes.deny {
+            tokio::spawn(hear_refunds(
+                Arc::downgrade(&node),
+                template.clone(),
+                cache.clone(),
+            ));
+        }
         tokio::spawn(connect(
             Arc::downgrade(&node),
             template,
@@ -344,6 +351,45 @@ async fn connect(
                 }
             }
         }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Listens for the refunds the script publishes (on any replica) and makes the deny cache forget
+/// those keys, until the node is dropped. A broken subscription may have missed some: the cache
+/// forgets everything, then subscribes again.
+async fn hear_refunds(
+    node: std::sync::Weak<Node>,
+    template: Template,
+    cache: Arc<super::deny_cache::DenyCache>,
+) {
+    use futures::StreamExt;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        if node.strong_count() == 0 {
+            return;
+        }
+        let subscribed = async {
+            let mut pubsub = template.client()?.get_async_pubsub().await?;
+            pubsub.subscribe(super::deny_cache::REFUNDS_CHANNEL).await?;
+            redis::RedisResult::Ok(pubsub.into_on_message())
+        };
+        if let Ok(Ok(mut messages)) = tokio::time::timeout(CONNECT_TIMEOUT, subscribed).await {
+            wait = Duration::from_millis(50);
+            // Subscribed only now: anything before is unknown.
+            cache.clear();
+            loop {
+                // Wake up now and then to notice a dropped node.
+                match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+                    Ok(Some(msg)) => cache.forget(msg.get_payload_bytes()),
+                    Ok(None) => break,
+                    Err(_) if node.strong_count() == 0 => return,
+                    Err(_) => {}
+                }
+            }
+        }
+        cache.clear();
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(2));
     }
