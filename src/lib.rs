@@ -9,11 +9,13 @@
 //!   failure policy. Depends on nothing else in the crate.
 //! - [`backend`]: where buckets live. The [`backend::Backend`] trait, `memory.rs` (sharded maps)
 //!   and `redis/` (runs `lua/token_bucket.lua`: per-node lanes that batch concurrent decisions into
-//!   one script call, the topology of single, cluster and sentinel, a circuit breaker per node, the
-//!   local deny cache).
-//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow, ShouldAllowBatch and Settle, and
-//!   Envoy RLS v3 (plan, decide, answer, annotate), input checks, and the one place errors become
-//!   `tonic::Status`.
+//!   one script call, the topology of single, cluster and sentinel, a circuit breaker per node
+//!   judged on Redis calls, the local deny cache and the refund subscription that keeps it
+//!   honest), reservations for Settle.
+//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow, ShouldAllowBatch and Settle (with
+//!   reservations), and Envoy RLS v3 (plan, decide, answer, annotate), input checks, the steps
+//!   both share after the backend (`pipeline.rs`: FAILURE_MODE and compensations that outlive
+//!   their caller), and the one place errors become `tonic::Status`.
 //! - [`proto`]: code generated from `proto/` and the descriptor set served by reflection.
 //! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
 //!   and hot-reload.

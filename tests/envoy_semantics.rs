@@ -244,14 +244,95 @@ async fn a_failed_descriptor_takes_the_fallback_alone() {
             assert_eq!(a.left("ip", "x").await, 5);
         }
     }
-    // FAILURE_MODE=error: the whole request is UNAVAILABLE (Envoy's failure_mode_deny decides).
+    // FAILURE_MODE=error: the whole request is UNAVAILABLE (Envoy's failure_mode_deny decides),
+    // and what its healthy descriptors were charged is given back: nobody got an answer.
     let a = api(|_| {});
     let err = a
         .api
-        .should_rate_limit(&request("edge", vec![descriptor(&[("user", "fail")])]))
+        .should_rate_limit(&request(
+            "edge",
+            vec![descriptor(&[("ip", "e")]), descriptor(&[("user", "fail")])],
+        ))
         .await
         .unwrap_err();
     assert!(matches!(err, ApiError::Backend(_)), "{err:?}");
+    assert_eq!(a.left("ip", "e").await, 5, "nothing stays charged");
+}
+
+/// A memory backend whose refunds take a while (a slow node), to see a compensation outlive its
+/// caller.
+struct SlowRefunds(Flaky);
+
+impl Backend for SlowRefunds {
+    fn name(&self) -> &'static str {
+        "slow-refunds"
+    }
+    async fn decide(&self, req: BucketRequest<'_>) -> Result<Decision, BackendError> {
+        self.0.decide(req).await
+    }
+    async fn decide_group(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        all_or_nothing: bool,
+    ) -> Vec<Result<Decision, BackendError>> {
+        if reqs
+            .iter()
+            .all(|r| matches!(r.op, tollgate::core::Op::Refund(_)))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        self.0.decide_group(reqs, all_or_nothing).await
+    }
+    async fn settle(
+        &self,
+        req: tollgate::backend::SettleRequest<'_>,
+    ) -> Result<tollgate::backend::Settled, BackendError> {
+        self.0.settle(req).await
+    }
+    async fn ping(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// The caller goes away (its deadline passes) while the refunds of its refused request are in
+/// flight: they land all the same, no token stays spent for nobody.
+#[tokio::test]
+async fn a_compensation_finishes_when_its_caller_has_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, RULES).unwrap();
+    let handle = RulesHandle::load(&path, None).unwrap();
+    let mut settings = EnvoySettings::new("tb:rls:");
+    settings.failure_mode = FailureMode::Deny;
+    let api = Arc::new(EnvoyApi::new(
+        Arc::new(SlowRefunds(Flaky(MemoryBackend::new(1000)))),
+        Arc::new(handle),
+        settings,
+    ));
+    let req = request(
+        "edge",
+        vec![
+            descriptor(&[("ip", "gone")]),
+            descriptor(&[("user", "fail")]),
+        ],
+    );
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(20),
+        api.should_rate_limit(&req),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the caller left before the refunds were done"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut check = descriptor(&[("ip", "gone")]);
+    check.hits_addend = Some(0);
+    let r = api
+        .should_rate_limit(&request("edge", vec![check]))
+        .await
+        .unwrap();
+    assert_eq!(r.statuses[0].limit_remaining, 5, "the refund landed");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 mod envoy;
 mod error;
-mod group;
+mod pipeline;
 mod should_allow;
 
 pub use envoy::{EnvoyApi, EnvoySettings, HeaderNames};

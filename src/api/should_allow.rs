@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Instant};
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
+use super::pipeline::{Fallback, compensate};
 use crate::backend::{
     Backend, BackendError, BucketRequest, Reserve, SettleRequest as SettleBucket, Settled,
 };
@@ -15,7 +16,7 @@ use crate::proto::tollgate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_server::RateLimitService,
 };
-use crate::telemetry::{Activity, DecisionMetrics, FailureModeMetrics, ShedMetrics, decision_log};
+use crate::telemetry::{Activity, DecisionMetrics, ShedMetrics, decision_log};
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -109,20 +110,21 @@ impl Parsed {
 
 /// The tollgate.v1 service over any backend.
 pub struct ShouldAllowApi<B> {
-    backend: B,
+    /// Shared with compensations that outlive their caller.
+    backend: Arc<B>,
     defaults: Defaults,
     metrics: DecisionMetrics,
-    failure_metrics: FailureModeMetrics,
+    fallback: Fallback,
     shed: ShedMetrics,
 }
 
 impl<B: Backend> ShouldAllowApi<B> {
     pub fn new(backend: B, defaults: Defaults) -> Self {
         Self {
-            backend,
+            backend: Arc::new(backend),
             metrics: DecisionMetrics::new("should_allow", defaults.activity.clone()),
+            fallback: Fallback::new(defaults.failure_mode),
             defaults,
-            failure_metrics: FailureModeMetrics::default(),
             shed: ShedMetrics::default(),
         }
     }
@@ -223,20 +225,6 @@ impl<B: Backend> ShouldAllowApi<B> {
         }
     }
 
-    /// FAILURE_MODE's answer to a failed decision: None means report the error.
-    fn fallback(&self, e: &BackendError) -> Option<bool> {
-        let allowed = self.defaults.failure_mode.fallback_allowed();
-        match allowed {
-            // Per call at debug only: an outage would flood the log; health logs the transition.
-            Some(allowed) => {
-                tracing::debug!(error = %e, allowed, "backend failed; FAILURE_MODE answered");
-                self.failure_metrics.record(allowed);
-            }
-            None => tracing::debug!(error = %e, "backend failed; answering UNAVAILABLE"),
-        }
-        allowed
-    }
-
     /// The answer to a decision; shadow mode: the bucket was charged and the decision counted,
     /// the caller is never held.
     fn answer(&self, d: &Decision, shape: Shape, reservation_id: String) -> ShouldAllowResponse {
@@ -280,7 +268,7 @@ impl<B: Backend> ShouldAllowApi<B> {
             }
             Err(e) => {
                 self.metrics.record(None, started);
-                match self.fallback(&e) {
+                match self.fallback.verdict(&e) {
                     Some(allowed) => Ok(self.degraded(allowed, p.shape)),
                     None => Err(ApiError::Backend(e)),
                 }
@@ -323,10 +311,14 @@ impl<B: Backend> ShouldAllowApi<B> {
 
         let fallback = match results.iter().find_map(|r| r.as_ref().err()) {
             None => None,
-            Some(e) => match self.fallback(e) {
+            Some(e) => match self.fallback.verdict(e) {
                 Some(allowed) => Some(allowed),
                 None => {
                     self.metrics.record(None, started);
+                    // No answer: nothing of an all-or-nothing group may stay charged.
+                    if req.all_or_nothing {
+                        compensate(&self.backend, &buckets, &results).await;
+                    }
                     return Err(ApiError::Backend(e.clone()));
                 }
             },
@@ -359,7 +351,7 @@ impl<B: Backend> ShouldAllowApi<B> {
             .collect();
         let allowed = responses.iter().all(|r| r.allowed);
         if req.all_or_nothing && fallback == Some(false) {
-            super::group::refund_charges(&self.backend, &buckets, &results).await;
+            compensate(&self.backend, &buckets, &results).await;
         }
         self.metrics.time(started);
         Ok(ShouldAllowBatchResponse { responses, allowed })
@@ -402,7 +394,7 @@ impl<B: Backend> ShouldAllowApi<B> {
                 req.reservation_id
             ))),
             Err(SettleError::Api(e)) => Err(e),
-            Err(SettleError::Backend(e)) => match self.fallback(&e) {
+            Err(SettleError::Backend(e)) => match self.fallback.verdict(&e) {
                 Some(_) => Ok(SettleResponse {
                     degraded: true,
                     ..Default::default()

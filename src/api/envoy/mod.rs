@@ -1,22 +1,28 @@
 //! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`: Envoy's external rate limiting,
 //! answered per the rules with token buckets.
 //!
-//! A request goes through three steps, one file each:
-//! - `plan.rs`: checks and bounds, the rule each descriptor matches, the bucket operations;
+//! A request goes through four steps:
+//! - `plan.rs`: the rule each descriptor matches, the bucket operations, and what is answered
+//!   without evaluation (past the bounds: OVER_LIMIT; no entries, a refused refund: OK);
 //! - here: the decision, one backend group (all or nothing unless CHARGE_ON_DENY), and what a
-//!   backend failure makes of it;
+//!   backend failure makes of it (`api::pipeline`: FAILURE_MODE, the compensation);
 //! - `answer.rs`: one status per descriptor, in order; each decision counted, logged, and fed to
 //!   the top-keys sketch;
 //! - `annotate.rs`: the optional `RateLimit-*` headers and the dynamic metadata naming the rules
 //!   that fired.
 //!
-//! Wire rules honoured (SPEC section 3): always OK or OVER_LIMIT; one status per descriptor, in
-//! order; an unmatched descriptor is OK without `current_limit`; a descriptor's own `hits_addend`
-//! wins and its 0 means check-only, else the request's (0 means 1); `is_negative_hits` refunds; a
-//! `limit` override replaces the rule; a request answered OVER_LIMIT charges none of its
-//! descriptors (but `debt` rules); backend failures are UNAVAILABLE (so Envoy's
-//! `failure_mode_deny` decides) unless FAILURE_MODE answers, and then only for the descriptors
-//! whose bucket failed.
+//! Envoy lets a request through when the call fails, so nothing a client of Envoy controls may
+//! fail it: descriptor keys and values are bytes, long keys are digested, requests past the bounds
+//! are OVER_LIMIT. The only errors are INVALID_ARGUMENT for what Envoy never sends (no domain, no
+//! descriptors) and UNAVAILABLE for a backend failure under FAILURE_MODE=error.
+//!
+//! Wire rules honoured (README "The Envoy API"): always OK or OVER_LIMIT; one status per
+//! descriptor, in order; an unmatched descriptor is OK without `current_limit`; a descriptor's own
+//! `hits_addend` wins and its 0 means check-only, else the request's (0 means 1);
+//! `is_negative_hits` refunds (with ALLOW_REFUNDS); a `limit` override replaces the rule, in a
+//! bucket of its own; a request answered OVER_LIMIT charges none of its descriptors (but `debt`
+//! rules); backend failures are UNAVAILABLE (so Envoy's `failure_mode_deny` decides) unless
+//! FAILURE_MODE answers, and then only for the descriptors whose bucket failed.
 
 mod annotate;
 mod answer;
@@ -27,6 +33,7 @@ use std::{sync::Arc, time::Instant};
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
+use super::pipeline::{Fallback, compensate};
 use crate::backend::{Backend, BucketRequest};
 use crate::core::{FailureMode, Op};
 use crate::proto::envoy::service::ratelimit::v3::{
@@ -34,7 +41,7 @@ use crate::proto::envoy::service::ratelimit::v3::{
     rate_limit_service_server::RateLimitService,
 };
 use crate::rules::RulesHandle;
-use crate::telemetry::{Activity, DecisionMetrics, FailureModeMetrics, RefusedMetrics};
+use crate::telemetry::{Activity, DecisionMetrics, RefusedMetrics};
 
 pub use annotate::HeaderNames;
 
@@ -83,21 +90,22 @@ impl EnvoySettings {
 
 /// The Envoy RLS service over any backend.
 pub struct EnvoyApi<B> {
-    backend: B,
+    /// Shared with compensations that outlive their caller.
+    backend: Arc<B>,
     rules: Arc<RulesHandle>,
     settings: EnvoySettings,
     metrics: DecisionMetrics,
-    failure_metrics: FailureModeMetrics,
+    fallback: Fallback,
     refused: RefusedMetrics,
 }
 
 impl<B: Backend> EnvoyApi<B> {
     pub fn new(backend: B, rules: Arc<RulesHandle>, settings: EnvoySettings) -> Self {
         Self {
-            backend,
+            backend: Arc::new(backend),
             rules,
             metrics: DecisionMetrics::new("envoy", settings.activity.clone()),
-            failure_metrics: FailureModeMetrics::default(),
+            fallback: Fallback::new(settings.failure_mode),
             refused: RefusedMetrics::new("envoy", &plan::Refusal::ALL.map(plan::Refusal::as_str)),
             settings,
         }
@@ -146,16 +154,15 @@ impl<B: Backend> EnvoyApi<B> {
         let failed = results.iter().find_map(|r| r.as_ref().err());
         let fallback = match failed {
             None => None,
-            Some(e) => match self.settings.failure_mode.fallback_allowed() {
+            Some(e) => match self.fallback.verdict(e) {
+                Some(allowed) => Some(allowed),
                 None => {
-                    tracing::debug!(error = %e, "backend failed; answering UNAVAILABLE");
                     self.metrics.record(None, started);
+                    // No answer: nothing of the group may stay charged.
+                    if all_or_nothing {
+                        compensate(&self.backend, &reqs, &results).await;
+                    }
                     return Err(ApiError::Backend(e.clone()));
-                }
-                Some(allowed) => {
-                    tracing::debug!(error = %e, allowed, "backend failed; FAILURE_MODE answered");
-                    self.failure_metrics.record(allowed);
-                    Some(allowed)
                 }
             },
         };
@@ -175,7 +182,7 @@ impl<B: Backend> EnvoyApi<B> {
         );
 
         if all_or_nothing && answer.over && failed.is_some() {
-            super::group::refund_charges(&self.backend, &reqs, &results).await;
+            compensate(&self.backend, &reqs, &results).await;
         }
 
         self.metrics.record(

@@ -106,7 +106,8 @@ pub(crate) struct Lanes {
 
 /// The Redis backend, for a single server, a cluster or a sentinel-managed master.
 pub struct RedisBackend {
-    nodes: Nodes,
+    /// Shared with compensating refunds that outlive their caller.
+    nodes: Arc<Nodes>,
     deny: Option<Arc<DenyCache>>,
 }
 
@@ -143,7 +144,7 @@ impl RedisBackend {
             deny: deny.clone(),
         });
         Ok(Self {
-            nodes: Nodes::start(options.topology, url, &options.tls, &lanes)?,
+            nodes: Arc::new(Nodes::start(options.topology, url, &options.tls, &lanes)?),
             deny,
         })
     }
@@ -179,38 +180,7 @@ impl RedisBackend {
             }
             job
         };
-        self.submit_routed(node, reqs[0].key, job).await
-    }
-
-    /// Submits the job `make` builds to `node`, and once more to the node that serves `key` now
-    /// if `node` no longer does (a cluster failover or resharding).
-    async fn submit_routed(
-        &self,
-        node: Option<Arc<Node>>,
-        key: &str,
-        make: impl Fn() -> Job,
-    ) -> Result<Vec<Decision>, BackendError> {
-        let Some(node) = node else {
-            self.nodes.suspect();
-            return Err(unknown_node());
-        };
-        let first = node.submit(make()).await;
-        match &first {
-            Err(e) if e.kind == ErrorKind::Moved => {
-                self.nodes.suspect();
-                // The map may already be right (another call refreshed it): one more try.
-                let again = self.nodes.node_for(key.as_bytes());
-                match again {
-                    Some(n) if !Arc::ptr_eq(&n, &node) => n.submit(make()).await,
-                    _ => first,
-                }
-            }
-            Err(e) if matches!(e.kind, ErrorKind::Connection | ErrorKind::Timeout) => {
-                self.nodes.suspect();
-                first
-            }
-            _ => first,
-        }
+        submit_routed(&self.nodes, node, reqs[0].key, job).await
     }
 
     /// The group over as many nodes as its keys live on; all or nothing across nodes by
@@ -265,20 +235,12 @@ impl RedisBackend {
                         && matches!(&out[i], Some(Ok(d)) if d.allowed)
                 })
                 .collect();
+            // Detached: they land even if this caller goes away while they are in flight.
             let refunds = charged.iter().map(|&i| {
-                let refund = BucketRequest {
-                    op: Op::Refund(reqs[i].op.cost()),
-                    reserve: None,
-                    ..reqs[i]
-                };
-                async move {
-                    let node = self.nodes.node_for(refund.key.as_bytes());
-                    self.on_node(node, std::slice::from_ref(&refund), false)
-                        .await
-                }
+                refund_detached(&self.nodes, reqs[i].key, reqs[i].shape, reqs[i].op.cost())
             });
             for (&i, refunded) in charged.iter().zip(join_all(refunds).await) {
-                if let (Some(Ok(d)), Ok(after)) = (&mut out[i], refunded)
+                if let (Some(Ok(d)), Ok(Ok(after))) = (&mut out[i], refunded)
                     && let Some(after) = after.first()
                 {
                     d.tokens_remaining = after.tokens_remaining;
@@ -290,6 +252,65 @@ impl RedisBackend {
             .map(|o| o.unwrap_or_else(|| Err(unknown_node())))
             .collect()
     }
+}
+
+/// Submits the job `make` builds to `node`, and once more to the node that serves `key` now if
+/// `node` no longer does (a cluster failover or resharding).
+async fn submit_routed(
+    nodes: &Nodes,
+    node: Option<Arc<Node>>,
+    key: &str,
+    make: impl Fn() -> Job,
+) -> Result<Vec<Decision>, BackendError> {
+    let Some(node) = node else {
+        nodes.suspect();
+        return Err(unknown_node());
+    };
+    let first = node.submit(make()).await;
+    match &first {
+        Err(e) if e.kind == ErrorKind::Moved => {
+            nodes.suspect();
+            // The map may already be right (another call refreshed it): one more try.
+            let again = nodes.node_for(key.as_bytes());
+            match again {
+                Some(n) if !Arc::ptr_eq(&n, &node) => n.submit(make()).await,
+                _ => first,
+            }
+        }
+        Err(e) if matches!(e.kind, ErrorKind::Connection | ErrorKind::Timeout) => {
+            nodes.suspect();
+            first
+        }
+        _ => first,
+    }
+}
+
+/// A refund of `hits` to one bucket, in a task of its own: a compensation must land even when the
+/// caller that caused it goes away (its handler dropped at its deadline).
+fn refund_detached(
+    nodes: &Arc<Nodes>,
+    key: &str,
+    shape: crate::core::Shape,
+    hits: u64,
+) -> tokio::task::JoinHandle<Result<Vec<Decision>, BackendError>> {
+    let (nodes, key) = (nodes.clone(), key.to_string());
+    tokio::spawn(async move {
+        let job = || {
+            let mut job = Job::new(false);
+            job.push(
+                &key,
+                Op1 {
+                    shape,
+                    op: Op::Refund(hits),
+                    veto: true,
+                    settle: false,
+                },
+            );
+            job
+        };
+        let node = nodes.node_for(key.as_bytes());
+        submit_routed(&nodes, node, &key, job).await
+    })
 }
 
 fn unknown_node() -> BackendError {
@@ -392,8 +413,7 @@ impl Backend for RedisBackend {
             job
         };
         let node = self.nodes.node_for(req.key.as_bytes());
-        let d = self
-            .submit_routed(node, req.key, job)
+        let d = submit_routed(&self.nodes, node, req.key, job)
             .await?
             .pop()
             .ok_or_else(unknown_node)?;

@@ -215,11 +215,11 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         job.reply = Some(tx);
         job.probe = permit == Permit::Probe;
-        let result = match self.jobs.try_send(job) {
+        match self.jobs.try_send(job) {
             Err(_) => Err(BackendError {
                 backend: "redis",
                 kind: ErrorKind::Other,
-                message: format!("{}: more than {QUEUE} decisions waiting", self.addr),
+                message: format!("{}: more than {QUEUE} calls waiting", self.addr),
             }),
             Ok(()) => match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(result)) => result,
@@ -232,8 +232,7 @@ impl Node {
                 // callers it carries.
                 Err(_) => Err(timeout_error(self.timeout)),
             },
-        };
-        result
+        }
     }
 
     /// PING, within REDIS_TIMEOUT_MS.
