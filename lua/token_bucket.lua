@@ -11,7 +11,8 @@ groups, each all or nothing:
 On Redis Cluster the keys of one node span several slots, which Redis refuses as declared KEYS
 (CROSSSLOT), so tollgate sends them in ARGV instead: numkeys 0, ARGV[1] = N, ARGV[2..N+1] = the keys,
 then the same arguments. Every key is read before anything is written: a key this node does not
-serve fails the call before it changed anything, and tollgate retries on the right node.
+serve (a slot that moved or is moving) makes its group "away", decided nowhere here, and tollgate
+follows the slot for that group alone (MOVED, or ASK with ASKING while it migrates).
 
 Per bucket:
   capacity  bucket size (finite, > 0)
@@ -41,7 +42,9 @@ if any vetoing request is denied, no take of the run is charged (refunds and for
 land). Without them, every bucket is a group of its own. Requests on the same key see each other.
 
 Returns a flat array, 4 entries per bucket, in order:
-  allowed (1 or 0), tokens_remaining (a string, "%.17g", so no precision is lost; negative in debt),
+  allowed (1 or 0; 2: a settle's reservation was not found; 4: away, this node does not serve the
+    key, its slot moved or is moving: nothing of its group was decided or written),
+  tokens_remaining (a string, "%.17g", so no precision is lost; negative in debt),
   retry_after_ms (0 when allowed), reset_after_ms (time until full)
 Both times are capped at 2^53 - 1: no input overflows an integer reply.
 
@@ -163,6 +166,16 @@ for i in pairs(settles) do
   if rkeys[i] == nil then return fail(i, "reservation", "", "given for a settle") end
 end
 
+-- A key this node does not serve (its slot moved, or is moving and the key has gone): the bucket is
+-- answered "away" (allowed = 4) with the rest of its group, nothing written, and tollgate follows
+-- the slot for it; the call's other buckets are decided as usual.
+local find, sub = string.find, string.sub
+local function not_here(err)
+  return find(err, "non local key", 1, true) or find(err, "MOVED", 1, true)
+    or find(err, "ASK", 1, true) or find(err, "TRYAGAIN", 1, true)
+end
+local away_key = {}
+
 -- Read every bucket before writing any. tok[key] == false: absent (full).
 local tok, tss = {}, {}
 local unpack = struct.unpack
@@ -175,6 +188,8 @@ for i = 1, n do
         local h = redis.call("HMGET", key, "tokens", "ts")
         local t, ts = tonumber(h[1]), tonumber(h[2])
         if t and ts then tok[key], tss[key] = t, ts else tok[key] = false end
+      elseif not_here(raw.err) then
+        away_key[key], tok[key] = true, false
       else
         return redis.error_reply(raw.err)
       end
@@ -192,9 +207,15 @@ end
 -- The reservations to settle, read before any write too. done[i]: answered without the bucket
 -- arithmetic (settled before, or not found).
 local done, settle_now = {}, {}
-local find, sub = string.find, string.sub
 for i in pairs(settles) do
-  local raw = redis.call("GET", rkeys[i])
+  local raw = nil
+  if not away_key[keys[i]] then
+    raw = redis.pcall("GET", rkeys[i])
+    if type(raw) == "table" and raw.err then
+      if not not_here(raw.err) then return redis.error_reply(raw.err) end
+      away_key[keys[i]], raw = true, nil
+    end
+  end
   -- "r\n<reserved>\n<bucket key>" or "s\n<tokens>\n<reset_ms>\n<bucket key>"
   local kind = raw and sub(raw, 1, 2)
   if kind == "r\n" then
@@ -219,6 +240,22 @@ for i in pairs(settles) do
     end
   else
     done[i] = {2, 0, 0}
+  end
+end
+
+-- A group with a bucket away is away whole: it can only be decided where all of it lives.
+local away = {}
+do
+  local first = 1
+  for _, last in ipairs(ends) do
+    local gone = false
+    for i = first, last do
+      if away_key[keys[i]] then gone = true end
+    end
+    if gone then
+      for i = first, last do away[i] = true end
+    end
+    first = last + 1
   end
 end
 
@@ -285,7 +322,9 @@ for _, last in ipairs(ends) do
       saved_t[key], saved_ts[key], saved_ttl[key] = tok[key], tss[key], ttl[key] or false
     end
     local o = 4 * (i - 1)
-    if done[i] then
+    if away[i] then
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = 4, 0, 0, 0
+    elseif done[i] then
       out[o + 1], out[o + 2], out[o + 3], out[o + 4] = done[i][1], done[i][2], 0, done[i][3]
     else
       local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], modes[i])

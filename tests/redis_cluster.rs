@@ -377,3 +377,109 @@ async fn sentinel_master_with_a_password() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }
+
+/// Slots move under load (`redis-cli --cluster reshard`, the keys migrating one by one): a bucket
+/// whose slot is moving, or has just moved, is followed (ASK, MOVED) per bucket, the other buckets
+/// of the same script call are answered as usual, and no call fails. With FAILURE_MODE=error any
+/// failure would be an error here; and every key still admits exactly its capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_resharded_under_load() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const KEYS: usize = 1000;
+    let cluster = RedisCluster::start(3, 0).await;
+    let t = on_cluster(&cluster, &["--redis-timeout-ms", "2000"]).await;
+    let client = t.client().await;
+    let masters = cluster.masters().await;
+    let id = |port: u16| async move {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "cluster", "myid"])
+            .output()
+            .expect(common::INSTALL_REDIS);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (from, to) = (id(masters[0]).await, id(masters[1]).await);
+    // Every key once, so the migration has buckets to move.
+    let allowed: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..32)
+        .map(|c| {
+            let (mut client, allowed, errors, first_error, stop) = (
+                client.clone(),
+                allowed.clone(),
+                errors.clone(),
+                first_error.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut k = c * 31;
+                while !stop.load(Relaxed) {
+                    k = (k + 7) % KEYS;
+                    match should_allow(&mut client, ask(&format!("move-{k}"), 2.0, 1e-6, 1)).await {
+                        Ok(r) => {
+                            allowed[k].fetch_add(u64::from(r.allowed), Relaxed);
+                        }
+                        Err(e) => {
+                            errors.fetch_add(1, Relaxed);
+                            first_error.lock().unwrap().get_or_insert(e.to_string());
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reshard = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", masters[0]),
+                "--cluster-from",
+                &from,
+                "--cluster-to",
+                &to,
+                "--cluster-slots",
+                "1000",
+                "--cluster-yes",
+                "--cluster-pipeline",
+                "10",
+            ])
+            .output()
+            .expect(common::INSTALL_REDIS)
+    });
+    let out = reshard.await.unwrap();
+    assert!(
+        out.status.success(),
+        "reshard: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A little longer: the moves' last MOVED answers are followed too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let errors = errors.load(Relaxed);
+    assert_eq!(
+        errors,
+        0,
+        "calls failed while slots moved; first: {:?}",
+        first_error.lock().unwrap()
+    );
+    let over: Vec<(usize, u64)> = allowed
+        .iter()
+        .map(|a| a.load(Relaxed))
+        .enumerate()
+        .filter(|&(_, a)| a > 2)
+        .collect();
+    assert!(
+        over.is_empty(),
+        "keys admitted past their capacity: {over:?}"
+    );
+}

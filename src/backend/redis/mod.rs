@@ -254,35 +254,56 @@ impl RedisBackend {
     }
 }
 
-/// Submits the job `make` builds to `node`, and once more to the node that serves `key` now if
-/// `node` no longer does (a cluster failover or resharding).
+/// How many times a job follows its slot (MOVED, ASK) before its callers get the error.
+const MAX_REDIRECTS: usize = 3;
+
+/// Submits the job `make` builds to `node`; when the node does not serve `key` now (a cluster
+/// failover, a slot moved or migrating), asks it where the key is and follows: MOVED to the new
+/// owner, ASK to the slot's target with ASKING. The slot map is refreshed meanwhile.
 async fn submit_routed(
     nodes: &Nodes,
     node: Option<Arc<Node>>,
     key: &str,
     make: impl Fn() -> Job,
 ) -> Result<Vec<Decision>, BackendError> {
-    let Some(node) = node else {
+    let Some(mut node) = node else {
         nodes.suspect();
         return Err(unknown_node());
     };
-    let first = node.submit(make()).await;
-    match &first {
-        Err(e) if e.kind == ErrorKind::Moved => {
-            nodes.suspect();
-            // The map may already be right (another call refreshed it): one more try.
-            let again = nodes.node_for(key.as_bytes());
-            match again {
-                Some(n) if !Arc::ptr_eq(&n, &node) => n.submit(make()).await,
-                _ => first,
+    let job = |asking: bool| {
+        let mut job = make();
+        job.asking = asking;
+        job
+    };
+    let mut result = node.submit(job(false)).await;
+    for _ in 0..MAX_REDIRECTS {
+        match &result {
+            Err(e) if e.kind == ErrorKind::Moved => {
+                nodes.suspect();
+                let (next, asking) = match node.locate(key).await {
+                    // Served there after all (a move finished meanwhile): once more.
+                    Ok(None) => (node.clone(), false),
+                    Ok(Some((addr, ask))) => match nodes.node_at(&addr) {
+                        Some(n) => (n, ask),
+                        None => return result,
+                    },
+                    // The node cannot say: the map may already be right.
+                    Err(_) => match nodes.node_for(key.as_bytes()) {
+                        Some(n) if !Arc::ptr_eq(&n, &node) => (n, false),
+                        _ => return result,
+                    },
+                };
+                node = next;
+                result = node.submit(job(asking)).await;
             }
+            Err(e) if matches!(e.kind, ErrorKind::Connection | ErrorKind::Timeout) => {
+                nodes.suspect();
+                return result;
+            }
+            _ => return result,
         }
-        Err(e) if matches!(e.kind, ErrorKind::Connection | ErrorKind::Timeout) => {
-            nodes.suspect();
-            first
-        }
-        _ => first,
     }
+    result
 }
 
 /// A refund of `hits` to one bucket, in a task of its own: a compensation must land even when the

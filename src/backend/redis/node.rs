@@ -59,6 +59,8 @@ pub struct Job {
     /// This job's caller holds the breaker's probe: the call carrying it decides whether the
     /// circuit closes.
     probe: bool,
+    /// The job's slot is migrating to this node: the call goes after ASKING.
+    pub asking: bool,
     reply: Option<oneshot::Sender<Result<Vec<Decision>, BackendError>>>,
 }
 
@@ -71,6 +73,7 @@ impl Job {
             reservations: SmallVec::new(),
             group,
             probe: false,
+            asking: false,
             reply: None,
         }
     }
@@ -235,6 +238,31 @@ impl Node {
         }
     }
 
+    /// Where `key` lives now, asked of this node with a plain key command (a script only says
+    /// "not here"): `None` when here, else the node's address and whether the slot is migrating
+    /// there (ASK: the next call needs ASKING) or has moved (MOVED).
+    pub async fn locate(&self, key: &str) -> Result<Option<(String, bool)>, BackendError> {
+        let Some(mut conn) = self.conns.pick() else {
+            return Err(not_connected(&self.addr));
+        };
+        let asked = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("EXISTS").arg(key).query_async::<i64>(&mut conn),
+        )
+        .await
+        .map_err(|_| timeout_error(self.timeout))?;
+        match asked {
+            Ok(_) => Ok(None),
+            Err(e) => match e.redirect_node() {
+                Some((addr, _)) => {
+                    let ask = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask);
+                    Ok(Some((addr.to_string(), ask)))
+                }
+                None => Err(map_error(e)),
+            },
+        }
+    }
+
     /// PING, within REDIS_TIMEOUT_MS.
     pub async fn ping(&self) -> Result<(), BackendError> {
         let Some(mut conn) = self.conns.pick() else {
@@ -277,6 +305,24 @@ fn note(breaker: &Breaker, addr: &str, probe: bool, ok: bool) {
         } else {
             tracing::info!(node = %addr, "circuit closed: the node answers again");
         }
+    }
+}
+
+async fn load_script(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(script::TOKEN_BUCKET_LUA)
+        .query_async::<String>(conn)
+        .await
+        .map(drop)
+}
+
+/// A job the node did not decide: a key of it is not served there (its slot moved or is moving).
+fn away(addr: &str) -> BackendError {
+    BackendError {
+        backend: "redis",
+        kind: ErrorKind::Moved,
+        message: format!("{addr} does not serve this key now (a slot moved or is moving)"),
     }
 }
 
@@ -459,7 +505,8 @@ async fn run_batch(conns: &Conns, lanes: &Lanes, judge: &Judge, mut batch: Vec<J
         }),
         Some(mut conn) => {
             let cmd = script::batch(&lanes.sha, &batch, lanes.placement);
-            let sent = tokio::time::timeout(lanes.timeout, call(&mut conn, &cmd)).await;
+            let asking = batch.iter().any(|j| j.asking);
+            let sent = tokio::time::timeout(lanes.timeout, call(&mut conn, &cmd, asking)).await;
             match sent {
                 Ok(Ok(value)) => script::decode(value, total),
                 Ok(Err(e)) => Err(map_error(e)),
@@ -474,16 +521,38 @@ async fn run_batch(conns: &Conns, lanes: &Lanes, judge: &Judge, mut batch: Vec<J
         Ok(decisions) => {
             let mut rest = decisions.into_iter();
             for job in &mut batch {
-                let mine: Vec<Decision> = rest.by_ref().take(job.buckets()).collect();
-                job.answer(Ok(mine));
+                // A job with a bucket away was decided nowhere: its caller follows the slot.
+                let mine: Option<Vec<Decision>> = rest.by_ref().take(job.buckets()).collect();
+                job.answer(mine.ok_or_else(|| away(&judge.addr)));
             }
         }
         Err(e) => batch.iter_mut().for_each(|j| j.answer(Err(e.clone()))),
     }
 }
 
-/// EVALSHA; on NOSCRIPT (a restart, a failover, SCRIPT FLUSH) load the script and send again.
-async fn call(conn: &mut ConnectionManager, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+/// EVALSHA (after ASKING, for a slot migrating here: it lets the script reach the keys already
+/// moved); on NOSCRIPT (a restart, a failover, SCRIPT FLUSH) load the script and send again.
+async fn call(
+    conn: &mut ConnectionManager,
+    cmd: &redis::Cmd,
+    asking: bool,
+) -> redis::RedisResult<Value> {
+    if asking {
+        let send = |conn: &mut ConnectionManager| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ASKING").ignore().add_command(cmd.clone());
+            let mut conn = conn.clone();
+            async move { pipe.query_async::<(Value,)>(&mut conn).await.map(|(v,)| v) }
+        };
+        let first = send(conn).await.and_then(Value::extract_error);
+        return match first {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                load_script(conn).await?;
+                send(conn).await.and_then(Value::extract_error)
+            }
+            other => other,
+        };
+    }
     // A server error comes back as a value: make it an error.
     let first = conn
         .req_packed_command(cmd)
@@ -491,11 +560,7 @@ async fn call(conn: &mut ConnectionManager, cmd: &redis::Cmd) -> redis::RedisRes
         .and_then(Value::extract_error);
     match first {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(script::TOKEN_BUCKET_LUA)
-                .query_async::<String>(conn)
-                .await?;
+            load_script(conn).await?;
             conn.req_packed_command(cmd)
                 .await
                 .and_then(Value::extract_error)

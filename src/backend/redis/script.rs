@@ -116,8 +116,9 @@ pub fn not_found(d: &Decision) -> bool {
     d.tokens_remaining.is_nan()
 }
 
-/// The decisions in a reply to a call for `n` buckets.
-pub fn decode(value: Value, n: usize) -> Result<Vec<Decision>, BackendError> {
+/// The decisions in a reply to a call for `n` buckets; None for a bucket that is away (its key is
+/// not served by the node: its slot moved, or is moving).
+pub fn decode(value: Value, n: usize) -> Result<Vec<Option<Decision>>, BackendError> {
     let bad = |what: String| BackendError {
         backend: "redis",
         kind: ErrorKind::Script,
@@ -143,7 +144,10 @@ pub fn decode(value: Value, n: usize) -> Result<Vec<Decision>, BackendError> {
                 _ => None,
             }
             .ok_or_else(|| bad(format!("tokens {:?}", c[1])))?;
-            Ok(Decision {
+            if matches!(c[0], Value::Int(4)) {
+                return Ok(None);
+            }
+            Ok(Some(Decision {
                 allowed: matches!(c[0], Value::Int(1)),
                 tokens_remaining: if matches!(c[0], Value::Int(2)) {
                     f64::NAN
@@ -153,7 +157,7 @@ pub fn decode(value: Value, n: usize) -> Result<Vec<Decision>, BackendError> {
                 retry_after_ms: int(&c[2])?,
                 reset_after_ms: int(&c[3])?,
                 local: false,
-            })
+            }))
         })
         .collect()
 }

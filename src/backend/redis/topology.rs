@@ -109,6 +109,15 @@ impl Topology {
         }
     }
 
+    /// The node at `addr` among those in use (a cluster's masters), if any: where a MOVED or ASK
+    /// points.
+    pub fn node_at(&self, addr: &str) -> Option<Arc<Node>> {
+        match self {
+            Topology::Single(_) | Topology::Sentinel(_) => None,
+            Topology::Cluster(c) => c.map.load().nodes.iter().find(|n| n.addr == addr).cloned(),
+        }
+    }
+
     /// Every node in use (the masters), for health.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         match self {
