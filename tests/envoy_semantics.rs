@@ -635,3 +635,26 @@ async fn refunds_can_be_refused_and_are_answered_ok() {
         "nothing was given back"
     );
 }
+
+/// Envoy floors `duration_until_reset` to whole seconds for `x-ratelimit-reset`: a retry 200 ms
+/// away must not read 0 on a 429 (a client honouring it would retry at once). Rounded up, at
+/// least one second.
+#[tokio::test]
+async fn an_over_limit_status_never_says_retry_in_under_a_second() {
+    let a = api(|_| {});
+    let fast = || {
+        let mut d = descriptor(&[("ip", "fast")]);
+        d.limit = Some(RateLimitOverride {
+            requests_per_unit: 5,
+            unit: 1,
+        });
+        request("edge", vec![d])
+    };
+    for _ in 0..5 {
+        a.api.should_rate_limit(&fast()).await.unwrap();
+    }
+    let r = a.api.should_rate_limit(&fast()).await.unwrap();
+    assert_eq!(r.overall_code, OVER);
+    let retry = r.statuses[0].duration_until_reset.unwrap();
+    assert_eq!((retry.seconds, retry.nanos), (1, 0), "200 ms, rounded up");
+}

@@ -109,6 +109,9 @@ pub struct Request<'a> {
     pub dry_run: bool,
 }
 
+/// What a [`FailureMode::Deny`] answer says to wait before retrying.
+pub const FALLBACK_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// tollgate's answer to one request.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Decision {
@@ -145,7 +148,12 @@ impl Decision {
         Self {
             allowed,
             tokens_remaining: 0.0,
-            retry_after: Duration::ZERO,
+            // A denial with no figure to go by: not "retry at once", which invites a tight loop.
+            retry_after: if allowed {
+                Duration::ZERO
+            } else {
+                FALLBACK_RETRY_AFTER
+            },
             reset_after: Duration::ZERO,
             capacity: 0.0,
             rate: 0.0,
@@ -244,6 +252,14 @@ impl ClientBuilder {
     /// A client that connects on first use (and reconnects by itself): building never waits,
     /// and a tollgate that is down yet is a [`FailureMode`] matter, not a startup error.
     pub fn build(self) -> Result<Client, Error> {
+        // Without a scheme the endpoint builds and every call fails later ("transport error"):
+        // under FailureMode::Allow, a limiter switched off by a typo. Refused here instead.
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(Error::Config(format!(
+                "url '{}' has no scheme: write http://{} (or https:// with ClientBuilder::tls)",
+                self.url, self.url
+            )));
+        }
         let mut endpoint = Endpoint::from_shared(self.url.clone())
             .map_err(|e| Error::Config(format!("url '{}': {e}", self.url)))?
             .connect_timeout(self.connect_timeout.max(self.timeout))
@@ -534,5 +550,20 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("tls"), "{err}");
         assert!(Client::builder("not a url").build().is_err());
+    }
+
+    #[test]
+    fn a_url_without_a_scheme_is_refused_with_the_fix() {
+        for url in ["127.0.0.1:8081", "localhost:8081", "tollgate:8081"] {
+            let err = Client::builder(url).build().unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{url}: {err:?}");
+            assert!(err.to_string().contains(&format!("http://{url}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_failure_mode_denial_says_when_to_retry() {
+        assert_eq!(Decision::fallback(false).retry_after, FALLBACK_RETRY_AFTER);
+        assert_eq!(Decision::fallback(true).retry_after, Duration::ZERO);
     }
 }

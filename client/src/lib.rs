@@ -43,7 +43,7 @@ mod layer;
 pub mod proto;
 
 pub use client::{
-    BatchDecision, Client, ClientBuilder, Decision, Error, FailureMode, Request, Reservation,
-    Settlement,
+    BatchDecision, Client, ClientBuilder, Decision, Error, FALLBACK_RETRY_AFTER, FailureMode,
+    Request, Reservation, Settlement,
 };
 pub use layer::{KeyError, RateLimit, RateLimitLayer};

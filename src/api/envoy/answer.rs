@@ -148,7 +148,7 @@ pub(super) fn answer(
                                 duration_until_reset: Some(duration_ms(if d.allowed {
                                     d.reset_after_ms
                                 } else {
-                                    d.retry_after_ms
+                                    whole_seconds(d.retry_after_ms)
                                 })),
                                 quota: None,
                                 code: 0,
@@ -188,6 +188,13 @@ fn verdict(allowed: bool, shadow: bool) -> Code {
     } else {
         Code::OverLimit
     }
+}
+
+/// A retry time as Envoy shows it: it floors `duration_until_reset` to whole seconds for
+/// `x-ratelimit-reset`, so 80 ms would read 0 on a 429 and invite an immediate retry. Rounded up,
+/// at least one second.
+fn whole_seconds(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1).saturating_mul(1000)
 }
 
 pub(super) fn duration_ms(ms: u64) -> prost_types::Duration {

@@ -2,10 +2,15 @@
 //! or ping, never one per caller (a call carries many callers' decisions; counting those would let
 //! one slow call open the circuit for everybody).
 //!
-//! Closed: calls go through. It opens when the calls of the last [`window`] mostly failed, at least
-//! [`MIN_FAILURES`] of them, and the failures are spread over at least REDIS_TIMEOUT_MS: a blip
-//! shorter than the timeout fails the calls in flight during it (all at about the same moment) and
-//! nobody else. Open: calls fail at once for the cooldown (doubling while the node stays down, up
+//! Closed: calls go through. It opens when failures are spread over time, never on one moment:
+//! - a streak of failed calls with no success between them, at least [`STREAK`] of them, the
+//!   first at least REDIS_TIMEOUT_MS before the last (a node that stopped answering: every call
+//!   times out, round after round);
+//! - or, over the last [`window`], at least [`MIN_FAILURES`] failed calls, more than succeeded,
+//!   spread over at least a timeout (a node that mostly fails).
+//!
+//! A blip shorter than the timeout fails the calls in flight during it, all at about the same
+//! moment, and nobody else. Open: calls fail at once for the cooldown (doubling while the node stays down, up
 //! to `MAX_COOLDOWN`). Then one call goes through as a probe (half-open): success closes the
 //! breaker, failure opens it again.
 
@@ -22,22 +27,25 @@ use tokio::time::Instant;
 
 /// Failed calls needed, at least, in the window to open.
 pub const MIN_FAILURES: usize = 5;
+/// Failed calls in a row (spread over a timeout) that open it.
+pub const STREAK: u32 = 3;
 /// Outcomes kept: enough for the window at any rate that matters (more only adds successes).
 const KEPT: usize = 64;
 const FIRST_COOLDOWN: Duration = Duration::from_millis(250);
 const MAX_COOLDOWN: Duration = Duration::from_secs(4);
 
-/// The span judged: four call timeouts (at least the two the contract asks for), so that a node
-/// that is really down shows failures from several rounds of calls.
+/// The span judged: two call timeouts. Longer, the successes from before an outage would outvote
+/// its failures for that long.
 pub fn window(timeout: Duration) -> Duration {
-    timeout * 4
+    timeout * 2
 }
 
 #[derive(Debug)]
 enum State {
-    /// The recent outcomes: (when, ok).
+    /// The recent outcomes: (when, ok); and the current streak of failures: (first, last, count).
     Closed {
         recent: VecDeque<(Instant, bool)>,
+        streak: Option<(Instant, Instant, u32)>,
     },
     Open {
         until: Instant,
@@ -52,6 +60,7 @@ enum State {
 fn closed() -> State {
     State::Closed {
         recent: VecDeque::with_capacity(KEPT),
+        streak: None,
     }
 }
 
@@ -132,12 +141,25 @@ impl Breaker {
         let mut state = self.lock();
         let was_open = !matches!(*state, State::Closed { .. });
         let next = match (&mut *state, ok) {
-            (State::Closed { recent }, _) => {
+            (State::Closed { recent, streak }, _) => {
                 if recent.len() == KEPT {
                     recent.pop_front();
                 }
                 recent.push_back((now, ok));
-                (!ok && self.mostly_failed(recent, now)).then(|| State::Open {
+                *streak = match (*streak, ok) {
+                    (_, true) => None,
+                    // A failure long after the last one starts a streak of its own.
+                    (Some((first, last, n)), false)
+                        if now.duration_since(last) <= window(self.timeout) =>
+                    {
+                        Some((first, now, n + 1))
+                    }
+                    (_, false) => Some((now, now, 1)),
+                };
+                let streak_opens = streak.is_some_and(|(first, last, n)| {
+                    n >= STREAK && last.duration_since(first) >= self.timeout
+                });
+                (!ok && (streak_opens || self.mostly_failed(recent, now))).then(|| State::Open {
                     until: now + FIRST_COOLDOWN,
                     cooldown: FIRST_COOLDOWN,
                 })
@@ -202,8 +224,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_node_that_stays_down_opens_it_and_a_probe_closes_it() {
         let b = Breaker::new(TIMEOUT, None);
-        fail_rounds(&b, 3, 2).await;
-        assert!(b.is_open(), "six failed calls over two timeouts");
+        fail_rounds(&b, 1, 2).await;
+        assert!(!b.is_open(), "one round of calls failed at one moment");
+        fail_rounds(&b, 1, 2).await;
+        assert!(b.is_open(), "a second round, a timeout later");
         assert_eq!(b.permit(), Permit::Reject);
         tokio::time::advance(FIRST_COOLDOWN).await;
         assert_eq!(b.permit(), Permit::Probe);
@@ -231,6 +255,18 @@ mod tests {
         b.record(false, true);
         b.record(false, false);
         assert!(!b.is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_before_an_outage_do_not_outvote_it() {
+        // A busy node: many good calls, then it stops answering. One call in flight (one
+        // connection) fails per timeout.
+        let b = Breaker::new(TIMEOUT, None);
+        for _ in 0..KEPT {
+            b.record(false, true);
+        }
+        fail_rounds(&b, 3, 1).await;
+        assert!(b.is_open(), "three timeouts in a row, two timeouts apart");
     }
 
     #[tokio::test(start_paused = true)]
