@@ -50,9 +50,14 @@ fn check(r: &ShouldAllowResponse) {
     assert!(!r.degraded, "{r:?}");
 }
 
+/// Refused for the request's own sake: bad input, a refund on the caller's word (ALLOW_REFUNDS is
+/// off by default), an unknown reservation id. Never a backend failure.
 fn caller_fault(e: ApiError) {
     match e {
-        ApiError::InvalidArgument { .. } | ApiError::OutOfBounds { .. } => {}
+        ApiError::InvalidArgument { .. }
+        | ApiError::OutOfBounds { .. }
+        | ApiError::PermissionDenied(_)
+        | ApiError::NotFound(_) => {}
         e => panic!("not refused as the caller's fault: {e}"),
     }
 }
