@@ -453,7 +453,7 @@ async fn past_the_bounds_is_over_limit_before_any_work() {
     assert!(a.backend.0.is_empty());
 
     // One descriptor deeper than any rule tree: the whole request is OVER_LIMIT, none charged.
-    let deep: Vec<(String, String)> = (0..=tollgate_max_entries())
+    let deep: Vec<(String, String)> = (0..=tollgate::api::MAX_DESCRIPTOR_ENTRIES)
         .map(|i| (format!("k{i}"), "v".to_string()))
         .collect();
     let deep: Vec<(&str, &str)> = deep.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -467,11 +467,6 @@ async fn past_the_bounds_is_over_limit_before_any_work() {
         .unwrap();
     assert_eq!(r.overall_code, OVER);
     assert!(a.backend.0.is_empty(), "descriptor 0 was not charged");
-}
-
-/// The entries one descriptor may have (the server's constant).
-fn tollgate_max_entries() -> usize {
-    64
 }
 
 #[tokio::test]

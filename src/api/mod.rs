@@ -6,6 +6,6 @@ mod error;
 mod pipeline;
 mod should_allow;
 
-pub use envoy::{EnvoyApi, EnvoySettings, HeaderNames};
+pub use envoy::{EnvoyApi, EnvoySettings, HeaderNames, MAX_DESCRIPTOR_ENTRIES};
 pub use error::ApiError;
 pub use should_allow::{Defaults, ShouldAllowApi, bucket_key};

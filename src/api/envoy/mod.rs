@@ -44,6 +44,7 @@ use crate::rules::RulesHandle;
 use crate::telemetry::{Activity, DecisionMetrics, RefusedMetrics};
 
 pub use annotate::HeaderNames;
+pub use plan::MAX_ENTRIES as MAX_DESCRIPTOR_ENTRIES;
 
 /// Settings of the Envoy API.
 #[derive(Clone, Debug)]

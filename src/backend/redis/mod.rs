@@ -316,19 +316,7 @@ fn refund_detached(
 ) -> tokio::task::JoinHandle<Result<Vec<Decision>, BackendError>> {
     let (nodes, key) = (nodes.clone(), key.to_string());
     tokio::spawn(async move {
-        let job = || {
-            let mut job = Job::new(false);
-            job.push(
-                &key,
-                Op1 {
-                    shape,
-                    op: Op::Refund(hits),
-                    veto: true,
-                    settle: false,
-                },
-            );
-            job
-        };
+        let job = || Job::single(&key, Op1::new(shape, Op::Refund(hits)));
         let node = nodes.node_for(key.as_bytes());
         submit_routed(&nodes, node, &key, job).await
     })
@@ -420,16 +408,12 @@ impl Backend for RedisBackend {
     async fn settle(&self, req: SettleRequest<'_>) -> Result<Settled, BackendError> {
         let sent = tokio::time::Instant::now();
         let job = || {
-            let mut job = Job::new(false);
-            job.push(
-                req.key,
-                Op1 {
-                    shape: req.shape,
-                    op: Op::Force(req.actual),
-                    veto: true,
-                    settle: true,
-                },
-            );
+            // The real cost travels as a forced charge's; the reservation decides what it becomes.
+            let settle = Op1 {
+                settle: true,
+                ..Op1::new(req.shape, Op::Force(req.actual))
+            };
+            let mut job = Job::single(req.key, settle);
             job.reserve_last(script::reservation_key(req.key, req.id), 0);
             job
         };

@@ -45,6 +45,18 @@ pub struct Op1 {
     pub settle: bool,
 }
 
+impl Op1 {
+    /// An operation whose denial counts (the usual case).
+    pub fn new(shape: Shape, op: Op) -> Self {
+        Self {
+            shape,
+            op,
+            veto: true,
+            settle: false,
+        }
+    }
+}
+
 /// Decisions to make together: one request's buckets on this node (all or nothing when `group`),
 /// or one decision.
 pub struct Job {
@@ -76,6 +88,13 @@ impl Job {
             asking: false,
             reply: None,
         }
+    }
+
+    /// A job of one bucket operation.
+    pub fn single(key: &str, op: Op1) -> Self {
+        let mut job = Self::new(false);
+        job.push(key, op);
+        job
     }
 
     pub fn push(&mut self, key: &str, op: Op1) {
