@@ -12,7 +12,7 @@ use std::{env, path::PathBuf};
 use prost_types::field_descriptor_proto::Type;
 
 const PROTOS: &[&str] = &[
-    "proto/tollgate/v1/tollgate.proto",
+    "proto/sluicegate/v1/sluicegate.proto",
     "proto/envoy/service/ratelimit/v3/rls.proto",
 ];
 
@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut fds = protox::compile(PROTOS, ["proto"])?;
     std::fs::write(
-        out.join("tollgate_descriptor.bin"),
+        out.join("sluicegate_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
 

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use tollgate::backend::{Backend, BucketRequest, MemoryBackend, RedisBackend, redis::RedisOptions};
-use tollgate::core::{Op, Shape};
+use sluicegate::backend::{Backend, BucketRequest, MemoryBackend, RedisBackend, redis::RedisOptions};
+use sluicegate::core::{Op, Shape};
 
 /// Resident set size of this process, from /proc/self/statm.
 fn rss_bytes() -> u64 {

@@ -1,16 +1,16 @@
-//! The transport ceiling for `scripts/bench.sh`: a gRPC server with tollgate's services and
-//! tollgate's server settings that decides nothing (every request allowed, every descriptor OK).
-//! tollgate's rows are reported as a ratio to this one.
+//! The transport ceiling for `scripts/bench.sh`: a gRPC server with sluicegate's services and
+//! sluicegate's server settings that decides nothing (every request allowed, every descriptor OK).
+//! sluicegate's rows are reported as a ratio to this one.
 //!
 //!   cargo run --release --example noop_server -- 127.0.0.1:18081
 
 use tokio::net::TcpListener;
-use tollgate::proto::envoy::service::ratelimit::v3::{
+use sluicegate::proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse,
     rate_limit_response::DescriptorStatus,
     rate_limit_service_server::{RateLimitService as Envoy, RateLimitServiceServer as EnvoyServer},
 };
-use tollgate::proto::tollgate::v1::{
+use sluicegate::proto::sluicegate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},

@@ -1,17 +1,17 @@
 --[[
-tollgate token buckets (SPEC section 2), atomic in Redis. One call decides one bucket or many.
+sluicegate token buckets (SPEC section 2), atomic in Redis. One call decides one bucket or many.
 
 Calling it for one bucket:
   EVALSHA sha 1 key capacity rate cost mode
 
-Several buckets (as tollgate batches them): N keys, then 4 arguments per bucket, then optionally the
+Several buckets (as sluicegate batches them): N keys, then 4 arguments per bucket, then optionally the
 groups, each all or nothing:
   EVALSHA sha N k1..kN  cap1 rate1 cost1 mode1 ... capN rateN costN modeN  [len1 len2 ...]
 
 On Redis Cluster the keys of one node span several slots, which Redis refuses as declared KEYS
-(CROSSSLOT), so tollgate sends them in ARGV instead: numkeys 0, ARGV[1] = N, ARGV[2..N+1] = the keys,
+(CROSSSLOT), so sluicegate sends them in ARGV instead: numkeys 0, ARGV[1] = N, ARGV[2..N+1] = the keys,
 then the same arguments. Every key is read before anything is written: a key this node does not
-serve (a slot that moved or is moving) makes its group "away", decided nowhere here, and tollgate
+serve (a slot that moved or is moving) makes its group "away", decided nowhere here, and sluicegate
 follows the slot for that group alone (MOVED, or ASK with ASKING while it migrates).
 
 Per bucket:
@@ -49,14 +49,14 @@ Returns a flat array, 4 entries per bucket, in order:
 Both times are capped at 2^53 - 1: no input overflows an integer reply.
 
 Refunds (mode 3, and settles that give back) publish the bucket's key on the channel
-`tollgate:refunds`: every replica's local deny cache forgets what it knew of that bucket.
+`sluicegate:refunds`: every replica's local deny cache forgets what it knew of that bucket.
 
 Storage: a string of two little-endian doubles (tokens, ts in ms of server time), written with PX =
 the time until the bucket is full again, at least the full-refill time. A bucket with no key is full.
 A key holding the hash of earlier versions (fields tokens, ts) is read as such and rewritten.
 
 Hardening carried over from the origin project:
-- time comes from the server (TIME), so every replica of tollgate sees one clock;
+- time comes from the server (TIME), so every replica of sluicegate sees one clock;
 - a clock that steps back adds nothing; refill is capped at capacity;
 - the key expires once the bucket would be full anyway;
 - every argument must be a number in its range: anything else is a Redis error, never a default.
@@ -75,7 +75,7 @@ local n = #KEYS
 if n == 0 then
   n = tonumber(ARGV[1])
   if n == nil or n < 1 or n ~= math.floor(n) then
-    return redis.error_reply("ERR tollgate: with no KEYS, ARGV[1] must be the number of keys")
+    return redis.error_reply("ERR sluicegate: with no KEYS, ARGV[1] must be the number of keys")
   end
   keys = {}
   for i = 1, n do
@@ -85,7 +85,7 @@ if n == 0 then
 end
 
 local function fail(i, name, raw, expected)
-  return redis.error_reply("ERR tollgate: bucket " .. i .. ": " .. name .. " must be " .. expected ..
+  return redis.error_reply("ERR sluicegate: bucket " .. i .. ": " .. name .. " must be " .. expected ..
     ", got '" .. tostring(raw) .. "'")
 end
 
@@ -131,7 +131,7 @@ local total = 0
 while at <= #ARGV and ARGV[at] ~= "R" do
   local len = tonumber(ARGV[at])
   if len == nil or len < 1 or len ~= math.floor(len) then
-    return redis.error_reply("ERR tollgate: group lengths must be whole numbers >= 1, got '" .. tostring(ARGV[at]) .. "'")
+    return redis.error_reply("ERR sluicegate: group lengths must be whole numbers >= 1, got '" .. tostring(ARGV[at]) .. "'")
   end
   total = total + len
   ends[#ends + 1] = total
@@ -139,7 +139,7 @@ while at <= #ARGV and ARGV[at] ~= "R" do
 end
 if #ends > 0 then
   if total ~= n then
-    return redis.error_reply("ERR tollgate: group lengths add up to " .. total .. ", not " .. n)
+    return redis.error_reply("ERR sluicegate: group lengths add up to " .. total .. ", not " .. n)
   end
 else
   for i = 1, n do ends[i] = i end
@@ -150,16 +150,16 @@ if at <= #ARGV then
   while at + 2 <= #ARGV do
     local i, ttl = tonumber(ARGV[at]), tonumber(ARGV[at + 2])
     if i == nil or i < 1 or i > n or i ~= math.floor(i) then
-      return redis.error_reply("ERR tollgate: reservation for bucket '" .. tostring(ARGV[at]) .. "' of " .. n)
+      return redis.error_reply("ERR sluicegate: reservation for bucket '" .. tostring(ARGV[at]) .. "' of " .. n)
     end
     if ttl == nil or ttl < 0 or ttl ~= math.floor(ttl) then
-      return redis.error_reply("ERR tollgate: reservation ttl must be a whole number of ms, got '" .. tostring(ARGV[at + 2]) .. "'")
+      return redis.error_reply("ERR sluicegate: reservation ttl must be a whole number of ms, got '" .. tostring(ARGV[at + 2]) .. "'")
     end
     rkeys[i], rttls[i] = ARGV[at + 1], ttl
     at = at + 3
   end
   if at ~= #ARGV + 1 then
-    return redis.error_reply("ERR tollgate: reservations come in triples: index key ttl_ms")
+    return redis.error_reply("ERR sluicegate: reservations come in triples: index key ttl_ms")
   end
 end
 for i in pairs(settles) do
@@ -167,7 +167,7 @@ for i in pairs(settles) do
 end
 
 -- A key this node does not serve (its slot moved, or is moving and the key has gone): the bucket is
--- answered "away" (allowed = 4) with the rest of its group, nothing written, and tollgate follows
+-- answered "away" (allowed = 4) with the rest of its group, nothing written, and sluicegate follows
 -- the slot for it; the call's other buckets are decided as usual.
 local find, sub = string.find, string.sub
 local function not_here(err)
@@ -195,7 +195,7 @@ for i = 1, n do
       end
     elseif raw then
       if #raw ~= 16 then
-        return redis.error_reply("ERR tollgate: " .. key .. " holds a value tollgate did not write")
+        return redis.error_reply("ERR sluicegate: " .. key .. " holds a value sluicegate did not write")
       end
       tok[key], tss[key] = unpack("<dd", raw)
     else
@@ -378,7 +378,7 @@ end
 
 -- Refunds filled these buckets: every replica's deny cache must forget what it knew of them.
 for key in pairs(refunded) do
-  redis.call("PUBLISH", "tollgate:refunds", key)
+  redis.call("PUBLISH", "sluicegate:refunds", key)
 end
 
 -- Reservations: settled ones keep their answer (and their TTL); charged takes record theirs.

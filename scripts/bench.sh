@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks: decisions per second and latency of tollgate on this machine, measured with
-# tollgate-load (release builds) in one run, each tollgate row also as a ratio to a no-op gRPC
-# server with tollgate's services (examples/noop_server.rs: the transport ceiling). Prints Markdown;
+# Benchmarks: decisions per second and latency of sluicegate on this machine, measured with
+# sluicegate-load (release builds) in one run, each sluicegate row also as a ratio to a no-op gRPC
+# server with sluicegate's services (examples/noop_server.rs: the transport ceiling). Prints Markdown;
 # the figures in BENCHMARKS.md come from this script.
 #
 #   scripts/bench.sh                 # 10 s per scenario
@@ -54,18 +54,18 @@ pids+=($!)
 wait_port "$noop_port"
 NOOP=http://127.0.0.1:$noop_port
 
-start_tollgate() { # name, extra env...
+start_sluicegate() { # name, extra env...
   local grpc http
   grpc=$(free_port); http=$(free_port)
-  env -u REDIS_URL "${@:2}" RUST_LOG=warn ./target/release/tollgate --grpc-addr "127.0.0.1:$grpc" \
+  env -u REDIS_URL "${@:2}" RUST_LOG=warn ./target/release/sluicegate --grpc-addr "127.0.0.1:$grpc" \
     --http-addr "127.0.0.1:$http" --rules "$work/rules.yaml" >/dev/null 2>&1 &
   pids+=($!)
   wait_http "http://127.0.0.1:$http/readyz"
   eval "$1=http://127.0.0.1:$grpc"
 }
-start_tollgate MEMORY
-start_tollgate REDIS REDIS_URL="$REDIS_URL_" REDIS_TIMEOUT_MS=1000
-start_tollgate REDIS_B REDIS_URL="$REDIS_URL_" REDIS_TIMEOUT_MS=1000
+start_sluicegate MEMORY
+start_sluicegate REDIS REDIS_URL="$REDIS_URL_" REDIS_TIMEOUT_MS=1000
+start_sluicegate REDIS_B REDIS_URL="$REDIS_URL_" REDIS_TIMEOUT_MS=1000
 
 declare -A RATE P99
 echo "| scenario | decisions/s | vs no-op | p50 ms | p99 ms | p99.9 ms | errors | bound |"
@@ -75,7 +75,7 @@ run() { # label, name, baseline name (or -), target, extra args...
   # The no-op server allows everything: no bound to check there.
   local check=(--check-bound)
   [[ $name == *noop* ]] && check=()
-  ./target/release/tollgate-load --target "$target" --duration "$DURATION" \
+  ./target/release/sluicegate-load --target "$target" --duration "$DURATION" \
     --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" "${check[@]}" \
     --json "$work/$name.json" "$@" > "$work/$name.txt" || true
   local line

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The soak: tollgate under steady load while Redis dies and rules change. Run by scripts/soak.sh.
+"""The soak: sluicegate under steady load while Redis dies and rules change. Run by scripts/soak.sh.
 
-Two tollgate replicas share one Redis. Two load clients (ShouldAllow and Envoy's API, both spread
+Two sluicegate replicas share one Redis. Two load clients (ShouldAllow and Envoy's API, both spread
 over the replicas) first measure the maximum (flat out closed loop, then open-loop probes down from
 that rate to the highest one sustained), then run open loop at a share of it (70% by default) for
 the whole soak, checking every bucket's bound across both
@@ -125,18 +125,18 @@ class Redis:
             self.proc.wait()
 
 
-class Tollgate:
+class Sluicegate:
     def __init__(self, name, binary, work, env):
         self.name = name
         self.grpc = free_port()
         self.http = free_port()
-        self.log = open(os.path.join(work, f"tollgate-{name}.log"), "w")
+        self.log = open(os.path.join(work, f"sluicegate-{name}.log"), "w")
         # The work directory as cwd: no developer .env is read.
         self.proc = subprocess.Popen(
             [binary, "--grpc-addr", f"127.0.0.1:{self.grpc}", "--http-addr", f"127.0.0.1:{self.http}"],
             cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
-        wait_for(f"tollgate {name}", lambda: http_get(self.url("/readyz"))[0] == 200)
+        wait_for(f"sluicegate {name}", lambda: http_get(self.url("/readyz"))[0] == 200)
 
     def url(self, path):
         return f"http://127.0.0.1:{self.http}{path}"
@@ -227,14 +227,14 @@ def main():
     a.down = a.down or min(5.0, a.duration / 20)
     reload_every = a.reload_every or a.duration / 10
     bindir = os.path.join(ROOT, "target", "debug" if a.profile == "dev" else a.profile)
-    tollgate_bin, load_bin = (os.path.join(bindir, b) for b in ("tollgate", "tollgate-load"))
+    sluicegate_bin, load_bin = (os.path.join(bindir, b) for b in ("sluicegate", "sluicegate-load"))
 
-    work = tempfile.mkdtemp(prefix="tollgate-soak-")
+    work = tempfile.mkdtemp(prefix="sluicegate-soak-")
     # Redis's data on tmpfs where there is one: an fsync there survives a SIGKILL of Redis just as
     # well, and never stalls for a busy disk (a stall past REDIS_TIMEOUT_MS on a shared CI disk is
-    # an error outside the outages that says nothing about tollgate).
+    # an error outside the outages that says nothing about sluicegate).
     shm = "/dev/shm"
-    redis_dir = tempfile.mkdtemp(prefix="tollgate-soak-redis-",
+    redis_dir = tempfile.mkdtemp(prefix="sluicegate-soak-redis-",
                                  dir=shm if os.access(shm, os.W_OK) else None)
     redis = Redis(redis_dir)
     replicas = []
@@ -254,7 +254,7 @@ def main():
             # seconds it failed in.
             "LOG_FORMAT": "json",
         }
-        replicas = [Tollgate(n, tollgate_bin, work, env) for n in ("a", "b")]
+        replicas = [Sluicegate(n, sluicegate_bin, work, env) for n in ("a", "b")]
         targets = [r.target() for r in replicas]
 
         # The maximum, in the mode the soak runs: open loop. Flat-out closed-loop clients give an
@@ -345,8 +345,8 @@ def main():
         # Rules watched by both: give the last rewrite time to land.
         time.sleep(1)
         rss_end = {r.name: rss_kib(r.proc.pid) for r in replicas}
-        reload_ok = {r.name: r.metric("tollgate_rules_reloads_total", {"outcome": "ok"}) for r in replicas}
-        reload_err = {r.name: r.metric("tollgate_rules_reloads_total", {"outcome": "error"}) for r in replicas}
+        reload_ok = {r.name: r.metric("sluicegate_rules_reloads_total", {"outcome": "ok"}) for r in replicas}
+        reload_err = {r.name: r.metric("sluicegate_rules_reloads_total", {"outcome": "error"}) for r in replicas}
         alive = {r.name: r.proc.poll() is None and http_get(r.url("/readyz"))[0] == 200 for r in replicas}
     finally:
         for _, _, proc in loads:
@@ -471,7 +471,7 @@ def print_diagnosis(r, work, redis_dir, t0_unix):
         stray.update(int(t) for t, _ in e["error_seconds_outside_outages"] + slow)
     for name in ("a", "b"):
         shown = 0
-        with open(os.path.join(work, f"tollgate-{name}.log")) as f:
+        with open(os.path.join(work, f"sluicegate-{name}.log")) as f:
             for line in f:
                 try:
                     at = json.loads(line)["timestamp"]
@@ -479,7 +479,7 @@ def print_diagnosis(r, work, redis_dir, t0_unix):
                     continue
                 t = parse_rfc3339(at) - t0_unix
                 if any(s - 1 <= t <= s + 2 for s in stray) and shown < 40:
-                    print(f"  tollgate-{name} {t:6.1f} s: {line.strip()}")
+                    print(f"  sluicegate-{name} {t:6.1f} s: {line.strip()}")
                     shown += 1
     redis_log = os.path.join(redis_dir, "redis.log")
     if os.path.exists(redis_log):

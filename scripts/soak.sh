@@ -13,5 +13,5 @@ seconds=${1:-600}
 shift || true
 profile=${SOAK_PROFILE:-release}
 command -v redis-server >/dev/null || { echo "redis-server missing: apt-get install -y redis-server redis-tools" >&2; exit 1; }
-cargo build --profile "$profile" --quiet --locked -p tollgate -p tollgate-client --bins
+cargo build --profile "$profile" --quiet --locked -p sluicegate -p sluicegate-client --bins
 exec python3 scripts/soak.py --duration "$seconds" --profile "$profile" "$@"

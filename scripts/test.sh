@@ -51,14 +51,14 @@ cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "cargo build (every binary: tests start tollgate, tollgate-demo and tollgate-load)"
+log "cargo build (every binary: tests start sluicegate, sluicegate-demo and sluicegate-load)"
 cargo build --workspace --bins --locked
 
 log "cargo test"
 cargo test --workspace --locked
 
 log "Python tests: grpcio interop, TLS, the status page in headless Chromium"
-TOLLGATE_BIN="$PWD/target/debug/tollgate" TOLLGATE_LOAD_BIN="$PWD/target/debug/tollgate-load" \
+SLUICEGATE_BIN="$PWD/target/debug/sluicegate" SLUICEGATE_LOAD_BIN="$PWD/target/debug/sluicegate-load" \
   "$VENV/bin/python" -m pytest -q tests/python
 
 log "soak, one minute (scripts/soak.sh runs ten): Redis hung, killed and restarted under load"

@@ -12,7 +12,7 @@ use crate::telemetry::LogArgs;
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "tollgate",
+    name = "sluicegate",
     version,
     about = "A rate-limit decision service (token buckets over gRPC)."
 )]
@@ -20,7 +20,7 @@ use crate::telemetry::LogArgs;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// `tollgate` with no subcommand serves, with these flags.
+    /// `sluicegate` with no subcommand serves, with these flags.
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -41,7 +41,7 @@ impl Cli {
     /// A bad value prints one line naming the flag and its variable, and exits with status 2.
     pub fn load() -> Self {
         if let Err(e) = load_dotenv() {
-            eprintln!("tollgate: {e}");
+            eprintln!("sluicegate: {e}");
             std::process::exit(2);
         }
         match Self::try_parse() {
@@ -51,7 +51,7 @@ impl Cli {
                 if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                     e.exit();
                 }
-                eprintln!("tollgate: {}", one_line(&e.render().to_string()));
+                eprintln!("sluicegate: {}", one_line(&e.render().to_string()));
                 std::process::exit(2);
             }
         }
@@ -121,7 +121,7 @@ pub enum RedisType {
     Sentinel,
 }
 
-/// Everything `tollgate serve` reads. Value names are the environment variables.
+/// Everything `sluicegate serve` reads. Value names are the environment variables.
 #[derive(Clone, Debug, Args, serde::Serialize)]
 pub struct ServeArgs {
     /// Redis URL (redis:// or rediss://); for cluster and sentinel a comma-separated list. Unset: buckets live in memory.
@@ -519,7 +519,7 @@ impl ServeArgs {
         else {
             unreachable!("a struct serializes to an object");
         };
-        let command = <Self as Args>::augment_args(clap::Command::new("tollgate"));
+        let command = <Self as Args>::augment_args(clap::Command::new("sluicegate"));
         command
             .get_arguments()
             .filter_map(|arg| {
@@ -533,7 +533,7 @@ impl ServeArgs {
     /// A default configuration with both listeners on ephemeral loopback ports (tests, embedding).
     pub fn for_tests() -> Self {
         let cli = Cli::parse_from([
-            "tollgate",
+            "sluicegate",
             "--grpc-addr",
             "127.0.0.1:0",
             "--http-addr",
@@ -865,7 +865,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_spec() {
-        let a = Cli::parse_from(["tollgate"]).into_serve().unwrap();
+        let a = Cli::parse_from(["sluicegate"]).into_serve().unwrap();
         assert_eq!(a.capacity, 20.0);
         assert_eq!(a.rate, 20.0);
         assert_eq!(a.redis_timeout_ms, 15);
@@ -881,7 +881,7 @@ mod tests {
 
     #[test]
     fn serve_subcommand_takes_the_same_flags() {
-        let a = Cli::parse_from(["tollgate", "serve", "--capacity", "5"])
+        let a = Cli::parse_from(["sluicegate", "serve", "--capacity", "5"])
             .into_serve()
             .unwrap();
         assert_eq!(a.capacity, 5.0);

@@ -1,4 +1,4 @@
-//! tollgate: a rate-limit decision service.
+//! sluicegate: a rate-limit decision service.
 //!
 //! "May this key spend N tokens now?" answered atomically from a token bucket kept in Redis by one
 //! Lua script, or in this process's memory when no Redis is configured.
@@ -12,7 +12,7 @@
 //!   one script call, the topology of single, cluster and sentinel, a circuit breaker per node
 //!   judged on Redis calls, the local deny cache and the refund subscription that keeps it
 //!   honest), reservations for Settle.
-//! - [`api`]: the gRPC transports: `tollgate.v1` ShouldAllow, ShouldAllowBatch and Settle (with
+//! - [`api`]: the gRPC transports: `sluicegate.v1` ShouldAllow, ShouldAllowBatch and Settle (with
 //!   reservations), and Envoy RLS v3 (plan, decide, answer, annotate), input checks, the steps
 //!   both share after the backend (`pipeline.rs`: FAILURE_MODE and compensations that outlive
 //!   their caller), and the one place errors become `tonic::Status`.
@@ -26,10 +26,10 @@
 //! - [`server`]: wires it all: listeners (TLS, mTLS), the layer stack (bounded work), health,
 //!   reflection, the HTTP port (`/metrics`, probes, the status page and `/debug/*`), graceful
 //!   shutdown.
-//! - `main.rs`: the thin `tollgate` binary: parse flags, bind, call [`server::run`].
+//! - `main.rs`: the thin `sluicegate` binary: parse flags, bind, call [`server::run`].
 //!
-//! Everything that *calls* tollgate (the Rust client library with its tower layer, the
-//! `tollgate-load` and `tollgate-demo` binaries) lives in the `tollgate-client` crate, `client/`.
+//! Everything that *calls* sluicegate (the Rust client library with its tower layer, the
+//! `sluicegate-load` and `sluicegate-demo` binaries) lives in the `sluicegate-client` crate, `client/`.
 //!
 //! Dependencies point inwards: `api`, `rules` and `telemetry` use `core` (and `backend`; `api`
 //! and `telemetry` read `rules`); `core`

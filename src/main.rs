@@ -1,10 +1,10 @@
-//! The `tollgate` binary: parse flags, bind the listeners, run until SIGINT or SIGTERM.
+//! The `sluicegate` binary: parse flags, bind the listeners, run until SIGINT or SIGTERM.
 
 use std::process::ExitCode;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tollgate::config::{Cli, Command};
+use sluicegate::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -17,10 +17,10 @@ async fn main() -> ExitCode {
     };
     // Before any log line: a bad value is the one line printed.
     if let Err(e) = args.validate() {
-        eprintln!("tollgate: {e}");
+        eprintln!("sluicegate: {e}");
         return ExitCode::from(2);
     }
-    tollgate::telemetry::init_tracing(args.log.log_format);
+    sluicegate::telemetry::init_tracing(args.log.log_format);
 
     let grpc = match TcpListener::bind(args.grpc_addr).await {
         Ok(l) => l,
@@ -33,15 +33,15 @@ async fn main() -> ExitCode {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    match tollgate::server::run(args, grpc, http, shutdown).await {
+    match sluicegate::server::run(args, grpc, http, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}")),
     }
 }
 
-/// `tollgate check-rules PATH`: validate offline, print each rule and its bucket.
+/// `sluicegate check-rules PATH`: validate offline, print each rule and its bucket.
 fn check_rules(path: &std::path::Path) -> ExitCode {
-    match tollgate::rules::load_path(path) {
+    match sluicegate::rules::load_path(path) {
         Ok(set) => {
             for rule in set.rules() {
                 println!("{rule}");
@@ -60,7 +60,7 @@ fn check_rules(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("tollgate: invalid rules: {e}");
+            eprintln!("sluicegate: invalid rules: {e}");
             ExitCode::FAILURE
         }
     }
@@ -68,16 +68,16 @@ fn check_rules(path: &std::path::Path) -> ExitCode {
 
 /// One line on stderr (the contract for a bad start), exit status 1.
 fn fail(message: String) -> ExitCode {
-    eprintln!("tollgate: {message}");
+    eprintln!("sluicegate: {message}");
     ExitCode::FAILURE
 }
 
 /// The first SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
 async fn on_signal(shutdown: CancellationToken) {
-    tollgate::server::wait_for_signal().await;
+    sluicegate::server::wait_for_signal().await;
     tracing::info!("signal received: shutting down gracefully (again to stop at once)");
     shutdown.cancel();
-    tollgate::server::wait_for_signal().await;
+    sluicegate::server::wait_for_signal().await;
     tracing::warn!("second signal: exiting now");
     std::process::exit(130);
 }

@@ -1,8 +1,8 @@
 //! Code generated from `proto/` by `build.rs`, and the descriptor set reflection serves.
 
-pub mod tollgate {
+pub mod sluicegate {
     pub mod v1 {
-        tonic::include_proto!("tollgate.v1");
+        tonic::include_proto!("sluicegate.v1");
     }
 }
 
@@ -40,4 +40,4 @@ pub mod envoy {
 
 /// Every file of `proto/` (and the well-known types they import), encoded, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/tollgate_descriptor.bin"));
+    include_bytes!(concat!(env!("OUT_DIR"), "/sluicegate_descriptor.bin"));

@@ -1,4 +1,4 @@
-//! Lock-down switches and bounded work per caller, through a real tollgate: each refusal gets its
+//! Lock-down switches and bounded work per caller, through a real sluicegate: each refusal gets its
 //! status code, is counted, and leaves the server healthy.
 
 mod common;
@@ -6,16 +6,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::envoy::{RateLimitServiceClient as EnvoyClient, descriptor, request};
-use common::{RedisServer, Tollgate, ask, http_get, metric, should_allow};
-use tollgate::proto::tollgate::v1::SettleRequest;
+use common::{RedisServer, Sluicegate, ask, http_get, metric, should_allow};
+use sluicegate::proto::sluicegate::v1::SettleRequest;
 use tonic::Code;
 
-async fn metrics(t: &Tollgate) -> String {
+async fn metrics(t: &Sluicegate) -> String {
     http_get(&t.http_url("/metrics")).await.unwrap().1
 }
 
 /// The server still answers a normal call.
-async fn healthy(t: &Tollgate) {
+async fn healthy(t: &Sluicegate) {
     let mut c = t.client().await;
     let r = should_allow(&mut c, ask("healthy", 0.0, 0.0, 1)).await;
     assert!(r.is_ok(), "{r:?}");
@@ -23,7 +23,7 @@ async fn healthy(t: &Tollgate) {
 
 #[tokio::test]
 async fn a_message_over_the_limit_is_refused_before_decoding() {
-    let t = Tollgate::start(&["--grpc-max-message-bytes", "1024"], &[]).await;
+    let t = Sluicegate::start(&["--grpc-max-message-bytes", "1024"], &[]).await;
     let mut c = t.client().await;
     let big = "k".repeat(4000);
     let err = should_allow(&mut c, ask(&big, 0.0, 0.0, 1))
@@ -34,7 +34,7 @@ async fn a_message_over_the_limit_is_refused_before_decoding() {
     healthy(&t).await;
     let m = metrics(&t).await;
     assert_eq!(
-        metric(&m, "tollgate_shed_total{reason=\"message_size\"}"),
+        metric(&m, "sluicegate_shed_total{reason=\"message_size\"}"),
         1.0,
         "{m}"
     );
@@ -43,7 +43,7 @@ async fn a_message_over_the_limit_is_refused_before_decoding() {
 #[tokio::test]
 async fn past_max_concurrent_requests_a_call_is_refused_at_once() {
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--max-concurrent-requests",
             "1",
@@ -57,7 +57,7 @@ async fn past_max_concurrent_requests_a_call_is_refused_at_once() {
     should_allow(&mut c, ask("warm", 0.0, 0.0, 1))
         .await
         .unwrap();
-    // Hold Redis for a second: the first call waits in tollgate, taking the only slot.
+    // Hold Redis for a second: the first call waits in sluicegate, taking the only slot.
     let mut admin = redis.connection().await;
     let sleeper = tokio::spawn(async move {
         let _: redis::RedisResult<()> = redis::cmd("DEBUG")
@@ -86,14 +86,14 @@ async fn past_max_concurrent_requests_a_call_is_refused_at_once() {
     healthy(&t).await;
     let m = metrics(&t).await;
     assert!(
-        metric(&m, "tollgate_shed_total{reason=\"concurrency\"}") >= 1.0,
+        metric(&m, "sluicegate_shed_total{reason=\"concurrency\"}") >= 1.0,
         "{m}"
     );
 }
 
 #[tokio::test]
 async fn lock_down_switches_refuse_with_permission_denied() {
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &["--allow-client-shapes", "false", "--allow-refunds", "false"],
         &[],
     )
@@ -135,7 +135,7 @@ async fn lock_down_switches_refuse_with_permission_denied() {
     assert_eq!(
         metric(
             &m,
-            "tollgate_refused_total{api=\"envoy\",reason=\"refund\"}"
+            "sluicegate_refused_total{api=\"envoy\",reason=\"refund\"}"
         ),
         1.0,
         "{m}"
@@ -145,7 +145,7 @@ async fn lock_down_switches_refuse_with_permission_denied() {
 
 #[tokio::test]
 async fn envoy_requests_past_the_bounds_are_over_limit_and_counted() {
-    let t = Tollgate::start(&["--max-descriptors", "8"], &[]).await;
+    let t = Sluicegate::start(&["--max-descriptors", "8"], &[]).await;
     let mut envoy = EnvoyClient::connect(t.grpc_url()).await.unwrap();
     let many = (0..9)
         .map(|i| descriptor(&[("k", &i.to_string())]))
@@ -161,7 +161,7 @@ async fn envoy_requests_past_the_bounds_are_over_limit_and_counted() {
     assert_eq!(
         metric(
             &m,
-            "tollgate_refused_total{api=\"envoy\",reason=\"descriptors\"}"
+            "sluicegate_refused_total{api=\"envoy\",reason=\"descriptors\"}"
         ),
         1.0,
         "{m}"
@@ -190,7 +190,7 @@ fn rss(pid: i32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_connections_and_oversized_requests_leave_memory_bounded() {
     use tokio::io::AsyncWriteExt;
-    let t = Tollgate::start(&[], &[]).await;
+    let t = Sluicegate::start(&[], &[]).await;
     healthy(&t).await;
     let before = rss(t.pid());
     // 100 connections that send junk instead of HTTP/2, and stay open.

@@ -1,11 +1,11 @@
-//! Many clients, two tollgate processes, one Redis, one bucket: exactly its capacity is allowed,
+//! Many clients, two sluicegate processes, one Redis, one bucket: exactly its capacity is allowed,
 //! with decisions batched per script call and the local deny cache on.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, Tollgate, ask, eventually, http_get, metric, should_allow};
+use common::{RedisServer, Sluicegate, ask, eventually, http_get, metric, should_allow};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
@@ -16,8 +16,8 @@ async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let replicas = [
-        Tollgate::start(&[], &env).await,
-        Tollgate::start(&[], &env).await,
+        Sluicegate::start(&[], &env).await,
+        Sluicegate::start(&[], &env).await,
     ];
     let clients = [replicas[0].client().await, replicas[1].client().await];
 
@@ -52,8 +52,8 @@ async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
     let mut batched = false;
     for r in &replicas {
         let (_, m) = http_get(&r.http_url("/metrics")).await.unwrap();
-        let sum = metric(&m, "tollgate_backend_batch_size_sum{backend=\"redis\"}");
-        let count = metric(&m, "tollgate_backend_batch_size_count{backend=\"redis\"}");
+        let sum = metric(&m, "sluicegate_backend_batch_size_sum{backend=\"redis\"}");
+        let count = metric(&m, "sluicegate_backend_batch_size_count{backend=\"redis\"}");
         batched |= sum > count;
     }
     assert!(batched, "no script call carried more than one decision");
@@ -77,8 +77,8 @@ async fn the_deny_cache_never_admits_more_than_the_bucket() {
         "true",
     ];
     let replicas = [
-        Tollgate::start(&args, &env).await,
-        Tollgate::start(&args, &env).await,
+        Sluicegate::start(&args, &env).await,
+        Sluicegate::start(&args, &env).await,
     ];
     let clients = [replicas[0].client().await, replicas[1].client().await];
     // 20 tokens, 20 per second: over 2 s at most 20 + 40 = 60, plus what the refunds give back.
@@ -109,7 +109,7 @@ async fn the_deny_cache_never_admits_more_than_the_bucket() {
             while started.elapsed() < run {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let s = c
-                    .settle(tollgate::proto::tollgate::v1::SettleRequest {
+                    .settle(sluicegate::proto::sluicegate::v1::SettleRequest {
                         key: "hot".into(),
                         capacity: CAPACITY,
                         rate: RATE,
@@ -145,14 +145,14 @@ async fn the_deny_cache_never_admits_more_than_the_bucket() {
     let mut local = 0.0;
     for r in &replicas {
         let (_, m) = http_get(&r.http_url("/metrics")).await.unwrap();
-        local += metric(&m, "tollgate_local_answers_total{api=\"should_allow\"}");
+        local += metric(&m, "sluicegate_local_answers_total{api=\"should_allow\"}");
     }
     assert!(local > 0.0, "the deny cache never answered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_backend_is_exact_under_concurrency() {
-    let t = Tollgate::start(&[], &[]).await;
+    let t = Sluicegate::start(&[], &[]).await;
     let client = t.client().await;
     let calls = (0..500).map(|_| {
         let mut client = client.clone();
@@ -171,14 +171,14 @@ async fn memory_backend_is_exact_under_concurrency() {
 /// within a round trip, not after the refill (1,000 s at this rate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refund_through_another_replica_reaches_the_deny_cache() {
-    use tollgate::proto::tollgate::v1::{SettleRequest, ShouldAllowRequest};
+    use sluicegate::proto::sluicegate::v1::{SettleRequest, ShouldAllowRequest};
     let redis = RedisServer::start().await;
     let env = [("REDIS_URL", redis.url())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let args = ["--redis-timeout-ms", "2000", "--local-deny-cache", "true"];
     let (a, b) = (
-        Tollgate::start(&args, &env).await,
-        Tollgate::start(&args, &env).await,
+        Sluicegate::start(&args, &env).await,
+        Sluicegate::start(&args, &env).await,
     );
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     let ask = |cost| ShouldAllowRequest {
@@ -194,7 +194,7 @@ async fn a_refund_through_another_replica_reaches_the_deny_cache() {
     }
     let (_, m) = http_get(&a.http_url("/metrics")).await.unwrap();
     assert!(
-        metric(&m, "tollgate_local_answers_total{api=\"should_allow\"}") >= 1.0,
+        metric(&m, "sluicegate_local_answers_total{api=\"should_allow\"}") >= 1.0,
         "A's deny cache knows the bucket is empty"
     );
     // The refund through B.

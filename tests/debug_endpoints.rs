@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, Tollgate, ask, eventually, http_get, http_request};
+use common::{RedisServer, Sluicegate, ask, eventually, http_get, http_request};
 use serde_json::Value;
 
 const RULES: &str = "domain: edge
@@ -20,7 +20,7 @@ descriptors:
         rate_limit: { unit: hour, requests_per_unit: 10, unit_multiplier: 2, burst: 4 }
 ";
 
-async fn json(t: &Tollgate, path: &str) -> Value {
+async fn json(t: &Sluicegate, path: &str) -> Value {
     let (status, body) = http_get(&t.http_url(path)).await.expect("an answer");
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
@@ -33,7 +33,7 @@ async fn status_rules_config_and_top_keys() {
     let rules = dir.path().join("rules.yaml");
     std::fs::write(&rules, RULES).unwrap();
     let url = format!("redis://:s3cret@127.0.0.1:{}/0", redis.port);
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--rules",
             rules.to_str().unwrap(),
@@ -135,7 +135,7 @@ async fn status_rules_config_and_top_keys() {
     // The near-limit counter in Prometheus.
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
     assert!(
-        metrics.contains("tollgate_near_limit_total{api=\"should_allow\"} 2"),
+        metrics.contains("sluicegate_near_limit_total{api=\"should_allow\"} 2"),
         "{metrics}"
     );
 
@@ -168,7 +168,7 @@ fn rules_path_text(r: &Value) -> Value {
 
 #[tokio::test]
 async fn debug_endpoints_are_off_by_default() {
-    let t = Tollgate::start(&[], &[]).await;
+    let t = Sluicegate::start(&[], &[]).await;
     for path in [
         "/",
         "/status.js",
@@ -185,7 +185,7 @@ async fn debug_endpoints_are_off_by_default() {
 
 #[tokio::test]
 async fn top_keys_can_be_turned_off() {
-    let t = Tollgate::start(&["--top-keys", "0", "--debug-endpoints", "true"], &[]).await;
+    let t = Sluicegate::start(&["--top-keys", "0", "--debug-endpoints", "true"], &[]).await;
     let mut c = t.client().await;
     for _ in 0..5 {
         c.should_allow(ask("k", 1.0, 0.01, 1)).await.unwrap();
@@ -199,9 +199,9 @@ async fn top_keys_can_be_turned_off() {
 async fn decision_logs_one_line_per_decision_at_debug() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
-    let t = Tollgate::start_logging(
+    let t = Sluicegate::start_logging(
         &[],
-        &[("RUST_LOG", "warn,tollgate::decision=debug")],
+        &[("RUST_LOG", "warn,sluicegate::decision=debug")],
         Some(&log),
     )
     .await;
@@ -215,7 +215,7 @@ async fn decision_logs_one_line_per_decision_at_debug() {
     let text = std::fs::read_to_string(&log).unwrap();
     let decisions: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("tollgate::decision") && l.contains("DEBUG"))
+        .filter(|l| l.contains("sluicegate::decision") && l.contains("DEBUG"))
         .collect();
     assert_eq!(decisions.len(), 25, "{text}");
     assert!(decisions[0].contains("key=\"user-0\""), "{}", decisions[0]);
@@ -232,7 +232,7 @@ async fn decision_logs_one_line_per_decision_at_debug() {
 async fn denial_logs_stay_under_the_cap_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
-    let t = Tollgate::start_logging(&[], &[("RUST_LOG", "info")], Some(&log)).await;
+    let t = Sluicegate::start_logging(&[], &[("RUST_LOG", "info")], Some(&log)).await;
     let started = std::time::Instant::now();
     // Many callers at once, nearly every call denied.
     let mut tasks = Vec::new();
@@ -258,7 +258,7 @@ async fn denial_logs_stay_under_the_cap_under_load() {
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("tollgate::decision") && l.contains("denied"))
+        .filter(|l| l.contains("sluicegate::decision") && l.contains("denied"))
         .collect();
     // At most 10 a second (one more second for a boundary), and the rest counted in left_out.
     assert!(denied >= 3000, "{denied}");
@@ -283,7 +283,7 @@ async fn denial_logs_stay_under_the_cap_under_load() {
 /// digest, never the whole key.
 #[tokio::test]
 async fn keys_are_hidden_unless_asked_for() {
-    let t = Tollgate::start(&["--debug-endpoints", "true"], &[]).await;
+    let t = Sluicegate::start(&["--debug-endpoints", "true"], &[]).await;
     let mut c = t.client().await;
     let secret = "sk-live-0123456789abcdef";
     for _ in 0..5 {
@@ -302,7 +302,7 @@ async fn keys_are_hidden_unless_asked_for() {
 #[tokio::test]
 async fn only_allowed_hosts_see_the_pages() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = Tollgate::start(&["--debug-endpoints", "true"], &[]).await;
+    let t = Sluicegate::start(&["--debug-endpoints", "true"], &[]).await;
     let addr = t
         .http_url("")
         .trim_start_matches("http://")
@@ -331,7 +331,7 @@ async fn only_allowed_hosts_see_the_pages() {
     assert_eq!(get("/metrics", "evil.example").await, 200);
     assert_eq!(get("/readyz", "evil.example").await, 200);
 
-    let named = Tollgate::start(
+    let named = Sluicegate::start(
         &[
             "--debug-endpoints",
             "true",

@@ -1,11 +1,11 @@
-//! tollgate-demo end to end against a real tollgate (memory and Redis), and its failure modes
-//! when tollgate is stopped or hangs.
+//! sluicegate-demo end to end against a real sluicegate (memory and Redis), and its failure modes
+//! when sluicegate is stopped or hangs.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Demo, HttpAnswer, RedisServer, Tollgate, http_request};
+use common::{Demo, HttpAnswer, RedisServer, Sluicegate, http_request};
 
 async fn get(demo: &Demo, path: &str, headers: &[(&str, &str)]) -> HttpAnswer {
     http_request(&demo.url(path), headers)
@@ -23,8 +23,8 @@ fn rl(a: &HttpAnswer) -> (u16, Option<&str>, Option<&str>, Option<&str>) {
 }
 
 /// Capacity 3, one token per second: exact headers along allow, allow, allow, deny.
-async fn header_sequence(tollgate: &Tollgate) {
-    let demo = Demo::start(&tollgate.grpc_url(), &["--identity", "api-key"]).await;
+async fn header_sequence(sluicegate: &Sluicegate) {
+    let demo = Demo::start(&sluicegate.grpc_url(), &["--identity", "api-key"]).await;
     let k = [("x-api-key", "seq")];
     let seen: Vec<_> = {
         let mut v = Vec::new();
@@ -49,14 +49,14 @@ async fn header_sequence(tollgate: &Tollgate) {
 
 #[tokio::test]
 async fn headers_along_a_sequence_memory() {
-    let t = Tollgate::start(&["--capacity", "3", "--rate", "1"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "3", "--rate", "1"], &[]).await;
     header_sequence(&t).await;
 }
 
 #[tokio::test]
 async fn headers_along_a_sequence_redis() {
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--capacity",
             "3",
@@ -74,7 +74,7 @@ async fn headers_along_a_sequence_redis() {
 #[tokio::test]
 async fn retry_after_rounds_up() {
     // One token every 2.5 s: a drained bucket says 2.5 s, so Retry-After is 3, never 2.
-    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.4"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "1", "--rate", "0.4"], &[]).await;
     let demo = Demo::start(&t.grpc_url(), &["--identity", "user"]).await;
     let u = [("x-user", "ann")];
     assert_eq!(get(&demo, "/api/items", &u).await.status, 200);
@@ -86,7 +86,7 @@ async fn retry_after_rounds_up() {
 
 #[tokio::test]
 async fn missing_identity_is_401_and_probes_are_never_limited() {
-    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
     for (identity, header) in [("api-key", "x-api-key"), ("user", "x-user")] {
         let demo = Demo::start(&t.grpc_url(), &["--identity", identity]).await;
         let a = get(&demo, "/api/items", &[]).await;
@@ -125,7 +125,7 @@ async fn missing_identity_is_401_and_probes_are_never_limited() {
 
 #[tokio::test]
 async fn trusted_forwarded_for_picks_the_bucket() {
-    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
     let demo = Demo::start(&t.grpc_url(), &["--trust-forwarded"]).await;
     assert_eq!(
         get(&demo, "/", &[("x-forwarded-for", "203.0.113.7")])
@@ -149,10 +149,10 @@ async fn trusted_forwarded_for_picks_the_bucket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_requests_on_a_bucket_of_twenty() {
-    let t = Tollgate::start(&["--capacity", "20", "--rate", "0.001"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "20", "--rate", "0.001"], &[]).await;
     let demo = Demo::start(
         &t.grpc_url(),
-        &["--identity", "api-key", "--tollgate-timeout-ms", "2000"],
+        &["--identity", "api-key", "--sluicegate-timeout-ms", "2000"],
     )
     .await;
     let url = demo.url("/api/items");
@@ -192,7 +192,7 @@ async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
 }
 
 #[tokio::test]
-async fn tollgate_stopped_or_hanging_within_the_timeout() {
+async fn sluicegate_stopped_or_hanging_within_the_timeout() {
     let stopped = format!("http://127.0.0.1:{}", common::free_port());
     let (hanging, _hole) = black_hole().await;
     const TIMEOUT_MS: u64 = 100;
@@ -204,7 +204,7 @@ async fn tollgate_stopped_or_hanging_within_the_timeout() {
                 &[
                     "--failure-mode",
                     mode,
-                    "--tollgate-timeout-ms",
+                    "--sluicegate-timeout-ms",
                     &TIMEOUT_MS.to_string(),
                 ],
             )
@@ -233,11 +233,11 @@ async fn tollgate_stopped_or_hanging_within_the_timeout() {
     }
 }
 
-/// A too-long identity is the client's error, never "tollgate down": with DEMO_FAILURE_MODE=allow
+/// A too-long identity is the client's error, never "sluicegate down": with DEMO_FAILURE_MODE=allow
 /// it used to be served.
 #[tokio::test]
 async fn an_oversized_identity_is_refused_not_served() {
-    let t = Tollgate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "1", "--rate", "0.001"], &[]).await;
     let demo = Demo::start(
         &t.grpc_url(),
         &["--identity", "api-key", "--failure-mode", "allow"],
@@ -253,7 +253,7 @@ async fn an_oversized_identity_is_refused_not_served() {
     assert!(
         !m.body
             .contains("demo_limiter_failures_total{mode=\"allow\"} 3"),
-        "counted as a tollgate failure: {}",
+        "counted as a sluicegate failure: {}",
         m.body
     );
 }
@@ -262,7 +262,7 @@ async fn an_oversized_identity_is_refused_not_served() {
 /// the unused part comes back, and a budget too small for the reservation is a 429.
 #[tokio::test]
 async fn generate_reserves_works_and_settles() {
-    let t = Tollgate::start(&[], &[]).await;
+    let t = Sluicegate::start(&[], &[]).await;
     let demo = Demo::start(
         &t.grpc_url(),
         &[
@@ -272,7 +272,7 @@ async fn generate_reserves_works_and_settles() {
             "500",
             "--token-rate",
             "0.001",
-            "--tollgate-timeout-ms",
+            "--sluicegate-timeout-ms",
             "2000",
         ],
     )

@@ -24,7 +24,7 @@ fn compose_references_existing_files() {
     let services = c["services"].as_object().expect("services");
     for name in [
         "redis",
-        "tollgate",
+        "sluicegate",
         "demo",
         "envoy",
         "prometheus",
@@ -52,11 +52,11 @@ fn compose_references_existing_files() {
     }
     let dockerfile = std::fs::read_to_string("Dockerfile").unwrap();
     assert!(
-        dockerfile.contains("USER tollgate"),
+        dockerfile.contains("USER sluicegate"),
         "the runtime image runs as non-root"
     );
     assert!(dockerfile.matches("FROM ").count() >= 2, "multi-stage");
-    for bin in ["tollgate", "tollgate-demo", "tollgate-load"] {
+    for bin in ["sluicegate", "sluicegate-demo", "sluicegate-load"] {
         assert!(
             dockerfile.contains(&format!("target/release/{bin}")),
             "{bin} in the image"
@@ -74,13 +74,13 @@ fn names_and_ports_agree() {
             .unwrap_or_default()
             .to_string()
     };
-    assert!(env("tollgate", "REDIS_URL").contains("redis:6379"));
-    let grpc_port = env("tollgate", "GRPC_ADDR")
+    assert!(env("sluicegate", "REDIS_URL").contains("redis:6379"));
+    let grpc_port = env("sluicegate", "GRPC_ADDR")
         .rsplit(':')
         .next()
         .unwrap()
         .to_string();
-    let http_port = env("tollgate", "HTTP_ADDR")
+    let http_port = env("sluicegate", "HTTP_ADDR")
         .rsplit(':')
         .next()
         .unwrap()
@@ -92,7 +92,7 @@ fn names_and_ports_agree() {
         .to_string();
     assert_eq!(
         env("demo", "TOLLGATE_URL"),
-        format!("http://tollgate:{grpc_port}")
+        format!("http://sluicegate:{grpc_port}")
     );
 
     let prom = yaml("dashboards/prometheus/prometheus.yml");
@@ -109,7 +109,7 @@ fn names_and_ports_agree() {
         .map(|t| t.as_str().unwrap().to_string())
         .collect();
     for t in [
-        format!("tollgate:{http_port}"),
+        format!("sluicegate:{http_port}"),
         format!("demo:{demo_port}"),
         "envoy:9901".into(),
     ] {
@@ -120,7 +120,7 @@ fn names_and_ports_agree() {
     }
 
     let envoy = std::fs::read_to_string("deploy/envoy/envoy-compose.yaml").unwrap();
-    assert!(envoy.contains(&format!("address: tollgate, port_value: {grpc_port}")));
+    assert!(envoy.contains(&format!("address: sluicegate, port_value: {grpc_port}")));
     assert!(envoy.contains(&format!("address: demo, port_value: {demo_port}")));
     // Every element of every command and entrypoint is a string: an unquoted "--x=A: b" is a YAML
     // mapping, which docker compose refuses.
@@ -149,7 +149,7 @@ fn names_and_ports_agree() {
 
     let ds = yaml("dashboards/grafana/provisioning/datasources/prometheus.yaml");
     assert_eq!(ds["datasources"][0]["url"], "http://prometheus:9090");
-    let provider = yaml("dashboards/grafana/provisioning/dashboards/tollgate.yaml");
+    let provider = yaml("dashboards/grafana/provisioning/dashboards/sluicegate.yaml");
     let path = provider["providers"][0]["options"]["path"]
         .as_str()
         .unwrap();
@@ -162,7 +162,7 @@ fn names_and_ports_agree() {
     assert!(
         grafana_volumes
             .iter()
-            .any(|v| v.contains(&format!(":{path}/tollgate.json"))),
+            .any(|v| v.contains(&format!(":{path}/sluicegate.json"))),
         "{grafana_volumes:?}"
     );
 }
@@ -188,7 +188,7 @@ fn compose_envoy_config_validates() {
 #[test]
 fn dashboard_promises() {
     let d: Value =
-        serde_json::from_str(&std::fs::read_to_string("dashboards/grafana/tollgate.json").unwrap())
+        serde_json::from_str(&std::fs::read_to_string("dashboards/grafana/sluicegate.json").unwrap())
             .unwrap();
     let vars = d["templating"]["list"].as_array().unwrap();
     assert!(
@@ -227,14 +227,14 @@ fn dashboard_promises() {
         );
     }
     for metric in [
-        "tollgate_decisions_total",
-        "tollgate_decision_duration_seconds_bucket",
-        "tollgate_rule_decisions_total",
-        "tollgate_tokens_remaining",
-        "tollgate_backend_duration_seconds_bucket",
-        "tollgate_backend_errors_total",
-        "tollgate_failure_mode_total",
-        "tollgate_rules_reloads_total",
+        "sluicegate_decisions_total",
+        "sluicegate_decision_duration_seconds_bucket",
+        "sluicegate_rule_decisions_total",
+        "sluicegate_tokens_remaining",
+        "sluicegate_backend_duration_seconds_bucket",
+        "sluicegate_backend_errors_total",
+        "sluicegate_failure_mode_total",
+        "sluicegate_rules_reloads_total",
         "demo_http_requests_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
@@ -246,13 +246,13 @@ fn dashboard_promises() {
     }
 }
 
-/// Every setting of `tollgate serve --help` is in the README's configuration table, by variable
+/// Every setting of `sluicegate serve --help` is in the README's configuration table, by variable
 /// and by flag.
 #[test]
 fn the_readme_documents_every_setting() {
     use clap::CommandFactory;
     let readme = std::fs::read_to_string("README.md").unwrap();
-    let cmd = tollgate::config::Cli::command();
+    let cmd = sluicegate::config::Cli::command();
     let serve = cmd.find_subcommand("serve").unwrap();
     let mut missing = Vec::new();
     for arg in serve.get_arguments() {

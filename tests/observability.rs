@@ -1,6 +1,6 @@
 //! Metrics as Prometheus sees them: `promtool check metrics` finds nothing to report, and with a
-//! real Prometheus scraping tollgate (Redis backend, rules loaded) and the demo app every second
-//! while tollgate-load drives should-allow, envoy and http traffic, every panel query of the
+//! real Prometheus scraping sluicegate (Redis backend, rules loaded) and the demo app every second
+//! while sluicegate-load drives should-allow, envoy and http traffic, every panel query of the
 //! Grafana dashboard returns data.
 
 mod common;
@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Demo, RedisServer, Tollgate, ask, eventually, free_port, http_get, should_allow};
+use common::{Demo, RedisServer, Sluicegate, ask, eventually, free_port, http_get, should_allow};
 use serde_json::Value;
 
 const INSTALL_PROMETHEUS: &str = "prometheus/promtool not found: install them with `apt-get install -y prometheus` (scripts/test.sh does)";
@@ -43,7 +43,7 @@ fn promtool_check(text: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_finds_nothing_after_traffic() {
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--rules",
             &common::repo_path("deploy/rules"),
@@ -72,11 +72,11 @@ async fn promtool_finds_nothing_after_traffic() {
     }
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
     assert!(
-        metrics.contains("tollgate_rule_decisions_total{"),
+        metrics.contains("sluicegate_rule_decisions_total{"),
         "{metrics}"
     );
     let (clean, report) = promtool_check(&metrics);
-    assert!(clean, "promtool check metrics on tollgate:\n{report}");
+    assert!(clean, "promtool check metrics on sluicegate:\n{report}");
 
     let demo = Demo::start(&t.grpc_url(), &[]).await;
     let _ = http_get(&demo.url("/api/items")).await;
@@ -162,9 +162,9 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// tollgate-load, built beside this test by `cargo test --workspace`.
+/// sluicegate-load, built beside this test by `cargo test --workspace`.
 fn load_bin() -> PathBuf {
-    common::workspace_bin("tollgate-load").into()
+    common::workspace_bin("sluicegate-load").into()
 }
 
 struct Load(Child);
@@ -193,7 +193,7 @@ fn load(args: &[&str]) -> Load {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn tollgate-load"),
+            .expect("spawn sluicegate-load"),
     )
 }
 
@@ -210,7 +210,7 @@ fn has_data(series: &[Value]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_panel_has_data() {
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--rules",
             &common::repo_path("deploy/rules"),
@@ -222,11 +222,11 @@ async fn every_dashboard_panel_has_data() {
     .await;
     let demo = Demo::start(
         &t.grpc_url(),
-        &["--identity", "api-key", "--tollgate-timeout-ms", "500"],
+        &["--identity", "api-key", "--sluicegate-timeout-ms", "500"],
     )
     .await;
     let prometheus = Prometheus::start(&[
-        ("tollgate", format!("127.0.0.1:{}", t.http_port)),
+        ("sluicegate", format!("127.0.0.1:{}", t.http_port)),
         ("demo", format!("127.0.0.1:{}", demo.port)),
     ])
     .await;
@@ -269,7 +269,7 @@ async fn every_dashboard_panel_has_data() {
     ];
 
     let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string("dashboards/grafana/tollgate.json").unwrap())
+        serde_json::from_str(&std::fs::read_to_string("dashboards/grafana/sluicegate.json").unwrap())
             .unwrap();
     let mut queries = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {

@@ -1,32 +1,32 @@
-//! Scale-out on real Redis: a 3-master, 3-replica cluster and a sentinel group, several tollgate
-//! replicas, and failovers survived without restarting tollgate.
+//! Scale-out on real Redis: a 3-master, 3-replica cluster and a sentinel group, several sluicegate
+//! replicas, and failovers survived without restarting sluicegate.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisCluster, RedisSentinels, Tollgate, ask, eventually, http_get, should_allow};
-use tollgate::core::Shape;
+use common::{RedisCluster, RedisSentinels, Sluicegate, ask, eventually, http_get, should_allow};
+use sluicegate::core::Shape;
 
 /// One cluster at a time: several six-node clusters at once on two cores could miss their own
 /// node timeouts and fail over by themselves.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn on_cluster(cluster: &RedisCluster, extra: &[&str]) -> Tollgate {
+async fn on_cluster(cluster: &RedisCluster, extra: &[&str]) -> Sluicegate {
     let mut args = vec!["--redis-type", "cluster"];
     args.extend_from_slice(extra);
-    Tollgate::start(&args, &[("REDIS_URL", &cluster.url())]).await
+    Sluicegate::start(&args, &[("REDIS_URL", &cluster.url())]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_keys_over_every_master_through_two_replicas() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3, 1).await;
-    let tollgates = [
+    let sluicegates = [
         on_cluster(&cluster, &["--redis-timeout-ms", "2000"]).await,
         on_cluster(&cluster, &["--redis-timeout-ms", "2000"]).await,
     ];
-    let clients = [tollgates[0].client().await, tollgates[1].client().await];
+    let clients = [sluicegates[0].client().await, sluicegates[1].client().await];
     // Each of 1000 keys (capacity 2) asked 3 times, alternating replicas, 100 keys at a time.
     let mut allowed = vec![0u32; 1000];
     for chunk in (0..1000).collect::<Vec<usize>>().chunks(100) {
@@ -68,11 +68,11 @@ async fn three_replicas_one_key_exactly_capacity() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3, 1).await;
     let mut clients = Vec::new();
-    let mut tollgates = Vec::new();
+    let mut sluicegates = Vec::new();
     for _ in 0..3 {
         let t = on_cluster(&cluster, &["--redis-timeout-ms", "2000"]).await;
         clients.push(t.client().await);
-        tollgates.push(t);
+        sluicegates.push(t);
     }
     let calls = (0..300).map(|i| {
         let mut c = clients[i % 3].clone();
@@ -102,7 +102,7 @@ async fn a_master_killed_under_load() {
     let t = on_cluster(&cluster, &["--redis-timeout-ms", &TIMEOUT_MS.to_string()]).await;
     let client = t.client().await;
     let keys: Vec<String> = (0..60).map(|i| format!("failover-{i}")).collect();
-    let bucket = |k: &str| tollgate::api::bucket_key("tb:user:", k, Shape::new(1e6, 1e6).unwrap());
+    let bucket = |k: &str| sluicegate::api::bucket_key("tb:user:", k, Shape::new(1e6, 1e6).unwrap());
     let victim = cluster.master_of(&bucket(&keys[0])).await;
     let mut victim_keys = Vec::new();
     for k in &keys {
@@ -211,7 +211,7 @@ async fn a_master_killed_under_load() {
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
     let counted: f64 = metrics
         .lines()
-        .filter(|l| l.starts_with("tollgate_backend_errors_total{backend=\"redis\""))
+        .filter(|l| l.starts_with("sluicegate_backend_errors_total{backend=\"redis\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(counted >= 1.0, "errors are counted:\n{metrics}");
@@ -221,7 +221,7 @@ async fn a_master_killed_under_load() {
 async fn sentinel_failover_is_followed() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let mut group = RedisSentinels::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &["--redis-type", "sentinel", "--redis-timeout-ms", "200"],
         &[("REDIS_URL", &group.url())],
     )
@@ -250,7 +250,7 @@ async fn sentinel_failover_is_followed() {
                 return false;
             };
             let exists: i64 = redis::cmd("EXISTS")
-                .arg(tollgate::api::bucket_key(
+                .arg(sluicegate::api::bucket_key(
                     "tb:user:",
                     "s",
                     Shape::new(5.0, 1e-6).unwrap(),
@@ -267,7 +267,7 @@ async fn sentinel_failover_is_followed() {
     let started = Instant::now();
     eventually(
         Duration::from_secs(30),
-        "tollgate to follow the promoted replica",
+        "sluicegate to follow the promoted replica",
         async || {
             should_allow(&mut c, ask("after", 5.0, 1e-6, 1))
                 .await
@@ -351,7 +351,7 @@ async fn sentinel_master_with_a_password() {
         common::SENTINEL_MASTER,
         sentinels.join(",")
     );
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &["--redis-type", "sentinel", "--redis-timeout-ms", "500"],
         &[("REDIS_URL", &url)],
     )
@@ -365,7 +365,7 @@ async fn sentinel_master_with_a_password() {
     .await;
     // Without the password the master refuses: an error, never an answer.
     let plain = format!("{},{}", common::SENTINEL_MASTER, sentinels.join(","));
-    let t2 = Tollgate::start(
+    let t2 = Sluicegate::start(
         &["--redis-type", "sentinel", "--redis-timeout-ms", "300"],
         &[("REDIS_URL", &plain)],
     )

@@ -1,13 +1,13 @@
-//! Redis going wrong under a running tollgate: scripts flushed, the server killed and restarted.
+//! Redis going wrong under a running sluicegate: scripts flushed, the server killed and restarted.
 //! Latency stays bounded by REDIS_TIMEOUT_MS, FAILURE_MODE decides the answers, health follows,
-//! and tollgate recovers by itself.
+//! and sluicegate recovers by itself.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{
-    NOT_SERVING, RedisServer, SERVING, Tollgate, ask, eventually, health, http_get, should_allow,
+    NOT_SERVING, RedisServer, SERVING, Sluicegate, ask, eventually, health, http_get, should_allow,
 };
 use tonic::Code;
 
@@ -17,8 +17,8 @@ const TIMEOUT_MS: u64 = 200;
 /// Scheduling slack on a loaded 2-core machine; the point is "bounded", not "fast".
 const SLACK: Duration = Duration::from_millis(400);
 
-async fn start(redis: &RedisServer, mode: &str) -> Tollgate {
-    Tollgate::start(
+async fn start(redis: &RedisServer, mode: &str) -> Sluicegate {
+    Sluicegate::start(
         &[
             "--redis-timeout-ms",
             &TIMEOUT_MS.to_string(),
@@ -105,7 +105,7 @@ async fn redis_killed_then_restarted() {
     })
     .await;
     assert_eq!(
-        health(&strict.grpc_url(), "tollgate.v1.RateLimitService").await,
+        health(&strict.grpc_url(), "sluicegate.v1.RateLimitService").await,
         Some(NOT_SERVING)
     );
     assert_eq!(http_get(&strict.http_url("/readyz")).await.unwrap().0, 503);
@@ -122,17 +122,17 @@ async fn redis_killed_then_restarted() {
     }
     let (_, metrics) = http_get(&modes[1].http_url("/metrics")).await.unwrap();
     assert!(
-        metrics.contains("tollgate_failure_mode_total{mode=\"allow\"} 10"),
+        metrics.contains("sluicegate_failure_mode_total{mode=\"allow\"} 10"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("tollgate_backend_errors_total{backend=\"redis\""),
+        metrics.contains("sluicegate_backend_errors_total{backend=\"redis\""),
         "{metrics}"
     );
 
     redis.restart().await;
 
-    // Recovery without restarting tollgate: real answers again, health back to SERVING.
+    // Recovery without restarting sluicegate: real answers again, health back to SERVING.
     for (t, c) in modes.iter().zip(clients.iter_mut()) {
         eventually(
             Duration::from_secs(10),
@@ -183,7 +183,7 @@ async fn a_paused_redis_trips_the_breaker_and_it_closes_by_itself() {
     use nix::unistd::Pid;
     const PAUSED_TIMEOUT_MS: u64 = 300;
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--redis-timeout-ms",
             &PAUSED_TIMEOUT_MS.to_string(),
@@ -225,12 +225,12 @@ async fn a_paused_redis_trips_the_breaker_and_it_closes_by_itself() {
     );
     let m = http_get(&t.http_url("/metrics")).await.unwrap().1;
     assert!(
-        m.contains("tollgate_backend_circuit_open{node=\"127.0.0.1:"),
+        m.contains("sluicegate_backend_circuit_open{node=\"127.0.0.1:"),
         "{m}"
     );
     assert!(
         m.lines()
-            .any(|l| l.starts_with("tollgate_backend_circuit_open{") && l.ends_with(" 1")),
+            .any(|l| l.starts_with("sluicegate_backend_circuit_open{") && l.ends_with(" 1")),
         "{m}"
     );
     // FAILURE_MODE=allow still answers: the replica stays ready.
@@ -245,7 +245,7 @@ async fn a_paused_redis_trips_the_breaker_and_it_closes_by_itself() {
     let m = http_get(&t.http_url("/metrics")).await.unwrap().1;
     assert!(
         m.lines()
-            .any(|l| l.starts_with("tollgate_backend_circuit_open{") && l.ends_with(" 0")),
+            .any(|l| l.starts_with("sluicegate_backend_circuit_open{") && l.ends_with(" 0")),
         "{m}"
     );
 }
@@ -257,7 +257,7 @@ async fn readiness_needs_several_failed_pings() {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &["--redis-timeout-ms", "100"],
         &[("REDIS_URL", &redis.url())],
     )
@@ -306,7 +306,7 @@ async fn the_real_cause_of_a_connection_failure_is_logged_once() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
     let url = format!("redis://:wrong@127.0.0.1:{}/0", redis.port);
-    let t = Tollgate::start_logging(
+    let t = Sluicegate::start_logging(
         &["--redis-timeout-ms", "100", "--debug-endpoints", "true"],
         &[("RUST_LOG", "warn"), ("REDIS_URL", url.as_str())],
         Some(&log),
@@ -343,7 +343,7 @@ async fn the_real_cause_of_a_connection_failure_is_logged_once() {
 #[tokio::test]
 async fn the_circuit_closes_when_pings_answer_again() {
     let mut redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--redis-timeout-ms",
             &TIMEOUT_MS.to_string(),
@@ -363,7 +363,7 @@ async fn the_circuit_closes_when_pings_answer_again() {
             .degraded
     );
     let open = |metrics: &str| {
-        common::metric_value(metrics, "tollgate_backend_circuit_open{").map(|v| v == 1.0)
+        common::metric_value(metrics, "sluicegate_backend_circuit_open{").map(|v| v == 1.0)
     };
 
     redis.kill();
@@ -404,7 +404,7 @@ async fn a_blip_admits_at_most_the_calls_in_flight_during_it() {
     const CALLERS: u64 = 64;
     const BLIP_TIMEOUT_MS: u64 = 60;
     let redis = RedisServer::start().await;
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--redis-timeout-ms",
             &BLIP_TIMEOUT_MS.to_string(),

@@ -1,11 +1,11 @@
-//! `rediss://`: tollgate talks TLS to a real redis-server (its TLS port only), trusting the CA named
+//! `rediss://`: sluicegate talks TLS to a real redis-server (its TLS port only), trusting the CA named
 //! by SSL_CERT_FILE, and refuses a server its trust store does not vouch for.
 
 mod common;
 
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{Tollgate, ask, eventually, free_port, should_allow};
+use common::{Sluicegate, ask, eventually, free_port, should_allow};
 use tonic::Code;
 
 /// A test CA and a server certificate for localhost signed by it: ca.pem, server.pem, server.key.
@@ -69,7 +69,7 @@ async fn rediss_with_a_trusted_ca_and_refused_without() {
     let _redis = TlsRedis::start(dir.path(), port, false, &[]);
     let url = format!("rediss://localhost:{port}/0");
 
-    let trusted = Tollgate::start(
+    let trusted = Sluicegate::start(
         &["--redis-timeout-ms", "1000"],
         &[("REDIS_URL", &url), ("SSL_CERT_FILE", &d("ca.pem"))],
     )
@@ -90,7 +90,7 @@ async fn rediss_with_a_trusted_ca_and_refused_without() {
     // The system's trust store does not know the test CA: the handshake must fail.
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
-    let untrusting = Tollgate::start(
+    let untrusting = Sluicegate::start(
         &["--redis-timeout-ms", "300"],
         &[
             ("REDIS_URL", &url),
@@ -112,12 +112,12 @@ async fn rediss_with_a_trusted_ca_and_refused_without() {
 async fn rediss_with_a_private_ca_and_a_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = certificates(dir.path());
-    let (client_cert, client_key) = ca.issue("tollgate", &["DNS:tollgate"], "clientAuth");
+    let (client_cert, client_key) = ca.issue("sluicegate", &["DNS:sluicegate"], "clientAuth");
     let port = free_port();
     let d = |f: &str| dir.path().join(f).display().to_string();
     let _redis = TlsRedis::start(dir.path(), port, true, &["--requirepass", "s3cret"]);
     let url = format!("rediss://:s3cret@localhost:{port}/0");
-    let with_cert = Tollgate::start(
+    let with_cert = Sluicegate::start(
         &[
             "--redis-timeout-ms",
             "1000",
@@ -148,7 +148,7 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
     assert!(r.allowed && !r.degraded, "{r:?}");
 
     // The CA alone, no client certificate: Redis refuses the handshake.
-    let without = Tollgate::start(
+    let without = Sluicegate::start(
         &[
             "--redis-timeout-ms",
             "300",

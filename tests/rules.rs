@@ -1,10 +1,10 @@
-//! Rules files: envoyproxy/ratelimit's format and matching, tollgate's additions, strict errors.
+//! Rules files: envoyproxy/ratelimit's format and matching, sluicegate's additions, strict errors.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use tollgate::rules::{Limit, RuleSet, Unit, load_path};
+use sluicegate::rules::{Limit, RuleSet, Unit, load_path};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -417,7 +417,7 @@ fn check_rules_command() {
         "r.yaml",
         "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 600, burst: 100, name: premium }\n",
     );
-    let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+    let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .args(["check-rules"])
         .arg(dir.path())
         .output()
@@ -438,7 +438,7 @@ fn check_rules_command() {
         "r.yaml",
         "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute }\n",
     );
-    let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+    let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .args(["check-rules"])
         .arg(dir.path())
         .output()

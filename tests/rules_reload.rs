@@ -1,4 +1,4 @@
-//! Hot reload of rules in a running tollgate: a valid edit takes effect without a restart or a
+//! Hot reload of rules in a running sluicegate: a valid edit takes effect without a restart or a
 //! failed request, an invalid one keeps the old rules (and is counted), and a Kubernetes
 //! ConfigMap's `..data` symlink swap is picked up.
 
@@ -14,7 +14,7 @@ use std::{
 };
 
 use common::envoy::{RateLimitServiceClient, descriptor, request};
-use common::{Tollgate, eventually, http_get};
+use common::{Sluicegate, eventually, http_get};
 
 fn rules(rpu: u32) -> String {
     format!(
@@ -41,9 +41,9 @@ async fn limit_now(c: &mut RateLimitServiceClient<tonic::transport::Channel>) ->
         .map(|l| l.requests_per_unit)
 }
 
-async fn reloads(t: &Tollgate, outcome: &str) -> u64 {
+async fn reloads(t: &Sluicegate, outcome: &str) -> u64 {
     let (_, m) = http_get(&t.http_url("/metrics")).await.unwrap();
-    let series = format!("tollgate_rules_reloads_total{{outcome=\"{outcome}\"}} ");
+    let series = format!("sluicegate_rules_reloads_total{{outcome=\"{outcome}\"}} ");
     m.lines()
         .find_map(|l| l.strip_prefix(&series))
         .and_then(|v| v.parse().ok())
@@ -55,7 +55,7 @@ async fn valid_edit_applies_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rules.yaml");
     std::fs::write(&path, rules(3)).unwrap();
-    let t = Tollgate::start(&["--rules", path.to_str().unwrap()], &[]).await;
+    let t = Sluicegate::start(&["--rules", path.to_str().unwrap()], &[]).await;
     let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
     assert_eq!(limit_now(&mut c).await, Some(3));
 
@@ -107,7 +107,7 @@ async fn invalid_edit_keeps_the_old_rules() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rules.yaml");
     std::fs::write(&path, rules(7)).unwrap();
-    let t = Tollgate::start(&["--rules", path.to_str().unwrap()], &[]).await;
+    let t = Sluicegate::start(&["--rules", path.to_str().unwrap()], &[]).await;
     let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
     assert_eq!(limit_now(&mut c).await, Some(7));
     let errors_before = reloads(&t, "error").await;
@@ -147,7 +147,7 @@ async fn configmap_symlink_swap_is_picked_up() {
     symlink("..2026_12_01_v1", d.join("..data")).unwrap();
     symlink("..data/rules.yaml", d.join("rules.yaml")).unwrap();
 
-    let t = Tollgate::start(&["--rules", d.to_str().unwrap()], &[]).await;
+    let t = Sluicegate::start(&["--rules", d.to_str().unwrap()], &[]).await;
     let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
     assert_eq!(limit_now(&mut c).await, Some(11));
 
@@ -176,7 +176,7 @@ async fn a_bare_file_name_is_watched() {
     std::fs::write(dir.path().join("rules.yaml"), rules(3)).unwrap();
     let (grpc, http) = (common::free_port(), common::free_port());
     let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-    let mut child = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+    let mut child = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .current_dir(dir.path())
         .env("RUST_LOG", "warn")
         .args(["--rules", "rules.yaml"])
@@ -186,7 +186,7 @@ async fn a_bare_file_name_is_watched() {
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{grpc}");
-    eventually(Duration::from_secs(15), "tollgate up", async || {
+    eventually(Duration::from_secs(15), "sluicegate up", async || {
         RateLimitServiceClient::connect(url.clone()).await.is_ok()
     })
     .await;
@@ -216,7 +216,7 @@ async fn a_half_written_file_never_lifts_the_limits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rules.yaml");
     std::fs::write(&path, rules(3)).unwrap();
-    let t = Tollgate::start(&["--rules", path.to_str().unwrap()], &[]).await;
+    let t = Sluicegate::start(&["--rules", path.to_str().unwrap()], &[]).await;
     let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
     assert_eq!(limit_now(&mut c).await, Some(3));
 

@@ -5,10 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use tollgate::api::{ApiError, Defaults, ShouldAllowApi};
-use tollgate::backend::{Backend, MemoryBackend, RedisBackend};
-use tollgate::core::Shape;
-use tollgate::proto::tollgate::v1::{SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest};
+use sluicegate::api::{ApiError, Defaults, ShouldAllowApi};
+use sluicegate::backend::{Backend, MemoryBackend, RedisBackend};
+use sluicegate::core::Shape;
+use sluicegate::proto::sluicegate::v1::{SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest};
 
 /// A refill slow enough that the milliseconds of a test add nothing measurable.
 const SLOW: f64 = 0.001;
@@ -344,8 +344,8 @@ async fn refunding_settles_can_be_refused() {
 /// ever over-admitted and no refused batch left a charge behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_batches_over_two_replicas_never_over_admit() {
-    use common::{RedisServer, Tollgate};
-    use tollgate::proto::tollgate::v1::rate_limit_service_client::RateLimitServiceClient;
+    use common::{RedisServer, Sluicegate};
+    use sluicegate::proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
 
     let redis = RedisServer::start().await;
     let env = [("REDIS_URL", redis.url())];
@@ -359,8 +359,8 @@ async fn concurrent_batches_over_two_replicas_never_over_admit() {
         "0.000001",
     ];
     let replicas = [
-        Tollgate::start(&args, &env).await,
-        Tollgate::start(&args, &env).await,
+        Sluicegate::start(&args, &env).await,
+        Sluicegate::start(&args, &env).await,
     ];
     let clients: Vec<RateLimitServiceClient<_>> =
         vec![replicas[0].client().await, replicas[1].client().await];
@@ -412,11 +412,11 @@ async fn concurrent_batches_over_two_replicas_never_over_admit() {
 /// refund lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_settles_of_one_id_over_two_replicas_refund_once() {
-    use common::{RedisServer, Tollgate};
+    use common::{RedisServer, Sluicegate};
     let redis = RedisServer::start().await;
     let replicas = [
-        Tollgate::start(&[], &[("REDIS_URL", &redis.url())]).await,
-        Tollgate::start(&[], &[("REDIS_URL", &redis.url())]).await,
+        Sluicegate::start(&[], &[("REDIS_URL", &redis.url())]).await,
+        Sluicegate::start(&[], &[("REDIS_URL", &redis.url())]).await,
     ];
     let mut clients = Vec::new();
     for t in &replicas {

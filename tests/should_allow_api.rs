@@ -1,14 +1,14 @@
-//! ShouldAllow through a real tollgate process (memory backend): answers, defaults, input checks,
+//! ShouldAllow through a real sluicegate process (memory backend): answers, defaults, input checks,
 //! shadow mode, health, probes, and configuration errors.
 
 mod common;
 
-use common::{SERVING, Tollgate, ask, health, http_get, metric_value, should_allow};
+use common::{SERVING, Sluicegate, ask, health, http_get, metric_value, should_allow};
 use tonic::Code;
 
 #[tokio::test]
 async fn allows_then_denies_with_figures() {
-    let t = Tollgate::start(&["--capacity", "3", "--rate", "0.001"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "3", "--rate", "0.001"], &[]).await;
     let mut c = t.client().await;
     for left in [2.0, 1.0, 0.0] {
         let r = should_allow(&mut c, ask("user:1", 0.0, 0.0, 0))
@@ -42,7 +42,7 @@ async fn allows_then_denies_with_figures() {
 
 #[tokio::test]
 async fn dry_run_takes_nothing() {
-    let t = Tollgate::start(&["--capacity", "2", "--rate", "0.001"], &[]).await;
+    let t = Sluicegate::start(&["--capacity", "2", "--rate", "0.001"], &[]).await;
     let mut c = t.client().await;
     let mut req = ask("dry", 0.0, 0.0, 2);
     req.dry_run = true;
@@ -63,7 +63,7 @@ async fn dry_run_takes_nothing() {
 
 #[tokio::test]
 async fn bad_input_is_invalid_argument_naming_the_field() {
-    let t = Tollgate::start(&["--max-capacity", "1000", "--max-rate", "100"], &[]).await;
+    let t = Sluicegate::start(&["--max-capacity", "1000", "--max-rate", "100"], &[]).await;
     let mut c = t.client().await;
     let long = "k".repeat(513);
     let cases = [
@@ -98,7 +98,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 
 #[tokio::test]
 async fn shadow_mode_counts_but_always_allows() {
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &["--capacity", "1", "--rate", "0.001", "--shadow-mode"],
         &[],
     )
@@ -115,7 +115,7 @@ async fn shadow_mode_counts_but_always_allows() {
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
     let denied = metric_value(
         &metrics,
-        "tollgate_decisions_total{api=\"should_allow\",result=\"denied\"}",
+        "sluicegate_decisions_total{api=\"should_allow\",result=\"denied\"}",
     );
     assert_eq!(
         denied,
@@ -126,13 +126,13 @@ async fn shadow_mode_counts_but_always_allows() {
 
 #[tokio::test]
 async fn health_probes_and_metrics() {
-    let t = Tollgate::start(&[], &[]).await;
+    let t = Sluicegate::start(&[], &[]).await;
     common::eventually(std::time::Duration::from_secs(5), "SERVING", async || {
         health(&t.grpc_url(), "").await == Some(SERVING)
     })
     .await;
     assert_eq!(
-        health(&t.grpc_url(), "tollgate.v1.RateLimitService").await,
+        health(&t.grpc_url(), "sluicegate.v1.RateLimitService").await,
         Some(SERVING)
     );
     for path in ["/healthz", "/readyz", "/healthcheck"] {
@@ -142,7 +142,7 @@ async fn health_probes_and_metrics() {
     // Before any decision: counters a dashboard alerts on exist at 0, not absent.
     let (_, metrics) = http_get(&t.http_url("/metrics")).await.unwrap();
     for bucket in ["full", "partial"] {
-        let series = format!("tollgate_memory_evictions_total{{bucket=\"{bucket}\"}}");
+        let series = format!("sluicegate_memory_evictions_total{{bucket=\"{bucket}\"}}");
         assert_eq!(metric_value(&metrics, &series), Some(0.0), "{series}");
     }
     let mut c = t.client().await;
@@ -151,14 +151,14 @@ async fn health_probes_and_metrics() {
     assert_eq!(
         metric_value(
             &metrics,
-            "tollgate_decisions_total{api=\"should_allow\",result=\"allowed\"}"
+            "sluicegate_decisions_total{api=\"should_allow\",result=\"allowed\"}"
         ),
         Some(1.0)
     );
     for name in [
-        "# TYPE tollgate_decision_duration_seconds histogram",
-        "tollgate_decision_duration_seconds_bucket{api=\"should_allow\",le=\"0.001\"}",
-        "tollgate_build_info{version=",
+        "# TYPE sluicegate_decision_duration_seconds histogram",
+        "sluicegate_decision_duration_seconds_bucket{api=\"should_allow\",le=\"0.001\"}",
+        "sluicegate_build_info{version=",
         "process_resident_memory_bytes",
     ] {
         assert!(metrics.contains(name), "missing {name}:\n{metrics}");
@@ -180,7 +180,7 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
         ("RLS_KEY_PREFIX", "tb:user:envoy:"),
         ("TB_CAPACITY", "2e9"),
     ] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .env(var, value)
             .output()
             .unwrap();
@@ -195,7 +195,7 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
 #[test]
 fn newcomer_mistakes_are_answered_with_what_is_expected() {
     let run = |args: &[&str], env: &[(&str, &str)]| {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .args(args)
             .envs(env.iter().copied())
             .output()
@@ -251,7 +251,7 @@ fn newcomer_mistakes_are_answered_with_what_is_expected() {
 
     // `localhost:PORT` is understood, from the environment as from flags (`:PORT`, every
     // interface, is checked in config.rs's unit tests: a test listens on loopback only).
-    let mut t = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    let mut t = std::process::Command::new(env!("CARGO_BIN_EXE_sluicegate"));
     // A directory of its own: a .env is written there below.
     let dir = tempfile::tempdir().unwrap();
     let mut child = t
@@ -283,7 +283,7 @@ fn newcomer_mistakes_are_answered_with_what_is_expected() {
         "TB_RATE=3\nREDIS_URL redis://:s3cret@x\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluicegate"))
         .current_dir(dir.path())
         .env_clear()
         .output()
@@ -301,7 +301,7 @@ async fn an_unparsable_redis_url_never_shows_its_password() {
         "redis://:s3cret@[::1",
         "rediss://u:s3cret@h:99999",
     ] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .env("REDIS_URL", url)
             .env("RUST_LOG", "debug")
             .output()
@@ -321,7 +321,7 @@ async fn an_unparsable_redis_url_never_shows_its_password() {
 /// for a FAILURE_MODE=deny answer.
 #[tokio::test]
 async fn tiny_rates_cap_the_figures() {
-    let t = Tollgate::start(&[], &[]).await;
+    let t = Sluicegate::start(&[], &[]).await;
     let mut c = t.client().await;
     let r = should_allow(&mut c, ask("tiny", 10.0, 1e-17, 10))
         .await
@@ -338,7 +338,7 @@ async fn tiny_rates_cap_the_figures() {
 #[tokio::test]
 async fn shadow_mode_holds_for_the_failure_mode_deny_answer() {
     let closed = format!("redis://127.0.0.1:{}/0", common::free_port());
-    let t = Tollgate::start(
+    let t = Sluicegate::start(
         &[
             "--failure-mode",
             "deny",
@@ -361,7 +361,7 @@ fn bad_rules_fail_the_start_with_one_line() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "domain: edge\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n").unwrap();
     for path in [bad.to_str().unwrap(), "/nonexistent/rules"] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("RULES", path)
             .env("RUST_LOG", "error")
@@ -379,7 +379,7 @@ fn bad_rules_fail_the_start_with_one_line() {
 
 #[test]
 fn secrets_never_appear_in_help() {
-    let out = common::our_binary(env!("CARGO_BIN_EXE_tollgate"))
+    let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .arg("--help")
         .env("REDIS_URL", "redis://:hunter2@10.0.0.1:6379")
         .output()

@@ -4,12 +4,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RedisServer, Tollgate, ask, should_allow};
+use common::{RedisServer, Sluicegate, ask, should_allow};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_calls_finish() {
     let redis = RedisServer::start().await;
-    let mut t = Tollgate::start(
+    let mut t = Sluicegate::start(
         &["--redis-timeout-ms", "5000", "--shutdown-grace-secs", "10"],
         &[("REDIS_URL", &redis.url())],
     )
@@ -49,7 +49,7 @@ async fn sigterm_lets_in_flight_calls_finish() {
     let status = tokio::task::spawn_blocking(move || t.terminate(Duration::from_secs(8)))
         .await
         .unwrap()
-        .expect("tollgate exits within the grace period");
+        .expect("sluicegate exits within the grace period");
     for (i, call) in calls.into_iter().enumerate() {
         let r = call
             .await
@@ -68,7 +68,7 @@ async fn sigterm_lets_in_flight_calls_finish() {
 async fn sigterm_with_a_delay_goes_unready_first_and_keeps_answering() {
     use common::{NOT_SERVING, SERVING, health, http_get};
     use std::time::Instant;
-    let mut t = Tollgate::start(&["--shutdown-delay-secs", "2"], &[]).await;
+    let mut t = Sluicegate::start(&["--shutdown-delay-secs", "2"], &[]).await;
     let mut c = t.client().await;
     common::eventually(Duration::from_secs(5), "SERVING", async || {
         health(&t.grpc_url(), "").await == Some(SERVING)

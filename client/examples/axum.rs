@@ -1,14 +1,14 @@
-//! An axum API limited by tollgate: 20 requests per API key, refilled at 10 per second (the
-//! shape tollgate applies unless asked otherwise), failing open if tollgate is unreachable.
+//! An axum API limited by sluicegate: 20 requests per API key, refilled at 10 per second (the
+//! shape sluicegate applies unless asked otherwise), failing open if sluicegate is unreachable.
 //!
-//!   cargo run --release                                          # tollgate on :8081
-//!   cargo run -p tollgate-client --example axum                  # this API on :3000
+//!   cargo run --release                                          # sluicegate on :8081
+//!   cargo run -p sluicegate-client --example axum                  # this API on :3000
 //!   curl -i -H 'X-API-Key: alice' localhost:3000/
 
 use std::time::Duration;
 
 use axum::{Router, routing::get};
-use tollgate_client::{Client, FailureMode, KeyError, RateLimitLayer};
+use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -4,21 +4,21 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::proto::tollgate::v1::{
+use crate::proto::sluicegate::v1::{
     SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest, ShouldAllowResponse,
     rate_limit_service_client::RateLimitServiceClient,
 };
 
-/// What to answer when tollgate cannot: it is unreachable, overloaded or slower than the
-/// deadline. Never applied to a request tollgate refused ([`Error::Rejected`]).
+/// What to answer when sluicegate cannot: it is unreachable, overloaded or slower than the
+/// deadline. Never applied to a request sluicegate refused ([`Error::Rejected`]).
 ///
 /// ```
 /// use std::time::Duration;
-/// use tollgate_client::{Client, Error, FailureMode};
+/// use sluicegate_client::{Client, Error, FailureMode};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// // Nothing listens on port 9 here: tollgate is unreachable.
+/// // Nothing listens on port 9 here: sluicegate is unreachable.
 /// let open = Client::builder("http://127.0.0.1:9")
 ///     .timeout(Duration::from_millis(200))
 ///     .failure_mode(FailureMode::Allow)
@@ -51,26 +51,26 @@ pub enum FailureMode {
 /// Why a call gave no decision.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// tollgate could not be reached or did not answer in time, and the failure mode is
+    /// sluicegate could not be reached or did not answer in time, and the failure mode is
     /// [`FailureMode::Error`].
-    #[error("tollgate unavailable: {0}")]
+    #[error("sluicegate unavailable: {0}")]
     Unavailable(String),
-    /// tollgate refused the request: it is wrong (a key too long: `InvalidArgument`, naming the
+    /// sluicegate refused the request: it is wrong (a key too long: `InvalidArgument`, naming the
     /// field) or forbidden by the server's settings (`PermissionDenied`). Never a reason to allow.
-    #[error("tollgate refused the request ({code:?}): {message}")]
+    #[error("sluicegate refused the request ({code:?}): {message}")]
     Rejected {
         /// The gRPC status code.
         code: tonic::Code,
-        /// tollgate's message; it starts with the field at fault.
+        /// sluicegate's message; it starts with the field at fault.
         message: String,
     },
     /// The client was built with settings that cannot work (a bad URL, https without a CA).
-    #[error("invalid tollgate client settings: {0}")]
+    #[error("invalid sluicegate client settings: {0}")]
     Config(String),
 }
 
 impl Error {
-    /// Whether tollgate was unreachable or too slow (as opposed to refusing the request).
+    /// Whether sluicegate was unreachable or too slow (as opposed to refusing the request).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable(_))
     }
@@ -112,7 +112,7 @@ pub struct Request<'a> {
 /// What a [`FailureMode::Deny`] answer says to wait before retrying.
 pub const FALLBACK_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// tollgate's answer to one request.
+/// sluicegate's answer to one request.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Decision {
     /// Whether the request may go ahead.
@@ -127,7 +127,7 @@ pub struct Decision {
     pub capacity: f64,
     /// The bucket's refill in tokens per second, as applied.
     pub rate: f64,
-    /// The answer comes from a failure mode (tollgate's or this client's), not from a bucket.
+    /// The answer comes from a failure mode (sluicegate's or this client's), not from a bucket.
     pub degraded: bool,
 }
 
@@ -175,7 +175,7 @@ pub struct BatchDecision {
 /// needs to give back what the work did not use (once, at most what was taken).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reservation {
-    /// tollgate's answer to the reserving request.
+    /// sluicegate's answer to the reserving request.
     pub decision: Decision,
     /// The reservation's id; None when nothing was taken (denied, or a failure mode's answer).
     pub id: Option<String>,
@@ -213,7 +213,7 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// The deadline of one call, sent to tollgate too (default 50 ms).
+    /// The deadline of one call, sent to sluicegate too (default 50 ms).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -225,13 +225,13 @@ impl ClientBuilder {
         self
     }
 
-    /// What to answer when tollgate is unreachable or slow (default [`FailureMode::Error`]).
+    /// What to answer when sluicegate is unreachable or slow (default [`FailureMode::Error`]).
     pub fn failure_mode(mut self, mode: FailureMode) -> Self {
         self.failure_mode = mode;
         self
     }
 
-    /// TLS: verify tollgate's certificate against this CA (PEM), for the name `domain` it
+    /// TLS: verify sluicegate's certificate against this CA (PEM), for the name `domain` it
     /// carries. The URL must be `https://`.
     pub fn tls(mut self, ca_pem: impl Into<Vec<u8>>, domain: impl Into<String>) -> Self {
         self.ca_pem = Some(ca_pem.into());
@@ -239,7 +239,7 @@ impl ClientBuilder {
         self
     }
 
-    /// mTLS: present this certificate chain and private key (PEM) to tollgate.
+    /// mTLS: present this certificate chain and private key (PEM) to sluicegate.
     pub fn client_certificate(
         mut self,
         cert_pem: impl Into<Vec<u8>>,
@@ -250,7 +250,7 @@ impl ClientBuilder {
     }
 
     /// A client that connects on first use (and reconnects by itself): building never waits,
-    /// and a tollgate that is down yet is a [`FailureMode`] matter, not a startup error.
+    /// and a sluicegate that is down yet is a [`FailureMode`] matter, not a startup error.
     pub fn build(self) -> Result<Client, Error> {
         // Without a scheme the endpoint builds and every call fails later ("transport error"):
         // under FailureMode::Allow, a limiter switched off by a typo. Refused here instead.
@@ -269,7 +269,7 @@ impl ClientBuilder {
         if self.url.starts_with("https://") || self.ca_pem.is_some() || self.identity.is_some() {
             let Some(ca) = &self.ca_pem else {
                 return Err(Error::Config(
-                    "https:// needs the CA that signed tollgate's certificate: ClientBuilder::tls"
+                    "https:// needs the CA that signed sluicegate's certificate: ClientBuilder::tls"
                         .into(),
                 ));
             };
@@ -292,7 +292,7 @@ impl ClientBuilder {
     }
 }
 
-/// A client of `tollgate.v1.RateLimitService`. Cheap to clone: clones share one connection.
+/// A client of `sluicegate.v1.RateLimitService`. Cheap to clone: clones share one connection.
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: RateLimitServiceClient<Channel>,
@@ -301,7 +301,7 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts building a client of tollgate at `url` (`http://host:8081`, or `https://` with
+    /// Starts building a client of sluicegate at `url` (`http://host:8081`, or `https://` with
     /// [`ClientBuilder::tls`]).
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
@@ -320,7 +320,7 @@ impl Client {
         self.failure_mode
     }
 
-    /// Runs one call within the deadline (sent to tollgate, and enforced here too, connecting
+    /// Runs one call within the deadline (sent to sluicegate, and enforced here too, connecting
     /// included).
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
     where
@@ -337,7 +337,7 @@ impl Client {
         }
     }
 
-    /// Applies the failure mode to an error: an answer for an unavailable tollgate, else the error.
+    /// Applies the failure mode to an error: an answer for an unavailable sluicegate, else the error.
     fn or_fallback<T>(&self, e: Error, answer: impl FnOnce(bool) -> T) -> Result<T, Error> {
         match (&e, self.failure_mode) {
             (Error::Unavailable(_), FailureMode::Allow) => Ok(answer(true)),
@@ -456,7 +456,7 @@ impl Client {
     }
 
     /// After the work, without a reservation id: `reserved` is taken on this caller's word, so
-    /// tollgate refunds only where ALLOW_REFUNDS=true; prefer [`Client::reserve`] and
+    /// sluicegate refunds only where ALLOW_REFUNDS=true; prefer [`Client::reserve`] and
     /// [`Client::settle_reservation`]. Less gives the difference back; more charges it even
     /// past what is left, into debt. `capacity` and `rate` are the reservation's (0: defaults).
     pub async fn settle(
@@ -545,7 +545,7 @@ mod tests {
 
     #[test]
     fn https_needs_a_ca() {
-        let err = Client::builder("https://tollgate:8081")
+        let err = Client::builder("https://sluicegate:8081")
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("tls"), "{err}");
@@ -554,7 +554,7 @@ mod tests {
 
     #[test]
     fn a_url_without_a_scheme_is_refused_with_the_fix() {
-        for url in ["127.0.0.1:8081", "localhost:8081", "tollgate:8081"] {
+        for url in ["127.0.0.1:8081", "localhost:8081", "sluicegate:8081"] {
             let err = Client::builder(url).build().unwrap_err();
             assert!(matches!(err, Error::Config(_)), "{url}: {err:?}");
             assert!(err.to_string().contains(&format!("http://{url}")), "{err}");

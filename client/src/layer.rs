@@ -1,4 +1,4 @@
-//! A `tower::Layer` that asks tollgate before each HTTP request reaches the service it wraps.
+//! A `tower::Layer` that asks sluicegate before each HTTP request reaches the service it wraps.
 
 use std::{
     future::Future,
@@ -39,8 +39,8 @@ type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
 /// On every limited answer: `X-RateLimit-Limit` (the bucket's size), `X-RateLimit-Remaining`
 /// (whole tokens left) and `X-RateLimit-Reset` (seconds until full, never 0 on a denial). A
 /// denial is `429` with `Retry-After` (whole seconds, rounded up) and a JSON body; a key that
-/// cannot be taken is the [`KeyError`]'s status; tollgate refusing the request (a key too long)
-/// is `400`; tollgate unavailable is the client's [`crate::FailureMode`]: served, or `503`.
+/// cannot be taken is the [`KeyError`]'s status; sluicegate refusing the request (a key too long)
+/// is `400`; sluicegate unavailable is the client's [`crate::FailureMode`]: served, or `503`.
 pub struct RateLimitLayer<K> {
     client: Client,
     key: K,
@@ -73,7 +73,7 @@ where
     /// server's default bucket shape).
     ///
     /// ```
-    /// use tollgate_client::{Client, KeyError, RateLimitLayer};
+    /// use sluicegate_client::{Client, KeyError, RateLimitLayer};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
@@ -122,7 +122,7 @@ where
         self
     }
 
-    /// Called when tollgate is unavailable (before the failure mode answers): for a counter or a
+    /// Called when sluicegate is unavailable (before the failure mode answers): for a counter or a
     /// log line.
     pub fn on_unavailable(mut self, hook: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.on_unavailable = Some(Arc::new(hook));
@@ -212,7 +212,7 @@ where
                     return Ok(unavailable());
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "tollgate refused the decision; not serving");
+                    tracing::error!(error = %e, "sluicegate refused the decision; not serving");
                     return Ok(json(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         &[("error", "rate limiter refused the request")],
@@ -221,7 +221,7 @@ where
                 }
             };
             if decision.degraded {
-                // A failure mode answered (this client's or tollgate's).
+                // A failure mode answered (this client's or sluicegate's).
                 if let Some(hook) = &config.on_unavailable {
                     hook(&Error::Unavailable("a failure mode answered".into()));
                 }

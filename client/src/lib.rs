@@ -1,32 +1,32 @@
-//! Calling tollgate from Rust.
+//! Calling sluicegate from Rust.
 //!
-//! tollgate is a rate-limit decision service: "may this key spend N tokens now?" answered from a
+//! sluicegate is a rate-limit decision service: "may this key spend N tokens now?" answered from a
 //! token bucket shared by every replica. This crate is everything that calls it:
 //!
-//! - [`Client`]: a typed client for `tollgate.v1.RateLimitService` (ShouldAllow, ShouldAllowBatch,
-//!   Settle) with a deadline per call, a [`FailureMode`] for when tollgate cannot answer, and TLS
-//!   or mTLS ([`ClientBuilder::tls`]). Only an unreachable or slow tollgate is a failure; a request
-//!   tollgate refuses (a key too long, a shape the server forbids) is an [`Error::Rejected`], never
+//! - [`Client`]: a typed client for `sluicegate.v1.RateLimitService` (ShouldAllow, ShouldAllowBatch,
+//!   Settle) with a deadline per call, a [`FailureMode`] for when sluicegate cannot answer, and TLS
+//!   or mTLS ([`ClientBuilder::tls`]). Only an unreachable or slow sluicegate is a failure; a request
+//!   sluicegate refuses (a key too long, a shape the server forbids) is an [`Error::Rejected`], never
 //!   an allow.
 //! - [`RateLimitLayer`]: a `tower::Layer` that limits any HTTP service (axum, tonic, hyper) by a
 //!   key taken from each request: `429 Too Many Requests` with `Retry-After` when denied, the
 //!   `X-RateLimit-*` headers on every limited answer.
-//! - [`proto`]: the generated stubs, tollgate.v1 and Envoy's RLS v3, for anything else.
+//! - [`proto`]: the generated stubs, sluicegate.v1 and Envoy's RLS v3, for anything else.
 //!
-//! The binaries `tollgate-load` (the load client that proves the limits hold) and `tollgate-demo`
+//! The binaries `sluicegate-load` (the load client that proves the limits hold) and `sluicegate-demo`
 //! (an HTTP API limited through this crate's layer) are built on it, behind the default `cli`
-//! feature; a library user turns it off: `tollgate-client = { default-features = false }`.
+//! feature; a library user turns it off: `sluicegate-client = { default-features = false }`.
 //!
 //! # Example
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use tollgate_client::{Client, FailureMode};
+//! use sluicegate_client::{Client, FailureMode};
 //!
-//! # async fn run() -> Result<(), tollgate_client::Error> {
+//! # async fn run() -> Result<(), sluicegate_client::Error> {
 //! let client = Client::builder("http://127.0.0.1:8081")
 //!     .timeout(Duration::from_millis(50))
-//!     .failure_mode(FailureMode::Allow) // tollgate down or slow: let the request through
+//!     .failure_mode(FailureMode::Allow) // sluicegate down or slow: let the request through
 //!     .build()?;
 //! let decision = client.should_allow("user:42", 1).await?;
 //! if !decision.allowed {

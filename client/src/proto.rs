@@ -1,11 +1,11 @@
-//! Code generated from the workspace's `proto/`: tollgate's own API and Envoy's rate-limit API
+//! Code generated from the workspace's `proto/`: sluicegate's own API and Envoy's rate-limit API
 //! (clients and servers; the servers are handy for fakes in tests).
 
-/// `tollgate.v1`: ShouldAllow, ShouldAllowBatch, Settle.
-pub mod tollgate {
+/// `sluicegate.v1`: ShouldAllow, ShouldAllowBatch, Settle.
+pub mod sluicegate {
     #[allow(missing_docs)]
     pub mod v1 {
-        tonic::include_proto!("tollgate.v1");
+        tonic::include_proto!("sluicegate.v1");
     }
 }
 

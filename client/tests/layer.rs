@@ -1,4 +1,4 @@
-//! The library against a real tollgate (run in this process): the tower layer limiting an axum
+//! The library against a real sluicegate (run in this process): the tower layer limiting an axum
 //! app, the typed client's calls, and what each failure becomes.
 
 use std::time::Duration;
@@ -6,39 +6,39 @@ use std::time::Duration;
 use axum::{Router, body::Body, routing::get};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tollgate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request};
+use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request};
 use tower::ServiceExt;
 
-/// A tollgate (memory backend) on ephemeral loopback ports, stopped when dropped.
-struct Tollgate {
+/// A sluicegate (memory backend) on ephemeral loopback ports, stopped when dropped.
+struct Sluicegate {
     url: String,
     stop: CancellationToken,
 }
 
-impl Drop for Tollgate {
+impl Drop for Sluicegate {
     fn drop(&mut self) {
         self.stop.cancel();
     }
 }
 
-async fn tollgate(flags: &[&str]) -> Tollgate {
+async fn sluicegate(flags: &[&str]) -> Sluicegate {
     let mut argv = vec![
-        "tollgate",
+        "sluicegate",
         "--grpc-addr",
         "127.0.0.1:0",
         "--http-addr",
         "127.0.0.1:0",
     ];
     argv.extend_from_slice(flags);
-    let args = <tollgate::config::Cli as clap::Parser>::parse_from(argv)
+    let args = <sluicegate::config::Cli as clap::Parser>::parse_from(argv)
         .into_serve()
         .unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", grpc.local_addr().unwrap());
     let stop = CancellationToken::new();
-    tokio::spawn(tollgate::server::run(args, grpc, http, stop.clone()));
-    Tollgate { url, stop }
+    tokio::spawn(sluicegate::server::run(args, grpc, http, stop.clone()));
+    Sluicegate { url, stop }
 }
 
 fn by_api_key(parts: &http::request::Parts) -> Result<String, KeyError> {
@@ -73,7 +73,7 @@ fn header<'a>(r: &'a http::Response<Body>, name: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn the_layer_limits_an_axum_app() {
-    let t = tollgate(&["--capacity", "3", "--rate", "0.5"]).await;
+    let t = sluicegate(&["--capacity", "3", "--rate", "0.5"]).await;
     let client = Client::builder(&t.url)
         .timeout(Duration::from_secs(2))
         .build()
@@ -109,13 +109,13 @@ async fn the_layer_limits_an_axum_app() {
     // Another key, its own bucket; no key, 401.
     assert_eq!(get_with(&app, Some("bob")).await.status(), 200);
     assert_eq!(get_with(&app, None).await.status(), 401);
-    // A key tollgate refuses (over 512 bytes) is the client's error: 400, never served.
+    // A key sluicegate refuses (over 512 bytes) is the client's error: 400, never served.
     let long = "k".repeat(600);
     assert_eq!(get_with(&app, Some(&long)).await.status(), 400);
 }
 
 #[tokio::test]
-async fn failure_modes_apply_to_an_unreachable_tollgate_only() {
+async fn failure_modes_apply_to_an_unreachable_sluicegate_only() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -141,8 +141,8 @@ async fn failure_modes_apply_to_an_unreachable_tollgate_only() {
     assert!(err.is_unavailable(), "{err}");
     assert_eq!(get_with(&app(strict), Some("x")).await.status(), 503);
 
-    // A live tollgate refusing the request is never an allow, whatever the mode.
-    let t = tollgate(&["--allow-client-shapes", "false"]).await;
+    // A live sluicegate refusing the request is never an allow, whatever the mode.
+    let t = sluicegate(&["--allow-client-shapes", "false"]).await;
     let open = Client::builder(&t.url)
         .timeout(Duration::from_secs(2))
         .failure_mode(FailureMode::Allow)
@@ -162,7 +162,7 @@ async fn failure_modes_apply_to_an_unreachable_tollgate_only() {
 
 #[tokio::test]
 async fn reserve_then_settle() {
-    let t = tollgate(&[]).await;
+    let t = sluicegate(&[]).await;
     let client = Client::builder(&t.url)
         .timeout(Duration::from_secs(2))
         .build()
@@ -244,13 +244,13 @@ fn certificates(dir: &std::path::Path) {
     }
 }
 
-/// The client's TLS options against a tollgate requiring mutual TLS.
+/// The client's TLS options against a sluicegate requiring mutual TLS.
 #[tokio::test]
 async fn tls_and_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     certificates(dir.path());
     let path = |f: &str| dir.path().join(f).display().to_string();
-    let t = tollgate(&[
+    let t = sluicegate(&[
         "--grpc-tls",
         "--grpc-tls-cert",
         &path("server.pem"),

@@ -1,18 +1,18 @@
-//! tollgate-load against real servers: tollgate (run in this process on loopback), the demo app,
+//! sluicegate-load against real servers: sluicegate (run in this process on loopback), the demo app,
 //! and a broken limiter that allows everything, which the bound check must catch.
 
 use std::process::Command;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tollgate::config::Cli as TollgateCli;
-use tollgate_client::proto::tollgate::v1::{
+use sluicegate::config::Cli as SluicegateCli;
+use sluicegate_client::proto::sluicegate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
 };
 
-/// A tollgate on ephemeral loopback ports, stopped when dropped.
+/// A sluicegate on ephemeral loopback ports, stopped when dropped.
 struct Server {
     grpc: String,
     stop: CancellationToken,
@@ -24,23 +24,23 @@ impl Drop for Server {
     }
 }
 
-async fn tollgate(flags: &[&str]) -> Server {
+async fn sluicegate(flags: &[&str]) -> Server {
     let mut argv = vec![
-        "tollgate",
+        "sluicegate",
         "--grpc-addr",
         "127.0.0.1:0",
         "--http-addr",
         "127.0.0.1:0",
     ];
     argv.extend_from_slice(flags);
-    let args = <TollgateCli as clap::Parser>::parse_from(argv)
+    let args = <SluicegateCli as clap::Parser>::parse_from(argv)
         .into_serve()
         .unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", grpc.local_addr().unwrap());
     let stop = CancellationToken::new();
-    tokio::spawn(tollgate::server::run(args, grpc, http, stop.clone()));
+    tokio::spawn(sluicegate::server::run(args, grpc, http, stop.clone()));
     Server { grpc: url, stop }
 }
 
@@ -50,11 +50,11 @@ struct Run {
     json: serde_json::Value,
 }
 
-/// Runs tollgate-load with `args` (plus --json) and reads what it wrote.
+/// Runs sluicegate-load with `args` (plus --json) and reads what it wrote.
 async fn load(args: &[&str]) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-load"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluicegate-load"));
     cmd.args(args).arg("--json").arg(&json);
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
@@ -78,7 +78,7 @@ fn n(v: &serde_json::Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_loop_counts_add_up_and_bound_holds() {
-    let t = tollgate(&[]).await;
+    let t = sluicegate(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("plot.svg");
     let unix_now = || {
@@ -169,7 +169,7 @@ async fn closed_loop_counts_add_up_and_bound_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_keeps_its_rate() {
-    let t = tollgate(&[]).await;
+    let t = sluicegate(&[]).await;
     let run = load(&[
         "--target",
         &t.grpc,
@@ -250,17 +250,17 @@ async fn bound_check_catches_a_broken_limiter() {
 struct BrokenEnvoy;
 
 #[tonic::async_trait]
-impl tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService
+impl sluicegate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService
     for BrokenEnvoy
 {
     async fn should_rate_limit(
         &self,
-        req: tonic::Request<tollgate_client::proto::envoy::service::ratelimit::v3::RateLimitRequest>,
+        req: tonic::Request<sluicegate_client::proto::envoy::service::ratelimit::v3::RateLimitRequest>,
     ) -> Result<
-        tonic::Response<tollgate_client::proto::envoy::service::ratelimit::v3::RateLimitResponse>,
+        tonic::Response<sluicegate_client::proto::envoy::service::ratelimit::v3::RateLimitResponse>,
         tonic::Status,
     > {
-        use tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_response::{
+        use sluicegate_client::proto::envoy::service::ratelimit::v3::rate_limit_response::{
             DescriptorStatus, RateLimit,
         };
         let statuses = req
@@ -278,7 +278,7 @@ impl tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_s
             })
             .collect();
         Ok(tonic::Response::new(
-            tollgate_client::proto::envoy::service::ratelimit::v3::RateLimitResponse {
+            sluicegate_client::proto::envoy::service::ratelimit::v3::RateLimitResponse {
                 overall_code: 1,
                 statuses,
                 ..Default::default()
@@ -291,7 +291,7 @@ impl tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_s
 /// would let a second's worth of excess pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_bound_check_takes_burst_from_the_rules() {
-    use tollgate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
+    use sluicegate_client::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.yaml");
     std::fs::write(
@@ -345,23 +345,23 @@ fn tokio_stream_from(listener: TcpListener) -> tonic::transport::server::TcpInco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_mode_against_the_demo_counts_429_as_denied() {
-    let t = tollgate(&["--capacity", "5", "--rate", "1"]).await;
+    let t = sluicegate(&["--capacity", "5", "--rate", "1"]).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let demo_url = format!("http://127.0.0.1:{port}/api/items");
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_tollgate-demo"))
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_sluicegate-demo"))
         .env_clear()
         .env("RUST_LOG", "error")
         .args([
             "--addr",
             &format!("127.0.0.1:{port}"),
-            "--tollgate-url",
+            "--sluicegate-url",
             &t.grpc,
         ])
-        .args(["--identity", "api-key", "--tollgate-timeout-ms", "1000"])
+        .args(["--identity", "api-key", "--sluicegate-timeout-ms", "1000"])
         .spawn()
         .unwrap();
     for _ in 0..200 {
@@ -414,7 +414,7 @@ descriptors:
 ",
     )
     .unwrap();
-    let t = tollgate(&["--rules", rules.to_str().unwrap()]).await;
+    let t = sluicegate(&["--rules", rules.to_str().unwrap()]).await;
     let run = load(&[
         "--api",
         "envoy",
@@ -456,7 +456,7 @@ descriptors:
 /// stays within capacity + refill + one capacity of debt, and refunds and debts both happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_mode_holds_the_debt_bound() {
-    let t = tollgate(&[]).await;
+    let t = sluicegate(&[]).await;
     let run = load(&[
         "--api",
         "settle",
@@ -489,7 +489,7 @@ async fn settle_mode_holds_the_debt_bound() {
 
 #[test]
 fn bad_usage_and_unreachable_target_exit_1() {
-    let bin = env!("CARGO_BIN_EXE_tollgate-load");
+    let bin = env!("CARGO_BIN_EXE_sluicegate-load");
     let code = |args: &[&str]| Command::new(bin).args(args).output().unwrap().status.code();
     assert_eq!(
         code(&["--api", "envoy"]),

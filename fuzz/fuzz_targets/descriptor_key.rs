@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use tollgate::rules::{RuleSet, descriptor_key, parse_text};
+use sluicegate::rules::{RuleSet, descriptor_key, parse_text};
 
 const PREFIX: &str = "envoy:";
 

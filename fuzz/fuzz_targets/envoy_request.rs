@@ -8,12 +8,12 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use tollgate::api::{ApiError, EnvoyApi, EnvoySettings};
-use tollgate::backend::MemoryBackend;
-use tollgate::backend::memory::{Clock as _, ManualClock};
-use tollgate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
-use tollgate::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
-use tollgate::rules::{RulesHandle, parse_text};
+use sluicegate::api::{ApiError, EnvoyApi, EnvoySettings};
+use sluicegate::backend::MemoryBackend;
+use sluicegate::backend::memory::{Clock as _, ManualClock};
+use sluicegate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use sluicegate::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use sluicegate::rules::{RulesHandle, parse_text};
 
 /// The largest `burst` of the rules below: no rule's bucket holds more.
 const MAX_BURST: u32 = 100;

@@ -8,11 +8,11 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use tollgate::api::{ApiError, Defaults, ShouldAllowApi};
-use tollgate::backend::MemoryBackend;
-use tollgate::backend::memory::{Clock as _, ManualClock};
-use tollgate::core::Shape;
-use tollgate::proto::tollgate::v1::{
+use sluicegate::api::{ApiError, Defaults, ShouldAllowApi};
+use sluicegate::backend::MemoryBackend;
+use sluicegate::backend::memory::{Clock as _, ManualClock};
+use sluicegate::core::Shape;
+use sluicegate::proto::sluicegate::v1::{
     SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest, ShouldAllowResponse,
 };
 

@@ -1,4 +1,4 @@
-//! The gRPC transports, `tollgate.v1` ShouldAllow and Envoy RLS v3: conversion between protos and
+//! The gRPC transports, `sluicegate.v1` ShouldAllow and Envoy RLS v3: conversion between protos and
 //! [`crate::core`], input checks, and the one place where errors become `tonic::Status`.
 
 mod envoy;

@@ -1,4 +1,4 @@
-//! `tollgate.v1.RateLimitService`: ShouldAllow (one key, one bucket, one decision),
+//! `sluicegate.v1.RateLimitService`: ShouldAllow (one key, one bucket, one decision),
 //! ShouldAllowBatch (several, optionally all or nothing) and Settle (the real cost of a
 //! reservation, after the work).
 
@@ -12,7 +12,7 @@ use crate::backend::{
     Backend, BackendError, BucketRequest, Reserve, SettleRequest as SettleBucket, Settled,
 };
 use crate::core::{Decision, FailureMode, Limits, Op, Shape};
-use crate::proto::tollgate::v1::{
+use crate::proto::sluicegate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_server::RateLimitService,
 };
@@ -31,7 +31,7 @@ fn reservation_id() -> String {
     format!("{:032x}", rand::rng().random::<u128>())
 }
 
-/// What the tollgate.v1 API fills in for what a request leaves out, and what it refuses.
+/// What the sluicegate.v1 API fills in for what a request leaves out, and what it refuses.
 #[derive(Clone, Debug)]
 pub struct Defaults {
     pub shape: Shape,
@@ -108,7 +108,7 @@ impl Parsed {
     }
 }
 
-/// The tollgate.v1 service over any backend.
+/// The sluicegate.v1 service over any backend.
 pub struct ShouldAllowApi<B> {
     /// Shared with compensations that outlive their caller.
     backend: Arc<B>,

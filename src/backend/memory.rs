@@ -13,7 +13,7 @@
 //!
 //! What remains: a flood large enough to refill the whole cap with fresher drained keys between
 //! two requests of a victim still evicts it; MEMORY_MAX_BUCKETS should leave room above the keys
-//! in use, and `tollgate_memory_evictions_total{bucket="partial"}` shows when it does not.
+//! in use, and `sluicegate_memory_evictions_total{bucket="partial"}` shows when it does not.
 
 use std::{
     hash::{BuildHasher, BuildHasherDefault, Hash, Hasher},

@@ -132,7 +132,7 @@ pub struct Rule {
     pub replaces: Vec<String>,
     pub limit: Limit,
     pub shadow_mode: bool,
-    /// Charges always land, down to -capacity (tollgate's `debt: true`).
+    /// Charges always land, down to -capacity (sluicegate's `debt: true`).
     pub debt: bool,
     /// The descriptor's key path (`key` or `key=value`, nested ones joined by `.`).
     pub path: String,

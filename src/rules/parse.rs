@@ -40,10 +40,10 @@ struct DescriptorYaml {
     descriptors: Vec<DescriptorYaml>,
     #[serde(default)]
     shadow_mode: bool,
-    /// tollgate: charges always land, the bucket going into debt down to -capacity.
+    /// sluicegate: charges always land, the bucket going into debt down to -capacity.
     #[serde(default)]
     debt: bool,
-    /// Metric naming in envoyproxy/ratelimit; tollgate's labels never carry values, so these are
+    /// Metric naming in envoyproxy/ratelimit; sluicegate's labels never carry values, so these are
     /// accepted and have no effect.
     #[serde(default, rename = "detailed_metric")]
     _detailed_metric: bool,
@@ -73,10 +73,10 @@ struct RateLimitYaml {
     name: Option<String>,
     #[serde(default)]
     replaces: Vec<ReplacesYaml>,
-    /// tollgate: the bucket's capacity, if not `requests_per_unit`.
+    /// sluicegate: the bucket's capacity, if not `requests_per_unit`.
     #[serde(default)]
     burst: Option<f64>,
-    /// tollgate: the window is this many units (`unit: minute, unit_multiplier: 5`).
+    /// sluicegate: the window is this many units (`unit: minute, unit_multiplier: 5`).
     #[serde(default)]
     unit_multiplier: Option<Spanned<f64>>,
 }
@@ -265,10 +265,10 @@ impl Builder<'_> {
                 return Err(at("descriptor key must not be empty".into()));
             }
             if d.quota_mode.is_some() {
-                return Err(at("quota_mode is not supported by tollgate".into()));
+                return Err(at("quota_mode is not supported by sluicegate".into()));
             }
             if d.metadata.is_some() {
-                return Err(at("metadata is not supported by tollgate".into()));
+                return Err(at("metadata is not supported by sluicegate".into()));
             }
             let value = d.value.clone().filter(|v| !v.is_empty());
             if let Some(first) = seen.insert((key.to_string(), value.clone()), line) {

@@ -18,10 +18,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::backend::Backend;
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME as ENVOY_SERVICE;
-use crate::proto::tollgate::v1::rate_limit_service_server::SERVICE_NAME as TOLLGATE_SERVICE;
+use crate::proto::sluicegate::v1::rate_limit_service_server::SERVICE_NAME as SLUICEGATE_SERVICE;
 
 /// gRPC services reported by health, besides the server as a whole ("").
-const HEALTH_SERVICES: &[&str] = &["", TOLLGATE_SERVICE, ENVOY_SERVICE];
+const HEALTH_SERVICES: &[&str] = &["", SLUICEGATE_SERVICE, ENVOY_SERVICE];
 /// How often the backend is probed.
 const PING_EVERY: Duration = Duration::from_millis(500);
 /// Consecutive failed pings before the backend counts as unreachable (1.5 s at 500 ms).

@@ -1,4 +1,4 @@
-//! Wires tollgate together: the backend, the gRPC services behind one layer stack, health and
+//! Wires sluicegate together: the backend, the gRPC services behind one layer stack, health and
 //! reflection, the HTTP listener, and graceful shutdown.
 //!
 //! - `debug.rs`: the status page and /debug/* (what an operator can look at);
@@ -32,7 +32,7 @@ use crate::backend::{
 };
 use crate::config::{RedisType, ServeArgs};
 use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
-use crate::proto::tollgate::v1::rate_limit_service_server::RateLimitServiceServer;
+use crate::proto::sluicegate::v1::rate_limit_service_server::RateLimitServiceServer;
 use crate::rules::{ReloadObserver, RulesHandle};
 use crate::telemetry::{
     Activity, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
@@ -49,7 +49,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often idle memory buckets are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs tollgate on already-bound listeners until `shutdown` is cancelled, then lets in-flight
+/// Runs sluicegate on already-bound listeners until `shutdown` is cancelled, then lets in-flight
 /// calls finish within SHUTDOWN_GRACE_SECS.
 pub async fn run(
     args: ServeArgs,
@@ -254,7 +254,7 @@ async fn serve<B: Backend>(
     let http_server =
         axum::serve(http, http_app).with_graceful_shutdown(stop.clone().cancelled_owned());
 
-    tracing::info!(%grpc_addr, %http_addr, backend = backend.name(), tls = args.grpc_tls, "tollgate listening");
+    tracing::info!(%grpc_addr, %http_addr, backend = backend.name(), tls = args.grpc_tls, "sluicegate listening");
     let mut grpc_task = tokio::spawn(grpc_server);
     let mut http_task = tokio::spawn(async move { http_server.await });
 

@@ -64,7 +64,7 @@ impl DenialSampler {
 /// Logs a ShouldAllow decision: every one at debug, denials sampled at info.
 pub fn should_allow(sampler: &DenialSampler, key: &str, cost: u64, d: &Decision) {
     tracing::debug!(
-        target: "tollgate::decision",
+        target: "sluicegate::decision",
         api = "should_allow",
         key,
         cost,
@@ -77,7 +77,7 @@ pub fn should_allow(sampler: &DenialSampler, key: &str, cost: u64, d: &Decision)
         && let Some(left_out) = sampler.admit()
     {
         tracing::info!(
-            target: "tollgate::decision",
+            target: "sluicegate::decision",
             api = "should_allow",
             key,
             cost,
@@ -101,7 +101,7 @@ pub fn envoy(
     shadow: bool,
 ) {
     tracing::debug!(
-        target: "tollgate::decision",
+        target: "sluicegate::decision",
         api = "envoy",
         domain,
         rule,
@@ -117,7 +117,7 @@ pub fn envoy(
         && let Some(left_out) = sampler.admit()
     {
         tracing::info!(
-            target: "tollgate::decision",
+            target: "sluicegate::decision",
             api = "envoy",
             domain,
             rule,

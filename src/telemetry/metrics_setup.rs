@@ -13,22 +13,22 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Metric names (SPEC section 8): promises to dashboards, never renamed.
 pub mod names {
-    pub const DECISIONS: &str = "tollgate_decisions_total";
-    pub const DECISION_DURATION: &str = "tollgate_decision_duration_seconds";
-    pub const BACKEND_DURATION: &str = "tollgate_backend_duration_seconds";
-    pub const BACKEND_ERRORS: &str = "tollgate_backend_errors_total";
-    pub const FAILURE_MODE: &str = "tollgate_failure_mode_total";
-    pub const BUILD_INFO: &str = "tollgate_build_info";
-    pub const RULE_DECISIONS: &str = "tollgate_rule_decisions_total";
-    pub const TOKENS_REMAINING: &str = "tollgate_tokens_remaining";
-    pub const RULES_RELOADS: &str = "tollgate_rules_reloads_total";
-    pub const SHED: &str = "tollgate_shed_total";
-    pub const LOCAL_ANSWERS: &str = "tollgate_local_answers_total";
-    pub const BATCH_SIZE: &str = "tollgate_backend_batch_size";
-    pub const CIRCUIT_OPEN: &str = "tollgate_backend_circuit_open";
-    pub const MEMORY_EVICTIONS: &str = "tollgate_memory_evictions_total";
-    pub const NEAR_LIMIT: &str = "tollgate_near_limit_total";
-    pub const REFUSED: &str = "tollgate_refused_total";
+    pub const DECISIONS: &str = "sluicegate_decisions_total";
+    pub const DECISION_DURATION: &str = "sluicegate_decision_duration_seconds";
+    pub const BACKEND_DURATION: &str = "sluicegate_backend_duration_seconds";
+    pub const BACKEND_ERRORS: &str = "sluicegate_backend_errors_total";
+    pub const FAILURE_MODE: &str = "sluicegate_failure_mode_total";
+    pub const BUILD_INFO: &str = "sluicegate_build_info";
+    pub const RULE_DECISIONS: &str = "sluicegate_rule_decisions_total";
+    pub const TOKENS_REMAINING: &str = "sluicegate_tokens_remaining";
+    pub const RULES_RELOADS: &str = "sluicegate_rules_reloads_total";
+    pub const SHED: &str = "sluicegate_shed_total";
+    pub const LOCAL_ANSWERS: &str = "sluicegate_local_answers_total";
+    pub const BATCH_SIZE: &str = "sluicegate_backend_batch_size";
+    pub const CIRCUIT_OPEN: &str = "sluicegate_backend_circuit_open";
+    pub const MEMORY_EVICTIONS: &str = "sluicegate_memory_evictions_total";
+    pub const NEAR_LIMIT: &str = "sluicegate_near_limit_total";
+    pub const REFUSED: &str = "sluicegate_refused_total";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -61,7 +61,7 @@ impl MetricsHandle {
     }
 }
 
-/// Installs the global recorder for tollgate (once per process; later calls return the same
+/// Installs the global recorder for sluicegate (once per process; later calls return the same
 /// handle) and describes every metric.
 pub fn install_metrics() -> MetricsHandle {
     install_recorder(|| {

@@ -1,4 +1,4 @@
-//! Test harness: real `redis-server` and real `tollgate` processes on free loopback ports, stopped
+//! Test harness: real `redis-server` and real `sluicegate` processes on free loopback ports, stopped
 //! when dropped. A missing tool fails the test with the command that installs it.
 
 #![allow(dead_code)]
@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tollgate::proto::tollgate::v1::{
+use sluicegate::proto::sluicegate::v1::{
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_client::RateLimitServiceClient,
 };
 use tonic::transport::Channel;
@@ -35,7 +35,7 @@ pub fn our_binary(path: &str) -> Command {
     cmd
 }
 
-/// A binary of another package of the workspace (tollgate-demo, tollgate-load: `client/`), next
+/// A binary of another package of the workspace (sluicegate-demo, sluicegate-load: `client/`), next
 /// to this test's own executable. `cargo build --workspace --bins` builds them (scripts/test.sh
 /// does).
 pub fn workspace_bin(name: &str) -> String {
@@ -243,34 +243,34 @@ async fn ping(url: &str) -> bool {
     }
 }
 
-/// A tollgate process with its own ports.
-pub struct Tollgate {
+/// A sluicegate process with its own ports.
+pub struct Sluicegate {
     pub grpc_port: u16,
     pub http_port: u16,
     child: Option<Child>,
 }
 
-impl Tollgate {
-    /// Starts `tollgate` with extra flags and environment, and waits until its HTTP listener
-    /// answers. The environment starts clean of tollgate's variables so the host cannot leak in.
+impl Sluicegate {
+    /// Starts `sluicegate` with extra flags and environment, and waits until its HTTP listener
+    /// answers. The environment starts clean of sluicegate's variables so the host cannot leak in.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         Self::start_logging(args, env, None).await
     }
 
-    /// As [`Tollgate::start`], with its stderr (the log) written to `log` when given.
+    /// As [`Sluicegate::start`], with its stderr (the log) written to `log` when given.
     pub async fn start_logging(
         args: &[&str],
         env: &[(&str, &str)],
         log: Option<&std::path::Path>,
     ) -> Self {
-        // A port picked free can be taken by a parallel test before tollgate binds it: then
-        // tollgate exits at once, and we try again on other ports.
+        // A port picked free can be taken by a parallel test before sluicegate binds it: then
+        // sluicegate exits at once, and we try again on other ports.
         for _ in 0..5 {
             if let Some(t) = Self::try_start(args, env, log).await {
                 return t;
             }
         }
-        panic!("tollgate did not start (see its stderr above)");
+        panic!("sluicegate did not start (see its stderr above)");
     }
 
     async fn try_start(
@@ -280,7 +280,7 @@ impl Tollgate {
     ) -> Option<Self> {
         let grpc_port = free_port();
         let http_port = free_port();
-        let mut cmd = our_binary(env!("CARGO_BIN_EXE_tollgate"));
+        let mut cmd = our_binary(env!("CARGO_BIN_EXE_sluicegate"));
         // The product's REDIS_TIMEOUT_MS (15 ms) is sized to answer before Envoy's 20 ms RLS
         // timeout on a production machine; the tests run debug builds, many at once, on two
         // cores, where a Redis round trip (or the first script load) can take longer than that
@@ -299,8 +299,8 @@ impl Tollgate {
         if let Some(log) = log {
             cmd.stderr(std::fs::File::create(log).expect("create the log file"));
         }
-        let child = cmd.spawn().expect("spawn tollgate");
-        let mut t = Tollgate {
+        let child = cmd.spawn().expect("spawn sluicegate");
+        let mut t = Sluicegate {
             grpc_port,
             http_port,
             child: Some(child),
@@ -320,7 +320,7 @@ impl Tollgate {
             }
             assert!(
                 Instant::now() < deadline,
-                "tollgate /healthz did not answer in 15 s"
+                "sluicegate /healthz did not answer in 15 s"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -337,7 +337,7 @@ impl Tollgate {
     pub async fn client(&self) -> RateLimitServiceClient<Channel> {
         RateLimitServiceClient::connect(self.grpc_url())
             .await
-            .expect("connect to tollgate")
+            .expect("connect to sluicegate")
     }
 
     pub fn pid(&self) -> i32 {
@@ -377,7 +377,7 @@ impl Tollgate {
     }
 }
 
-impl Drop for Tollgate {
+impl Drop for Sluicegate {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -544,12 +544,12 @@ pub const SERVING: i32 = 1;
 pub const NOT_SERVING: i32 = 2;
 
 pub mod envoy {
-    //! Helpers for Envoy RLS calls with tollgate's own (wire-compatible) types.
+    //! Helpers for Envoy RLS calls with sluicegate's own (wire-compatible) types.
     #![allow(unused_imports)]
-    use tollgate::proto::envoy::extensions::common::ratelimit::v3::{
+    use sluicegate::proto::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
-    pub use tollgate::proto::envoy::service::ratelimit::v3::{
+    pub use sluicegate::proto::envoy::service::ratelimit::v3::{
         RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
         rate_limit_service_client::RateLimitServiceClient,
     };
@@ -605,8 +605,8 @@ pub struct Envoy {
 
 impl Envoy {
     /// `config` is deploy/envoy/envoy.yaml's text; its ports are rewritten to free ones: the
-    /// listener, the admin, the upstream and tollgate's gRPC port.
-    pub async fn start(config: &str, upstream_port: u16, tollgate_grpc_port: u16) -> Self {
+    /// listener, the admin, the upstream and sluicegate's gRPC port.
+    pub async fn start(config: &str, upstream_port: u16, sluicegate_grpc_port: u16) -> Self {
         let (listen_port, admin_port) = (free_port(), free_port());
         let config = config
             .replace("port_value: 10000", &format!("port_value: {listen_port}"))
@@ -614,7 +614,7 @@ impl Envoy {
             .replace("port_value: 8000", &format!("port_value: {upstream_port}"))
             .replace(
                 "port_value: 8081",
-                &format!("port_value: {tollgate_grpc_port}"),
+                &format!("port_value: {sluicegate_grpc_port}"),
             );
         let dir = tempfile::tempdir().unwrap();
         let access_log = dir.path().join("access.log");
@@ -715,29 +715,29 @@ impl Drop for Upstream {
     }
 }
 
-/// A tollgate-demo process on a free port.
+/// A sluicegate-demo process on a free port.
 pub struct Demo {
     pub port: u16,
     child: Option<Child>,
 }
 
 impl Demo {
-    pub async fn start(tollgate_grpc_url: &str, args: &[&str]) -> Self {
+    pub async fn start(sluicegate_grpc_url: &str, args: &[&str]) -> Self {
         for _ in 0..5 {
             let port = free_port();
-            let child = our_binary(&workspace_bin("tollgate-demo"))
+            let child = our_binary(&workspace_bin("sluicegate-demo"))
                 .args(["--addr", &format!("127.0.0.1:{port}")])
-                .args(["--tollgate-url", tollgate_grpc_url])
+                .args(["--sluicegate-url", sluicegate_grpc_url])
                 .args(args)
                 .stdout(Stdio::null())
                 .spawn()
-                .expect("spawn tollgate-demo");
+                .expect("spawn sluicegate-demo");
             let mut demo = Demo {
                 port,
                 child: Some(child),
             };
             let url = demo.url("/healthz");
-            let up = serving(&mut demo.child, "tollgate-demo", async || {
+            let up = serving(&mut demo.child, "sluicegate-demo", async || {
                 http_get(&url).await.is_some_and(|(s, _)| s == 200)
             })
             .await;
@@ -745,7 +745,7 @@ impl Demo {
                 return demo;
             }
         }
-        panic!("tollgate-demo did not start");
+        panic!("sluicegate-demo did not start");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -1001,7 +1001,7 @@ pub struct RedisSentinels {
     _dir: tempfile::TempDir,
 }
 
-pub const SENTINEL_MASTER: &str = "tollgate-master";
+pub const SENTINEL_MASTER: &str = "sluicegate-master";
 
 impl RedisSentinels {
     pub async fn start() -> Self {
@@ -1180,7 +1180,7 @@ pub mod pki {
                     "-days",
                     "2",
                     "-subj",
-                    &format!("/CN=tollgate test {name}"),
+                    &format!("/CN=sluicegate test {name}"),
                 ],
             );
             Self {

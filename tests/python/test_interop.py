@@ -1,7 +1,7 @@
-"""A gRPC client nobody here wrote (Python grpcio) against a real tollgate.
+"""A gRPC client nobody here wrote (Python grpcio) against a real sluicegate.
 
-Stubs are generated from proto/ by grpcio-tools at test time, exactly as a user would. The tollgate
-binary comes from TOLLGATE_BIN (scripts/test.sh builds it and sets it).
+Stubs are generated from proto/ by grpcio-tools at test time, exactly as a user would. The sluicegate
+binary comes from SLUICEGATE_BIN (scripts/test.sh builds it and sets it).
 """
 
 import os
@@ -29,29 +29,29 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def stubs():
-    """tollgate_pb2 and tollgate_pb2_grpc generated from proto/ with grpcio-tools."""
+    """sluicegate_pb2 and sluicegate_pb2_grpc generated from proto/ with grpcio-tools."""
     from grpc_tools import protoc
 
-    out = tempfile.mkdtemp(prefix="tollgate-py-")
+    out = tempfile.mkdtemp(prefix="sluicegate-py-")
     rc = protoc.main(
         [
             "protoc",
             f"-I{ROOT / 'proto'}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",
-            str(ROOT / "proto/tollgate/v1/tollgate.proto"),
+            str(ROOT / "proto/sluicegate/v1/sluicegate.proto"),
         ]
     )
-    assert rc == 0, "grpcio-tools could not compile proto/tollgate/v1/tollgate.proto"
+    assert rc == 0, "grpcio-tools could not compile proto/sluicegate/v1/sluicegate.proto"
     sys.path.insert(0, out)
-    from tollgate.v1 import tollgate_pb2, tollgate_pb2_grpc  # noqa: E402
+    from sluicegate.v1 import sluicegate_pb2, sluicegate_pb2_grpc  # noqa: E402
 
-    return tollgate_pb2, tollgate_pb2_grpc
+    return sluicegate_pb2, sluicegate_pb2_grpc
 
 
 @pytest.fixture(scope="module")
-def tollgate():
-    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target/debug/tollgate"))
+def sluicegate():
+    binary = os.environ.get("SLUICEGATE_BIN", str(ROOT / "target/debug/sluicegate"))
     assert os.path.exists(binary), f"{binary} missing: run `cargo build` (scripts/test.sh does)"
     grpc_port, http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "TB_CAPACITY", "TB_RATE")}
@@ -76,19 +76,19 @@ def tollgate():
                     break
         except OSError:
             pass
-        assert proc.poll() is None, "tollgate exited during start"
-        assert time.time() < deadline, "tollgate did not become ready"
+        assert proc.poll() is None, "sluicegate exited during start"
+        assert time.time() < deadline, "sluicegate did not become ready"
         time.sleep(0.05)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     yield channel
     channel.close()
     proc.terminate()
-    assert proc.wait(timeout=15) == 0, "tollgate did not shut down cleanly on SIGTERM"
+    assert proc.wait(timeout=15) == 0, "sluicegate did not shut down cleanly on SIGTERM"
 
 
-def test_should_allow_counts_down_then_denies(stubs, tollgate):
+def test_should_allow_counts_down_then_denies(stubs, sluicegate):
     pb, pb_grpc = stubs
-    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    stub = pb_grpc.RateLimitServiceStub(sluicegate)
     answers = [stub.ShouldAllow(pb.ShouldAllowRequest(key="py:1"), timeout=2) for _ in range(4)]
     assert [a.allowed for a in answers] == [True, True, True, False]
     assert [round(a.tokens_remaining) for a in answers] == [2, 1, 0, 0]
@@ -98,18 +98,18 @@ def test_should_allow_counts_down_then_denies(stubs, tollgate):
     assert dry.allowed and dry.tokens_remaining == 3
 
 
-def test_bad_input_is_invalid_argument(stubs, tollgate):
+def test_bad_input_is_invalid_argument(stubs, sluicegate):
     pb, pb_grpc = stubs
-    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    stub = pb_grpc.RateLimitServiceStub(sluicegate)
     with pytest.raises(grpc.RpcError) as err:
         stub.ShouldAllow(pb.ShouldAllowRequest(key="py", capacity=-1), timeout=2)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "capacity" in err.value.details()
 
 
-def test_health(tollgate):
-    stub = health_pb2_grpc.HealthStub(tollgate)
-    for service in ["", "tollgate.v1.RateLimitService", "envoy.service.ratelimit.v3.RateLimitService"]:
+def test_health(sluicegate):
+    stub = health_pb2_grpc.HealthStub(sluicegate)
+    for service in ["", "sluicegate.v1.RateLimitService", "envoy.service.ratelimit.v3.RateLimitService"]:
         answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
     with pytest.raises(grpc.RpcError) as err:
@@ -128,20 +128,20 @@ def reflect(channel, method, request):
 
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
-def test_reflection(tollgate, version):
+def test_reflection(sluicegate, version):
     method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
-    listed = reflect(tollgate, method, reflection_pb2.ServerReflectionRequest(list_services=""))
+    listed = reflect(sluicegate, method, reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in listed.list_services_response.service}
     assert {
-        "tollgate.v1.RateLimitService",
+        "sluicegate.v1.RateLimitService",
         "envoy.service.ratelimit.v3.RateLimitService",
         "grpc.health.v1.Health",
     } <= names, names
 
     found = reflect(
-        tollgate,
+        sluicegate,
         method,
-        reflection_pb2.ServerReflectionRequest(file_containing_symbol="tollgate.v1.RateLimitService"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="sluicegate.v1.RateLimitService"),
     )
     from google.protobuf import descriptor_pb2
 
@@ -149,7 +149,7 @@ def test_reflection(tollgate, version):
         descriptor_pb2.FileDescriptorProto.FromString(b)
         for b in found.file_descriptor_response.file_descriptor_proto
     ]
-    service = next(p for p in protos if p.package == "tollgate.v1")
+    service = next(p for p in protos if p.package == "sluicegate.v1")
     request = next(m for m in service.message_type if m.name == "ShouldAllowRequest")
     assert [f.name for f in request.field] == [
         "key", "cost", "capacity", "rate", "dry_run", "reserve_ttl_ms"]
@@ -161,11 +161,11 @@ def test_reflection(tollgate, version):
         "key", "capacity", "rate", "reserved", "actual", "reservation_id"]
 
 
-def test_reserve_work_settle(stubs, tollgate):
+def test_reserve_work_settle(stubs, sluicegate):
     """The pattern of README "Charging what things really cost": reserve an estimate, do the
     work, settle the real cost; less gives the rest back, more goes into debt."""
     pb, pb_grpc = stubs
-    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    stub = pb_grpc.RateLimitServiceStub(sluicegate)
     shape = dict(capacity=100, rate=0.001)
     reserved = stub.ShouldAllow(
         pb.ShouldAllowRequest(key="py:llm", cost=60, reserve_ttl_ms=60000, **shape), timeout=2
@@ -195,9 +195,9 @@ def test_reserve_work_settle(stubs, tollgate):
     assert not again.allowed
 
 
-def test_batch_all_or_nothing(stubs, tollgate):
+def test_batch_all_or_nothing(stubs, sluicegate):
     pb, pb_grpc = stubs
-    stub = pb_grpc.RateLimitServiceStub(tollgate)
+    stub = pb_grpc.RateLimitServiceStub(sluicegate)
     shape = dict(capacity=5, rate=0.001)
     stub.ShouldAllow(pb.ShouldAllowRequest(key="py:org", cost=5, **shape), timeout=2)
     batch = stub.ShouldAllowBatch(
@@ -218,20 +218,20 @@ def test_batch_all_or_nothing(stubs, tollgate):
     assert user.allowed, "the user's bucket was not charged"
 
 
-def test_reflection_stub_from_grpcio_reflection(tollgate):
+def test_reflection_stub_from_grpcio_reflection(sluicegate):
     """The stock grpcio-reflection client (v1alpha) works unchanged."""
-    stub = reflection_pb2_grpc.ServerReflectionStub(tollgate)
+    stub = reflection_pb2_grpc.ServerReflectionStub(sluicegate)
     responses = stub.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=2
     )
     names = {s.name for s in next(iter(responses)).list_services_response.service}
-    assert "tollgate.v1.RateLimitService" in names
+    assert "sluicegate.v1.RateLimitService" in names
 
 
-def test_envoy_rls_through_reflection_only(tollgate):
+def test_envoy_rls_through_reflection_only(sluicegate):
     """Envoy's RateLimitRequest resolved from reflection (no proto files), as grpcurl would."""
     found = reflect(
-        tollgate,
+        sluicegate,
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         reflection_pb2.ServerReflectionRequest(
             file_containing_symbol="envoy.service.ratelimit.v3.RateLimitService"

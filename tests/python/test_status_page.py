@@ -1,9 +1,9 @@
 """The status page in a real browser: headless Chromium (Debian's, driven by Playwright) loads `/`
-while tollgate-load runs against tollgate, and must show the limiter working: the chart gets points,
+while sluicegate-load runs against sluicegate, and must show the limiter working: the chart gets points,
 the allowed and denied counts rise, the top denied keys name the hammered key, and the loaded rules
 are listed. A screenshot is saved (target/test-artifacts/status-page.png, or STATUS_SCREENSHOT).
 
-The binaries come from TOLLGATE_BIN and TOLLGATE_LOAD_BIN (scripts/test.sh builds and sets them).
+The binaries come from SLUICEGATE_BIN and SLUICEGATE_LOAD_BIN (scripts/test.sh builds and sets them).
 """
 
 import os
@@ -41,16 +41,16 @@ def wait_ready(url, proc, timeout=15):
                     return
         except OSError:
             pass
-        assert proc.poll() is None, "tollgate exited during start"
-        assert time.time() < deadline, "tollgate did not become ready"
+        assert proc.poll() is None, "sluicegate exited during start"
+        assert time.time() < deadline, "sluicegate did not become ready"
         time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
-def tollgate():
-    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target/debug/tollgate"))
+def sluicegate():
+    binary = os.environ.get("SLUICEGATE_BIN", str(ROOT / "target/debug/sluicegate"))
     assert os.path.exists(binary), f"{binary} missing: run `cargo build` (scripts/test.sh does)"
-    work = tempfile.mkdtemp(prefix="tollgate-page-")
+    work = tempfile.mkdtemp(prefix="sluicegate-page-")
     rules = Path(work) / "rules.yaml"
     rules.write_text(RULES)
     grpc_port, http_port = free_port(), free_port()
@@ -69,7 +69,7 @@ def tollgate():
 
 
 def load(t, *args):
-    binary = os.environ.get("TOLLGATE_LOAD_BIN", str(ROOT / "target/debug/tollgate-load"))
+    binary = os.environ.get("SLUICEGATE_LOAD_BIN", str(ROOT / "target/debug/sluicegate-load"))
     assert os.path.exists(binary), f"{binary} missing: run `cargo build --workspace` (scripts/test.sh does)"
     return subprocess.Popen(
         [binary, "--target", t["grpc"], "--duration", "12s", "--max-error-rate", "1", *args],
@@ -90,7 +90,7 @@ def number(text):
     return float(text.rstrip("kM")) * scale
 
 
-def test_the_status_page_shows_the_limiter_working(tollgate):
+def test_the_status_page_shows_the_limiter_working(sluicegate):
     try:
         from playwright import sync_api
     except ImportError as e:  # never a skip: a missing tool is a failure that says how to fix it
@@ -98,11 +98,11 @@ def test_the_status_page_shows_the_limiter_working(tollgate):
     assert os.path.exists(CHROMIUM), f"{CHROMIUM} missing: apt-get install -y chromium (scripts/test.sh does)"
     loads = [
         # Many users within their limits, and one key hammered far past its bucket.
-        load(tollgate, "--rps", "300", "--keys", "200", "--capacity", "20", "--rate", "10"),
-        load(tollgate, "--rps", "200", "--keys", "1", "--key-prefix", "hammered-key-",
+        load(sluicegate, "--rps", "300", "--keys", "200", "--capacity", "20", "--rate", "10"),
+        load(sluicegate, "--rps", "200", "--keys", "1", "--key-prefix", "hammered-key-",
              "--capacity", "5", "--rate", "1"),
         # Envoy's API too, so that a rule shows in the top rules.
-        load(tollgate, "--api", "envoy", "--rps", "100", "--keys", "3", "--domain", "edge",
+        load(sluicegate, "--api", "envoy", "--rps", "100", "--keys", "3", "--domain", "edge",
              "--descriptor", "api_key={key}"),
     ]
     shot = Path(os.environ.get("STATUS_SCREENSHOT", ROOT / "target/test-artifacts/status-page.png"))
@@ -118,7 +118,7 @@ def test_the_status_page_shows_the_limiter_working(tollgate):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.goto(tollgate["http"] + "/")
+            page.goto(sluicegate["http"] + "/")
 
             # The chart gets points as seconds with decisions complete. (Polled from here: the
             # page's policy forbids evaluating strings, which Playwright's wait_for_function does.)

@@ -1,4 +1,4 @@
-"""A Python grpcio client against tollgate's TLS port, with certificates made by openssl: answered
+"""A Python grpcio client against sluicegate's TLS port, with certificates made by openssl: answered
 with the CA (and a client certificate under mTLS), refused in plaintext or without a certificate."""
 
 import os
@@ -37,7 +37,7 @@ def issue(cwd, name, san, usage):
 
 @pytest.fixture(scope="module")
 def certs():
-    d = tempfile.mkdtemp(prefix="tollgate-tls-")
+    d = tempfile.mkdtemp(prefix="sluicegate-tls-")
     openssl(d, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA")
     issue(d, "server", "DNS:localhost", "serverAuth")
@@ -49,17 +49,17 @@ def certs():
 def stubs():
     from grpc_tools import protoc
 
-    out = tempfile.mkdtemp(prefix="tollgate-py-")
+    out = tempfile.mkdtemp(prefix="sluicegate-py-")
     assert protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", str(ROOT / "proto/tollgate/v1/tollgate.proto")]) == 0
+                        f"--grpc_python_out={out}", str(ROOT / "proto/sluicegate/v1/sluicegate.proto")]) == 0
     sys.path.insert(0, out)
-    from tollgate.v1 import tollgate_pb2, tollgate_pb2_grpc  # noqa: E402
+    from sluicegate.v1 import sluicegate_pb2, sluicegate_pb2_grpc  # noqa: E402
 
-    return tollgate_pb2, tollgate_pb2_grpc
+    return sluicegate_pb2, sluicegate_pb2_grpc
 
 
 def start(certs, *extra):
-    binary = os.environ.get("TOLLGATE_BIN", str(ROOT / "target/debug/tollgate"))
+    binary = os.environ.get("SLUICEGATE_BIN", str(ROOT / "target/debug/sluicegate"))
     grpc_port, http_port = free_port(), free_port()
     env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": "error"}
     proc = subprocess.Popen(
@@ -74,7 +74,7 @@ def start(certs, *extra):
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1):
                 break
         except OSError:
-            assert proc.poll() is None, "tollgate exited during start"
+            assert proc.poll() is None, "sluicegate exited during start"
             assert time.time() < deadline
             time.sleep(0.05)
     return proc, grpc_port

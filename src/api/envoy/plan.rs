@@ -18,7 +18,7 @@ use crate::rules::{Limit, Rule, RuleSet, Unit, descriptor_key};
 pub(super) enum Entry {
     /// No rule, or a rule replaced by another: OK, no `current_limit`.
     Free,
-    /// Past tollgate's bounds (MAX_DESCRIPTORS, entries per descriptor): OVER_LIMIT without any
+    /// Past sluicegate's bounds (MAX_DESCRIPTORS, entries per descriptor): OVER_LIMIT without any
     /// evaluation. Failing closed: Envoy lets an errored call through, so an error would be a bypass.
     Refused,
     /// An `unlimited` rule: OK, `limit_remaining` 2^32 - 1.
@@ -76,7 +76,7 @@ pub(super) struct Plan {
 }
 
 /// Why part of a request was not evaluated as asked. Each is answered (never an error: Envoy lets
-/// a failed call through) and counted in `tollgate_refused_total{api="envoy",reason}`.
+/// a failed call through) and counted in `sluicegate_refused_total{api="envoy",reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// More descriptors than MAX_DESCRIPTORS: the whole request is OVER_LIMIT.

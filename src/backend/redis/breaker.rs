@@ -87,7 +87,7 @@ pub enum Permit {
 }
 
 impl Breaker {
-    /// A closed breaker; `gauge` (tollgate_backend_circuit_open{node}) follows its state.
+    /// A closed breaker; `gauge` (sluicegate_backend_circuit_open{node}) follows its state.
     pub fn new(timeout: Duration, gauge: Option<metrics::Gauge>) -> Self {
         if let Some(g) = &gauge {
             g.set(0.0);

@@ -22,7 +22,7 @@ use crate::core::{Decision, Op, Shape, capped_ms};
 
 const SHARDS: usize = 16;
 /// Where `lua/token_bucket.lua` publishes the key of every bucket a refund filled.
-pub const REFUNDS_CHANNEL: &str = "tollgate:refunds";
+pub const REFUNDS_CHANNEL: &str = "sluicegate:refunds";
 /// About 64 bytes an entry: 6 MB at most.
 const MAX_ENTRIES: usize = 100_000;
 

@@ -1,4 +1,4 @@
-//! Buckets in Redis, decided by `lua/token_bucket.lua` so every replica of tollgate shares them.
+//! Buckets in Redis, decided by `lua/token_bucket.lua` so every replica of sluicegate shares them.
 //!
 //! A decision goes to the node serving its key, through that node's lane: decisions bound for one
 //! node while a call to it is in flight go together in the next call, so one EVALSHA decides many
@@ -6,7 +6,7 @@
 //! call where its keys share a node (atomic, all or nothing); across nodes, all or nothing is kept
 //! by refunding what the calls that passed charged. Every call is bounded by REDIS_TIMEOUT_MS;
 //! connections are made in the background and re-establish themselves, so Redis coming back needs
-//! no restart of tollgate; a node that keeps failing trips its breaker and is answered at once.
+//! no restart of sluicegate; a node that keeps failing trips its breaker and is answered at once.
 //!
 //! - `script.rs`: the script's wire contract (a batch's arguments, the reply).
 //! - `node.rs`: one node's connections and lane (batching).
@@ -124,7 +124,7 @@ impl RedisBackend {
         Self::with_options(url, RedisOptions::new(timeout))
     }
 
-    /// Prepares a backend without waiting for Redis: tollgate starts (and reports NOT_SERVING)
+    /// Prepares a backend without waiting for Redis: sluicegate starts (and reports NOT_SERVING)
     /// while Redis is away, and connects in the background. `url` is a URL (single), a
     /// comma-separated list of nodes (cluster), or `master_name,host:port,...` (sentinel).
     /// Must be called within a tokio runtime.
@@ -453,7 +453,7 @@ impl Backend for RedisBackend {
     }
 }
 
-/// Sorts a redis-rs error into what tollgate reports and retries.
+/// Sorts a redis-rs error into what sluicegate reports and retries.
 fn map_error(e: redis::RedisError) -> BackendError {
     use redis::ServerErrorKind as S;
     let text = e.to_string();

@@ -1,6 +1,6 @@
 //! Which node serves a key (REDIS_TYPE): the one server; the master the sentinels name, followed
 //! through failovers; or, on a cluster, the master owning the key's slot, from a slot map that
-//! tollgate keeps itself (CLUSTER SLOTS, refreshed every few seconds and at once when a node
+//! sluicegate keeps itself (CLUSTER SLOTS, refreshed every few seconds and at once when a node
 //! fails or answers for a slot it no longer owns). Its own map lets decisions be batched per
 //! node, failures stay confined to the dead master's slots, and each node has its breaker.
 
@@ -223,7 +223,7 @@ pub struct SlotMap {
     nodes: Vec<Arc<Node>>,
 }
 
-/// A Redis Cluster, through tollgate's own slot map.
+/// A Redis Cluster, through sluicegate's own slot map.
 pub struct Cluster {
     template: Template,
     seeds: Vec<Template>,

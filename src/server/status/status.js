@@ -124,7 +124,7 @@ async function poll(url, then) {
     const r = await fetch(url, { cache: "no-store" });
     if (r.ok) then(await r.json());
   } catch (e) {
-    $("updated").textContent = "no answer from tollgate";
+    $("updated").textContent = "no answer from sluicegate";
   }
 }
 

@@ -1,4 +1,4 @@
-//! tollgate-load: drive tollgate (ShouldAllow or Envoy's RLS) or any HTTP URL, print what it
+//! sluicegate-load: drive sluicegate (ShouldAllow or Envoy's RLS) or any HTTP URL, print what it
 //! saw, and prove the limits held.
 //!
 //! - `cli.rs`: flags; `keys.rs`: which key each request uses;
@@ -53,20 +53,20 @@ async fn main() -> ExitCode {
         }
     };
     if let Err(e) = cli.validate() {
-        eprintln!("tollgate-load: {e}");
+        eprintln!("sluicegate-load: {e}");
         return ExitCode::from(1);
     }
     let keys = match KeyChooser::new(cli.keys, &cli.key_prefix, cli.zipf) {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("tollgate-load: {e}");
+            eprintln!("sluicegate-load: {e}");
             return ExitCode::from(1);
         }
     };
     let target = match Target::connect(&cli).await {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("tollgate-load: {}", chain(&e));
+            eprintln!("sluicegate-load: {}", chain(&e));
             return ExitCode::from(1);
         }
     };
@@ -85,19 +85,19 @@ async fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|json| Ok(std::fs::write(path, json)?));
         if let Err(e) = written {
-            eprintln!("tollgate-load: --json {}: {e}", path.display());
+            eprintln!("sluicegate-load: --json {}: {e}", path.display());
             return ExitCode::from(1);
         }
     }
     let shown = cli.duration.as_secs_f64().ceil() as usize;
     if let Some(Err(e)) = cli.plot.as_ref().map(|p| plot::draw(&summary, shown, p)) {
-        eprintln!("tollgate-load: --plot: {e:#}");
+        eprintln!("sluicegate-load: --plot: {e:#}");
         return ExitCode::from(1);
     }
 
     if bound.violations > 0 {
         eprintln!(
-            "tollgate-load: BOUND VIOLATED in {} buckets",
+            "sluicegate-load: BOUND VIOLATED in {} buckets",
             bound.violations
         );
         return ExitCode::from(2);
@@ -109,7 +109,7 @@ async fn main() -> ExitCode {
     };
     if error_rate > cli.max_error_rate {
         eprintln!(
-            "tollgate-load: error rate {:.2}% exceeds --max-error-rate {:.2}%",
+            "sluicegate-load: error rate {:.2}% exceeds --max-error-rate {:.2}%",
             error_rate * 100.0,
             cli.max_error_rate * 100.0
         );

@@ -1,4 +1,4 @@
-//! Flags of tollgate-load (SPEC section 7).
+//! Flags of sluicegate-load (SPEC section 7).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -6,7 +6,7 @@ use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Api {
-    /// tollgate.v1.RateLimitService/ShouldAllow
+    /// sluicegate.v1.RateLimitService/ShouldAllow
     ShouldAllow,
     /// envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit
     Envoy,
@@ -28,11 +28,11 @@ impl Api {
     }
 }
 
-/// Drive tollgate (or any HTTP URL) at a fixed concurrency or rate, and show that the limits hold.
+/// Drive sluicegate (or any HTTP URL) at a fixed concurrency or rate, and show that the limits hold.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "tollgate-load", version)]
+#[command(name = "sluicegate-load", version)]
 pub struct Cli {
-    /// tollgate's gRPC address (should-allow, envoy, settle); several, comma-separated, spread the
+    /// sluicegate's gRPC address (should-allow, envoy, settle); several, comma-separated, spread the
     /// connections over replicas (the bound is then checked across them).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     pub target: String,
@@ -91,7 +91,7 @@ pub struct Cli {
     #[arg(long = "descriptor")]
     pub descriptors: Vec<String>,
 
-    /// Envoy: the rules file or directory tollgate serves, so --check-bound checks each bucket
+    /// Envoy: the rules file or directory sluicegate serves, so --check-bound checks each bucket
     /// against its real shape (burst, unit_multiplier); without it the shape is read from
     /// current_limit (requests_per_unit per unit).
     #[arg(long)]

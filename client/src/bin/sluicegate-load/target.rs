@@ -1,18 +1,18 @@
-//! The three things tollgate-load can call, behind one `call`: ShouldAllow, Envoy's
+//! The three things sluicegate-load can call, behind one `call`: ShouldAllow, Envoy's
 //! ShouldRateLimit, or an HTTP GET. Each answer says allowed or denied per bucket it touched.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tollgate::rules::{Limit, RuleSet, load_path};
-use tollgate_client::proto::envoy::extensions::common::ratelimit::v3::{
+use sluicegate::rules::{Limit, RuleSet, load_path};
+use sluicegate_client::proto::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
-use tollgate_client::proto::envoy::service::ratelimit::v3::{
+use sluicegate_client::proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, rate_limit_response::Code,
     rate_limit_service_client::RateLimitServiceClient as EnvoyClient,
 };
-use tollgate_client::proto::tollgate::v1::{
+use sluicegate_client::proto::sluicegate::v1::{
     SettleRequest, ShouldAllowRequest, rate_limit_service_client::RateLimitServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -62,7 +62,7 @@ pub enum Target {
         descriptors: Vec<Vec<(String, String)>>,
         hits: u32,
         shape: Option<(f64, f64)>,
-        /// The rules tollgate serves, for each bucket's real shape.
+        /// The rules sluicegate serves, for each bucket's real shape.
         rules: Option<RuleSet>,
         timeout: Duration,
     },
@@ -326,7 +326,7 @@ impl Target {
 
 /// `--connections` HTTP/2 connections to the gRPC target, each checked before the run.
 /// `--connections` HTTP/2 connections, spread over the comma-separated `--target`s (several
-/// replicas of tollgate sharing one Redis), each checked before the run.
+/// replicas of sluicegate sharing one Redis), each checked before the run.
 async fn channels(cli: &Cli) -> anyhow::Result<Vec<Channel>> {
     let targets: Vec<&str> = cli
         .target

@@ -1,6 +1,6 @@
 //! `POST /api/generate`: the pattern for a cost known only after the work (LLM tokens, bytes,
 //! rows). Reserve the most it can cost (`max_tokens`) with ShouldAllow, do the work (a fake
-//! model that writes a random number of tokens up to it), then Settle the real cost: tollgate
+//! model that writes a random number of tokens up to it), then Settle the real cost: sluicegate
 //! gives the unused part of the reservation back (or, for work that cost more, charges the rest
 //! into debt).
 
@@ -15,7 +15,7 @@ use axum::{
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::json;
-use tollgate_client::{Error, Request};
+use sluicegate_client::{Error, Request};
 
 use crate::app::AppState;
 

@@ -36,7 +36,7 @@ fn svg(s: &Summary, shown: usize) -> anyhow::Result<String> {
             .max(1);
 
         let title = format!(
-            "tollgate-load {}: {} requests, {:.0}/s, {} allowed, {} denied, {} errors",
+            "sluicegate-load {}: {} requests, {:.0}/s, {} allowed, {} denied, {} errors",
             s.api, s.requests, s.rate, s.allowed, s.denied, s.errors
         );
         let mut chart = ChartBuilder::on(&top)

@@ -4,7 +4,7 @@ use std::{fmt, net::SocketAddr, str::FromStr};
 
 use axum::{extract::ConnectInfo, http::HeaderMap};
 use http::request::Parts;
-use tollgate_client::KeyError;
+use sluicegate_client::KeyError;
 
 /// The identity policy (IDENTITY).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,20 +20,20 @@ use axum::{
 };
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tollgate::telemetry::{LogArgs, METRICS_CONTENT_TYPE, MetricsHandle, install_recorder};
-use tollgate_client::{Client, FailureMode, RateLimitLayer};
+use sluicegate::telemetry::{LogArgs, METRICS_CONTENT_TYPE, MetricsHandle, install_recorder};
+use sluicegate_client::{Client, FailureMode, RateLimitLayer};
 
 use crate::generate;
 use crate::identity::Identity;
 
-/// Demo metric names (its own, not tollgate's).
+/// Demo metric names (its own, not sluicegate's).
 pub mod names {
     pub const REQUESTS: &str = "demo_http_requests_total";
     pub const DURATION: &str = "demo_http_request_duration_seconds";
     pub const LIMITER_FAILURES: &str = "demo_limiter_failures_total";
 }
 
-/// What to do when tollgate cannot answer in time (DEMO_FAILURE_MODE).
+/// What to do when sluicegate cannot answer in time (DEMO_FAILURE_MODE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DemoFailureMode {
     Allow,
@@ -60,12 +60,12 @@ impl fmt::Display for DemoFailureMode {
     }
 }
 
-/// Flags and environment of `tollgate-demo` (a `.env` file is read too).
+/// Flags and environment of `sluicegate-demo` (a `.env` file is read too).
 #[derive(Clone, Debug, Parser)]
 #[command(
-    name = "tollgate-demo",
+    name = "sluicegate-demo",
     version,
-    about = "An HTTP API rate-limited by tollgate."
+    about = "An HTTP API rate-limited by sluicegate."
 )]
 pub struct DemoConfig {
     /// HTTP listener.
@@ -77,14 +77,15 @@ pub struct DemoConfig {
     )]
     pub addr: SocketAddr,
 
-    /// tollgate's gRPC address.
+    /// sluicegate's gRPC address.
     #[arg(
         long,
+        alias = "tollgate-url",
         env = "TOLLGATE_URL",
         value_name = "TOLLGATE_URL",
         default_value = "http://127.0.0.1:8081"
     )]
-    pub tollgate_url: String,
+    pub sluicegate_url: String,
 
     /// Who a request counts against: ip, api-key (X-API-Key header) or user (X-User header).
     #[arg(long, env = "IDENTITY", value_name = "IDENTITY", default_value = "ip", value_parser = Identity::from_str)]
@@ -95,15 +96,15 @@ pub struct DemoConfig {
     #[arg(long, env = "TRUST_FORWARDED", value_name = "TRUST_FORWARDED")]
     pub trust_forwarded: bool,
 
-    /// Deadline of one call to tollgate, in milliseconds.
-    #[arg(long, env = "TOLLGATE_TIMEOUT_MS", value_name = "TOLLGATE_TIMEOUT_MS", default_value = "50", value_parser = clap::value_parser!(u64).range(1..))]
-    pub tollgate_timeout_ms: u64,
+    /// Deadline of one call to sluicegate, in milliseconds.
+    #[arg(long, alias = "tollgate-timeout-ms", env = "TOLLGATE_TIMEOUT_MS", value_name = "TOLLGATE_TIMEOUT_MS", default_value = "50", value_parser = clap::value_parser!(u64).range(1..))]
+    pub sluicegate_timeout_ms: u64,
 
-    /// When tollgate is unreachable or slow: allow (serve anyway) or deny (503).
+    /// When sluicegate is unreachable or slow: allow (serve anyway) or deny (503).
     #[arg(long = "failure-mode", env = "DEMO_FAILURE_MODE", value_name = "DEMO_FAILURE_MODE", default_value = "allow", value_parser = DemoFailureMode::from_str)]
     pub failure_mode: DemoFailureMode,
 
-    /// Bucket size to ask for; 0 uses tollgate's default (TB_CAPACITY).
+    /// Bucket size to ask for; 0 uses sluicegate's default (TB_CAPACITY).
     #[arg(
         long,
         env = "DEMO_CAPACITY",
@@ -112,7 +113,7 @@ pub struct DemoConfig {
     )]
     pub capacity: f64,
 
-    /// Refill to ask for, tokens per second; 0 uses tollgate's default (TB_RATE).
+    /// Refill to ask for, tokens per second; 0 uses sluicegate's default (TB_RATE).
     #[arg(long, env = "DEMO_RATE", value_name = "DEMO_RATE", default_value = "0")]
     pub rate: f64,
 
@@ -126,8 +127,8 @@ pub struct DemoConfig {
     )]
     pub near_limit_ratio: f64,
 
-    /// Ask tollgate before serving / and /api/items. false: serve them unlimited, for running
-    /// behind Envoy, which already asks tollgate (else each answer would be limited twice and
+    /// Ask sluicegate before serving / and /api/items. false: serve them unlimited, for running
+    /// behind Envoy, which already asks sluicegate (else each answer would be limited twice and
     /// carry two sets of rate-limit headers).
     #[arg(long, env = "DEMO_LIMIT", value_name = "DEMO_LIMIT", default_value = "true", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub limit: bool,
@@ -155,8 +156,8 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    pub fn tollgate_timeout(&self) -> Duration {
-        Duration::from_millis(self.tollgate_timeout_ms)
+    pub fn sluicegate_timeout(&self) -> Duration {
+        Duration::from_millis(self.sluicegate_timeout_ms)
     }
 }
 
@@ -177,8 +178,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = install_recorder(describe);
-    let client = Client::builder(config.tollgate_url.clone())
-        .timeout(config.tollgate_timeout())
+    let client = Client::builder(config.sluicegate_url.clone())
+        .timeout(config.sluicegate_timeout())
         .failure_mode(match config.failure_mode {
             DemoFailureMode::Allow => FailureMode::Allow,
             DemoFailureMode::Deny => FailureMode::Deny,
@@ -215,7 +216,7 @@ pub async fn run(
                 .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(error = %e, %mode, "tollgate unavailable; DEMO_FAILURE_MODE decides");
+            tracing::warn!(error = %e, %mode, "sluicegate unavailable; DEMO_FAILURE_MODE decides");
         }
     });
 
@@ -242,7 +243,7 @@ pub async fn run(
             ))
             .with_state(state);
 
-    tracing::info!(addr = %listener.local_addr()?, tollgate = %config.tollgate_url, identity = %config.identity, "tollgate-demo listening");
+    tracing::info!(addr = %listener.local_addr()?, sluicegate = %config.sluicegate_url, identity = %config.identity, "sluicegate-demo listening");
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -260,11 +261,11 @@ fn describe() {
     metrics::describe_histogram!(
         names::DURATION,
         metrics::Unit::Seconds,
-        "Time to serve one HTTP request (tollgate's decision included), by route."
+        "Time to serve one HTTP request (sluicegate's decision included), by route."
     );
     metrics::describe_counter!(
         names::LIMITER_FAILURES,
-        "Requests decided by DEMO_FAILURE_MODE because tollgate failed or was too slow, by mode."
+        "Requests decided by DEMO_FAILURE_MODE because sluicegate failed or was too slow, by mode."
     );
 }
 
@@ -286,7 +287,7 @@ async fn record(request: Request, next: Next) -> Response {
 
 async fn index() -> Json<serde_json::Value> {
     Json(serde_json::json!({
-        "service": "tollgate-demo",
+        "service": "sluicegate-demo",
         "try": ["/api/items", "POST /api/generate", "/healthz", "/metrics"],
     }))
 }

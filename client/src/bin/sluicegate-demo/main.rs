@@ -1,5 +1,5 @@
-//! `tollgate-demo`: a small HTTP API that asks tollgate before serving each request, through
-//! tollgate-client's tower layer; and `POST /api/generate`, the reserve-work-settle pattern for a
+//! `sluicegate-demo`: a small HTTP API that asks sluicegate before serving each request, through
+//! sluicegate-client's tower layer; and `POST /api/generate`, the reserve-work-settle pattern for a
 //! cost known only after the work.
 //!
 //! - `identity.rs`: who is asking (client address, `X-API-Key` or `X-User`), i.e. the bucket key.
@@ -17,17 +17,17 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Err(e) = tollgate::config::load_dotenv() {
-        eprintln!("tollgate-demo: {e}");
+    if let Err(e) = sluicegate::config::load_dotenv() {
+        eprintln!("sluicegate-demo: {e}");
         return ExitCode::from(2);
     }
     let config = app::DemoConfig::parse();
-    tollgate::telemetry::init_tracing(config.log.log_format);
+    sluicegate::telemetry::init_tracing(config.log.log_format);
     let listener = match tokio::net::TcpListener::bind(config.addr).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
-                "tollgate-demo: DEMO_ADDR {}: cannot listen: {e}",
+                "sluicegate-demo: DEMO_ADDR {}: cannot listen: {e}",
                 config.addr
             );
             return ExitCode::FAILURE;
@@ -37,7 +37,7 @@ async fn main() -> ExitCode {
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            tollgate::server::wait_for_signal().await;
+            sluicegate::server::wait_for_signal().await;
             tracing::info!("signal received: finishing in-flight requests");
             shutdown.cancel();
         });
@@ -45,7 +45,7 @@ async fn main() -> ExitCode {
     match app::run(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tollgate-demo: {e:#}");
+            eprintln!("sluicegate-demo: {e:#}");
             ExitCode::FAILURE
         }
     }

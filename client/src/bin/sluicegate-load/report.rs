@@ -148,7 +148,7 @@ impl Summary {
         };
         let l = &self.latency_ms;
         let mut out = format!(
-            "tollgate-load: {} against {}, {mode}, {} connections, {keys}\n\
+            "sluicegate-load: {} against {}, {mode}, {} connections, {keys}\n\
              duration   {:.2} s\n\
              requests   {}\n\
              allowed    {} ({:.1}%)\n\
