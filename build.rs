@@ -1,4 +1,6 @@
-//! Compiles `proto/` with protox (pure Rust, so no system protoc) and writes the descriptor set that
+//! The build script of the `sluicegate-proto` crate (`proto/Cargo.toml`; cargo runs it in `proto/`).
+//!
+//! Compiles the .proto files with protox (pure Rust, so no system protoc) and writes the descriptor set that
 //! gRPC server reflection serves.
 //!
 //! One change from the protos as written: the generated code reads Envoy's descriptor entries
@@ -12,15 +14,16 @@ use std::{env, path::PathBuf};
 use prost_types::field_descriptor_proto::Type;
 
 const PROTOS: &[&str] = &[
-    "proto/sluicegate/v1/sluicegate.proto",
-    "proto/envoy/service/ratelimit/v3/rls.proto",
+    "sluicegate/v1/sluicegate.proto",
+    "envoy/service/ratelimit/v3/rls.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=sluicegate");
+    println!("cargo:rerun-if-changed=envoy");
     let out = PathBuf::from(env::var("OUT_DIR")?);
 
-    let mut fds = protox::compile(PROTOS, ["proto"])?;
+    let mut fds = protox::compile(PROTOS, ["."])?;
     std::fs::write(
         out.join("sluicegate_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),

@@ -6,8 +6,10 @@
 
 use std::time::Duration;
 
-use sluicegate::backend::{Backend, BucketRequest, MemoryBackend, RedisBackend, redis::RedisOptions};
-use sluicegate::core::{Op, Shape};
+use sluicegate_core::backend::{
+    Backend, BucketRequest, MemoryBackend, RedisBackend, redis::RedisOptions,
+};
+use sluicegate_core::{Op, Shape};
 
 /// Resident set size of this process, from /proc/self/statm.
 fn rss_bytes() -> u64 {

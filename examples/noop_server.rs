@@ -4,17 +4,17 @@
 //!
 //!   cargo run --release --example noop_server -- 127.0.0.1:18081
 
-use tokio::net::TcpListener;
-use sluicegate::proto::envoy::service::ratelimit::v3::{
+use sluicegate_proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse,
     rate_limit_response::DescriptorStatus,
     rate_limit_service_server::{RateLimitService as Envoy, RateLimitServiceServer as EnvoyServer},
 };
-use sluicegate::proto::sluicegate::v1::{
+use sluicegate_proto::sluicegate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
 };
+use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 
 struct Noop;

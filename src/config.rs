@@ -7,8 +7,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::core::{FailureMode, Limits, Shape};
 use crate::telemetry::LogArgs;
+use sluicegate_core::{FailureMode, Limits, Shape};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -735,7 +735,7 @@ fn ratio(s: &str) -> Result<f64, String> {
 /// MAX_CAPACITY, MAX_RATE: positive, and at most 1e15 (SPEC 2 item 10).
 fn shape_bound(s: &str) -> Result<f64, String> {
     let v = positive_f64(s)?;
-    if v > crate::core::MAX_SHAPE {
+    if v > sluicegate_core::MAX_SHAPE {
         return Err(format!(
             "expected at most 1e15 (larger shapes lose token precision), got '{s}'"
         ));

@@ -5,20 +5,16 @@
 //!
 //! # Layout
 //!
-//! - [`core`]: the domain. Bucket arithmetic (pure, time passed in), shapes, operations, decisions,
-//!   failure policy. Depends on nothing else in the crate.
-//! - [`backend`]: where buckets live. The [`backend::Backend`] trait, `memory.rs` (sharded maps)
-//!   and `redis/` (runs `lua/token_bucket.lua`: per-node lanes that batch concurrent decisions into
-//!   one script call, the topology of single, cluster and sentinel, a circuit breaker per node
-//!   judged on Redis calls, the local deny cache and the refund subscription that keeps it
-//!   honest), reservations for Settle.
+//! This crate is the server. The workspace's other crates are its layers: `sluicegate-proto`
+//! (`proto/`: all generated code, once) and `sluicegate-core` (`core/`: the bucket arithmetic,
+//! rules and backends, with no gRPC server, HTTP, CLI or exporter). What calls sluicegate (the
+//! client library, its tower layer, the `sluicegate-load` and `sluicegate-demo` binaries) is
+//! `sluicegate-client` (`client/`), which never depends on this crate.
+//!
 //! - [`api`]: the gRPC transports: `sluicegate.v1` ShouldAllow, ShouldAllowBatch and Settle (with
 //!   reservations), and Envoy RLS v3 (plan, decide, answer, annotate), input checks, the steps
 //!   both share after the backend (`pipeline.rs`: FAILURE_MODE and compensations that outlive
 //!   their caller), and the one place errors become `tonic::Status`.
-//! - [`proto`]: code generated from `proto/` and the descriptor set served by reflection.
-//! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
-//!   and hot-reload.
 //! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, the
 //!   timing wrapper that measures every backend call, the decision logs, and what the status page
 //!   shows (the last minutes second by second, the heaviest denied keys).
@@ -28,19 +24,11 @@
 //!   shutdown.
 //! - `main.rs`: the thin `sluicegate` binary: parse flags, bind, call [`server::run`].
 //!
-//! Everything that *calls* sluicegate (the Rust client library with its tower layer, the
-//! `sluicegate-load` and `sluicegate-demo` binaries) lives in the `sluicegate-client` crate, `client/`.
-//!
-//! Dependencies point inwards: `api`, `rules` and `telemetry` use `core` (and `backend`; `api`
-//! and `telemetry` read `rules`); `core`
-//! and `backend` import no tonic, axum, clap or exporter (`backend` counts evictions through the
-//! `metrics` facade only).
+//! Dependencies point inwards: `api` and `telemetry` use `sluicegate_core`, `server` wires `api`,
+//! `telemetry` and `config`; a `tests/it` test reads `cargo metadata` and fails if a crate gains a
+//! dependency its layer forbids.
 
 pub mod api;
-pub mod backend;
 pub mod config;
-pub mod core;
-pub mod proto;
-pub mod rules;
 pub mod server;
 pub mod telemetry;

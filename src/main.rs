@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
+use sluicegate::config::{Cli, Command};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use sluicegate::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -41,7 +41,7 @@ async fn main() -> ExitCode {
 
 /// `sluicegate check-rules PATH`: validate offline, print each rule and its bucket.
 fn check_rules(path: &std::path::Path) -> ExitCode {
-    match sluicegate::rules::load_path(path) {
+    match sluicegate_core::rules::load_path(path) {
         Ok(set) => {
             for rule in set.rules() {
                 println!("{rule}");

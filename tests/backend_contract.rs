@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use sluicegate::backend::{Backend, BucketRequest, MemoryBackend, RedisBackend};
-use sluicegate::core::{Decision, MAX_MS, Op, Shape};
+use sluicegate_core::backend::{Backend, BucketRequest, MemoryBackend, RedisBackend};
+use sluicegate_core::{Decision, MAX_MS, Op, Shape};
 
 /// A very slow refill, so that the milliseconds between calls add a negligible fraction of a token.
 const SLOW: f64 = 0.001;
@@ -368,7 +368,7 @@ async fn redis_key_ttl_is_the_full_refill_time() {
 /// Memory: a clock that steps back adds nothing (Redis uses the server's TIME, tested in the Lua).
 #[tokio::test]
 async fn memory_clock_stepping_back_adds_nothing() {
-    use sluicegate::backend::memory::ManualClock;
+    use sluicegate_core::backend::memory::ManualClock;
     let clock = ManualClock::default();
     clock.set_ms(1_000_000.0);
     let b = MemoryBackend::with_clock(100, clock.clone());

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::envoy::{RateLimitServiceClient as EnvoyClient, descriptor, request};
 use common::{RedisServer, Sluicegate, ask, http_get, metric, should_allow};
-use sluicegate::proto::sluicegate::v1::SettleRequest;
+use sluicegate_proto::sluicegate::v1::SettleRequest;
 use tonic::Code;
 
 async fn metrics(t: &Sluicegate) -> String {

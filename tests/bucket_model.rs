@@ -9,7 +9,7 @@
 //! two times (a quotient rounded up may land one ulp above an integer).
 
 use proptest::prelude::*;
-use sluicegate::core::{BucketState, Decision, GroupRequest, Op, Shape, apply, apply_group};
+use sluicegate_core::{BucketState, Decision, GroupRequest, Op, Shape, apply, apply_group};
 
 /// One bucket in the model: whole tokens (negative in debt) and the time they were counted.
 #[derive(Clone, Copy, Debug)]

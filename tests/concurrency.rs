@@ -109,7 +109,7 @@ async fn the_deny_cache_never_admits_more_than_the_bucket() {
             while started.elapsed() < run {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let s = c
-                    .settle(sluicegate::proto::sluicegate::v1::SettleRequest {
+                    .settle(sluicegate_proto::sluicegate::v1::SettleRequest {
                         key: "hot".into(),
                         capacity: CAPACITY,
                         rate: RATE,
@@ -171,7 +171,7 @@ async fn memory_backend_is_exact_under_concurrency() {
 /// within a round trip, not after the refill (1,000 s at this rate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refund_through_another_replica_reaches_the_deny_cache() {
-    use sluicegate::proto::sluicegate::v1::{SettleRequest, ShouldAllowRequest};
+    use sluicegate_proto::sluicegate::v1::{SettleRequest, ShouldAllowRequest};
     let redis = RedisServer::start().await;
     let env = [("REDIS_URL", redis.url())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -187,9 +187,10 @@ fn compose_envoy_config_validates() {
 
 #[test]
 fn dashboard_promises() {
-    let d: Value =
-        serde_json::from_str(&std::fs::read_to_string("dashboards/grafana/sluicegate.json").unwrap())
-            .unwrap();
+    let d: Value = serde_json::from_str(
+        &std::fs::read_to_string("dashboards/grafana/sluicegate.json").unwrap(),
+    )
+    .unwrap();
     let vars = d["templating"]["list"].as_array().unwrap();
     assert!(
         vars.iter()

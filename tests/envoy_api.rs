@@ -168,7 +168,7 @@ async fn limit_override_replaces_the_rule() {
     let (t, _dir) = start(&[], &[]).await;
     let mut c = client(&t).await;
     let mut d = descriptor(&[("api_key", "o")]);
-    d.limit = Some(sluicegate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
+    d.limit = Some(sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
         requests_per_unit: 1,
         unit: 3, // HOUR
     });
@@ -180,7 +180,7 @@ async fn limit_override_replaces_the_rule() {
     assert_eq!(code_of(&mut c, req).await, OVER);
     // Also for a descriptor no rule matches.
     let mut d = descriptor(&[("nothing", "x")]);
-    d.limit = Some(sluicegate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
+    d.limit = Some(sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride {
         requests_per_unit: 1,
         unit: 1,
     });
@@ -458,7 +458,7 @@ async fn headers_and_metadata_name_the_limit() {
 /// through when the call fails, so every one of these must be answered, none an error.
 #[tokio::test]
 async fn every_descriptor_envoy_can_send_is_answered() {
-    use sluicegate::proto::envoy::extensions::common::ratelimit::v3::{
+    use sluicegate_proto::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
     let (t, _dir) = start(&[], &[]).await;

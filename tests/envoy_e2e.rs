@@ -67,7 +67,11 @@ fn shipped_envoy_configs_validate() {
 /// certificate for `sluicegate`, Envoy's client certificate); returns the config's path.
 fn mtls_config(dir: &std::path::Path) -> std::path::PathBuf {
     let ca = common::pki::Ca::new(dir, "ca");
-    ca.issue("sluicegate", &["DNS:sluicegate", "DNS:localhost"], "serverAuth");
+    ca.issue(
+        "sluicegate",
+        &["DNS:sluicegate", "DNS:localhost"],
+        "serverAuth",
+    );
     ca.issue(
         "envoy",
         &["URI:spiffe://sluicegate.local/envoy"],
@@ -228,13 +232,13 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
     let mut settled = 0.0;
     for _ in 0..2 {
         let reserve = common::ask("ann-settle", 10.0, 2.0, 1);
-        let r = v1.should_allow(sluicegate::proto::sluicegate::v1::ShouldAllowRequest {
+        let r = v1.should_allow(sluicegate_proto::sluicegate::v1::ShouldAllowRequest {
             dry_run: true,
             ..reserve
         });
         assert!(r.await.unwrap().into_inner().allowed);
         let s = v1
-            .settle(sluicegate::proto::sluicegate::v1::SettleRequest {
+            .settle(sluicegate_proto::sluicegate::v1::SettleRequest {
                 key: "ann-settle".into(),
                 capacity: 10.0,
                 rate: 2.0,

@@ -8,10 +8,10 @@ use std::{sync::Arc, time::Instant};
 
 use common::envoy::{OK, OVER, descriptor, request};
 use sluicegate::api::{ApiError, EnvoyApi, EnvoySettings};
-use sluicegate::backend::{Backend, BackendError, BucketRequest, ErrorKind, MemoryBackend};
-use sluicegate::core::{Decision, FailureMode};
-use sluicegate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
-use sluicegate::rules::RulesHandle;
+use sluicegate_core::backend::{Backend, BackendError, BucketRequest, ErrorKind, MemoryBackend};
+use sluicegate_core::rules::RulesHandle;
+use sluicegate_core::{Decision, FailureMode};
+use sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 
 const RULES: &str = "domain: edge
 descriptors:
@@ -83,8 +83,8 @@ impl Backend for Flaky {
     }
     async fn settle(
         &self,
-        req: sluicegate::backend::SettleRequest<'_>,
-    ) -> Result<sluicegate::backend::Settled, BackendError> {
+        req: sluicegate_core::backend::SettleRequest<'_>,
+    ) -> Result<sluicegate_core::backend::Settled, BackendError> {
         self.0.settle(req).await
     }
     async fn ping(&self) -> Result<(), BackendError> {
@@ -126,7 +126,7 @@ impl Api {
     async fn ask(
         &self,
         entries: &[(&str, &str)],
-    ) -> sluicegate::proto::envoy::service::ratelimit::v3::RateLimitResponse {
+    ) -> sluicegate_proto::envoy::service::ratelimit::v3::RateLimitResponse {
         let descriptors = entries.iter().map(|e| descriptor(&[*e])).collect();
         self.api
             .should_rate_limit(&request("edge", descriptors))
@@ -277,7 +277,7 @@ impl Backend for SlowRefunds {
     ) -> Vec<Result<Decision, BackendError>> {
         if reqs
             .iter()
-            .all(|r| matches!(r.op, sluicegate::core::Op::Refund(_)))
+            .all(|r| matches!(r.op, sluicegate_core::Op::Refund(_)))
         {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -285,8 +285,8 @@ impl Backend for SlowRefunds {
     }
     async fn settle(
         &self,
-        req: sluicegate::backend::SettleRequest<'_>,
-    ) -> Result<sluicegate::backend::Settled, BackendError> {
+        req: sluicegate_core::backend::SettleRequest<'_>,
+    ) -> Result<sluicegate_core::backend::Settled, BackendError> {
         self.0.settle(req).await
     }
     async fn ping(&self) -> Result<(), BackendError> {
@@ -494,7 +494,7 @@ async fn a_value_longer_than_max_key_bytes_keeps_a_bucket_of_its_own() {
 
 #[tokio::test]
 async fn bytes_that_are_not_utf8_are_values_like_any_other() {
-    use sluicegate::proto::envoy::extensions::common::ratelimit::v3::{
+    use sluicegate_proto::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
     let a = api(|_| {});

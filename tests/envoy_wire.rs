@@ -5,7 +5,7 @@
 use envoy_types::pb::envoy as et;
 use envoy_types::pb::google::protobuf as etp;
 use prost::Message;
-use sluicegate::proto::envoy as tg;
+use sluicegate_proto::envoy as tg;
 
 fn envoy_types_request() -> et::service::ratelimit::v3::RateLimitRequest {
     use et::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor as d};
@@ -170,7 +170,7 @@ fn response_bytes_identical_both_ways() {
 #[test]
 fn service_path_matches() {
     assert_eq!(
-        sluicegate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME,
+        sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME,
         "envoy.service.ratelimit.v3.RateLimitService"
     );
 }

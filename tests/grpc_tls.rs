@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 
 use common::pki::Ca;
 use common::{Sluicegate, ask, eventually};
-use sluicegate::proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
+use sluicegate_proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// A client of the TLS port trusting `ca`, presenting `identity` (cert, key) if any.

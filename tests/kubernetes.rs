@@ -217,7 +217,7 @@ async fn the_deployment_matches_the_binary() {
     let configmap = doc("rules-configmap.yaml");
     assert_eq!(volume["configMap"]["name"], configmap["metadata"]["name"]);
     for (file, text) in configmap["data"].as_object().unwrap() {
-        let set = sluicegate::rules::parse_text(file, text.as_str().unwrap())
+        let set = sluicegate_core::rules::parse_text(file, text.as_str().unwrap())
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(!set.rules().is_empty());
     }

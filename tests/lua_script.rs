@@ -4,7 +4,7 @@
 mod common;
 
 use redis::aio::MultiplexedConnection;
-use sluicegate::backend::redis::TOKEN_BUCKET_LUA;
+use sluicegate_core::backend::redis::TOKEN_BUCKET_LUA;
 
 const MAX_MS: i64 = 9_007_199_254_740_991;
 
@@ -308,8 +308,8 @@ mod batched {
     //! groups, as the Rust arithmetic of the memory backend), on random operation sequences.
     use super::*;
     use proptest::prelude::*;
-    use sluicegate::backend::{BucketRequest, MemoryBackend};
-    use sluicegate::core::{Op, Shape};
+    use sluicegate_core::backend::{BucketRequest, MemoryBackend};
+    use sluicegate_core::{Op, Shape};
 
     /// A refill so slow that the microseconds between calls add nothing measurable.
     const RATE: &str = "0.000000001";

@@ -268,9 +268,10 @@ async fn every_dashboard_panel_has_data() {
         ]),
     ];
 
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string("dashboards/grafana/sluicegate.json").unwrap())
-            .unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string("dashboards/grafana/sluicegate.json").unwrap(),
+    )
+    .unwrap();
     let mut queries = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {

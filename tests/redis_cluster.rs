@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{RedisCluster, RedisSentinels, Sluicegate, ask, eventually, http_get, should_allow};
-use sluicegate::core::Shape;
+use sluicegate_core::Shape;
 
 /// One cluster at a time: several six-node clusters at once on two cores could miss their own
 /// node timeouts and fail over by themselves.
@@ -102,7 +102,8 @@ async fn a_master_killed_under_load() {
     let t = on_cluster(&cluster, &["--redis-timeout-ms", &TIMEOUT_MS.to_string()]).await;
     let client = t.client().await;
     let keys: Vec<String> = (0..60).map(|i| format!("failover-{i}")).collect();
-    let bucket = |k: &str| sluicegate::api::bucket_key("tb:user:", k, Shape::new(1e6, 1e6).unwrap());
+    let bucket =
+        |k: &str| sluicegate::api::bucket_key("tb:user:", k, Shape::new(1e6, 1e6).unwrap());
     let victim = cluster.master_of(&bucket(&keys[0])).await;
     let mut victim_keys = Vec::new();
     for k in &keys {

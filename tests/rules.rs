@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use sluicegate::rules::{Limit, RuleSet, Unit, load_path};
+use sluicegate_core::rules::{Limit, RuleSet, Unit, load_path};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

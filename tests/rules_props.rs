@@ -3,7 +3,7 @@
 //! prints, rule for rule: where it is, its descriptor path, its name, limit, bucket and flags.
 
 use proptest::prelude::*;
-use sluicegate::rules::{Unit, parse_text};
+use sluicegate_core::rules::{Unit, parse_text};
 
 const FILE: &str = "rules.yaml";
 

@@ -6,9 +6,11 @@ mod common;
 use std::time::Duration;
 
 use sluicegate::api::{ApiError, Defaults, ShouldAllowApi};
-use sluicegate::backend::{Backend, MemoryBackend, RedisBackend};
-use sluicegate::core::Shape;
-use sluicegate::proto::sluicegate::v1::{SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest};
+use sluicegate_core::Shape;
+use sluicegate_core::backend::{Backend, MemoryBackend, RedisBackend};
+use sluicegate_proto::sluicegate::v1::{
+    SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest,
+};
 
 /// A refill slow enough that the milliseconds of a test add nothing measurable.
 const SLOW: f64 = 0.001;
@@ -345,7 +347,7 @@ async fn refunding_settles_can_be_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_batches_over_two_replicas_never_over_admit() {
     use common::{RedisServer, Sluicegate};
-    use sluicegate::proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
+    use sluicegate_proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
 
     let redis = RedisServer::start().await;
     let env = [("REDIS_URL", redis.url())];

@@ -40,7 +40,7 @@
 
 mod client;
 mod layer;
-pub mod proto;
+pub use sluicegate_proto as proto;
 
 pub use client::{
     BatchDecision, Client, ClientBuilder, Decision, Error, FALLBACK_RETRY_AFTER, FailureMode,

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use axum::{Router, body::Body, routing::get};
+use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request};
 use tower::ServiceExt;
 
 /// A sluicegate (memory backend) on ephemeral loopback ports, stopped when dropped.

@@ -3,14 +3,14 @@
 
 use std::process::Command;
 
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use sluicegate::config::Cli as SluicegateCli;
 use sluicegate_client::proto::sluicegate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
 };
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// A sluicegate on ephemeral loopback ports, stopped when dropped.
 struct Server {

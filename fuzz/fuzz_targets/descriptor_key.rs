@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use sluicegate::rules::{RuleSet, descriptor_key, parse_text};
+use sluicegate_core::rules::{RuleSet, descriptor_key, parse_text};
 
 const PREFIX: &str = "envoy:";
 

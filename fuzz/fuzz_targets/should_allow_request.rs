@@ -9,10 +9,10 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sluicegate::api::{ApiError, Defaults, ShouldAllowApi};
-use sluicegate::backend::MemoryBackend;
-use sluicegate::backend::memory::{Clock as _, ManualClock};
-use sluicegate::core::Shape;
-use sluicegate::proto::sluicegate::v1::{
+use sluicegate_core::backend::MemoryBackend;
+use sluicegate_core::backend::memory::{Clock as _, ManualClock};
+use sluicegate_core::Shape;
+use sluicegate_proto::sluicegate::v1::{
     SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest, ShouldAllowResponse,
 };
 

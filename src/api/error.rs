@@ -1,7 +1,7 @@
 //! Every error a caller can see, and its gRPC status: mapped here and nowhere else.
 
-use crate::backend::BackendError;
-use crate::core::InvalidShape;
+use sluicegate_core::InvalidShape;
+use sluicegate_core::backend::BackendError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -1,5 +1,5 @@
 //! The gRPC transports, `sluicegate.v1` ShouldAllow and Envoy RLS v3: conversion between protos and
-//! [`crate::core`], input checks, and the one place where errors become `tonic::Status`.
+//! [`sluicegate_core`], input checks, and the one place where errors become `tonic::Status`.
 
 mod envoy;
 mod error;

@@ -12,9 +12,9 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
-use crate::backend::{Backend, BackendError, BucketRequest};
-use crate::core::{Decision, FailureMode, Op, Shape};
 use crate::telemetry::FailureModeMetrics;
+use sluicegate_core::backend::{Backend, BackendError, BucketRequest};
+use sluicegate_core::{Decision, FailureMode, Op, Shape};
 
 /// Compensations in flight at most, detached from their callers.
 const MAX_DETACHED: usize = 1024;

@@ -8,15 +8,15 @@ use tonic::{Request, Response, Status};
 
 use super::ApiError;
 use super::pipeline::{Fallback, compensate};
-use crate::backend::{
+use crate::telemetry::{Activity, DecisionMetrics, ShedMetrics, decision_log};
+use sluicegate_core::backend::{
     Backend, BackendError, BucketRequest, Reserve, SettleRequest as SettleBucket, Settled,
 };
-use crate::core::{Decision, FailureMode, Limits, Op, Shape};
-use crate::proto::sluicegate::v1::{
+use sluicegate_core::{Decision, FailureMode, Limits, Op, Shape};
+use sluicegate_proto::sluicegate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_server::RateLimitService,
 };
-use crate::telemetry::{Activity, DecisionMetrics, ShedMetrics, decision_log};
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -419,7 +419,7 @@ impl<B: Backend> ShouldAllowApi<B> {
                     .into(),
             )));
         }
-        let op = crate::backend::settle_op(req.reserved, req.actual);
+        let op = sluicegate_core::backend::settle_op(req.reserved, req.actual);
         let d = self
             .backend
             .decide(BucketRequest::new(key, shape, op))

@@ -20,8 +20,8 @@ use axum::{
 use serde_json::{Value, json};
 
 use super::health::Health;
-use crate::rules::{Limit, RulesHandle};
 use crate::telemetry::Activity;
+use sluicegate_core::rules::{Limit, RulesHandle};
 
 /// How much history the status page shows.
 const STATUS_SECONDS: usize = 120;

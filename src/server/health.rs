@@ -16,9 +16,9 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::backend::Backend;
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME as ENVOY_SERVICE;
-use crate::proto::sluicegate::v1::rate_limit_service_server::SERVICE_NAME as SLUICEGATE_SERVICE;
+use sluicegate_core::backend::Backend;
+use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME as ENVOY_SERVICE;
+use sluicegate_proto::sluicegate::v1::rate_limit_service_server::SERVICE_NAME as SLUICEGATE_SERVICE;
 
 /// gRPC services reported by health, besides the server as a whole ("").
 const HEALTH_SERVICES: &[&str] = &["", SLUICEGATE_SERVICE, ENVOY_SERVICE];

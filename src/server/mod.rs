@@ -26,18 +26,18 @@ use limits::LimitLayer;
 use tls::{Tls, TlsSettings};
 
 use crate::api::{Defaults, EnvoyApi, EnvoySettings, HeaderNames, ShouldAllowApi};
-use crate::backend::{
-    Backend, MemoryBackend, RedisBackend,
-    redis::{RedisOptions, RedisTls, Topology},
-};
 use crate::config::{RedisType, ServeArgs};
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
-use crate::proto::sluicegate::v1::rate_limit_service_server::RateLimitServiceServer;
-use crate::rules::{ReloadObserver, RulesHandle};
 use crate::telemetry::{
     Activity, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
     redis_metrics,
 };
+use sluicegate_core::backend::{
+    Backend, MemoryBackend, RedisBackend,
+    redis::{RedisOptions, RedisTls, Topology},
+};
+use sluicegate_core::rules::{ReloadObserver, RulesHandle};
+use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
+use sluicegate_proto::sluicegate::v1::rate_limit_service_server::RateLimitServiceServer;
 
 /// How often histogram samples are folded into buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -80,7 +80,7 @@ pub async fn run(
             RulesHandle::none()
         }
     });
-    crate::rules::spawn_watcher(rules.clone(), shutdown.clone());
+    sluicegate_core::rules::spawn_watcher(rules.clone(), shutdown.clone());
     let default_shape = args.default_shape().map_err(anyhow::Error::msg)?;
     let activity = Arc::new(Activity::new(args.top_keys as usize, args.near_limit_ratio));
     let defaults = Defaults {
@@ -168,7 +168,7 @@ async fn serve<B: Backend>(
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(sluicegate_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;

@@ -15,8 +15,8 @@ use super::decision_log::{DENIALS_PER_SECOND, DenialSampler};
 use super::live::LiveStats;
 use super::metrics_setup::{RuleCounts, RuleMetrics};
 use super::top_keys::{TopKey, TopKeys};
-use crate::core::Decision;
-use crate::rules::RuleSet;
+use sluicegate_core::Decision;
+use sluicegate_core::rules::RuleSet;
 
 /// The per-rule metrics of one loaded rule set, by rule id.
 pub struct RuleMetricsFor {

@@ -7,7 +7,7 @@ use std::{
     time::Instant,
 };
 
-use crate::core::Decision;
+use sluicegate_core::Decision;
 
 /// The most denial lines logged at info per second.
 pub const DENIALS_PER_SECOND: u32 = 10;

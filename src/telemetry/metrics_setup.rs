@@ -220,7 +220,7 @@ impl DecisionMetrics {
     }
 
     /// Counts the decisions the deny cache answered without the backend.
-    pub fn local(&self, decisions: &[&crate::core::Decision]) {
+    pub fn local(&self, decisions: &[&sluicegate_core::Decision]) {
         let n = decisions.iter().filter(|d| d.local).count();
         if n > 0 {
             self.local.increment(n as u64);
@@ -423,9 +423,9 @@ impl RefusedMetrics {
 }
 
 /// The memory backend's eviction counters, registered (at 0) from the start.
-pub fn eviction_counters() -> crate::backend::memory::EvictionCounters {
+pub fn eviction_counters() -> sluicegate_core::backend::memory::EvictionCounters {
     let c = |bucket: &'static str| metrics::counter!(names::MEMORY_EVICTIONS, "bucket" => bucket);
-    crate::backend::memory::EvictionCounters {
+    sluicegate_core::backend::memory::EvictionCounters {
         full: Some(c("full")),
         partial: Some(c("partial")),
     }
@@ -433,8 +433,8 @@ pub fn eviction_counters() -> crate::backend::memory::EvictionCounters {
 
 /// The Redis backend's metric handles: batch sizes and a breaker gauge per node.
 /// The breaker gauges also tell `activity`, for the status page.
-pub fn redis_metrics(activity: Arc<Activity>) -> crate::backend::redis::RedisMetrics {
-    crate::backend::redis::RedisMetrics {
+pub fn redis_metrics(activity: Arc<Activity>) -> sluicegate_core::backend::redis::RedisMetrics {
+    sluicegate_core::backend::redis::RedisMetrics {
         batch_size: Some(metrics::histogram!(names::BATCH_SIZE, "backend" => "redis")),
         circuit: Some(Arc::new(move |node: &str| {
             activity.circuit_gauge(

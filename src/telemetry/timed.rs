@@ -5,8 +5,8 @@ use std::time::Instant;
 use metrics::{Counter, Histogram};
 
 use super::names;
-use crate::backend::{Backend, BackendError, BucketRequest, ErrorKind};
-use crate::core::Decision;
+use sluicegate_core::Decision;
+use sluicegate_core::backend::{Backend, BackendError, BucketRequest, ErrorKind};
 
 /// Wraps a backend; the metrics handles are registered once, at construction.
 pub struct Timed<B> {
@@ -76,8 +76,8 @@ impl<B: Backend> Backend for Timed<B> {
 
     async fn settle(
         &self,
-        req: crate::backend::SettleRequest<'_>,
-    ) -> Result<crate::backend::Settled, BackendError> {
+        req: sluicegate_core::backend::SettleRequest<'_>,
+    ) -> Result<sluicegate_core::backend::Settled, BackendError> {
         let started = Instant::now();
         let result = self.inner.settle(req).await;
         self.duration.record(started.elapsed().as_secs_f64());

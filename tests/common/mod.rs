@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluicegate::proto::sluicegate::v1::{
+use sluicegate_proto::sluicegate::v1::{
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_client::RateLimitServiceClient,
 };
 use tonic::transport::Channel;
@@ -546,10 +546,10 @@ pub const NOT_SERVING: i32 = 2;
 pub mod envoy {
     //! Helpers for Envoy RLS calls with sluicegate's own (wire-compatible) types.
     #![allow(unused_imports)]
-    use sluicegate::proto::envoy::extensions::common::ratelimit::v3::{
+    use sluicegate_proto::envoy::extensions::common::ratelimit::v3::{
         RateLimitDescriptor, rate_limit_descriptor::Entry,
     };
-    pub use sluicegate::proto::envoy::service::ratelimit::v3::{
+    pub use sluicegate_proto::envoy::service::ratelimit::v3::{
         RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
         rate_limit_service_client::RateLimitServiceClient,
     };

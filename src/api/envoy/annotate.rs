@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use prost_types::{ListValue, Struct, Value, value::Kind};
 
 use super::plan::Plan;
-use crate::proto::envoy::config::core::v3::HeaderValue;
-use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{
+use sluicegate_proto::envoy::config::core::v3::HeaderValue;
+use sluicegate_proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit, rate_limit,
 };
 

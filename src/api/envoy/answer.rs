@@ -4,12 +4,14 @@
 
 use std::fmt;
 
-use crate::backend::BackendError;
-use crate::core::Decision;
-use crate::proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as DescEntry;
-use crate::proto::envoy::service::ratelimit::v3::RateLimitRequest;
-use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus};
 use crate::telemetry::{Activity, DecisionMetrics, RuleMetrics, decision_log};
+use sluicegate_core::Decision;
+use sluicegate_core::backend::BackendError;
+use sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as DescEntry;
+use sluicegate_proto::envoy::service::ratelimit::v3::RateLimitRequest;
+use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus,
+};
 
 use super::plan::{Entry, Plan};
 

@@ -34,14 +34,14 @@ use tonic::{Request, Response, Status};
 
 use super::ApiError;
 use super::pipeline::{Fallback, compensate};
-use crate::backend::{Backend, BucketRequest};
-use crate::core::{FailureMode, Op};
-use crate::proto::envoy::service::ratelimit::v3::{
+use crate::telemetry::{Activity, DecisionMetrics, RefusedMetrics};
+use sluicegate_core::backend::{Backend, BucketRequest};
+use sluicegate_core::rules::RulesHandle;
+use sluicegate_core::{FailureMode, Op};
+use sluicegate_proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
     rate_limit_service_server::RateLimitService,
 };
-use crate::rules::RulesHandle;
-use crate::telemetry::{Activity, DecisionMetrics, RefusedMetrics};
 
 pub use annotate::HeaderNames;
 pub use plan::MAX_ENTRIES as MAX_DESCRIPTOR_ENTRIES;

@@ -5,14 +5,14 @@ use std::{fmt::Write as _, sync::Arc};
 
 use super::EnvoySettings;
 use crate::api::ApiError;
-use crate::core::{Op, Shape};
-use crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use crate::proto::envoy::service::ratelimit::v3::{
+use sluicegate_core::rules::{Limit, Rule, RuleSet, Unit, descriptor_key};
+use sluicegate_core::{Op, Shape};
+use sluicegate_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use sluicegate_proto::envoy::service::ratelimit::v3::{
     RateLimitRequest,
     rate_limit_response::{RateLimit, rate_limit},
 };
-use crate::proto::envoy::r#type::v3::RateLimitUnit;
-use crate::rules::{Limit, Rule, RuleSet, Unit, descriptor_key};
+use sluicegate_proto::envoy::r#type::v3::RateLimitUnit;
 
 /// What one descriptor needs, once matched.
 pub(super) enum Entry {

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::process::{LogArgs, METRICS_CONTENT_TYPE, Metrics};
 use axum::{
     Json, Router,
     extract::{MatchedPath, Request, State},
@@ -19,9 +20,8 @@ use axum::{
     routing::{get, post},
 };
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
-use sluicegate::telemetry::{LogArgs, METRICS_CONTENT_TYPE, MetricsHandle, install_recorder};
 use sluicegate_client::{Client, FailureMode, RateLimitLayer};
+use tokio_util::sync::CancellationToken;
 
 use crate::generate;
 use crate::identity::Identity;
@@ -168,7 +168,7 @@ pub struct AppState {
     pub trust_forwarded: bool,
     pub token_capacity: f64,
     pub token_rate: f64,
-    metrics: MetricsHandle,
+    metrics: Metrics,
 }
 
 /// Serves the demo on `listener` until `shutdown`, then lets in-flight requests finish.
@@ -177,7 +177,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = install_recorder(describe);
+    let metrics = Metrics::install(describe);
     let client = Client::builder(config.sluicegate_url.clone())
         .timeout(config.sluicegate_timeout())
         .failure_mode(match config.failure_mode {

@@ -5,10 +5,12 @@
 //! - `identity.rs`: who is asking (client address, `X-API-Key` or `X-User`), i.e. the bucket key.
 //! - `generate.rs`: reserve an estimate, do the (fake) work, settle the real cost.
 //! - `app.rs`: configuration, routes, the layer, request metrics, serving and shutdown.
+//! - `process.rs`: `.env`, logs, the Prometheus recorder, the stop signal.
 
 mod app;
 mod generate;
 mod identity;
+mod process;
 
 use std::process::ExitCode;
 
@@ -17,12 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Err(e) = sluicegate::config::load_dotenv() {
+    if let Err(e) = process::load_dotenv() {
         eprintln!("sluicegate-demo: {e}");
         return ExitCode::from(2);
     }
     let config = app::DemoConfig::parse();
-    sluicegate::telemetry::init_tracing(config.log.log_format);
+    process::init_tracing(config.log.log_format);
     let listener = match tokio::net::TcpListener::bind(config.addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -37,7 +39,7 @@ async fn main() -> ExitCode {
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            sluicegate::server::wait_for_signal().await;
+            process::wait_for_signal().await;
             tracing::info!("signal received: finishing in-flight requests");
             shutdown.cancel();
         });

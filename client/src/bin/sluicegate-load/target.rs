@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sluicegate::rules::{Limit, RuleSet, load_path};
 use sluicegate_client::proto::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
@@ -15,6 +14,7 @@ use sluicegate_client::proto::envoy::service::ratelimit::v3::{
 use sluicegate_client::proto::sluicegate::v1::{
     SettleRequest, ShouldAllowRequest, rate_limit_service_client::RateLimitServiceClient,
 };
+use sluicegate_core::rules::{Limit, RuleSet, load_path};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{Api, Cli};
@@ -230,8 +230,8 @@ impl Target {
                         entries: entries
                             .iter()
                             .map(|(k, v)| Entry {
-                                key: k.clone(),
-                                value: v.replace("{key}", key),
+                                key: k.clone().into_bytes(),
+                                value: v.replace("{key}", key).into_bytes(),
                             })
                             .collect(),
                         ..Default::default()
@@ -242,7 +242,7 @@ impl Target {
                     .iter()
                     .map(|d| {
                         let set = rules.as_ref()?;
-                        let entries = d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str()));
+                        let entries = d.entries.iter().map(|e| (&e.key, &e.value));
                         match set.lookup("", domain, entries)?.rule.limit {
                             Limit::Bucket { shape, .. } => Some((shape.capacity(), shape.rate())),
                             _ => None,

@@ -1,12 +1,21 @@
-//! Code generated from `proto/` by `build.rs`, and the descriptor set reflection serves.
+//! sluicegate's generated gRPC code, compiled once for the workspace by the top-level `build.rs`
+//! from the .proto files beside this crate: `sluicegate.v1` and Envoy's rate-limit API, clients and
+//! servers, and the descriptor set reflection serves.
+//!
+//! One change from the protos as written: Envoy's descriptor entries
+//! (`RateLimitDescriptor.Entry.key` and `.value`) are bytes here (`Vec<u8>`), since Envoy relays
+//! header values without checking UTF-8 (see `build.rs`).
 
+/// `sluicegate.v1`: ShouldAllow, ShouldAllowBatch, Settle.
 pub mod sluicegate {
+    #[allow(missing_docs)]
     pub mod v1 {
         tonic::include_proto!("sluicegate.v1");
     }
 }
 
 /// Envoy's rate-limit API (our wire-compatible copy of the data-plane-api protos).
+#[allow(missing_docs)]
 pub mod envoy {
     pub mod service {
         pub mod ratelimit {

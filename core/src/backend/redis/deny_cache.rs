@@ -18,7 +18,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::core::{Decision, Op, Shape, capped_ms};
+use crate::{Decision, Op, Shape, capped_ms};
 
 const SHARDS: usize = 16;
 /// Where `lua/token_bucket.lua` publishes the key of every bucket a refund filled.

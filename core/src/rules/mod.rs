@@ -16,7 +16,7 @@ pub use matcher::{Match, descriptor_key};
 pub use parse::{RulesError, load_path, parse_text};
 pub use watch::{ReloadObserver, RulesHandle, spawn_watcher};
 
-use crate::core::Shape;
+use crate::Shape;
 
 /// A time unit of envoyproxy/ratelimit's format (case-insensitive in YAML).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

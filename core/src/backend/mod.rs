@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use crate::core::{Decision, GroupRequest, Op, Shape};
+use crate::{Decision, GroupRequest, Op, Shape};
 
 pub mod memory;
 pub mod redis;

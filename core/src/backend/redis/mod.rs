@@ -37,7 +37,7 @@ use script::Placement;
 use topology::Topology as Nodes;
 
 use super::{Backend, BackendError, BucketRequest, ErrorKind, SettleRequest, Settled};
-use crate::core::{Decision, Op};
+use crate::{Decision, Op};
 
 const NAME: &str = "redis";
 
@@ -311,7 +311,7 @@ async fn submit_routed(
 fn refund_detached(
     nodes: &Arc<Nodes>,
     key: &str,
-    shape: crate::core::Shape,
+    shape: crate::Shape,
     hits: u64,
 ) -> tokio::task::JoinHandle<Result<Vec<Decision>, BackendError>> {
     let (nodes, key) = (nodes.clone(), key.to_string());

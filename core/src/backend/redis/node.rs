@@ -28,7 +28,7 @@ use super::connect::{CONNECT_TIMEOUT, DEAD_CONNECTION_AFTER, Template};
 use super::script;
 use super::{Lanes, map_error};
 use crate::backend::{BackendError, ErrorKind};
-use crate::core::{Decision, Op, Shape};
+use crate::{Decision, Op, Shape};
 
 /// The most buckets one script call decides (the batch-size cap).
 pub const MAX_BUCKETS_PER_CALL: usize = 128;

@@ -5,10 +5,10 @@ use redis::{Cmd, Value};
 
 use super::node::Job;
 use crate::backend::{BackendError, ErrorKind};
-use crate::core::{Decision, Op};
+use crate::{Decision, Op};
 
 /// The token-bucket script; its header states its KEYS/ARGV/return contract.
-pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../lua/token_bucket.lua");
+pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../../lua/token_bucket.lua");
 
 /// Where the keys go: declared KEYS (one server), or ARGV (a cluster node, whose keys span
 /// several slots, which Redis refuses as declared KEYS).

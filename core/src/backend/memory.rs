@@ -29,7 +29,7 @@ use parking_lot::{Mutex, MutexGuard};
 use rand::Rng;
 
 use super::{Backend, BackendError, BucketRequest, SettleRequest, Settled, settle_op};
-use crate::core::{BucketState, Decision, apply, apply_group, ttl_ms};
+use crate::{BucketState, Decision, apply, apply_group, ttl_ms};
 
 /// How many buckets to look at when one must be dropped.
 const EVICTION_SAMPLES: usize = 5;
@@ -279,7 +279,7 @@ impl<C: Clock> MemoryBackend<C> {
     /// reservation is not kept: its Settle will be NOT_FOUND and the tokens stay spent (the safe
     /// side).
     fn record_reservation(&self, req: &BucketRequest<'_>, now: f64) {
-        let (Some(r), crate::core::Op::Take(cost)) = (req.reserve, req.op) else {
+        let (Some(r), crate::Op::Take(cost)) = (req.reserve, req.op) else {
             return;
         };
         let mut all = self.reservations.lock();
@@ -491,7 +491,7 @@ impl<C: Clock> Backend for MemoryBackend<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{Op, Shape};
+    use crate::{Op, Shape};
 
     fn req(key: &str, op: Op) -> BucketRequest<'_> {
         BucketRequest::new(key, Shape::new(10.0, 1.0).unwrap(), op)

@@ -1,0 +1,32 @@
+//! sluicegate-core: the domain of sluicegate, with no gRPC server, HTTP, CLI or metrics exporter.
+//!
+//! # Layout
+//!
+//! - `bucket.rs`, `shape.rs`, `failure.rs` (re-exported at the top): the token-bucket arithmetic
+//!   ([`apply`], [`apply_group`]), bucket shapes and their bounds ([`Shape`], [`Limits`]), the
+//!   request kinds ([`Op`]) and answers ([`Decision`]), the failure policy ([`FailureMode`]).
+//!   Pure: time is passed in, so every rule of the README's "The token bucket" section is a
+//!   function unit tests pin down exactly.
+//! - [`backend`]: where buckets live. The [`backend::Backend`] trait, `memory.rs` (sharded maps)
+//!   and `redis/` (runs `lua/token_bucket.lua`: per-node lanes that batch concurrent decisions
+//!   into one script call, the topology of single, cluster and sentinel, a circuit breaker per
+//!   node judged on Redis calls, the local deny cache and the refund subscription that keeps it
+//!   honest), reservations for Settle.
+//! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
+//!   and hot-reload.
+//!
+//! Dependencies point inwards: `rules` and `backend` use the arithmetic, nothing here uses the
+//! server crate (`sluicegate`) or the client crate. Metrics go through the `metrics` facade only:
+//! the server crate installs the recorder and hands the backends their handles.
+
+pub mod backend;
+mod bucket;
+mod failure;
+pub mod rules;
+mod shape;
+
+pub use bucket::{
+    BucketState, Decision, GroupRequest, MAX_MS, Op, apply, apply_group, capped_ms, ttl_ms,
+};
+pub use failure::FailureMode;
+pub use shape::{InvalidShape, Limits, MAX_SHAPE, Shape};
