@@ -1,9 +1,7 @@
 //! ShouldAllow through a real sluicegate process (memory backend): answers, defaults, input checks,
 //! shadow mode, health, probes, and configuration errors.
 
-mod common;
-
-use common::{SERVING, Sluicegate, ask, health, http_get, metric_value, should_allow};
+use crate::support::{SERVING, Sluicegate, ask, health, http_get, metric_value, should_allow};
 use tonic::Code;
 
 #[tokio::test]
@@ -127,7 +125,7 @@ async fn shadow_mode_counts_but_always_allows() {
 #[tokio::test]
 async fn health_probes_and_metrics() {
     let t = Sluicegate::start(&[], &[]).await;
-    common::eventually(std::time::Duration::from_secs(5), "SERVING", async || {
+    crate::support::eventually(std::time::Duration::from_secs(5), "SERVING", async || {
         health(&t.grpc_url(), "").await == Some(SERVING)
     })
     .await;
@@ -180,7 +178,7 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
         ("RLS_KEY_PREFIX", "tb:user:envoy:"),
         ("TB_CAPACITY", "2e9"),
     ] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+        let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .env(var, value)
             .output()
             .unwrap();
@@ -195,7 +193,7 @@ async fn bad_configuration_fails_with_one_line_naming_the_variable() {
 #[test]
 fn newcomer_mistakes_are_answered_with_what_is_expected() {
     let run = |args: &[&str], env: &[(&str, &str)]| {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+        let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .args(args)
             .envs(env.iter().copied())
             .output()
@@ -301,7 +299,7 @@ async fn an_unparsable_redis_url_never_shows_its_password() {
         "redis://:s3cret@[::1",
         "rediss://u:s3cret@h:99999",
     ] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+        let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .env("REDIS_URL", url)
             .env("RUST_LOG", "debug")
             .output()
@@ -337,7 +335,7 @@ async fn tiny_rates_cap_the_figures() {
 
 #[tokio::test]
 async fn shadow_mode_holds_for_the_failure_mode_deny_answer() {
-    let closed = format!("redis://127.0.0.1:{}/0", common::free_port());
+    let closed = format!("redis://127.0.0.1:{}/0", crate::support::free_port());
     let t = Sluicegate::start(
         &[
             "--failure-mode",
@@ -361,7 +359,7 @@ fn bad_rules_fail_the_start_with_one_line() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "domain: edge\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n").unwrap();
     for path in [bad.to_str().unwrap(), "/nonexistent/rules"] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+        let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("RULES", path)
             .env("RUST_LOG", "error")
@@ -379,7 +377,7 @@ fn bad_rules_fail_the_start_with_one_line() {
 
 #[test]
 fn secrets_never_appear_in_help() {
-    let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+    let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .arg("--help")
         .env("REDIS_URL", "redis://:hunter2@10.0.0.1:6379")
         .output()

@@ -3,8 +3,6 @@
 //! the dashboard has the panels and variable it promises. (No Docker engine runs here, so this is
 //! what can be checked without one.)
 
-mod common;
-
 use std::path::Path;
 
 use serde_json::Value;
@@ -169,7 +167,7 @@ fn names_and_ports_agree() {
 
 #[test]
 fn compose_envoy_config_validates() {
-    let out = std::process::Command::new(common::envoy_bin())
+    let out = std::process::Command::new(crate::support::envoy_bin())
         .args([
             "--mode",
             "validate",

@@ -1,48 +1,15 @@
 //! sluicegate-load against real servers: sluicegate (run in this process on loopback), the demo app,
 //! and a broken limiter that allows everything, which the bound check must catch.
 
+use crate::support::sluicegate;
 use std::process::Command;
 
-use sluicegate::config::Cli as SluicegateCli;
 use sluicegate_client::proto::sluicegate::v1::{
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-/// A sluicegate on ephemeral loopback ports, stopped when dropped.
-struct Server {
-    grpc: String,
-    stop: CancellationToken,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn sluicegate(flags: &[&str]) -> Server {
-    let mut argv = vec![
-        "sluicegate",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-    ];
-    argv.extend_from_slice(flags);
-    let args = <SluicegateCli as clap::Parser>::parse_from(argv)
-        .into_serve()
-        .unwrap();
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", grpc.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    tokio::spawn(sluicegate::server::run(args, grpc, http, stop.clone()));
-    Server { grpc: url, stop }
-}
 
 struct Run {
     code: Option<i32>,
@@ -90,7 +57,7 @@ async fn closed_loop_counts_add_up_and_bound_holds() {
     let before = unix_now();
     let run = load(&[
         "--target",
-        &t.grpc,
+        &t.url,
         "--duration",
         "2s",
         "--concurrency",
@@ -172,7 +139,7 @@ async fn open_loop_keeps_its_rate() {
     let t = sluicegate(&[]).await;
     let run = load(&[
         "--target",
-        &t.grpc,
+        &t.url,
         "--rps",
         "200",
         "--duration",
@@ -359,7 +326,7 @@ async fn http_mode_against_the_demo_counts_429_as_denied() {
             "--addr",
             &format!("127.0.0.1:{port}"),
             "--sluicegate-url",
-            &t.grpc,
+            &t.url,
         ])
         .args(["--identity", "api-key", "--sluicegate-timeout-ms", "1000"])
         .spawn()
@@ -419,7 +386,7 @@ descriptors:
         "--api",
         "envoy",
         "--target",
-        &t.grpc,
+        &t.url,
         "--domain",
         "edge",
         "--descriptor",
@@ -461,7 +428,7 @@ async fn settle_mode_holds_the_debt_bound() {
         "--api",
         "settle",
         "--target",
-        &t.grpc,
+        &t.url,
         "--cost",
         "5",
         "--capacity",

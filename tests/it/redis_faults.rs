@@ -2,11 +2,9 @@
 //! Latency stays bounded by REDIS_TIMEOUT_MS, FAILURE_MODE decides the answers, health follows,
 //! and sluicegate recovers by itself.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::support::{
     NOT_SERVING, RedisServer, SERVING, Sluicegate, ask, eventually, health, http_get, should_allow,
 };
 use tonic::Code;
@@ -363,7 +361,7 @@ async fn the_circuit_closes_when_pings_answer_again() {
             .degraded
     );
     let open = |metrics: &str| {
-        common::metric_value(metrics, "sluicegate_backend_circuit_open{").map(|v| v == 1.0)
+        crate::support::metric_value(metrics, "sluicegate_backend_circuit_open{").map(|v| v == 1.0)
     };
 
     redis.kill();

@@ -1,8 +1,6 @@
 //! Settle and ShouldAllowBatch: the same answers on both backends (in process), and batches from
 //! many callers over two replicas that never admit more than a bucket holds (real processes).
 
-mod common;
-
 use std::time::Duration;
 
 use sluicegate::api::{ApiError, Defaults, ShouldAllowApi};
@@ -311,7 +309,7 @@ macro_rules! both {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let server = common::RedisServer::start().await;
+                    let server = crate::support::RedisServer::start().await;
                     let backend = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
                     super::$name(&api(backend)).await;
                 }
@@ -346,7 +344,7 @@ async fn refunding_settles_can_be_refused() {
 /// ever over-admitted and no refused batch left a charge behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_batches_over_two_replicas_never_over_admit() {
-    use common::{RedisServer, Sluicegate};
+    use crate::support::{RedisServer, Sluicegate};
     use sluicegate_proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
 
     let redis = RedisServer::start().await;
@@ -414,7 +412,7 @@ async fn concurrent_batches_over_two_replicas_never_over_admit() {
 /// refund lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_settles_of_one_id_over_two_replicas_refund_once() {
-    use common::{RedisServer, Sluicegate};
+    use crate::support::{RedisServer, Sluicegate};
     let redis = RedisServer::start().await;
     let replicas = [
         Sluicegate::start(&[], &[("REDIS_URL", &redis.url())]).await,

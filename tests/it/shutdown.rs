@@ -1,10 +1,8 @@
 //! SIGTERM with calls in flight: they complete, then the process exits 0.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{RedisServer, Sluicegate, ask, should_allow};
+use crate::support::{RedisServer, Sluicegate, ask, should_allow};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_calls_finish() {
@@ -66,17 +64,17 @@ async fn sigterm_lets_in_flight_calls_finish() {
 /// answered for the delay (load balancers take a moment to stop sending), then a clean exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_delay_goes_unready_first_and_keeps_answering() {
-    use common::{NOT_SERVING, SERVING, health, http_get};
+    use crate::support::{NOT_SERVING, SERVING, health, http_get};
     use std::time::Instant;
     let mut t = Sluicegate::start(&["--shutdown-delay-secs", "2"], &[]).await;
     let mut c = t.client().await;
-    common::eventually(Duration::from_secs(5), "SERVING", async || {
+    crate::support::eventually(Duration::from_secs(5), "SERVING", async || {
         health(&t.grpc_url(), "").await == Some(SERVING)
     })
     .await;
     let started = Instant::now();
     t.signal_term();
-    common::eventually(
+    crate::support::eventually(
         Duration::from_millis(500),
         "NOT_SERVING at once",
         async || {

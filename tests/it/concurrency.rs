@@ -1,11 +1,9 @@
 //! Many clients, two sluicegate processes, one Redis, one bucket: exactly its capacity is allowed,
 //! with decisions batched per script call and the local deny cache on.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, Sluicegate, ask, eventually, http_get, metric, should_allow};
+use crate::support::{RedisServer, Sluicegate, ask, eventually, http_get, metric, should_allow};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_calls_over_two_replicas_allow_exactly_capacity() {
@@ -183,7 +181,7 @@ async fn a_refund_through_another_replica_reaches_the_deny_cache() {
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     let ask = |cost| ShouldAllowRequest {
         reserve_ttl_ms: 60_000,
-        ..common::ask("shared", 10.0, 0.001, cost)
+        ..crate::support::ask("shared", 10.0, 0.001, cost)
     };
     let reserved = should_allow(&mut cb, ask(5)).await.unwrap();
     assert!(reserved.allowed);

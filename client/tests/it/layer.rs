@@ -1,45 +1,12 @@
 //! The library against a real sluicegate (run in this process): the tower layer limiting an axum
 //! app, the typed client's calls, and what each failure becomes.
 
+use crate::support::sluicegate;
 use std::time::Duration;
 
 use axum::{Router, body::Body, routing::get};
 use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
-
-/// A sluicegate (memory backend) on ephemeral loopback ports, stopped when dropped.
-struct Sluicegate {
-    url: String,
-    stop: CancellationToken,
-}
-
-impl Drop for Sluicegate {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn sluicegate(flags: &[&str]) -> Sluicegate {
-    let mut argv = vec![
-        "sluicegate",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-    ];
-    argv.extend_from_slice(flags);
-    let args = <sluicegate::config::Cli as clap::Parser>::parse_from(argv)
-        .into_serve()
-        .unwrap();
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", grpc.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    tokio::spawn(sluicegate::server::run(args, grpc, http, stop.clone()));
-    Sluicegate { url, stop }
-}
 
 fn by_api_key(parts: &http::request::Parts) -> Result<String, KeyError> {
     parts

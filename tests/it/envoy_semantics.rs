@@ -2,11 +2,9 @@
 //! all or nothing, CHARGE_ON_DENY, failures confined to their descriptors, shadow rules at 0,
 //! 0-hit checks and debt, overrides without rules, and the bounds.
 
-mod common;
-
 use std::{sync::Arc, time::Instant};
 
-use common::envoy::{OK, OVER, descriptor, request};
+use crate::support::envoy::{OK, OVER, descriptor, request};
 use sluicegate::api::{ApiError, EnvoyApi, EnvoySettings};
 use sluicegate_core::backend::{Backend, BackendError, BucketRequest, ErrorKind, MemoryBackend};
 use sluicegate_core::rules::RulesHandle;

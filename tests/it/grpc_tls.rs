@@ -1,12 +1,10 @@
 //! TLS and mTLS on the gRPC port, with certificates made by openssl: who is answered, who is
 //! refused, and a certificate rotated without a restart.
 
-mod common;
-
 use std::{path::Path, time::Duration};
 
-use common::pki::Ca;
-use common::{Sluicegate, ask, eventually};
+use crate::support::pki::Ca;
+use crate::support::{Sluicegate, ask, eventually};
 use sluicegate_proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -90,7 +88,7 @@ async fn tls_answers_clients_that_trust_the_ca_and_refuses_plaintext() {
         .unwrap()
         .into_inner()
         .status;
-    assert_eq!(status, common::SERVING);
+    assert_eq!(status, crate::support::SERVING);
 }
 
 #[tokio::test]
@@ -214,7 +212,7 @@ fn tls_settings_are_checked_at_start() {
             "GRPC_SERVER_TLS_CERT",
         ),
     ] {
-        let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+        let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(&args)
             .output()

@@ -1,16 +1,14 @@
 //! `rediss://`: sluicegate talks TLS to a real redis-server (its TLS port only), trusting the CA named
 //! by SSL_CERT_FILE, and refuses a server its trust store does not vouch for.
 
-mod common;
-
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{Sluicegate, ask, eventually, free_port, should_allow};
+use crate::support::{Sluicegate, ask, eventually, free_port, should_allow};
 use tonic::Code;
 
 /// A test CA and a server certificate for localhost signed by it: ca.pem, server.pem, server.key.
-fn certificates(dir: &Path) -> common::pki::Ca {
-    let ca = common::pki::Ca::new(dir, "ca");
+fn certificates(dir: &Path) -> crate::support::pki::Ca {
+    let ca = crate::support::pki::Ca::new(dir, "ca");
     ca.issue("server", &["DNS:localhost", "IP:127.0.0.1"], "serverAuth");
     ca
 }
@@ -48,7 +46,7 @@ impl TlsRedis {
             .args(["--save", "", "--appendonly", "no", "--dir", &d("")])
             .stdout(std::process::Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("{} ({e})", common::INSTALL_REDIS));
+            .unwrap_or_else(|e| panic!("{} ({e})", crate::support::INSTALL_REDIS));
         Self(child)
     }
 }

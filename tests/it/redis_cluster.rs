@@ -1,11 +1,11 @@
 //! Scale-out on real Redis: a 3-master, 3-replica cluster and a sentinel group, several sluicegate
 //! replicas, and failovers survived without restarting sluicegate.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{RedisCluster, RedisSentinels, Sluicegate, ask, eventually, http_get, should_allow};
+use crate::support::{
+    RedisCluster, RedisSentinels, Sluicegate, ask, eventually, http_get, should_allow,
+};
 use sluicegate_core::Shape;
 
 /// One cluster at a time: several six-node clusters at once on two cores could miss their own
@@ -293,7 +293,7 @@ async fn sentinel_failover_is_followed() {
 /// decided on its own node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn envoy_descriptors_across_masters_in_one_request() {
-    use common::envoy::{OK, OVER, RateLimitServiceClient, descriptor, request};
+    use crate::support::envoy::{OK, OVER, RateLimitServiceClient, descriptor, request};
     let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3, 1).await;
     let dir = tempfile::tempdir().unwrap();
@@ -349,7 +349,7 @@ async fn sentinel_master_with_a_password() {
         .collect();
     let url = format!(
         "redis://:s3cret@{},{}",
-        common::SENTINEL_MASTER,
+        crate::support::SENTINEL_MASTER,
         sentinels.join(",")
     );
     let t = Sluicegate::start(
@@ -365,7 +365,11 @@ async fn sentinel_master_with_a_password() {
     )
     .await;
     // Without the password the master refuses: an error, never an answer.
-    let plain = format!("{},{}", common::SENTINEL_MASTER, sentinels.join(","));
+    let plain = format!(
+        "{},{}",
+        crate::support::SENTINEL_MASTER,
+        sentinels.join(",")
+    );
     let t2 = Sluicegate::start(
         &["--redis-type", "sentinel", "--redis-timeout-ms", "300"],
         &[("REDIS_URL", &plain)],
@@ -399,7 +403,7 @@ async fn slots_resharded_under_load() {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &port.to_string(), "cluster", "myid"])
             .output()
-            .expect(common::INSTALL_REDIS);
+            .expect(crate::support::INSTALL_REDIS);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let (from, to) = (id(masters[0]).await, id(masters[1]).await);
@@ -452,7 +456,7 @@ async fn slots_resharded_under_load() {
                 "10",
             ])
             .output()
-            .expect(common::INSTALL_REDIS)
+            .expect(crate::support::INSTALL_REDIS)
     });
     let out = reshard.await.unwrap();
     assert!(

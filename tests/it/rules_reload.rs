@@ -2,8 +2,6 @@
 //! failed request, an invalid one keeps the old rules (and is counted), and a Kubernetes
 //! ConfigMap's `..data` symlink swap is picked up.
 
-mod common;
-
 use std::{
     path::Path,
     sync::{
@@ -13,8 +11,8 @@ use std::{
     time::Duration,
 };
 
-use common::envoy::{RateLimitServiceClient, descriptor, request};
-use common::{Sluicegate, eventually, http_get};
+use crate::support::envoy::{RateLimitServiceClient, descriptor, request};
+use crate::support::{Sluicegate, eventually, http_get};
 
 fn rules(rpu: u32) -> String {
     format!(
@@ -174,9 +172,9 @@ async fn configmap_symlink_swap_is_picked_up() {
 async fn a_bare_file_name_is_watched() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.yaml"), rules(3)).unwrap();
-    let (grpc, http) = (common::free_port(), common::free_port());
+    let (grpc, http) = (crate::support::free_port(), crate::support::free_port());
     let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-    let mut child = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+    let mut child = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .current_dir(dir.path())
         .env("RUST_LOG", "warn")
         .args(["--rules", "rules.yaml"])

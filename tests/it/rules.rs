@@ -1,7 +1,5 @@
 //! Rules files: envoyproxy/ratelimit's format and matching, sluicegate's additions, strict errors.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use sluicegate_core::rules::{Limit, RuleSet, Unit, load_path};
@@ -417,7 +415,7 @@ fn check_rules_command() {
         "r.yaml",
         "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 600, burst: 100, name: premium }\n",
     );
-    let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+    let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .args(["check-rules"])
         .arg(dir.path())
         .output()
@@ -438,7 +436,7 @@ fn check_rules_command() {
         "r.yaml",
         "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute }\n",
     );
-    let out = common::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
+    let out = crate::support::our_binary(env!("CARGO_BIN_EXE_sluicegate"))
         .args(["check-rules"])
         .arg(dir.path())
         .output()

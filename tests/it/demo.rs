@@ -1,11 +1,9 @@
 //! sluicegate-demo end to end against a real sluicegate (memory and Redis), and its failure modes
 //! when sluicegate is stopped or hangs.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Demo, HttpAnswer, RedisServer, Sluicegate, http_request};
+use crate::support::{Demo, HttpAnswer, RedisServer, Sluicegate, http_request};
 
 async fn get(demo: &Demo, path: &str, headers: &[(&str, &str)]) -> HttpAnswer {
     http_request(&demo.url(path), headers)
@@ -193,7 +191,7 @@ async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
 
 #[tokio::test]
 async fn sluicegate_stopped_or_hanging_within_the_timeout() {
-    let stopped = format!("http://127.0.0.1:{}", common::free_port());
+    let stopped = format!("http://127.0.0.1:{}", crate::support::free_port());
     let (hanging, _hole) = black_hole().await;
     const TIMEOUT_MS: u64 = 100;
     let bound = Duration::from_millis(TIMEOUT_MS + 400);
@@ -280,7 +278,7 @@ async fn generate_reserves_works_and_settles() {
     let post = |max: u32| {
         let url = demo.url("/api/generate");
         async move {
-            common::http_post_json(
+            crate::support::http_post_json(
                 &url,
                 &[("x-user", "ann")],
                 &format!("{{\"prompt\":\"hi\",\"max_tokens\":{max}}}"),
@@ -311,9 +309,10 @@ async fn generate_reserves_works_and_settles() {
     assert_eq!(a.status, 429, "{a:?}");
     assert!(a.header("retry-after").is_some());
     // Without an identity: 401; a reservation beyond the budget's size: 400.
-    let anon = common::http_post_json(&demo.url("/api/generate"), &[], "{\"max_tokens\":5}")
-        .await
-        .unwrap();
+    let anon =
+        crate::support::http_post_json(&demo.url("/api/generate"), &[], "{\"max_tokens\":5}")
+            .await
+            .unwrap();
     assert_eq!(anon.status, 401);
     assert_eq!(post(501).await.status, 400);
 }

@@ -2,8 +2,6 @@
 //! schemas offline (PyPI kubernetes-validate, strict), and every env name, value, port, path and
 //! name in them is cross-checked against sluicegate's own flags and a running sluicegate.
 
-mod common;
-
 use std::{path::Path, process::Command};
 
 use clap::{CommandFactory, Parser};
@@ -240,14 +238,16 @@ async fn the_deployment_matches_the_binary() {
     assert!(secret_url.contains(&host), "{secret_url} vs {host}");
 
     // The probe paths are answered by a real sluicegate: liveness always, readiness when ready.
-    let t = common::Sluicegate::start(&[], &[]).await;
+    let t = crate::support::Sluicegate::start(&[], &[]).await;
     for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
         let path = container[probe]["httpGet"]["path"].as_str().unwrap();
         assert_eq!(container[probe]["httpGet"]["port"], "http");
-        let (status, _) = common::http_get(&t.http_url(path)).await.unwrap();
+        let (status, _) = crate::support::http_get(&t.http_url(path)).await.unwrap();
         assert_eq!(status, 200, "{probe} {path}");
     }
     assert_eq!(endpoint["path"], "/metrics");
-    let (status, _) = common::http_get(&t.http_url("/metrics")).await.unwrap();
+    let (status, _) = crate::support::http_get(&t.http_url("/metrics"))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 }

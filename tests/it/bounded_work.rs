@@ -1,12 +1,10 @@
 //! Lock-down switches and bounded work per caller, through a real sluicegate: each refusal gets its
 //! status code, is counted, and leaves the server healthy.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::envoy::{RateLimitServiceClient as EnvoyClient, descriptor, request};
-use common::{RedisServer, Sluicegate, ask, http_get, metric, should_allow};
+use crate::support::envoy::{RateLimitServiceClient as EnvoyClient, descriptor, request};
+use crate::support::{RedisServer, Sluicegate, ask, http_get, metric, should_allow};
 use sluicegate_proto::sluicegate::v1::SettleRequest;
 use tonic::Code;
 
@@ -169,11 +167,11 @@ async fn envoy_requests_past_the_bounds_are_over_limit_and_counted() {
 }
 
 fn envoy_ok() -> i32 {
-    common::envoy::OK
+    crate::support::envoy::OK
 }
 
 fn envoy_over() -> i32 {
-    common::envoy::OVER
+    crate::support::envoy::OVER
 }
 
 /// Resident memory of a process, in bytes.

@@ -3,15 +3,15 @@
 //! while sluicegate-load drives should-allow, envoy and http traffic, every panel query of the
 //! Grafana dashboard returns data.
 
-mod common;
-
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use common::{Demo, RedisServer, Sluicegate, ask, eventually, free_port, http_get, should_allow};
+use crate::support::{
+    Demo, RedisServer, Sluicegate, ask, eventually, free_port, http_get, should_allow,
+};
 use serde_json::Value;
 
 const INSTALL_PROMETHEUS: &str = "prometheus/promtool not found: install them with `apt-get install -y prometheus` (scripts/test.sh does)";
@@ -46,7 +46,7 @@ async fn promtool_finds_nothing_after_traffic() {
     let t = Sluicegate::start(
         &[
             "--rules",
-            &common::repo_path("deploy/rules"),
+            &crate::support::repo_path("deploy/rules"),
             "--redis-timeout-ms",
             "1000",
         ],
@@ -57,15 +57,15 @@ async fn promtool_finds_nothing_after_traffic() {
     for i in 0..30 {
         let _ = should_allow(&mut c, ask(&format!("k{}", i % 3), 5.0, 1.0, 1)).await;
     }
-    let mut envoy = common::envoy::RateLimitServiceClient::connect(t.grpc_url())
+    let mut envoy = crate::support::envoy::RateLimitServiceClient::connect(t.grpc_url())
         .await
         .unwrap();
     for _ in 0..20 {
-        let req = common::envoy::request(
+        let req = crate::support::envoy::request(
             "edge",
             vec![
-                common::envoy::descriptor(&[("api_key", "x")]),
-                common::envoy::descriptor(&[("generic_key", "slow")]),
+                crate::support::envoy::descriptor(&[("api_key", "x")]),
+                crate::support::envoy::descriptor(&[("generic_key", "slow")]),
             ],
         );
         envoy.should_rate_limit(req).await.unwrap();
@@ -164,7 +164,7 @@ fn encode(s: &str) -> String {
 
 /// sluicegate-load, built beside this test by `cargo test --workspace`.
 fn load_bin() -> PathBuf {
-    common::workspace_bin("sluicegate-load").into()
+    crate::support::workspace_bin("sluicegate-load").into()
 }
 
 struct Load(Child);
@@ -213,7 +213,7 @@ async fn every_dashboard_panel_has_data() {
     let t = Sluicegate::start(
         &[
             "--rules",
-            &common::repo_path("deploy/rules"),
+            &crate::support::repo_path("deploy/rules"),
             "--redis-timeout-ms",
             "1000",
         ],

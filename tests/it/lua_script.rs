@@ -1,8 +1,6 @@
 //! `lua/token_bucket.lua` alone, through EVAL on a real redis-server: its argument checks, its
 //! return contract, several buckets and groups in one call, and what it stores.
 
-mod common;
-
 use redis::aio::MultiplexedConnection;
 use sluicegate_core::backend::redis::TOKEN_BUCKET_LUA;
 
@@ -62,7 +60,7 @@ async fn stored(conn: &mut MultiplexedConnection, key: &str) -> Option<(f64, f64
 
 #[tokio::test]
 async fn every_argument_must_be_a_number_in_its_range() {
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
     let names = ["capacity", "rate", "cost", "mode"];
     for bad in ["abc", "-1", "nan", "NaN", "inf", "-inf", "1e999", ""] {
@@ -108,7 +106,7 @@ async fn every_argument_must_be_a_number_in_its_range() {
 
 #[tokio::test]
 async fn returns_the_documented_array_and_stores_two_doubles() {
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
     let (allowed, tokens, retry, reset) = eval(&mut conn, ["10", "2", "4", "1"]).await.unwrap();
     assert_eq!(
@@ -140,7 +138,7 @@ async fn returns_the_documented_array_and_stores_two_doubles() {
 
 #[tokio::test]
 async fn huge_costs_and_tiny_rates_cap_the_figures() {
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
     // The review's case: retry_after overflowed to -9223372036854775808.
     let (allowed, _, retry, _) = eval(&mut conn, ["1", "1", "1e16", "1"]).await.unwrap();
@@ -160,7 +158,7 @@ async fn huge_costs_and_tiny_rates_cap_the_figures() {
 
 #[tokio::test]
 async fn several_buckets_and_groups_in_one_call() {
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
     let shape = ["5", "0.001"];
     let args = |costs_modes: &[(&'static str, &'static str)], groups: &[&'static str]| {
@@ -231,7 +229,7 @@ async fn several_buckets_and_groups_in_one_call() {
 
 #[tokio::test]
 async fn keys_in_argv_for_a_cluster_node() {
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
     let r: Vec<redis::Value> = redis::cmd("EVAL")
         .arg(TOKEN_BUCKET_LUA)
@@ -247,7 +245,7 @@ async fn keys_in_argv_for_a_cluster_node() {
 
 #[tokio::test]
 async fn reads_the_hash_of_earlier_versions_and_refuses_foreign_values() {
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -284,7 +282,7 @@ async fn reads_the_hash_of_earlier_versions_and_refuses_foreign_values() {
 async fn a_future_timestamp_adds_nothing() {
     // A bucket written by a server whose clock was ahead (or a replica promoted with a clock
     // behind): elapsed is negative, clamped to zero, and the stored time is not moved back.
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
     let future_ms = 4_102_444_800_000.0_f64; // year 2100
     let mut value = 0.0f64.to_le_bytes().to_vec();
@@ -372,7 +370,7 @@ mod batched {
     #[test]
     fn one_call_answers_like_one_call_per_bucket() {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let server = rt.block_on(common::RedisServer::start());
+        let server = rt.block_on(crate::support::RedisServer::start());
         let conn = rt.block_on(server.connection());
         let cases = std::sync::atomic::AtomicU32::new(0);
         proptest!(ProptestConfig::with_cases(48), |(ops in ops_strategy())| {
@@ -398,7 +396,7 @@ mod batched {
     #[test]
     fn groups_answer_like_the_rust_arithmetic() {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let server = rt.block_on(common::RedisServer::start());
+        let server = rt.block_on(crate::support::RedisServer::start());
         let conn = rt.block_on(server.connection());
         let cases = std::sync::atomic::AtomicU32::new(0);
         proptest!(ProptestConfig::with_cases(48), |(ops in ops_strategy(), cuts in prop::collection::vec(1usize..5, 1..10))| {

@@ -3,11 +3,9 @@
 //! DEBUG_ENDPOINTS=false. And the decision logs: a line per decision at debug, denials sampled at
 //! info.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{RedisServer, Sluicegate, ask, eventually, http_get, http_request};
+use crate::support::{RedisServer, Sluicegate, ask, eventually, http_get, http_request};
 use serde_json::Value;
 
 const RULES: &str = "domain: edge

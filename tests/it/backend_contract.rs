@@ -1,8 +1,6 @@
 //! One contract, two backends: every test body here runs against the in-memory backend and
 //! against a real redis-server running `lua/token_bucket.lua`, and must give the same answers.
 
-mod common;
-
 use std::time::Duration;
 
 use sluicegate_core::backend::{Backend, BucketRequest, MemoryBackend, RedisBackend};
@@ -300,7 +298,7 @@ macro_rules! contract {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let server = common::RedisServer::start().await;
+                    let server = crate::support::RedisServer::start().await;
                     let backend = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
                     super::$name(&backend).await;
                 }
@@ -328,7 +326,7 @@ contract!(
 /// The Redis key expires after exactly the full-refill time of idleness.
 #[tokio::test]
 async fn redis_key_ttl_is_the_full_refill_time() {
-    let server = common::RedisServer::start().await;
+    let server = crate::support::RedisServer::start().await;
     let backend = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
     decide(&backend, "tb:ttl", 10.0, 2.0, Op::Take(1)).await; // full refill 5000 ms
     let mut conn = server.connection().await;
@@ -434,7 +432,7 @@ fn both_backends_answer_random_sequences_alike() {
     use proptest::test_runner::{Config, TestRunner};
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let server = rt.block_on(common::RedisServer::start());
+    let server = rt.block_on(crate::support::RedisServer::start());
     // The backend spawns its connection tasks on this runtime.
     let _runtime = rt.enter();
     let redis = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();

@@ -1,10 +1,10 @@
 //! Envoy's ShouldRateLimit through a real sluicegate process with a rules file: the wire semantics
 //! Envoy relies on (SPEC section 3).
 
-mod common;
-
-use common::envoy::{OK, OVER, RateLimitRequest, RateLimitServiceClient, descriptor, request};
-use common::{RedisServer, Sluicegate};
+use crate::support::envoy::{
+    OK, OVER, RateLimitRequest, RateLimitServiceClient, descriptor, request,
+};
+use crate::support::{RedisServer, Sluicegate};
 use tonic::Code;
 
 const RULES: &str = "domain: edge
@@ -236,7 +236,9 @@ async fn shadow_unlimited_blocked_replaces_and_burst() {
     .await;
     assert_eq!(codes.iter().filter(|&&c| c == OK).count(), 2, "{codes:?}");
 
-    let (_, metrics) = common::http_get(&t.http_url("/metrics")).await.unwrap();
+    let (_, metrics) = crate::support::http_get(&t.http_url("/metrics"))
+        .await
+        .unwrap();
     for series in [
         "sluicegate_rule_decisions_total{domain=\"edge\",rule=\"watched\",result=\"shadow_denied\"} 2",
         "sluicegate_rule_decisions_total{domain=\"edge\",rule=\"watched\",result=\"allowed\"} 1",
@@ -382,7 +384,7 @@ fn fired(s: &prost_types::Struct) -> Vec<prost_types::Struct> {
         .collect()
 }
 
-fn header<'a>(r: &'a common::envoy::RateLimitResponse, name: &str) -> Option<&'a str> {
+fn header<'a>(r: &'a crate::support::envoy::RateLimitResponse, name: &str) -> Option<&'a str> {
     r.response_headers_to_add
         .iter()
         .find(|h| h.key == name)
@@ -537,7 +539,10 @@ async fn every_descriptor_envoy_can_send_is_answered() {
         codes.push(code_of(&mut c, long()).await);
     }
     assert_eq!(codes, [OK, OK, OVER], "one was spent above");
-    let m = common::http_get(&t.http_url("/metrics")).await.unwrap().1;
+    let m = crate::support::http_get(&t.http_url("/metrics"))
+        .await
+        .unwrap()
+        .1;
     for reason in ["descriptors", "entries"] {
         let line = format!("sluicegate_refused_total{{api=\"envoy\",reason=\"{reason}\"}} 1");
         assert!(m.contains(&line), "{line}\n{m}");

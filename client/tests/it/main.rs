@@ -1,0 +1,6 @@
+//! The client crate's integration tests, one binary: the library (typed client, tower layer) and
+//! the `sluicegate-load` binary against a real sluicegate.
+
+mod layer;
+mod load;
+mod support;

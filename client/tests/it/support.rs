@@ -1,0 +1,38 @@
+//! A real sluicegate, run in this process (memory backend) on ephemeral loopback ports.
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A running sluicegate, stopped when dropped.
+pub struct Sluicegate {
+    /// Its gRPC address, `http://127.0.0.1:PORT`.
+    pub url: String,
+    stop: CancellationToken,
+}
+
+impl Drop for Sluicegate {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts sluicegate with `flags` (as on its command line) on free loopback ports.
+pub async fn sluicegate(flags: &[&str]) -> Sluicegate {
+    let mut argv = vec![
+        "sluicegate",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    argv.extend_from_slice(flags);
+    let args = <sluicegate::config::Cli as clap::Parser>::parse_from(argv)
+        .into_serve()
+        .unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", grpc.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(sluicegate::server::run(args, grpc, http, stop.clone()));
+    Sluicegate { url, stop }
+}
