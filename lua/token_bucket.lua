@@ -1,5 +1,5 @@
 --[[
-sluicegate token buckets (SPEC section 2), atomic in Redis. One call decides one bucket or many.
+sluicegate token buckets (the README's "The token bucket"), atomic in Redis. One call decides one bucket or many.
 
 Calling it for one bucket:
   EVALSHA sha 1 key capacity rate cost mode

@@ -16,24 +16,28 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     // Before any log line: a bad value is the one line printed.
-    if let Err(e) = args.validate() {
-        eprintln!("sluicegate: {e}");
-        return ExitCode::from(2);
-    }
-    sluicegate::telemetry::init_tracing(args.log.log_format);
-
-    let grpc = match TcpListener::bind(args.grpc_addr).await {
-        Ok(l) => l,
-        Err(e) => return fail(format!("GRPC_ADDR {}: cannot listen: {e}", args.grpc_addr)),
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sluicegate: {e}");
+            return ExitCode::from(2);
+        }
     };
-    let http = match TcpListener::bind(args.http_addr).await {
+    sluicegate::telemetry::init_tracing(settings.log_format);
+
+    let (grpc_addr, http_addr) = (settings.grpc.addr, settings.http.addr);
+    let grpc = match TcpListener::bind(grpc_addr).await {
         Ok(l) => l,
-        Err(e) => return fail(format!("HTTP_ADDR {}: cannot listen: {e}", args.http_addr)),
+        Err(e) => return fail(format!("GRPC_ADDR {grpc_addr}: cannot listen: {e}")),
+    };
+    let http = match TcpListener::bind(http_addr).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("HTTP_ADDR {http_addr}: cannot listen: {e}")),
     };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    match sluicegate::server::run(args, grpc, http, shutdown).await {
+    match sluicegate::server::run(settings, grpc, http, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}")),
     }

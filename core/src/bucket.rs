@@ -1,4 +1,4 @@
-//! The token bucket of SPEC section 2, as pure functions: one request ([`apply`]) and a group of
+//! The token bucket of the README's "The token bucket", as pure functions: one request ([`apply`]) and a group of
 //! requests decided together, all or nothing ([`apply_group`]).
 //!
 //! `lua/token_bucket.lua` is the same arithmetic, written in the same order so that both give the
@@ -59,8 +59,9 @@ pub struct Decision {
     pub retry_after_ms: u64,
     /// How long until the bucket is full again (at most [`MAX_MS`]).
     pub reset_after_ms: u64,
-    /// Answered by this replica without the backend (a denial the local deny cache could prove).
-    pub local: bool,
+    /// Answered by this replica without asking the backend: a denial the local deny cache could
+    /// prove, or a rule that blocks everything (0 per unit).
+    pub without_backend: bool,
 }
 
 /// One request of a group: the bucket's shape, the operation, and whether a denial of it vetoes
@@ -80,7 +81,7 @@ fn refill(state: Option<BucketState>, now_ms: f64, shape: Shape) -> (f64, f64) {
         Some(s) => {
             // A clock that stepped back adds nothing. The window is capped at the time a bucket
             // at its floor (-capacity) needs to fill; for a bucket not in debt that is the same
-            // as SPEC's full refill, since tokens are capped at capacity anyway.
+            // as the full refill, since tokens are capped at capacity anyway.
             let window = 2.0 * shape.full_refill_ms() as f64;
             let elapsed = (now_ms - s.ts_ms).clamp(0.0, window);
             // A stored debt deeper than this shape allows (the shape changed) counts at the floor.
@@ -118,13 +119,13 @@ pub fn apply(
             capped_ms((cost - tokens) / shape.rate() * 1000.0)
         },
         reset_after_ms: capped_ms((capacity - tokens) / shape.rate() * 1000.0),
-        local: false,
+        without_backend: false,
     };
     (decision, write.then_some(BucketState { tokens, ts_ms: ts }))
 }
 
 /// How long a stored bucket lives: until it would be full again, and at least the full-refill
-/// time (SPEC 2 item 5; a bucket in debt needs longer). Deleting it then changes nothing.
+/// time ("The token bucket" in the README; a bucket in debt needs longer). Deleting it then changes nothing.
 pub fn ttl_ms(decision: &Decision, shape: Shape) -> u64 {
     decision.reset_after_ms.max(shape.full_refill_ms())
 }

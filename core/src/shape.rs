@@ -2,7 +2,7 @@
 
 use super::bucket::MAX_MS;
 
-/// The largest capacity or rate any shape may have (SPEC 2 item 10). Below 2^53 a cost of 1 still
+/// The largest capacity or rate any shape may have (the README's "The token bucket"). Below 2^53 a cost of 1 still
 /// changes the token count exactly; MAX_CAPACITY and MAX_RATE cannot be set higher.
 pub const MAX_SHAPE: f64 = 1e15;
 

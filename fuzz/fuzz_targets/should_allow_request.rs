@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use sluicegate::api::{ApiError, Defaults, ShouldAllowApi};
+use sluicegate::api::{ApiError, ShouldAllowSettings, ShouldAllowApi};
 use sluicegate_core::backend::MemoryBackend;
 use sluicegate_core::backend::memory::{Clock as _, ManualClock};
 use sluicegate_core::Shape;
@@ -28,7 +28,7 @@ fn harness() -> &'static Harness {
         let clock = ManualClock::default();
         clock.set_ms(1_000_000.0);
         let backend = MemoryBackend::with_clock(10_000, clock.clone());
-        let defaults = Defaults::new(Shape::new(20.0, 20.0).expect("a shape"), "tb:");
+        let defaults = ShouldAllowSettings::new(Shape::new(20.0, 20.0).expect("a shape"), "tb:");
         Harness {
             api: ShouldAllowApi::new(backend, defaults),
             clock,

@@ -8,4 +8,4 @@ mod should_allow;
 
 pub use envoy::{EnvoyApi, EnvoySettings, HeaderNames, MAX_DESCRIPTOR_ENTRIES};
 pub use error::ApiError;
-pub use should_allow::{Defaults, ShouldAllowApi, bucket_key};
+pub use should_allow::{ShouldAllowApi, ShouldAllowSettings, bucket_key};

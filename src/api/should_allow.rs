@@ -31,9 +31,10 @@ fn reservation_id() -> String {
     format!("{:032x}", rand::rng().random::<u128>())
 }
 
-/// What the sluicegate.v1 API fills in for what a request leaves out, and what it refuses.
+/// How the sluicegate.v1 API answers: what it fills in for what a request leaves out, and what it
+/// refuses.
 #[derive(Clone, Debug)]
-pub struct Defaults {
+pub struct ShouldAllowSettings {
     pub shape: Shape,
     pub limits: Limits,
     pub bucket_prefix: String,
@@ -45,12 +46,10 @@ pub struct Defaults {
     pub allow_refunds: bool,
     /// MAX_BATCH: the most requests in one ShouldAllowBatch.
     pub max_batch: usize,
-    /// Where decisions are seen (status page, top keys, near-limit ratio).
-    pub activity: Arc<Activity>,
 }
 
-impl Defaults {
-    /// The defaults of SPEC section 4 for `shape`, with `bucket_prefix`.
+impl ShouldAllowSettings {
+    /// The README's defaults for `shape`, with `bucket_prefix`.
     pub fn new(shape: Shape, bucket_prefix: impl Into<String>) -> Self {
         Self {
             shape,
@@ -61,7 +60,6 @@ impl Defaults {
             allow_client_shapes: true,
             allow_refunds: false,
             max_batch: 100,
-            activity: Arc::new(Activity::default()),
         }
     }
 }
@@ -112,19 +110,32 @@ impl Parsed {
 pub struct ShouldAllowApi<B> {
     /// Shared with compensations that outlive their caller.
     backend: Arc<B>,
-    defaults: Defaults,
+    settings: ShouldAllowSettings,
+    /// Where decisions are seen (status page, top keys, near-limit ratio).
+    activity: Arc<Activity>,
     metrics: DecisionMetrics,
     fallback: Fallback,
     shed: ShedMetrics,
 }
 
 impl<B: Backend> ShouldAllowApi<B> {
-    pub fn new(backend: B, defaults: Defaults) -> Self {
+    pub fn new(backend: B, settings: ShouldAllowSettings) -> Self {
+        Self::with_activity(backend, settings, Arc::default())
+    }
+
+    /// The same, reporting what it decides to `activity` (the status page's, shared with the
+    /// other API).
+    pub fn with_activity(
+        backend: B,
+        settings: ShouldAllowSettings,
+        activity: Arc<Activity>,
+    ) -> Self {
         Self {
             backend: Arc::new(backend),
-            metrics: DecisionMetrics::new("should_allow", defaults.activity.clone()),
-            fallback: Fallback::new(defaults.failure_mode),
-            defaults,
+            metrics: DecisionMetrics::new("should_allow", activity.clone()),
+            fallback: Fallback::new(settings.failure_mode),
+            settings,
+            activity,
             shed: ShedMetrics::default(),
         }
     }
@@ -153,7 +164,7 @@ impl<B: Backend> ShouldAllowApi<B> {
                 ),
             ));
         }
-        let d = &self.defaults;
+        let d = &self.settings;
         if !d.allow_client_shapes && (capacity != 0.0 || rate != 0.0) {
             return Err(ApiError::PermissionDenied(format!(
                 "capacity, rate: {which}this server sets bucket shapes itself \
@@ -215,7 +226,7 @@ impl<B: Backend> ShouldAllowApi<B> {
     /// What every decision goes through on its way out: near the limit?, the decision log, and the
     /// top-keys sketch when denied.
     fn observe(&self, key: &str, p: &Parsed, d: &Decision) {
-        let activity = &self.defaults.activity;
+        let activity = &self.activity;
         if activity.is_near_limit(d, p.shape.capacity()) {
             self.metrics.near_limit();
         }
@@ -228,7 +239,7 @@ impl<B: Backend> ShouldAllowApi<B> {
     /// The answer to a decision; shadow mode: the bucket was charged and the decision counted,
     /// the caller is never held.
     fn answer(&self, d: &Decision, shape: Shape, reservation_id: String) -> ShouldAllowResponse {
-        let allowed = d.allowed || self.defaults.shadow_mode;
+        let allowed = d.allowed || self.settings.shadow_mode;
         ShouldAllowResponse {
             allowed,
             tokens_remaining: d.tokens_remaining,
@@ -244,7 +255,7 @@ impl<B: Backend> ShouldAllowApi<B> {
     /// FAILURE_MODE's answer, flagged degraded (SHADOW_MODE holds for a deny too).
     fn degraded(&self, allowed: bool, shape: Shape) -> ShouldAllowResponse {
         ShouldAllowResponse {
-            allowed: allowed || self.defaults.shadow_mode,
+            allowed: allowed || self.settings.shadow_mode,
             capacity: shape.capacity(),
             rate: shape.rate(),
             degraded: true,
@@ -286,14 +297,14 @@ impl<B: Backend> ShouldAllowApi<B> {
         if req.requests.is_empty() {
             return Err(ApiError::invalid("requests", "must not be empty"));
         }
-        if req.requests.len() > self.defaults.max_batch {
+        if req.requests.len() > self.settings.max_batch {
             self.shed.bounds.increment(1);
             return Err(ApiError::out_of_bounds(
                 "requests",
                 format!(
                     "{} requests, more than MAX_BATCH ({})",
                     req.requests.len(),
-                    self.defaults.max_batch
+                    self.settings.max_batch
                 ),
             ));
         }
@@ -411,7 +422,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         shape: Shape,
         req: &SettleRequest,
     ) -> Result<Settled, SettleError> {
-        if req.actual < req.reserved && !self.defaults.allow_refunds {
+        if req.actual < req.reserved && !self.settings.allow_refunds {
             return Err(SettleError::Api(ApiError::PermissionDenied(
                 "actual: below the reservation would refund the difference, and refunds without \
                  a reservation_id are disabled on this server (ALLOW_REFUNDS=false): reserve with \

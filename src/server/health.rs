@@ -1,4 +1,4 @@
-//! Readiness, for `/readyz`, `/healthcheck` and gRPC health (SPEC section 10).
+//! Readiness, for `/readyz`, `/healthcheck` and gRPC health (the README's "Operating it").
 //!
 //! Not ready: while shutting down; and while the backend is unreachable, judged on several
 //! consecutive failed pings (one missed ping is not an outage), unless FAILURE_MODE answers for

@@ -1,5 +1,5 @@
 //! The HTTP port (HTTP_ADDR): `/metrics`, the probes, and, unless DEBUG_ENDPOINTS=false, what an
-//! operator can look at (SPEC section 10).
+//! operator can look at (the README's "Operating it").
 
 use std::sync::Arc;
 

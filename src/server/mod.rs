@@ -23,18 +23,15 @@ use tonic::transport::server::TcpIncoming;
 use health::Health;
 use http::HttpState;
 use limits::LimitLayer;
-use tls::{Tls, TlsSettings};
+use tls::Tls;
 
-use crate::api::{Defaults, EnvoyApi, EnvoySettings, HeaderNames, ShouldAllowApi};
-use crate::config::{RedisType, ServeArgs};
+use crate::api::{EnvoyApi, ShouldAllowApi};
+use crate::config::{GrpcSettings, RedisSettings, Settings, Storage};
 use crate::telemetry::{
     Activity, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
     redis_metrics,
 };
-use sluicegate_core::backend::{
-    Backend, MemoryBackend, RedisBackend,
-    redis::{RedisOptions, RedisTls, Topology},
-};
+use sluicegate_core::backend::{Backend, MemoryBackend, RedisBackend, redis::RedisOptions};
 use sluicegate_core::rules::{ReloadObserver, RulesHandle};
 use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
 use sluicegate_proto::sluicegate::v1::rate_limit_service_server::RateLimitServiceServer;
@@ -52,92 +49,83 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Runs sluicegate on already-bound listeners until `shutdown` is cancelled, then lets in-flight
 /// calls finish within SHUTDOWN_GRACE_SECS.
 pub async fn run(
-    args: ServeArgs,
+    settings: Settings,
     grpc: TcpListener,
     http: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    args.validate().map_err(anyhow::Error::msg)?;
     // Once, redacted: what this replica runs with, for whoever reads the log after an incident.
-    tracing::info!(config = %serde_json::Value::Object(args.effective()), "effective configuration");
+    tracing::info!(config = %serde_json::Value::Object(settings.effective.clone()), "effective configuration");
     let metrics = install_metrics();
     // rediss:// needs a TLS crypto provider; rustls takes the first one installed process-wide.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rules = Arc::new(match &args.rules {
-        Some(path) => {
-            let reloads = ReloadMetrics::default();
-            let observer: ReloadObserver = Arc::new(move |ok| reloads.record(ok));
-            let handle = RulesHandle::load(path, Some(observer))
-                .map_err(|e| anyhow::anyhow!("RULES: {e}"))?;
-            let count = handle.current().map_or(0, |s| s.rules().len());
-            tracing::info!(path = %path.display(), rules = count, "rules loaded; watching for changes");
-            handle
-        }
-        None => {
-            tracing::warn!(
-                "no RULES: Envoy requests are answered OK for every descriptor (no limits)"
-            );
-            RulesHandle::none()
-        }
-    });
+    let rules = Arc::new(load_rules(settings.rules.as_deref())?);
     sluicegate_core::rules::spawn_watcher(rules.clone(), shutdown.clone());
-    let default_shape = args.default_shape().map_err(anyhow::Error::msg)?;
-    let activity = Arc::new(Activity::new(args.top_keys as usize, args.near_limit_ratio));
-    let defaults = Defaults {
-        shape: default_shape,
-        limits: args.limits(),
-        bucket_prefix: args.bucket_prefix.clone(),
-        failure_mode: args.failure_mode,
-        shadow_mode: args.shadow_mode,
-        allow_client_shapes: args.allow_client_shapes,
-        allow_refunds: args.allow_refunds,
-        max_batch: args.max_batch as usize,
-        activity: activity.clone(),
+    let activity = Arc::new(Activity::new(settings.top_keys, settings.near_limit_ratio));
+    let parts = Parts {
+        rules,
+        activity,
+        metrics,
     };
-    match &args.redis_url {
-        None => {
+    match &settings.storage {
+        Storage::Memory { max_buckets } => {
             tracing::info!(
-                max_buckets = args.memory_max_buckets,
+                max_buckets,
                 "no REDIS_URL: buckets live in this process's memory"
             );
-            let max = usize::try_from(args.memory_max_buckets).unwrap_or(usize::MAX);
             let memory =
-                Arc::new(MemoryBackend::new(max).with_eviction_counters(eviction_counters()));
+                MemoryBackend::new(*max_buckets).with_eviction_counters(eviction_counters());
+            let memory = Arc::new(memory);
             memory.spawn_sweeper(SWEEP_EVERY, shutdown.clone());
-            serve(args, memory, defaults, rules, metrics, grpc, http, shutdown).await
+            serve(settings, memory, parts, grpc, http, shutdown).await
         }
-        Some(url) => {
-            tracing::info!(redis = %url, kind = ?args.redis_type, timeout_ms = args.redis_timeout_ms, "using Redis");
-            let options = RedisOptions {
-                topology: match args.redis_type {
-                    RedisType::Single => Topology::Single,
-                    RedisType::Cluster => Topology::Cluster,
-                    RedisType::Sentinel => Topology::Sentinel,
-                },
-                timeout: args.redis_timeout(),
-                connections: args.redis_connections as usize,
-                deny_cache: args.local_deny_cache,
-                tls: RedisTls {
-                    ca_cert: args.redis_tls_cacert.clone(),
-                    client_cert: args.redis_tls_client_cert.clone(),
-                    client_key: args.redis_tls_client_key.clone(),
-                },
-                metrics: redis_metrics(activity.clone()),
-            };
-            let redis = RedisBackend::with_options(url.expose(), options)
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            serve(args, redis, defaults, rules, metrics, grpc, http, shutdown).await
+        Storage::Redis(redis) => {
+            let backend = redis_backend(redis, &parts.activity)?;
+            serve(settings, backend, parts, grpc, http, shutdown).await
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve<B: Backend>(
-    args: ServeArgs,
-    backend: B,
-    defaults: Defaults,
+/// What the APIs and the HTTP port share, whatever the backend.
+struct Parts {
     rules: Arc<RulesHandle>,
+    activity: Arc<Activity>,
     metrics: MetricsHandle,
+}
+
+/// RULES, loaded and watched; without them every Envoy descriptor is answered OK.
+fn load_rules(path: Option<&std::path::Path>) -> anyhow::Result<RulesHandle> {
+    let Some(path) = path else {
+        tracing::warn!("no RULES: Envoy requests are answered OK for every descriptor (no limits)");
+        return Ok(RulesHandle::none());
+    };
+    let reloads = ReloadMetrics::default();
+    let observer: ReloadObserver = Arc::new(move |ok| reloads.record(ok));
+    let handle =
+        RulesHandle::load(path, Some(observer)).map_err(|e| anyhow::anyhow!("RULES: {e}"))?;
+    let count = handle.current().map_or(0, |s| s.rules().len());
+    tracing::info!(path = %path.display(), rules = count, "rules loaded; watching for changes");
+    Ok(handle)
+}
+
+fn redis_backend(redis: &RedisSettings, activity: &Arc<Activity>) -> anyhow::Result<RedisBackend> {
+    tracing::info!(redis = %redis.url, kind = ?redis.topology, timeout_ms = redis.timeout.as_millis(), "using Redis");
+    let options = RedisOptions {
+        topology: redis.topology,
+        timeout: redis.timeout,
+        connections: redis.connections,
+        deny_cache: redis.deny_cache,
+        tls: redis.tls.clone(),
+        metrics: redis_metrics(activity.clone()),
+    };
+    RedisBackend::with_options(redis.url.expose(), options)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+}
+
+async fn serve<B: Backend>(
+    settings: Settings,
+    backend: B,
+    parts: Parts,
     grpc: TcpListener,
     http: TcpListener,
     shutdown: CancellationToken,
@@ -149,112 +137,30 @@ async fn serve<B: Backend>(
     let stop = CancellationToken::new();
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let answers_anyway = args.failure_mode.fallback_allowed().is_some();
+    let answers_anyway = settings.envoy.failure_mode.fallback_allowed().is_some();
     let health = Health::new(reporter, answers_anyway).await;
     let monitor = health.spawn_monitor(backend.clone(), stop.clone());
-    let upkeep = {
-        let metrics = metrics.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(UPKEEP_EVERY);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => metrics.run_upkeep(),
-                }
-            }
-        })
-    };
+    let upkeep = spawn_upkeep(parts.metrics.clone(), stop.clone());
 
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(sluicegate_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1().context("reflection v1")?;
-    let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
-
-    let max_message = args.grpc_max_message_bytes as usize;
-    let activity = defaults.activity.clone();
-    let should_allow = RateLimitServiceServer::new(ShouldAllowApi::new(backend.clone(), defaults))
-        .max_decoding_message_size(max_message);
-    let envoy = EnvoyServer::new(EnvoyApi::new(
-        backend.clone(),
-        rules.clone(),
-        EnvoySettings {
-            key_prefix: args.rls_key_prefix.clone(),
-            failure_mode: args.failure_mode,
-            shadow_mode: args.shadow_mode,
-            charge_on_deny: args.charge_on_deny,
-            allow_refunds: args.allow_refunds,
-            allow_client_shapes: args.allow_client_shapes,
-            max_descriptors: args.max_descriptors as usize,
-            max_key_bytes: args.max_key_bytes as usize,
-            response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {
-                limit: args.limit_limit_header.clone(),
-                remaining: args.limit_remaining_header.clone(),
-                reset: args.limit_reset_header.clone(),
-            }),
-            dynamic_metadata: args.response_dynamic_metadata,
-            activity: activity.clone(),
-        },
-    ))
-    .max_decoding_message_size(max_message);
-
-    // One stack for every service: a server-side deadline, a global bound on calls in progress
-    // (beyond it RESOURCE_EXHAUSTED at once, never a queue), keepalives that drop dead peers, and
-    // an optional maximum connection age (GOAWAY, so clients spread over new replicas).
-    let mut builder = tonic::transport::Server::builder()
-        .timeout(CALL_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(KEEPALIVE_EVERY))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
-    if args.grpc_max_connection_age_secs > 0 {
-        builder = builder
-            .max_connection_age(Duration::from_secs(args.grpc_max_connection_age_secs))
-            .max_connection_age_grace(args.shutdown_grace());
-    }
-    let router = builder
-        .layer(LimitLayer::new(args.max_concurrent_requests as usize))
-        .add_service(should_allow)
-        .add_service(envoy)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
-    let grpc_server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
-        match tls_settings(&args) {
-            None => Box::pin(router.serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                stop.clone().cancelled_owned(),
-            )),
-            Some(settings) => {
-                let tls = Tls::load(settings).map_err(anyhow::Error::msg)?;
-                tls.spawn_watcher(stop.clone());
-                let incoming = tls.incoming(grpc, stop.clone());
-                Box::pin(
-                    router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
-                )
-            }
-        };
-
-    let debug = args.debug_endpoints.then(|| debug::DebugState {
-        activity: activity.clone(),
-        rules,
+    let grpc_server = grpc_server(&settings, &backend, &parts, health_service, grpc, &stop)?;
+    let debug = settings.http.debug_endpoints.then(|| debug::DebugState {
+        activity: parts.activity.clone(),
+        rules: parts.rules.clone(),
         health: health.clone(),
-        config: Arc::new(args.effective()),
+        config: Arc::new(settings.effective.clone()),
         backend: backend.name(),
-        show_keys: args.debug_show_keys,
-        allowed_hosts: Arc::new(args.allowed_hosts()),
+        show_keys: settings.http.show_keys,
+        allowed_hosts: Arc::new(settings.http.allowed_hosts.clone()),
     });
     let http_app = http::router(HttpState {
-        metrics,
+        metrics: parts.metrics,
         health: health.clone(),
         debug,
     });
     let http_server =
         axum::serve(http, http_app).with_graceful_shutdown(stop.clone().cancelled_owned());
 
-    tracing::info!(%grpc_addr, %http_addr, backend = backend.name(), tls = args.grpc_tls, "sluicegate listening");
+    tracing::info!(%grpc_addr, %http_addr, backend = backend.name(), tls = settings.grpc.tls.is_some(), "sluicegate listening");
     let mut grpc_task = tokio::spawn(grpc_server);
     let mut http_task = tokio::spawn(async move { http_server.await });
 
@@ -268,24 +174,20 @@ async fn serve<B: Backend>(
     // SHUTDOWN_DELAY_SECS while they take it in, then stop accepting and let calls in flight
     // finish within SHUTDOWN_GRACE_SECS.
     health.shutting_down().await;
-    if !args.shutdown_delay().is_zero() {
+    if !settings.shutdown_delay.is_zero() {
         tracing::info!(
-            delay_secs = args.shutdown_delay_secs,
+            delay_secs = settings.shutdown_delay.as_secs(),
             "shutting down: not ready, still serving"
         );
-        tokio::time::sleep(args.shutdown_delay()).await;
+        tokio::time::sleep(settings.shutdown_delay).await;
     }
+    let grace = settings.shutdown_grace;
     tracing::info!(
-        grace_secs = args.shutdown_grace_secs,
+        grace_secs = grace.as_secs(),
         "shutting down: draining in-flight calls"
     );
     stop.cancel();
-    let drained = tokio::time::timeout(args.shutdown_grace(), async {
-        let grpc = grpc_task.await;
-        let http = http_task.await;
-        (grpc, http)
-    })
-    .await;
+    let drained = tokio::time::timeout(grace, async { (grpc_task.await, http_task.await) }).await;
     monitor.abort();
     upkeep.abort();
     match drained {
@@ -293,28 +195,96 @@ async fn serve<B: Backend>(
             grpc.context("gRPC server task")?.context("gRPC server")?;
             http.context("HTTP server task")?.context("HTTP server")?;
             tracing::info!("shut down cleanly");
-            Ok(())
         }
-        Err(_) => {
-            tracing::warn!(
-                grace_secs = args.shutdown_grace_secs,
-                "calls still in flight after the grace period; stopping anyway"
-            );
-            Ok(())
-        }
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "calls still in flight after the grace period; stopping anyway"
+        ),
     }
+    Ok(())
 }
 
-/// TLS settings of the gRPC port, when GRPC_SERVER_USE_TLS (validated: cert and key are set).
-fn tls_settings(args: &ServeArgs) -> Option<TlsSettings> {
-    if !args.grpc_tls {
-        return None;
+/// Folds histogram samples into buckets every UPKEEP_EVERY until `stop`.
+fn spawn_upkeep(metrics: MetricsHandle, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => metrics.run_upkeep(),
+            }
+        }
+    })
+}
+
+type GrpcServer = futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>>;
+
+/// The gRPC port: both APIs, health and reflection behind one layer stack, over TLS when set.
+fn grpc_server<B: Backend>(
+    settings: &Settings,
+    backend: &Arc<Timed<B>>,
+    parts: &Parts,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    grpc: TcpListener,
+    stop: &CancellationToken,
+) -> anyhow::Result<GrpcServer> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sluicegate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("reflection v1")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
+
+    let g: &GrpcSettings = &settings.grpc;
+    let should_allow = ShouldAllowApi::with_activity(
+        backend.clone(),
+        settings.should_allow.clone(),
+        parts.activity.clone(),
+    );
+    let should_allow =
+        RateLimitServiceServer::new(should_allow).max_decoding_message_size(g.max_message_bytes);
+    let envoy = EnvoyApi::with_activity(
+        backend.clone(),
+        parts.rules.clone(),
+        settings.envoy.clone(),
+        parts.activity.clone(),
+    );
+    let envoy = EnvoyServer::new(envoy).max_decoding_message_size(g.max_message_bytes);
+
+    // One stack for every service: a server-side deadline, a global bound on calls in progress
+    // (beyond it RESOURCE_EXHAUSTED at once, never a queue), keepalives that drop dead peers, and
+    // an optional maximum connection age (GOAWAY, so clients spread over new replicas).
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(CALL_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(KEEPALIVE_EVERY))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    if let Some(age) = g.max_connection_age {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(settings.shutdown_grace);
     }
-    Some(TlsSettings {
-        cert: args.grpc_tls_cert.clone()?,
-        key: args.grpc_tls_key.clone()?,
-        client_ca: args.grpc_client_ca.clone(),
-        client_sans: args.grpc_client_san.clone(),
+    let router = builder
+        .layer(LimitLayer::new(g.max_concurrent_requests))
+        .add_service(should_allow)
+        .add_service(envoy)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let stopped = stop.clone().cancelled_owned();
+    Ok(match &g.tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            stopped,
+        )),
+        Some(tls) => {
+            let tls = Tls::load(tls.clone()).map_err(anyhow::Error::msg)?;
+            tls.spawn_watcher(stop.clone());
+            Box::pin(router.serve_with_incoming_shutdown(tls.incoming(grpc, stop.clone()), stopped))
+        }
     })
 }
 

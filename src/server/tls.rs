@@ -7,12 +7,13 @@
 use std::{
     collections::hash_map::DefaultHasher,
     hash::{Hash, Hasher},
-    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
+
+use crate::config::TlsSettings;
 use rustls::{
     DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
     client::danger::HandshakeSignatureValid,
@@ -32,16 +33,6 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at most: a flood of connections that never finish one waits here.
 const MAX_HANDSHAKES: usize = 512;
-
-/// The TLS settings of the gRPC port.
-#[derive(Clone, Debug)]
-pub struct TlsSettings {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
-    /// Accepted client SANs (DNS names, URIs such as SPIFFE IDs, IPs, e-mails); empty: any.
-    pub client_sans: Vec<String>,
-}
 
 /// The server configuration in force, swapped when the files change.
 pub struct Tls {

@@ -1,4 +1,4 @@
-//! What the limiter is doing, kept in this process for the status page and `/debug` (SPEC 10):
+//! What the limiter is doing, kept in this process for the status page and `/debug` (the README's "Operating it"):
 //! the last minutes second by second, the heaviest denied keys, each rule's decisions, the
 //! circuit of every Redis node; and the two things every decision goes through on its way out:
 //! the near-limit test and the decision log.
@@ -62,7 +62,7 @@ impl std::fmt::Debug for Activity {
 }
 
 impl Default for Activity {
-    /// SPEC 4's defaults: TOP_KEYS=100, NEAR_LIMIT_RATIO=0.8.
+    /// The README's defaults: TOP_KEYS=100, NEAR_LIMIT_RATIO=0.8.
     fn default() -> Self {
         Self::new(100, 0.8)
     }

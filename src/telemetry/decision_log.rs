@@ -70,7 +70,7 @@ pub fn should_allow(sampler: &DenialSampler, key: &str, cost: u64, d: &Decision)
         cost,
         allowed = d.allowed,
         tokens_remaining = d.tokens_remaining,
-        local = d.local,
+        local = d.without_backend,
         "decision"
     );
     if !d.allowed
@@ -110,7 +110,7 @@ pub fn envoy(
         allowed = d.allowed,
         shadow,
         tokens_remaining = d.tokens_remaining,
-        local = d.local,
+        local = d.without_backend,
         "decision"
     );
     if !d.allowed

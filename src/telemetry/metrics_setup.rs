@@ -11,7 +11,7 @@ use super::activity::Activity;
 use super::live::Api;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Metric names (SPEC section 8): promises to dashboards, never renamed.
+/// Metric names (the README's "Operating it"): promises to dashboards, never renamed.
 pub mod names {
     pub const DECISIONS: &str = "sluicegate_decisions_total";
     pub const DECISION_DURATION: &str = "sluicegate_decision_duration_seconds";
@@ -221,7 +221,7 @@ impl DecisionMetrics {
 
     /// Counts the decisions the deny cache answered without the backend.
     pub fn local(&self, decisions: &[&sluicegate_core::Decision]) {
-        let n = decisions.iter().filter(|d| d.local).count();
+        let n = decisions.iter().filter(|d| d.without_backend).count();
         if n > 0 {
             self.local.increment(n as u64);
         }

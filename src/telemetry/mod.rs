@@ -1,4 +1,4 @@
-//! Logs and metrics: tracing setup, the metric names of SPEC section 8 (described once), the
+//! Logs and metrics: tracing setup, the metric names of the README's "Operating it" (described once), the
 //! Prometheus recorder, a backend wrapper that times every call, and what the status page shows.
 //!
 //! - `metrics_setup.rs`: the recorder, the names, the handles the hot path increments;

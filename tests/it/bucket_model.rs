@@ -1,7 +1,7 @@
 //! The bucket arithmetic of `src/core/bucket.rs` (and so of the Lua script, which the contract
 //! suite holds to it) against a model in exact integers, over random shapes, costs and clocks.
 //!
-//! The model is SPEC section 2 written the obvious way: whole tokens in `i128`, time in whole
+//! The model is the README's "The token bucket" written the obvious way: whole tokens in `i128`, time in whole
 //! milliseconds, no doubles, no caps other than the rules' own. Time steps are chosen so that every
 //! refill is a whole number of tokens (a rate in tokens per second with steps of whole seconds, or
 //! a rate that is a multiple of 1000 with steps of milliseconds); then the doubles of the real
@@ -38,7 +38,7 @@ fn ceil_div(a: i128, b: i128) -> i128 {
     if a <= 0 { 0 } else { (a + b - 1) / b }
 }
 
-/// SPEC 2: a bucket never seen is full; time refills it at `rate`, never above capacity; a clock
+/// "The token bucket": a bucket never seen is full; time refills it at `rate`, never above capacity; a clock
 /// that steps back adds nothing and never moves the stored time back; debt is floored at -capacity.
 fn model_refill(state: Option<Model>, now: i128, s: ModelShape) -> (i128, i128) {
     match state {

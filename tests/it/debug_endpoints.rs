@@ -1,4 +1,4 @@
-//! What an operator sees on the HTTP port (SPEC 10): the status page and the JSON it reads, the
+//! What an operator sees on the HTTP port (the README's "Operating it"): the status page and the JSON it reads, the
 //! loaded rules, the effective configuration (redacted), the heaviest denied keys; all off with
 //! DEBUG_ENDPOINTS=false. And the decision logs: a line per decision at debug, denials sampled at
 //! info.

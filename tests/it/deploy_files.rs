@@ -249,9 +249,8 @@ fn dashboard_promises() {
 /// and by flag.
 #[test]
 fn the_readme_documents_every_setting() {
-    use clap::CommandFactory;
     let readme = std::fs::read_to_string("README.md").unwrap();
-    let cmd = sluicegate::config::Cli::command();
+    let cmd = sluicegate::config::Cli::definition();
     let serve = cmd.find_subcommand("serve").unwrap();
     let mut missing = Vec::new();
     for arg in serve.get_arguments() {

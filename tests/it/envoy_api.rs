@@ -1,5 +1,5 @@
 //! Envoy's ShouldRateLimit through a real sluicegate process with a rules file: the wire semantics
-//! Envoy relies on (SPEC section 3).
+//! Envoy relies on (the README's "Request semantics").
 
 use crate::support::envoy::{
     OK, OVER, RateLimitRequest, RateLimitServiceClient, descriptor, request,

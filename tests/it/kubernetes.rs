@@ -4,7 +4,6 @@
 
 use std::{path::Path, process::Command};
 
-use clap::{CommandFactory, Parser};
 use serde_json::Value;
 use sluicegate::config::Cli;
 
@@ -23,7 +22,7 @@ fn doc(file: &str) -> Value {
 
 /// The environment variables of `sluicegate serve`, with their long flags.
 fn serve_env() -> Vec<(String, String)> {
-    let cmd = Cli::command();
+    let cmd = Cli::definition();
     let serve = cmd.find_subcommand("serve").expect("a serve subcommand");
     serve
         .get_arguments()
@@ -144,11 +143,12 @@ async fn the_deployment_matches_the_binary() {
         argv.push(format!("--{long}={value}"));
         env.insert(name.to_string(), value);
     }
-    let args = Cli::try_parse_from(&argv)
+    let settings = Cli::parse_args(&argv)
         .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
         .into_serve()
-        .expect("serve");
-    args.validate().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        .expect("serve")
+        .settings()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
 
     // Ports: the listeners' addresses are the container ports, named as the Service targets them.
     let port_of = |name: &str| {
@@ -161,8 +161,8 @@ async fn the_deployment_matches_the_binary() {
             .as_u64()
             .unwrap()
     };
-    assert_eq!(u64::from(args.grpc_addr.port()), port_of("grpc"));
-    assert_eq!(u64::from(args.http_addr.port()), port_of("http"));
+    assert_eq!(u64::from(settings.grpc.addr.port()), port_of("grpc"));
+    assert_eq!(u64::from(settings.http.addr.port()), port_of("http"));
     let service = doc("service.yaml");
     for p in service["spec"]["ports"].as_array().unwrap() {
         port_of(p["targetPort"].as_str().unwrap());
@@ -223,7 +223,7 @@ async fn the_deployment_matches_the_binary() {
     // Shutdown fits in the pod's grace period.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
-        args.shutdown_delay_secs + args.shutdown_grace_secs < grace,
+        (settings.shutdown_delay + settings.shutdown_grace).as_secs() < grace,
         "SHUTDOWN_DELAY_SECS + SHUTDOWN_GRACE_SECS must fit in {grace} s"
     );
 

@@ -96,7 +96,7 @@ async fn redis_killed_then_restarted() {
         }
     }
     // FAILURE_MODE=error cannot answer without Redis: not ready. allow and deny still answer
-    // every call, so they stay ready (SPEC 10).
+    // every call, so they stay ready (the README's "Operating it").
     let strict = &modes[0];
     eventually(Duration::from_secs(5), "NOT_SERVING", async || {
         health(&strict.grpc_url(), "").await == Some(NOT_SERVING)

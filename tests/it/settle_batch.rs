@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sluicegate::api::{ApiError, Defaults, ShouldAllowApi};
+use sluicegate::api::{ApiError, ShouldAllowApi, ShouldAllowSettings};
 use sluicegate_core::Shape;
 use sluicegate_core::backend::{Backend, MemoryBackend, RedisBackend};
 use sluicegate_proto::sluicegate::v1::{
@@ -17,7 +17,7 @@ const EPS: f64 = 1e-3;
 /// Refunds on the caller's word allowed (ALLOW_REFUNDS=true): `settle_less_equal_more` is about
 /// them; reservations need no switch.
 fn api<B: Backend>(backend: B) -> ShouldAllowApi<B> {
-    let mut defaults = Defaults::new(Shape::new(10.0, SLOW).unwrap(), "tb:user:");
+    let mut defaults = ShouldAllowSettings::new(Shape::new(10.0, SLOW).unwrap(), "tb:user:");
     defaults.allow_refunds = true;
     ShouldAllowApi::new(backend, defaults)
 }
@@ -328,7 +328,7 @@ both!(
 
 #[tokio::test]
 async fn refunding_settles_can_be_refused() {
-    let mut defaults = Defaults::new(Shape::new(10.0, SLOW).unwrap(), "tb:user:");
+    let mut defaults = ShouldAllowSettings::new(Shape::new(10.0, SLOW).unwrap(), "tb:user:");
     defaults.allow_refunds = false;
     let a = ShouldAllowApi::new(MemoryBackend::new(10), defaults);
     let err = a.settle(&settle("k", 5, 2)).await.unwrap_err();

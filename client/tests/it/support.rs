@@ -18,21 +18,13 @@ impl Drop for Sluicegate {
 
 /// Starts sluicegate with `flags` (as on its command line) on free loopback ports.
 pub async fn sluicegate(flags: &[&str]) -> Sluicegate {
-    let mut argv = vec![
-        "sluicegate",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-    ];
+    let mut argv = vec!["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
     argv.extend_from_slice(flags);
-    let args = <sluicegate::config::Cli as clap::Parser>::parse_from(argv)
-        .into_serve()
-        .unwrap();
+    let settings = sluicegate::config::Settings::from_flags(argv).unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", grpc.local_addr().unwrap());
     let stop = CancellationToken::new();
-    tokio::spawn(sluicegate::server::run(args, grpc, http, stop.clone()));
+    tokio::spawn(sluicegate::server::run(settings, grpc, http, stop.clone()));
     Sluicegate { url, stop }
 }

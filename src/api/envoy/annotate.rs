@@ -1,4 +1,4 @@
-//! What an answer carries beside its statuses, when asked for (SPEC 3): the `RateLimit-*` headers
+//! What an answer carries beside its statuses, when asked for (the README's "Request semantics"): the `RateLimit-*` headers
 //! of the most restrictive descriptor (LIMIT_RESPONSE_HEADERS_ENABLED), and, for the descriptors
 //! over their limit, their domain, rule and entries in `dynamic_metadata`
 //! (RESPONSE_DYNAMIC_METADATA), which Envoy's access log can print.

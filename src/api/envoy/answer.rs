@@ -111,7 +111,7 @@ pub(super) fn answer(
                         tokens_remaining: 0.0,
                         retry_after_ms: 0,
                         reset_after_ms: 0,
-                        local: true,
+                        without_backend: true,
                     };
                     denied(*hits, &d);
                     fired.push(*over);

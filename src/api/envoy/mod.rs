@@ -66,12 +66,10 @@ pub struct EnvoySettings {
     pub response_headers: Option<HeaderNames>,
     /// RESPONSE_DYNAMIC_METADATA: name the rules that fired in `dynamic_metadata`.
     pub dynamic_metadata: bool,
-    /// Where decisions are seen (status page, top keys, near-limit ratio).
-    pub activity: Arc<Activity>,
 }
 
 impl EnvoySettings {
-    /// The defaults of SPEC section 4, with `key_prefix`.
+    /// The README's defaults, with `key_prefix`.
     pub fn new(key_prefix: impl Into<String>) -> Self {
         Self {
             key_prefix: key_prefix.into(),
@@ -84,7 +82,6 @@ impl EnvoySettings {
             max_key_bytes: 1024,
             response_headers: None,
             dynamic_metadata: false,
-            activity: Arc::new(Activity::default()),
         }
     }
 }
@@ -95,6 +92,8 @@ pub struct EnvoyApi<B> {
     backend: Arc<B>,
     rules: Arc<RulesHandle>,
     settings: EnvoySettings,
+    /// Where decisions are seen (status page, top keys, near-limit ratio).
+    activity: Arc<Activity>,
     metrics: DecisionMetrics,
     fallback: Fallback,
     refused: RefusedMetrics,
@@ -102,13 +101,25 @@ pub struct EnvoyApi<B> {
 
 impl<B: Backend> EnvoyApi<B> {
     pub fn new(backend: B, rules: Arc<RulesHandle>, settings: EnvoySettings) -> Self {
+        Self::with_activity(backend, rules, settings, Arc::default())
+    }
+
+    /// The same, reporting what it decides to `activity` (the status page's, shared with the
+    /// other API).
+    pub fn with_activity(
+        backend: B,
+        rules: Arc<RulesHandle>,
+        settings: EnvoySettings,
+        activity: Arc<Activity>,
+    ) -> Self {
         Self {
             backend: Arc::new(backend),
             rules,
-            metrics: DecisionMetrics::new("envoy", settings.activity.clone()),
+            metrics: DecisionMetrics::new("envoy", activity.clone()),
             fallback: Fallback::new(settings.failure_mode),
             refused: RefusedMetrics::new("envoy", &plan::Refusal::ALL.map(plan::Refusal::as_str)),
             settings,
+            activity,
         }
     }
 
@@ -168,7 +179,7 @@ impl<B: Backend> EnvoyApi<B> {
             },
         };
 
-        let activity = &self.settings.activity;
+        let activity = &self.activity;
         let rule_metrics = rules.as_ref().map(|set| activity.rule_metrics(set));
         let answer = answer::answer(
             req,

@@ -1,4 +1,4 @@
-//! Flags of sluicegate-load (SPEC section 7).
+//! Flags of sluicegate-load (the README's "Load testing").
 
 use std::{path::PathBuf, time::Duration};
 

@@ -1,4 +1,4 @@
-//! The summary printed after a run, and the JSON file of SPEC section 7.
+//! The summary printed after a run, and the JSON file of the README's "Load testing".
 
 use std::time::SystemTime;
 

@@ -1,4 +1,4 @@
-//! The local deny cache (LOCAL_DENY_CACHE, SPEC section 11).
+//! The local deny cache (LOCAL_DENY_CACHE; the README's "Scale out").
 //!
 //! When Redis answers that a bucket holds `t` tokens, decided after this replica sent the call at
 //! local time `T`, the bucket cannot hold more than `t + rate * (now - T)` later: only refill and
@@ -94,7 +94,7 @@ impl DenyCache {
             tokens_remaining: bound,
             retry_after_ms: capped_ms((cost - bound) / shape.rate() * 1000.0),
             reset_after_ms: capped_ms((shape.capacity() - bound) / shape.rate() * 1000.0),
-            local: true,
+            without_backend: true,
         })
     }
 
@@ -168,7 +168,7 @@ mod tests {
             tokens_remaining: tokens,
             retry_after_ms: 0,
             reset_after_ms: 0,
-            local: false,
+            without_backend: false,
         }
     }
 
@@ -181,7 +181,7 @@ mod tests {
         let d = cache
             .deny("k", shape, Op::Take(1))
             .expect("0 tokens: denied");
-        assert!(d.local && !d.allowed);
+        assert!(d.without_backend && !d.allowed);
         assert_eq!(d.retry_after_ms, 500);
         // 400 ms later at most 0.8 tokens: still denied; 500 ms: the bound reaches 1.
         tokio::time::advance(Duration::from_millis(400)).await;

@@ -29,12 +29,12 @@ use futures::future::join_all;
 
 pub use connect::RedisTls;
 pub use script::TOKEN_BUCKET_LUA;
-pub use topology::Kind as Topology;
+pub use topology::Topology;
 
 use deny_cache::DenyCache;
 use node::{Job, Node, Op1};
 use script::Placement;
-use topology::Topology as Nodes;
+use topology::Nodes;
 
 use super::{Backend, BackendError, BucketRequest, ErrorKind, SettleRequest, Settled};
 use crate::{Decision, Op};

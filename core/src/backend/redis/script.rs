@@ -156,7 +156,7 @@ pub fn decode(value: Value, n: usize) -> Result<Vec<Option<Decision>>, BackendEr
                 },
                 retry_after_ms: int(&c[2])?,
                 reset_after_ms: int(&c[3])?,
-                local: false,
+                without_backend: false,
             }))
         })
         .collect()

@@ -28,22 +28,24 @@ const SLOTS: usize = 16384;
 
 /// Which topology REDIS_URL describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub enum Topology {
     Single,
     Cluster,
     Sentinel,
 }
 
-pub enum Topology {
+/// The Redis nodes sluicegate talks to, as the topology arranges them: one, the current master
+/// of a sentinel group, or a cluster's masters by slot.
+pub enum Nodes {
     Single(Arc<Node>),
     Sentinel(Arc<Follower>),
     Cluster(Arc<Cluster>),
 }
 
-impl Topology {
+impl Nodes {
     /// Prepares the topology; connections are made in the background.
     pub fn start(
-        kind: Kind,
+        kind: Topology,
         url: &str,
         tls: &super::RedisTls,
         lanes: &Arc<Lanes>,
@@ -54,13 +56,13 @@ impl Topology {
             .filter(|s| !s.is_empty())
             .collect();
         Ok(match kind {
-            Kind::Single => {
+            Topology::Single => {
                 let [url] = entries[..] else {
                     return Err(invalid("REDIS_URL: expected one URL".into()));
                 };
-                Topology::Single(Node::start(Template::parse(url, "redis", tls)?, lanes))
+                Nodes::Single(Node::start(Template::parse(url, "redis", tls)?, lanes))
             }
-            Kind::Cluster => {
+            Topology::Cluster => {
                 let first = entries
                     .first()
                     .ok_or_else(|| invalid("REDIS_URL: expected host:port,...".into()))?;
@@ -69,9 +71,9 @@ impl Topology {
                     .iter()
                     .map(|e| Template::parse(e, template.scheme(), tls))
                     .collect::<Result<Vec<_>, _>>()?;
-                Topology::Cluster(Cluster::start(template, seeds, lanes.clone()))
+                Nodes::Cluster(Cluster::start(template, seeds, lanes.clone()))
             }
-            Kind::Sentinel => {
+            Topology::Sentinel => {
                 let (master, sentinels) = entries.split_first().ok_or_else(|| {
                     invalid("REDIS_URL: expected master_name,host:port,...".into())
                 })?;
@@ -95,7 +97,7 @@ impl Topology {
                 } else {
                     (master.to_string(), first_sentinel.clone())
                 };
-                Topology::Sentinel(Follower::start(name, template, sentinels, lanes.clone()))
+                Nodes::Sentinel(Follower::start(name, template, sentinels, lanes.clone()))
             }
         })
     }
@@ -103,9 +105,9 @@ impl Topology {
     /// The node serving `key`, if known.
     pub fn node_for(&self, key: &[u8]) -> Option<Arc<Node>> {
         match self {
-            Topology::Single(node) => Some(node.clone()),
-            Topology::Sentinel(f) => f.current.load_full(),
-            Topology::Cluster(c) => c.node_for(key),
+            Nodes::Single(node) => Some(node.clone()),
+            Nodes::Sentinel(f) => f.current.load_full(),
+            Nodes::Cluster(c) => c.node_for(key),
         }
     }
 
@@ -113,26 +115,26 @@ impl Topology {
     /// points.
     pub fn node_at(&self, addr: &str) -> Option<Arc<Node>> {
         match self {
-            Topology::Single(_) | Topology::Sentinel(_) => None,
-            Topology::Cluster(c) => c.map.load().nodes.iter().find(|n| n.addr == addr).cloned(),
+            Nodes::Single(_) | Nodes::Sentinel(_) => None,
+            Nodes::Cluster(c) => c.map.load().nodes.iter().find(|n| n.addr == addr).cloned(),
         }
     }
 
     /// Every node in use (the masters), for health.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         match self {
-            Topology::Single(node) => vec![node.clone()],
-            Topology::Sentinel(f) => f.current.load_full().into_iter().collect(),
-            Topology::Cluster(c) => c.map.load().nodes.clone(),
+            Nodes::Single(node) => vec![node.clone()],
+            Nodes::Sentinel(f) => f.current.load_full().into_iter().collect(),
+            Nodes::Cluster(c) => c.map.load().nodes.clone(),
         }
     }
 
     /// A call failed in a way that may mean the topology changed: look again soon.
     pub fn suspect(&self) {
         match self {
-            Topology::Single(_) => {}
-            Topology::Sentinel(f) => f.refresh.notify_one(),
-            Topology::Cluster(c) => c.refresh.notify_one(),
+            Nodes::Single(_) => {}
+            Nodes::Sentinel(f) => f.refresh.notify_one(),
+            Nodes::Cluster(c) => c.refresh.notify_one(),
         }
     }
 }
