@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::decision_log::{DENIALS_PER_SECOND, DenialSampler};
 use super::live::LiveStats;
-use super::metrics_setup::{RuleCounts, RuleMetrics};
+use super::rule_metrics::{RuleCounts, RuleMetrics};
 use super::top_keys::{TopKey, TopKeys};
 use sluicegate_core::Decision;
 use sluicegate_core::rules::RuleSet;

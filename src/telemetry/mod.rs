@@ -1,7 +1,10 @@
-//! Logs and metrics: tracing setup, the metric names of the README's "Operating it" (described once), the
-//! Prometheus recorder, a backend wrapper that times every call, and what the status page shows.
+//! Logs and metrics: tracing setup, the metric names of the README's "Operating it" (described
+//! once), the Prometheus recorder, a backend wrapper that times every call, and what the status
+//! page shows.
 //!
-//! - `metrics_setup.rs`: the recorder, the names, the handles the hot path increments;
+//! - `recorder.rs`: the recorder and the metric names;
+//! - `handles.rs`: the handles the hot path increments (per API, FAILURE_MODE, shedding, ...);
+//! - `rule_metrics.rs`: per-rule series and the counts the status page shows;
 //! - `activity.rs`: what this process saw, for `/` and `/debug` (it composes the next three);
 //! - `live.rs`: the last minutes second by second; `top_keys.rs`: the heaviest denied keys;
 //! - `decision_log.rs`: a line per decision at debug, denials sampled at info;
@@ -9,17 +12,20 @@
 
 mod activity;
 pub mod decision_log;
+mod handles;
 pub mod live;
-mod metrics_setup;
+mod recorder;
+mod rule_metrics;
 mod timed;
 pub mod top_keys;
 
 pub use activity::{Activity, Circuit, RuleMetricsFor, RuleStat};
-pub use metrics_setup::{
-    DecisionMetrics, FailureModeMetrics, MetricsHandle, RefusedMetrics, ReloadMetrics, RuleCounts,
-    RuleMetrics, ShedMetrics, eviction_counters, install_metrics, install_recorder, names,
-    redis_metrics,
+pub use handles::{
+    DecisionMetrics, FailureModeMetrics, RefusedMetrics, ReloadMetrics, ShedMetrics,
+    eviction_counters, redis_metrics,
 };
+pub use recorder::{MetricsHandle, install_metrics, names};
+pub use rule_metrics::{RuleCounts, RuleMetrics};
 pub use timed::Timed;
 
 /// Log output: human-readable lines or one JSON object per line.

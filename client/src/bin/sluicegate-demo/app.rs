@@ -171,6 +171,18 @@ pub struct AppState {
     metrics: Metrics,
 }
 
+impl axum::extract::FromRef<AppState> for generate::Budget {
+    fn from_ref(app: &AppState) -> Self {
+        Self {
+            client: app.client.clone(),
+            identity: app.identity,
+            trust_forwarded: app.trust_forwarded,
+            token_capacity: app.token_capacity,
+            token_rate: app.token_rate,
+        }
+    }
+}
+
 /// Serves the demo on `listener` until `shutdown`, then lets in-flight requests finish.
 pub async fn run(
     config: DemoConfig,

@@ -17,7 +17,17 @@ use serde::Deserialize;
 use serde_json::json;
 use sluicegate_client::{Error, Request};
 
-use crate::app::AppState;
+use crate::identity::Identity;
+
+/// What the route needs from the app: who is asking, and the token budget to reserve from.
+#[derive(Clone)]
+pub struct Budget {
+    pub client: sluicegate_client::Client,
+    pub identity: Identity,
+    pub trust_forwarded: bool,
+    pub token_capacity: f64,
+    pub token_rate: f64,
+}
 
 /// How long a reservation may wait for its Settle: far longer than the (fake) work takes.
 const RESERVE_FOR: Duration = Duration::from_secs(60);
@@ -31,7 +41,7 @@ pub struct Generate {
 }
 
 pub async fn generate(
-    State(state): State<AppState>,
+    State(state): State<Budget>,
     parts: http::request::Parts,
     Json(body): Json<Generate>,
 ) -> Response {

@@ -32,7 +32,8 @@ pub use script::TOKEN_BUCKET_LUA;
 pub use topology::Topology;
 
 use deny_cache::DenyCache;
-use node::{Job, Node, Op1};
+use node::{Job, Node};
+use script::Op1;
 use script::Placement;
 use topology::Nodes;
 
@@ -93,8 +94,9 @@ impl RedisOptions {
     }
 }
 
-/// What every node's lane shares.
-pub(crate) struct Lanes {
+/// What every node shares: the script, the call deadline and connection count, where refunds go,
+/// the metrics and the deny cache.
+pub(crate) struct NodeContext {
     sha: String,
     timeout: Duration,
     connections: usize,
@@ -131,7 +133,7 @@ impl RedisBackend {
     pub fn with_options(url: &str, options: RedisOptions) -> Result<Self, BackendError> {
         let cluster = options.topology == Topology::Cluster;
         let deny = options.deny_cache.then(|| Arc::new(DenyCache::default()));
-        let lanes = Arc::new(Lanes {
+        let lanes = Arc::new(NodeContext {
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_string(),
             timeout: options.timeout,
             connections: options.connections.max(1),
@@ -163,9 +165,9 @@ impl RedisBackend {
         group: bool,
     ) -> Result<Vec<Decision>, BackendError> {
         let job = || {
-            let mut job = Job::new(group);
+            let mut buckets = script::Buckets::new(group);
             for r in reqs {
-                job.push(
+                buckets.push(
                     r.key,
                     Op1 {
                         shape: r.shape,
@@ -175,10 +177,10 @@ impl RedisBackend {
                     },
                 );
                 if let (Some(rv), Op::Take(_)) = (r.reserve, r.op) {
-                    job.reserve_last(script::reservation_key(r.key, rv.id), rv.ttl_ms);
+                    buckets.reserve_last(script::reservation_key(r.key, rv.id), rv.ttl_ms);
                 }
             }
-            job
+            Job::new(buckets)
         };
         submit_routed(&self.nodes, node, reqs[0].key, job).await
     }
@@ -413,9 +415,9 @@ impl Backend for RedisBackend {
                 settle: true,
                 ..Op1::new(req.shape, Op::Force(req.actual))
             };
-            let mut job = Job::single(req.key, settle);
-            job.reserve_last(script::reservation_key(req.key, req.id), 0);
-            job
+            let mut buckets = script::Buckets::single(req.key, settle);
+            buckets.reserve_last(script::reservation_key(req.key, req.id), 0);
+            Job::new(buckets)
         };
         let node = self.nodes.node_for(req.key.as_bytes());
         let d = submit_routed(&self.nodes, node, req.key, job)

@@ -20,54 +20,25 @@ use redis::{
     Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
 };
-use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use super::breaker::{Breaker, Permit};
 use super::connect::{CONNECT_TIMEOUT, DEAD_CONNECTION_AFTER, Template};
-use super::script;
-use super::{Lanes, map_error};
+use super::script::{self, Buckets, Op1};
+use super::{NodeContext, map_error};
+use crate::Decision;
 use crate::backend::{BackendError, ErrorKind};
-use crate::{Decision, Op, Shape};
 
 /// The most buckets one script call decides (the batch-size cap).
 pub const MAX_BUCKETS_PER_CALL: usize = 128;
-/// Decisions waiting for a slot, at most; beyond it a call fails at once (FAILURE_MODE answers).
+/// Calls waiting for a connection slot, at most; beyond it a call fails at once (FAILURE_MODE
+/// answers).
 const QUEUE: usize = 8192;
 
-/// One bucket operation of a job.
-#[derive(Clone, Copy, Debug)]
-pub struct Op1 {
-    pub shape: Shape,
-    pub op: Op,
-    pub veto: bool,
-    /// Settles the job's reservation for this bucket; `op`'s cost is the real cost.
-    pub settle: bool,
-}
-
-impl Op1 {
-    /// An operation whose denial counts (the usual case).
-    pub fn new(shape: Shape, op: Op) -> Self {
-        Self {
-            shape,
-            op,
-            veto: true,
-            settle: false,
-        }
-    }
-}
-
-/// Decisions to make together: one request's buckets on this node (all or nothing when `group`),
-/// or one decision.
+/// Decisions to make together (the buckets of one request on this node, all or nothing when
+/// their group says so, or one decision), and who waits for them.
 pub struct Job {
-    /// The keys, concatenated; `ends[i]` is where key i ends.
-    pub keys: String,
-    pub ends: SmallVec<[u32; 4]>,
-    pub ops: SmallVec<[Op1; 4]>,
-    /// (bucket index in the job, reservation key, TTL in ms): a reservation to record with a
-    /// charged Take, or to settle.
-    pub reservations: SmallVec<[(u32, String, u32); 1]>,
-    pub group: bool,
+    pub buckets: Buckets,
     /// This job's caller holds the breaker's probe: the call carrying it decides whether the
     /// circuit closes.
     probe: bool,
@@ -77,13 +48,9 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn new(group: bool) -> Self {
+    pub fn new(buckets: Buckets) -> Self {
         Self {
-            keys: String::new(),
-            ends: SmallVec::new(),
-            ops: SmallVec::new(),
-            reservations: SmallVec::new(),
-            group,
+            buckets,
             probe: false,
             asking: false,
             reply: None,
@@ -92,31 +59,7 @@ impl Job {
 
     /// A job of one bucket operation.
     pub fn single(key: &str, op: Op1) -> Self {
-        let mut job = Self::new(false);
-        job.push(key, op);
-        job
-    }
-
-    pub fn push(&mut self, key: &str, op: Op1) {
-        self.keys.push_str(key);
-        self.ends.push(self.keys.len() as u32);
-        self.ops.push(op);
-    }
-
-    /// Gives the bucket just pushed a reservation key (with its TTL, for a Take).
-    pub fn reserve_last(&mut self, key: String, ttl_ms: u32) {
-        let i = self.ops.len().saturating_sub(1) as u32;
-        self.reservations.push((i, key, ttl_ms));
-    }
-
-    /// Buckets in the job.
-    pub fn buckets(&self) -> usize {
-        self.ops.len()
-    }
-
-    pub fn key(&self, i: usize) -> &str {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.keys[start..self.ends[i] as usize]
+        Self::new(Buckets::single(key, op))
     }
 
     fn gone(&self) -> bool {
@@ -169,7 +112,7 @@ pub struct Node {
 impl Node {
     /// Starts connecting to the node in the background, and its lane. Both stop when the node is
     /// dropped.
-    pub fn start(template: Template, lanes: &Arc<Lanes>) -> Arc<Node> {
+    pub fn start(template: Template, lanes: &Arc<NodeContext>) -> Arc<Node> {
         let addr = template.addr();
         let conns = Arc::new(Conns {
             managers: ArcSwapOption::empty(),
@@ -464,7 +407,7 @@ async fn hear_refunds(
 async fn lane(
     mut rx: mpsc::Receiver<Job>,
     conns: Arc<Conns>,
-    lanes: Arc<Lanes>,
+    lanes: Arc<NodeContext>,
     judge: Arc<Judge>,
 ) {
     use futures::stream::{FuturesUnordered, StreamExt};
@@ -492,11 +435,11 @@ async fn lane(
             continue;
         };
         let mut batch = vec![first];
-        let mut buckets = batch[0].buckets();
+        let mut buckets = batch[0].buckets.len();
         while buckets < MAX_BUCKETS_PER_CALL {
             match rx.try_recv() {
                 Ok(job) => {
-                    buckets += job.buckets();
+                    buckets += job.buckets.len();
                     batch.push(job);
                 }
                 Err(_) => break,
@@ -513,8 +456,8 @@ async fn lane(
 }
 
 /// One script call for `batch`, its answers handed back job by job.
-async fn run_batch(conns: &Conns, lanes: &Lanes, judge: &Judge, mut batch: Vec<Job>) {
-    let total: usize = batch.iter().map(Job::buckets).sum();
+async fn run_batch(conns: &Conns, lanes: &NodeContext, judge: &Judge, mut batch: Vec<Job>) {
+    let total: usize = batch.iter().map(|j| j.buckets.len()).sum();
     lanes.metrics.batch(total);
     let result = match conns.pick() {
         None => Err(BackendError {
@@ -523,7 +466,11 @@ async fn run_batch(conns: &Conns, lanes: &Lanes, judge: &Judge, mut batch: Vec<J
             message: "not connected (yet)".into(),
         }),
         Some(mut conn) => {
-            let cmd = script::batch(&lanes.sha, &batch, lanes.placement);
+            let cmd = script::batch(
+                &lanes.sha,
+                batch.iter().map(|j| &j.buckets),
+                lanes.placement,
+            );
             let asking = batch.iter().any(|j| j.asking);
             let sent = tokio::time::timeout(lanes.timeout, call(&mut conn, &cmd, asking)).await;
             match sent {
@@ -541,7 +488,7 @@ async fn run_batch(conns: &Conns, lanes: &Lanes, judge: &Judge, mut batch: Vec<J
             let mut rest = decisions.into_iter();
             for job in &mut batch {
                 // A job with a bucket away was decided nowhere: its caller follows the slot.
-                let mine: Option<Vec<Decision>> = rest.by_ref().take(job.buckets()).collect();
+                let mine: Option<Vec<Decision>> = rest.by_ref().take(job.buckets.len()).collect();
                 job.answer(mine.ok_or_else(|| away(&judge.addr)));
             }
         }

@@ -3,9 +3,10 @@
 
 use redis::{Cmd, Value};
 
-use super::node::Job;
+use smallvec::SmallVec;
+
 use crate::backend::{BackendError, ErrorKind};
-use crate::{Decision, Op};
+use crate::{Decision, Op, Shape};
 
 /// The token-bucket script; its header states its KEYS/ARGV/return contract.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../../lua/token_bucket.lua");
@@ -16,6 +17,82 @@ pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../../lua/token_bucket.lu
 pub enum Placement {
     Keys,
     Argv,
+}
+
+/// One bucket operation, as the script takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Op1 {
+    pub shape: Shape,
+    pub op: Op,
+    pub veto: bool,
+    /// Settles the job's reservation for this bucket; `op`'s cost is the real cost.
+    pub settle: bool,
+}
+
+impl Op1 {
+    /// An operation whose denial counts (the usual case).
+    pub fn new(shape: Shape, op: Op) -> Self {
+        Self {
+            shape,
+            op,
+            veto: true,
+            settle: false,
+        }
+    }
+}
+
+/// The buckets one job asks the script about: keys, operations, reservations, and whether they
+/// are all or nothing (`group`).
+pub struct Buckets {
+    /// The keys, concatenated; `ends[i]` is where key i ends.
+    pub keys: String,
+    pub ends: SmallVec<[u32; 4]>,
+    pub ops: SmallVec<[Op1; 4]>,
+    /// (bucket index in the job, reservation key, TTL in ms): a reservation to record with a
+    /// charged Take, or to settle.
+    pub reservations: SmallVec<[(u32, String, u32); 1]>,
+    pub group: bool,
+}
+
+impl Buckets {
+    pub fn new(group: bool) -> Self {
+        Self {
+            keys: String::new(),
+            ends: SmallVec::new(),
+            ops: SmallVec::new(),
+            reservations: SmallVec::new(),
+            group,
+        }
+    }
+
+    /// One bucket operation.
+    pub fn single(key: &str, op: Op1) -> Self {
+        let mut buckets = Self::new(false);
+        buckets.push(key, op);
+        buckets
+    }
+
+    pub fn push(&mut self, key: &str, op: Op1) {
+        self.keys.push_str(key);
+        self.ends.push(self.keys.len() as u32);
+        self.ops.push(op);
+    }
+
+    /// Gives the bucket just pushed a reservation key (with its TTL, for a Take).
+    pub fn reserve_last(&mut self, key: String, ttl_ms: u32) {
+        let i = self.ops.len().saturating_sub(1) as u32;
+        self.reservations.push((i, key, ttl_ms));
+    }
+
+    /// How many buckets.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn key(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.keys[start..self.ends[i] as usize]
+    }
 }
 
 /// The mode of a settle: the reservation decides the operation.
@@ -35,20 +112,25 @@ pub fn mode(op: Op, veto: bool) -> u8 {
 
 /// One EVALSHA deciding every job of `batch`, each job a group of its own when it is all or
 /// nothing, else each of its decisions alone.
-pub fn batch(sha: &str, batch: &[Job], placement: Placement) -> Cmd {
-    let n: usize = batch.iter().map(Job::buckets).sum();
+pub fn batch<'a, I>(sha: &str, batch: I, placement: Placement) -> Cmd
+where
+    I: IntoIterator<Item = &'a Buckets>,
+    I::IntoIter: Clone,
+{
+    let batch = batch.into_iter();
+    let n: usize = batch.clone().map(Buckets::len).sum();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha);
     match placement {
         Placement::Keys => cmd.arg(n),
         Placement::Argv => cmd.arg(0).arg(n),
     };
-    for job in batch {
-        for i in 0..job.buckets() {
+    for job in batch.clone() {
+        for i in 0..job.len() {
             cmd.arg(job.key(i));
         }
     }
-    for job in batch {
+    for job in batch.clone() {
         for o in &job.ops {
             cmd.arg(o.shape.capacity())
                 .arg(o.shape.rate())
@@ -57,25 +139,25 @@ pub fn batch(sha: &str, batch: &[Job], placement: Placement) -> Cmd {
         }
     }
     // Group lengths only when some group has more than one member (else all are alone anyway).
-    if batch.iter().any(|j| j.group && j.buckets() > 1) {
-        for job in batch {
+    if batch.clone().any(|j| j.group && j.len() > 1) {
+        for job in batch.clone() {
             if job.group {
-                cmd.arg(job.buckets());
+                cmd.arg(job.len());
             } else {
-                for _ in 0..job.buckets() {
+                for _ in 0..job.len() {
                     cmd.arg(1);
                 }
             }
         }
     }
-    if batch.iter().any(|j| !j.reservations.is_empty()) {
+    if batch.clone().any(|j| !j.reservations.is_empty()) {
         cmd.arg("R");
         let mut offset = 0;
         for job in batch {
             for (i, key, ttl) in &job.reservations {
                 cmd.arg(offset + *i as usize + 1).arg(key).arg(*ttl);
             }
-            offset += job.buckets();
+            offset += job.len();
         }
     }
     cmd

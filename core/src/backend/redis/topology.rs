@@ -13,7 +13,7 @@ use std::{
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::Notify;
 
-use super::Lanes;
+use super::NodeContext;
 use super::connect::{Template, invalid};
 use super::node::Node;
 use crate::backend::BackendError;
@@ -48,7 +48,7 @@ impl Nodes {
         kind: Topology,
         url: &str,
         tls: &super::RedisTls,
-        lanes: &Arc<Lanes>,
+        lanes: &Arc<NodeContext>,
     ) -> Result<Self, BackendError> {
         let entries: Vec<&str> = url
             .split(',')
@@ -146,7 +146,7 @@ pub struct Follower {
     sentinels: Vec<Template>,
     current: ArcSwapOption<Node>,
     refresh: Notify,
-    lanes: Arc<Lanes>,
+    lanes: Arc<NodeContext>,
 }
 
 impl Follower {
@@ -154,7 +154,7 @@ impl Follower {
         name: String,
         template: Template,
         sentinels: Vec<Template>,
-        lanes: Arc<Lanes>,
+        lanes: Arc<NodeContext>,
     ) -> Arc<Self> {
         let f = Arc::new(Self {
             name,
@@ -231,11 +231,11 @@ pub struct Cluster {
     seeds: Vec<Template>,
     map: ArcSwap<SlotMap>,
     refresh: Notify,
-    lanes: Arc<Lanes>,
+    lanes: Arc<NodeContext>,
 }
 
 impl Cluster {
-    fn start(template: Template, seeds: Vec<Template>, lanes: Arc<Lanes>) -> Arc<Self> {
+    fn start(template: Template, seeds: Vec<Template>, lanes: Arc<NodeContext>) -> Arc<Self> {
         let c = Arc::new(Self {
             template,
             seeds,
@@ -407,10 +407,8 @@ mod tests {
         assert_eq!(slot(b"b"), 3300);
         assert_eq!(slot(b"f"), 3168);
         assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
-        assert_eq!(
-            slot(b"foo{}{bar}"),
-            slot(b"foo{}{bar}"),
-            "empty tag: the whole key"
-        );
+        // An empty tag: the whole key is hashed (not "bar", whose slot is 5061).
+        assert_eq!(slot(b"foo{}{bar}"), 8363);
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
     }
 }

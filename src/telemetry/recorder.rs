@@ -1,0 +1,159 @@
+//! The Prometheus recorder and the metric names, each described once.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names (the README's "Operating it"): promises to dashboards, never renamed.
+pub mod names {
+    pub const DECISIONS: &str = "sluicegate_decisions_total";
+    pub const DECISION_DURATION: &str = "sluicegate_decision_duration_seconds";
+    pub const BACKEND_DURATION: &str = "sluicegate_backend_duration_seconds";
+    pub const BACKEND_ERRORS: &str = "sluicegate_backend_errors_total";
+    pub const FAILURE_MODE: &str = "sluicegate_failure_mode_total";
+    pub const BUILD_INFO: &str = "sluicegate_build_info";
+    pub const RULE_DECISIONS: &str = "sluicegate_rule_decisions_total";
+    pub const TOKENS_REMAINING: &str = "sluicegate_tokens_remaining";
+    pub const RULES_RELOADS: &str = "sluicegate_rules_reloads_total";
+    pub const SHED: &str = "sluicegate_shed_total";
+    pub const LOCAL_ANSWERS: &str = "sluicegate_local_answers_total";
+    pub const BATCH_SIZE: &str = "sluicegate_backend_batch_size";
+    pub const CIRCUIT_OPEN: &str = "sluicegate_backend_circuit_open";
+    pub const MEMORY_EVICTIONS: &str = "sluicegate_memory_evictions_total";
+    pub const NEAR_LIMIT: &str = "sluicegate_near_limit_total";
+    pub const REFUSED: &str = "sluicegate_refused_total";
+}
+
+/// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
+/// up to 100 ms and a little beyond (a Redis timeout shows up in the top buckets).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0,
+];
+
+/// Decisions per script call: 1 when idle, up to the cap (128) under load.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// Renders the Prometheus text; cheap to clone.
+#[derive(Clone)]
+pub struct MetricsHandle {
+    prometheus: PrometheusHandle,
+    process: &'static metrics_process::Collector,
+}
+
+impl MetricsHandle {
+    /// The exposition text, with process metrics refreshed first.
+    pub fn render(&self) -> String {
+        self.process.collect();
+        self.prometheus.render()
+    }
+
+    /// Drains histogram samples into their buckets; run periodically.
+    pub fn run_upkeep(&self) {
+        self.prometheus.run_upkeep();
+    }
+}
+
+/// Installs the global recorder for sluicegate (once per process; later calls return the same
+/// handle) and describes every metric.
+pub fn install_metrics() -> MetricsHandle {
+    install_recorder(|| {
+        describe();
+        metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    })
+}
+
+/// Installs the Prometheus recorder with process metrics; `describe` runs once, after it.
+fn install_recorder(describe: fn()) -> MetricsHandle {
+    static HANDLE: OnceLock<MetricsHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(names::BATCH_SIZE.into()), BATCH_BUCKETS)
+                })
+                .expect("the bucket lists are not empty")
+                .build_recorder();
+            let prometheus = recorder.handle();
+            // Another recorder may be installed already (an embedding application); keep ours
+            // rendering what it can rather than failing the server.
+            let _ = metrics::set_global_recorder(recorder);
+            let process: &'static _ = Box::leak(Box::new(metrics_process::Collector::default()));
+            process.describe();
+            describe();
+            MetricsHandle {
+                prometheus,
+                process,
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::Unit;
+    describe_counter!(names::DECISIONS, "Decisions answered, by API and result.");
+    describe_histogram!(
+        names::DECISION_DURATION,
+        Unit::Seconds,
+        "Time to answer one decision call, by API."
+    );
+    describe_histogram!(
+        names::BACKEND_DURATION,
+        Unit::Seconds,
+        "Time of one backend call, by backend."
+    );
+    describe_counter!(
+        names::BACKEND_ERRORS,
+        "Failed backend calls, by backend and kind."
+    );
+    describe_counter!(
+        names::FAILURE_MODE,
+        "Answers decided by FAILURE_MODE because the backend failed, by mode."
+    );
+    describe_gauge!(
+        names::BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
+    describe_counter!(
+        names::RULE_DECISIONS,
+        "Hits decided per Envoy rule, by domain, rule and result (allowed, denied, shadow_denied; near_limit counts allowed hits that left the bucket near its limit)."
+    );
+    describe_counter!(
+        names::NEAR_LIMIT,
+        "Allowed decisions that left less than (1 - NEAR_LIMIT_RATIO) of the capacity, by API."
+    );
+    describe_gauge!(
+        names::TOKENS_REMAINING,
+        "Tokens left after the latest decision of the rule, by domain and rule."
+    );
+    describe_counter!(
+        names::RULES_RELOADS,
+        "Rules loads and reloads, by outcome (ok, error)."
+    );
+    describe_counter!(
+        names::MEMORY_EVICTIONS,
+        "Memory buckets dropped because MEMORY_MAX_BUCKETS was reached, by whether they were full (nothing lost) or partial (the key starts full again)."
+    );
+    describe_counter!(
+        names::LOCAL_ANSWERS,
+        "Decisions answered by the local deny cache without calling Redis, by API."
+    );
+    describe_histogram!(
+        names::BATCH_SIZE,
+        "Bucket decisions per Redis script call, by backend."
+    );
+    describe_gauge!(
+        names::CIRCUIT_OPEN,
+        "1 while the circuit breaker of a Redis node is open (calls answered at once), by node."
+    );
+    describe_counter!(
+        names::REFUSED,
+        "Requests answered without evaluating all of them as asked (past the bounds, a descriptor with no entries, an ignored override, a refused refund), by API and reason."
+    );
+    describe_counter!(
+        names::SHED,
+        "Calls refused before any work, by reason (concurrency, message_size, bounds)."
+    );
+}
