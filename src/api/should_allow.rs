@@ -294,26 +294,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         req: &ShouldAllowBatchRequest,
     ) -> Result<ShouldAllowBatchResponse, ApiError> {
         let started = Instant::now();
-        if req.requests.is_empty() {
-            return Err(ApiError::invalid("requests", "must not be empty"));
-        }
-        if req.requests.len() > self.settings.max_batch {
-            self.shed.bounds.increment(1);
-            return Err(ApiError::out_of_bounds(
-                "requests",
-                format!(
-                    "{} requests, more than MAX_BATCH ({})",
-                    req.requests.len(),
-                    self.settings.max_batch
-                ),
-            ));
-        }
-        let parsed: Vec<Parsed> = req
-            .requests
-            .iter()
-            .enumerate()
-            .map(|(i, r)| self.parse(r, Some(i)))
-            .collect::<Result<_, _>>()?;
+        let parsed = self.parse_batch(req)?;
         let buckets: Vec<BucketRequest<'_>> = parsed.iter().map(Parsed::bucket).collect();
         let results = self
             .backend
@@ -334,38 +315,74 @@ impl<B: Backend> ShouldAllowApi<B> {
                 }
             },
         };
-        // All or nothing and not all taken: nothing was charged (or what was is refunded), so no
-        // reservation stands.
-        let reservations =
-            !req.all_or_nothing || results.iter().all(|r| r.as_ref().is_ok_and(|d| d.allowed));
-        let responses: Vec<ShouldAllowResponse> = results
-            .iter()
-            .zip(&parsed)
-            .zip(&req.requests)
-            .map(|((r, p), request)| match r {
-                Ok(d) => {
-                    self.metrics.count(Some(d.allowed));
-                    self.metrics.local(&[d]);
-                    self.observe(&request.key, p, d);
-                    let id = if reservations {
-                        p.reservation_id(d)
-                    } else {
-                        String::new()
-                    };
-                    self.answer(d, p.shape, id)
-                }
-                Err(_) => {
-                    self.metrics.count(None);
-                    self.degraded(fallback.unwrap_or(false), p.shape)
-                }
-            })
-            .collect();
+        let responses = self.batch_answers(req, &parsed, &results, fallback);
         let allowed = responses.iter().all(|r| r.allowed);
         if req.all_or_nothing && fallback == Some(false) {
             compensate(&self.backend, &buckets, &results).await;
         }
         self.metrics.time(started);
         Ok(ShouldAllowBatchResponse { responses, allowed })
+    }
+
+    /// The batch's requests, checked: none, or more than MAX_BATCH, is refused as a whole.
+    fn parse_batch(&self, req: &ShouldAllowBatchRequest) -> Result<Vec<Parsed>, ApiError> {
+        if req.requests.is_empty() {
+            return Err(ApiError::invalid("requests", "must not be empty"));
+        }
+        if req.requests.len() > self.settings.max_batch {
+            self.shed.bounds.increment(1);
+            let size = format!(
+                "{} requests, more than MAX_BATCH ({})",
+                req.requests.len(),
+                self.settings.max_batch
+            );
+            return Err(ApiError::out_of_bounds("requests", size));
+        }
+        req.requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.parse(r, Some(i)))
+            .collect()
+    }
+
+    /// One answer per request of the batch, each counted and observed.
+    fn batch_answers(
+        &self,
+        req: &ShouldAllowBatchRequest,
+        parsed: &[Parsed],
+        results: &[Result<Decision, BackendError>],
+        fallback: Option<bool>,
+    ) -> Vec<ShouldAllowResponse> {
+        // All or nothing and not all taken: nothing was charged (or what was is refunded), so no
+        // reservation stands.
+        let reservations =
+            !req.all_or_nothing || results.iter().all(|r| r.as_ref().is_ok_and(|d| d.allowed));
+        let answer = |((r, p), request): (
+            (&Result<Decision, BackendError>, &Parsed),
+            &ShouldAllowRequest,
+        )| match r {
+            Ok(d) => {
+                self.metrics.count(Some(d.allowed));
+                self.metrics.local(&[d]);
+                self.observe(&request.key, p, d);
+                let id = if reservations {
+                    p.reservation_id(d)
+                } else {
+                    String::new()
+                };
+                self.answer(d, p.shape, id)
+            }
+            Err(_) => {
+                self.metrics.count(None);
+                self.degraded(fallback.unwrap_or(false), p.shape)
+            }
+        };
+        results
+            .iter()
+            .zip(parsed)
+            .zip(&req.requests)
+            .map(answer)
+            .collect()
     }
 
     /// Settles a reservation: less than reserved refunds the difference (capped at capacity),

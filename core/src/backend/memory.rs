@@ -131,7 +131,8 @@ impl Slot {
     }
 }
 
-type Shard = Mutex<IndexMap<KeyId, Slot, BuildHasherDefault<IdHasher>>>;
+type Map = IndexMap<KeyId, Slot, BuildHasherDefault<IdHasher>>;
+type Shard = Mutex<Map>;
 
 /// Counters of buckets dropped to respect MEMORY_MAX_BUCKETS, by whether they were full.
 #[derive(Clone, Default)]
@@ -347,19 +348,7 @@ impl<C: Clock> MemoryBackend<C> {
                 }
             })
             .collect();
-        let mut shard_ids: Vec<usize> = buckets.iter().map(|id| self.shard_of(*id)).collect();
-        shard_ids.sort_unstable();
-        shard_ids.dedup();
-        let mut guards: Vec<MutexGuard<'_, _>> =
-            shard_ids.iter().map(|&s| self.shards[s].lock()).collect();
-        // Which guard holds each bucket.
-        let guard_of: Vec<usize> = buckets
-            .iter()
-            .map(|&id| {
-                let s = self.shard_of(id);
-                shard_ids.iter().position(|&g| g == s).unwrap_or(0)
-            })
-            .collect();
+        let (mut guards, guard_of) = self.lock_shards(&buckets);
 
         let mut states: Vec<Option<BucketState>> = buckets
             .iter()
@@ -392,6 +381,23 @@ impl<C: Clock> MemoryBackend<C> {
             }
         }
         decisions
+    }
+
+    /// Locks the shards holding `buckets`, in shard order (so two groups never deadlock), and
+    /// says which guard holds each bucket.
+    fn lock_shards(&self, buckets: &[KeyId]) -> (Vec<MutexGuard<'_, Map>>, Vec<usize>) {
+        let mut shard_ids: Vec<usize> = buckets.iter().map(|id| self.shard_of(*id)).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let guards = shard_ids.iter().map(|&s| self.shards[s].lock()).collect();
+        let guard_of = buckets
+            .iter()
+            .map(|&id| {
+                let s = self.shard_of(id);
+                shard_ids.iter().position(|&g| g == s).unwrap_or(0)
+            })
+            .collect();
+        (guards, guard_of)
     }
 
     /// Drops, among a few sampled buckets, the one least worth keeping (see [`Slot::keep_score`]).

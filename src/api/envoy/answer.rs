@@ -7,13 +7,14 @@ use std::fmt;
 use crate::telemetry::{Activity, DecisionMetrics, RuleMetrics, decision_log};
 use sluicegate_core::Decision;
 use sluicegate_core::backend::BackendError;
+use sluicegate_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as DescEntry;
 use sluicegate_proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code, DescriptorStatus,
+    Code, DescriptorStatus, RateLimit,
 };
 
-use super::plan::{Entry, Plan};
+use super::plan::{Plan, Planned};
 
 /// The statuses, and whether any enforced descriptor is over its limit.
 pub(super) struct Answer {
@@ -58,129 +59,164 @@ pub(super) fn answer(
     fallback: Option<bool>,
     seen: &Observers<'_>,
 ) -> Answer {
-    let mut over = false;
-    let mut fired = Vec::with_capacity(plan.entries.len());
-    let statuses = plan
-        .entries
-        .iter()
-        .zip(&req.descriptors)
-        .enumerate()
-        .map(|(i, (entry, descriptor))| {
-            let shadow = entry.shadow();
-            let rule_metrics = entry.rule().and_then(|r| seen.rules.get(r.id));
-            let rule_label = entry.rule().map_or("override", |r| r.label.as_str());
-            let entries = Entries(&descriptor.entries);
-            let denied = |hits: u64, d: &Decision| {
-                decision_log::envoy(
-                    seen.activity.denial_sampler(),
-                    &req.domain,
-                    rule_label,
-                    &entries,
-                    hits,
-                    d,
-                    shadow,
-                );
-                // A shadow rule's "no" denies nobody: not a denied key.
-                if !d.allowed && !shadow {
-                    seen.activity
-                        .denied(|| format!("{}: {}", req.domain, entries));
+    let at = Answering {
+        req,
+        plan,
+        results,
+        fallback,
+        seen,
+    };
+    let n = plan.entries.len();
+    let mut answer = Answer {
+        statuses: Vec::with_capacity(n),
+        over: false,
+        fired: Vec::with_capacity(n),
+    };
+    for (entry, descriptor) in plan.entries.iter().zip(&req.descriptors) {
+        let (code, status, fired) = at.status(entry, descriptor);
+        answer.over |= code == Code::OverLimit;
+        answer.fired.push(fired);
+        answer.statuses.push(DescriptorStatus {
+            code: code as i32,
+            ..status
+        });
+    }
+    answer
+}
+
+/// What answering one request needs, for each of its descriptors.
+struct Answering<'a> {
+    req: &'a RateLimitRequest,
+    plan: &'a Plan,
+    results: &'a [Result<Decision, BackendError>],
+    fallback: Option<bool>,
+    seen: &'a Observers<'a>,
+}
+
+impl Answering<'_> {
+    /// One descriptor's code and status, and whether its rule said no (shadow rules too; never
+    /// for a free, unlimited or refused descriptor, nor a FAILURE_MODE answer, which no rule gave).
+    fn status(
+        &self,
+        entry: &Planned,
+        descriptor: &RateLimitDescriptor,
+    ) -> (Code, DescriptorStatus, bool) {
+        match entry {
+            Planned::Free => (Code::Ok, DescriptorStatus::default(), false),
+            Planned::Refused => (Code::OverLimit, DescriptorStatus::default(), false),
+            Planned::Unlimited => {
+                let status = DescriptorStatus {
+                    limit_remaining: u32::MAX,
+                    ..Default::default()
+                };
+                (Code::Ok, status, false)
+            }
+            Planned::Blocked {
+                limit,
+                unit,
+                over,
+                hits,
+                ..
+            } => {
+                if let Some(m) = self.rule_metrics(entry) {
+                    m.record(!over, entry.shadow(), *hits, None, false);
                 }
-            };
-            let (code, status) = match entry {
-                Entry::Free => (Code::Ok, DescriptorStatus::default()),
-                Entry::Refused => (Code::OverLimit, DescriptorStatus::default()),
-                Entry::Unlimited => (
-                    Code::Ok,
-                    DescriptorStatus {
-                        limit_remaining: u32::MAX,
-                        ..Default::default()
-                    },
-                ),
-                Entry::Blocked {
-                    limit,
-                    unit,
-                    over,
-                    hits,
-                    ..
-                } => {
-                    if let Some(m) = rule_metrics {
-                        m.record(!over, shadow, *hits, None, false);
-                    }
-                    let d = Decision {
-                        allowed: !over,
-                        tokens_remaining: 0.0,
-                        retry_after_ms: 0,
-                        reset_after_ms: 0,
-                        without_backend: true,
-                    };
-                    denied(*hits, &d);
-                    fired.push(*over);
-                    (
-                        verdict(!over, shadow),
-                        DescriptorStatus {
+                let d = Decision {
+                    allowed: !over,
+                    tokens_remaining: 0.0,
+                    retry_after_ms: 0,
+                    reset_after_ms: 0,
+                    without_backend: true,
+                };
+                self.report(entry, descriptor, *hits, &d);
+                let status = DescriptorStatus {
+                    current_limit: Some(limit.clone()),
+                    duration_until_reset: Some(duration_ms(unit.seconds() as u64 * 1000)),
+                    ..Default::default()
+                };
+                (verdict(!over, entry.shadow()), status, *over)
+            }
+            Planned::Bucket { limit, bucket, .. } => {
+                match (&self.results[*bucket], self.fallback) {
+                    (Ok(d), _) => self.decided(entry, descriptor, *bucket, d, limit),
+                    (Err(_), allowed) => {
+                        let status = DescriptorStatus {
                             current_limit: Some(limit.clone()),
-                            duration_until_reset: Some(duration_ms(unit.seconds() as u64 * 1000)),
                             ..Default::default()
-                        },
-                    )
-                }
-                Entry::Bucket { limit, bucket, .. } => match (&results[*bucket], fallback) {
-                    (Ok(d), _) => {
-                        let planned = &plan.buckets[*bucket];
-                        let hits = planned.op.cost();
-                        let near = seen.activity.is_near_limit(d, planned.shape.capacity());
-                        if near {
-                            seen.decisions.near_limit();
-                        }
-                        if let Some(m) = rule_metrics {
-                            m.record(d.allowed, shadow, hits, Some(d.tokens_remaining), near);
-                        }
-                        denied(hits, d);
-                        fired.push(!d.allowed);
+                        };
                         (
-                            verdict(d.allowed, shadow),
-                            DescriptorStatus {
-                                current_limit: Some(limit.clone()),
-                                limit_remaining: if d.allowed {
-                                    d.tokens_remaining.floor().clamp(0.0, f64::from(u32::MAX))
-                                        as u32
-                                } else {
-                                    0
-                                },
-                                duration_until_reset: Some(duration_ms(if d.allowed {
-                                    d.reset_after_ms
-                                } else {
-                                    whole_seconds(d.retry_after_ms)
-                                })),
-                                quota: None,
-                                code: 0,
-                            },
+                            verdict(allowed.unwrap_or(false), entry.shadow()),
+                            status,
+                            false,
                         )
                     }
-                    (Err(_), allowed) => (
-                        verdict(allowed.unwrap_or(false), shadow),
-                        DescriptorStatus {
-                            current_limit: Some(limit.clone()),
-                            ..Default::default()
-                        },
-                    ),
-                },
-            };
-            if fired.len() == i {
-                // Free, unlimited, or answered by FAILURE_MODE: no rule said no.
-                fired.push(false);
+                }
             }
-            over |= code == Code::OverLimit;
-            DescriptorStatus {
-                code: code as i32,
-                ..status
-            }
-        })
-        .collect();
-    Answer {
-        statuses,
-        over,
-        fired,
+        }
+    }
+
+    /// A descriptor whose bucket the backend decided.
+    fn decided(
+        &self,
+        entry: &Planned,
+        descriptor: &RateLimitDescriptor,
+        bucket: usize,
+        d: &Decision,
+        limit: &RateLimit,
+    ) -> (Code, DescriptorStatus, bool) {
+        let planned = &self.plan.buckets[bucket];
+        let hits = planned.op.cost();
+        let near = self
+            .seen
+            .activity
+            .is_near_limit(d, planned.shape.capacity());
+        if near {
+            self.seen.decisions.near_limit();
+        }
+        if let Some(m) = self.rule_metrics(entry) {
+            m.record(
+                d.allowed,
+                entry.shadow(),
+                hits,
+                Some(d.tokens_remaining),
+                near,
+            );
+        }
+        self.report(entry, descriptor, hits, d);
+        let status = DescriptorStatus {
+            current_limit: Some(limit.clone()),
+            limit_remaining: if d.allowed {
+                d.tokens_remaining.floor().clamp(0.0, f64::from(u32::MAX)) as u32
+            } else {
+                0
+            },
+            duration_until_reset: Some(duration_ms(if d.allowed {
+                d.reset_after_ms
+            } else {
+                whole_seconds(d.retry_after_ms)
+            })),
+            quota: None,
+            code: 0,
+        };
+        (verdict(d.allowed, entry.shadow()), status, !d.allowed)
+    }
+
+    fn rule_metrics(&self, entry: &Planned) -> Option<&RuleMetrics> {
+        entry.rule().and_then(|r| self.seen.rules.get(r.id))
+    }
+
+    /// Logs the decision (denials sampled) and feeds a denied key to the top-keys sketch; a
+    /// shadow rule's "no" denies nobody, so it is not a denied key.
+    fn report(&self, entry: &Planned, descriptor: &RateLimitDescriptor, hits: u64, d: &Decision) {
+        let shadow = entry.shadow();
+        let rule_label = entry.rule().map_or("override", |r| r.label.as_str());
+        let entries = Entries(&descriptor.entries);
+        let domain = &self.req.domain;
+        let sampler = self.seen.activity.denial_sampler();
+        decision_log::envoy(sampler, domain, rule_label, &entries, hits, d, shadow);
+        if !d.allowed && !shadow {
+            self.seen.activity.denied(|| format!("{domain}: {entries}"));
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use super::ApiError;
 use super::pipeline::{Fallback, compensate};
 use crate::telemetry::{Activity, DecisionMetrics, RefusedMetrics};
 use sluicegate_core::backend::{Backend, BucketRequest};
-use sluicegate_core::rules::RulesHandle;
+use sluicegate_core::rules::{RuleSet, RulesHandle};
 use sluicegate_core::{FailureMode, Op};
 use sluicegate_proto::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
@@ -130,33 +130,9 @@ impl<B: Backend> EnvoyApi<B> {
     ) -> Result<RateLimitResponse, ApiError> {
         let started = Instant::now();
         let rules = self.rules.current();
-        let mut plan = plan::plan(req, rules.as_deref(), &self.settings)?;
-        for &(refusal, i) in &plan.refusals {
-            self.refused.record(refusal.as_str(), || {
-                refusal_detail(refusal, i, req, &self.settings)
-            });
-        }
-
+        let plan = self.plan(req, rules.as_deref())?;
         let all_or_nothing = !self.settings.charge_on_deny;
-        if all_or_nothing && plan.over_without_backend {
-            // The request is over already: ask the buckets, charge none (but debt rules).
-            for b in &mut plan.buckets {
-                if let Op::Take(hits) = b.op {
-                    b.op = Op::Check(hits);
-                }
-            }
-        }
-        let reqs: Vec<BucketRequest<'_>> = plan
-            .buckets
-            .iter()
-            .map(|b| BucketRequest {
-                key: &b.key,
-                shape: b.shape,
-                op: b.op,
-                veto: b.veto,
-                reserve: None,
-            })
-            .collect();
+        let reqs: Vec<BucketRequest<'_>> = plan.buckets.iter().map(|b| b.request()).collect();
         let results = if reqs.is_empty() {
             Vec::new()
         } else {
@@ -164,47 +140,65 @@ impl<B: Backend> EnvoyApi<B> {
         };
 
         let failed = results.iter().find_map(|r| r.as_ref().err());
-        let fallback = match failed {
+        let fallback = match failed.map(|e| (e, self.fallback.verdict(e))) {
             None => None,
-            Some(e) => match self.fallback.verdict(e) {
-                Some(allowed) => Some(allowed),
-                None => {
-                    self.metrics.record(None, started);
-                    // No answer: nothing of the group may stay charged.
-                    if all_or_nothing {
-                        compensate(&self.backend, &reqs, &results).await;
-                    }
-                    return Err(ApiError::Backend(e.clone()));
+            Some((_, Some(allowed))) => Some(allowed),
+            Some((e, None)) => {
+                self.metrics.record(None, started);
+                // No answer: nothing of the group may stay charged.
+                if all_or_nothing {
+                    compensate(&self.backend, &reqs, &results).await;
                 }
-            },
+                return Err(ApiError::Backend(e.clone()));
+            }
         };
 
-        let activity = &self.activity;
-        let rule_metrics = rules.as_ref().map(|set| activity.rule_metrics(set));
-        let answer = answer::answer(
-            req,
-            &plan,
-            &results,
-            fallback,
-            &answer::Observers {
-                rules: rule_metrics.as_deref().map_or(&[], |m| &m.metrics),
-                decisions: &self.metrics,
-                activity,
-            },
-        );
-
+        let rule_metrics = rules.as_ref().map(|set| self.activity.rule_metrics(set));
+        let observers = answer::Observers {
+            rules: rule_metrics.as_deref().map_or(&[], |m| &m.metrics),
+            decisions: &self.metrics,
+            activity: &self.activity,
+        };
+        let answer = answer::answer(req, &plan, &results, fallback, &observers);
         if all_or_nothing && answer.over && failed.is_some() {
             compensate(&self.backend, &reqs, &results).await;
         }
+        self.metrics
+            .record(failed.is_none().then_some(!answer.over), started);
+        Ok(self.response(req, &plan, answer))
+    }
 
-        self.metrics.record(
-            if failed.is_some() {
-                None
-            } else {
-                Some(!answer.over)
-            },
-            started,
-        );
+    /// The plan of `req`, its refusals counted; a request already over its limit (and all or
+    /// nothing) only asks its buckets, charging none but debt rules.
+    fn plan(
+        &self,
+        req: &RateLimitRequest,
+        rules: Option<&RuleSet>,
+    ) -> Result<plan::Plan, ApiError> {
+        let mut plan = plan::plan(req, rules, &self.settings)?;
+        for &(refusal, i) in &plan.refusals {
+            self.refused.record(refusal.as_str(), || {
+                refusal_detail(refusal, i, req, &self.settings)
+            });
+        }
+        if !self.settings.charge_on_deny && plan.over_without_backend {
+            for b in &mut plan.buckets {
+                if let Op::Take(hits) = b.op {
+                    b.op = Op::Check(hits);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The response Envoy reads: the statuses, the overall code (OK in SHADOW_MODE), and the
+    /// headers and metadata when asked for.
+    fn response(
+        &self,
+        req: &RateLimitRequest,
+        plan: &plan::Plan,
+        answer: answer::Answer,
+    ) -> RateLimitResponse {
         let overall = if answer.over && !self.settings.shadow_mode {
             Code::OverLimit
         } else {
@@ -215,17 +209,17 @@ impl<B: Backend> EnvoyApi<B> {
             None => Vec::new(),
         };
         let dynamic_metadata = if self.settings.dynamic_metadata {
-            annotate::metadata(req, &plan, &answer.statuses, &answer.fired)
+            annotate::metadata(req, plan, &answer.statuses, &answer.fired)
         } else {
             None
         };
-        Ok(RateLimitResponse {
+        RateLimitResponse {
             overall_code: overall as i32,
             statuses: answer.statuses,
             response_headers_to_add,
             dynamic_metadata,
             ..Default::default()
-        })
+        }
     }
 }
 

@@ -5,9 +5,11 @@ use std::{fmt::Write as _, sync::Arc};
 
 use super::EnvoySettings;
 use crate::api::ApiError;
+use sluicegate_core::backend::BucketRequest;
 use sluicegate_core::rules::{Limit, Rule, RuleSet, Unit, descriptor_key};
 use sluicegate_core::{Op, Shape};
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 use sluicegate_proto::envoy::service::ratelimit::v3::{
     RateLimitRequest,
     rate_limit_response::{RateLimit, rate_limit},
@@ -15,7 +17,7 @@ use sluicegate_proto::envoy::service::ratelimit::v3::{
 use sluicegate_proto::envoy::r#type::v3::RateLimitUnit;
 
 /// What one descriptor needs, once matched.
-pub(super) enum Entry {
+pub(super) enum Planned {
     /// No rule, or a rule replaced by another: OK, no `current_limit`.
     Free,
     /// Past sluicegate's bounds (MAX_DESCRIPTORS, entries per descriptor): OVER_LIMIT without any
@@ -40,11 +42,11 @@ pub(super) enum Entry {
     },
 }
 
-impl Entry {
+impl Planned {
     pub fn rule(&self) -> Option<&Arc<Rule>> {
         match self {
-            Entry::Blocked { rule, .. } | Entry::Bucket { rule, .. } => rule.as_ref(),
-            Entry::Free | Entry::Refused | Entry::Unlimited => None,
+            Planned::Blocked { rule, .. } | Planned::Bucket { rule, .. } => rule.as_ref(),
+            Planned::Free | Planned::Refused | Planned::Unlimited => None,
         }
     }
 
@@ -63,9 +65,22 @@ pub(super) struct PlannedBucket {
     pub veto: bool,
 }
 
+impl PlannedBucket {
+    /// The backend's request for this bucket (no reservation: Envoy never settles).
+    pub fn request(&self) -> BucketRequest<'_> {
+        BucketRequest {
+            key: &self.key,
+            shape: self.shape,
+            op: self.op,
+            veto: self.veto,
+            reserve: None,
+        }
+    }
+}
+
 pub(super) struct Plan {
     /// One per descriptor, in order.
-    pub entries: Vec<Entry>,
+    pub entries: Vec<Planned>,
     pub buckets: Vec<PlannedBucket>,
     /// Over the limit whatever the buckets answer (an enforced `requests_per_unit: 0` rule, or a
     /// request past the bounds).
@@ -135,13 +150,32 @@ pub(super) fn plan(
     if let Some(refusal) = out_of_bounds(req, settings) {
         plan.refusals.push(refusal);
         plan.entries
-            .extend(req.descriptors.iter().map(|_| Entry::Refused));
+            .extend(req.descriptors.iter().map(|_| Planned::Refused));
         plan.over_without_backend = true;
         return Ok(plan);
     }
 
     // Match every descriptor first: `replaces` looks across the whole request.
-    let matched: Vec<Option<(Arc<Rule>, String)>> = req
+    let matched = match_all(req, rules, settings);
+    for (i, (d, m)) in req.descriptors.iter().zip(&matched.rules).enumerate() {
+        let replaced = matched.replaced[i];
+        let entry = plan.descriptor(i, d, m.clone(), replaced, req, settings);
+        if let Planned::Blocked { over: true, .. } = &entry {
+            plan.over_without_backend |= !entry.shadow();
+        }
+        plan.entries.push(entry);
+    }
+    Ok(plan)
+}
+
+/// Each descriptor's rule and bucket key, and whether another matched rule `replaces` it.
+struct Matched {
+    rules: Vec<Option<(Arc<Rule>, String)>>,
+    replaced: Vec<bool>,
+}
+
+fn match_all(req: &RateLimitRequest, rules: Option<&RuleSet>, settings: &EnvoySettings) -> Matched {
+    let rules: Vec<Option<(Arc<Rule>, String)>> = req
         .descriptors
         .iter()
         .map(|d| {
@@ -151,91 +185,107 @@ pub(super) fn plan(
                 .map(|m| (m.rule, m.key))
         })
         .collect();
-    let replaced: Vec<bool> = matched
+    let replaced = rules
         .iter()
         .map(|m| {
             m.as_ref()
                 .and_then(|(rule, _)| rule.name.as_deref())
                 .is_some_and(|name| {
-                    matched
+                    rules
                         .iter()
                         .flatten()
                         .any(|(other, _)| other.replaces.iter().any(|r| r == name))
                 })
         })
         .collect();
-
-    for (i, (d, m)) in req.descriptors.iter().zip(matched).enumerate() {
-        if d.entries.is_empty() {
-            plan.refusals.push((Refusal::EmptyDescriptor, i));
-            plan.entries.push(Entry::Free);
-            continue;
-        }
-        let Some(op) = operation(d, req.hits_addend, settings) else {
-            plan.refusals.push((Refusal::Refund, i));
-            plan.entries.push(Entry::Free);
-            continue;
-        };
-        let limit_override = d.limit.as_ref().and_then(|over| {
-            let unit = override_unit(over.unit).filter(|_| settings.allow_client_shapes);
-            if unit.is_none() {
-                plan.refusals.push((Refusal::Override, i));
-            }
-            Some((over, unit?))
-        });
-        let entry = match (limit_override, m) {
-            // The override replaces any rule (as envoyproxy/ratelimit does), in any domain. Its
-            // bucket is its own: the descriptor's key and the override's shape, so an override
-            // can neither refill nor drain the rule's bucket.
-            (Some((over, unit)), _) => {
-                let limit = RateLimit {
-                    name: String::new(),
-                    requests_per_unit: over.requests_per_unit,
-                    unit: response_unit(unit) as i32,
-                };
-                match Limit::bucket(over.requests_per_unit, unit, 1, None) {
-                    Ok(Limit::Bucket { shape, .. }) => {
-                        let entries = d.entries.iter().map(|e| (&e.key, &e.value));
-                        let mut key = descriptor_key(&settings.key_prefix, &req.domain, entries);
-                        let _ = write!(key, "!{}/{}", over.requests_per_unit, unit.as_str());
-                        plan.bucket(None, limit, key, shape, op, settings)
-                    }
-                    _ => blocked(None, limit, unit, op),
-                }
-            }
-            (None, None) => Entry::Free,
-            (None, Some(_)) if replaced[i] => Entry::Free,
-            (None, Some((rule, key))) => match rule.limit {
-                Limit::Unlimited => Entry::Unlimited,
-                Limit::Blocked { unit } => {
-                    let limit = current_limit(&rule, 0, unit);
-                    blocked(Some(rule), limit, unit, op)
-                }
-                Limit::Bucket {
-                    shape,
-                    requests_per_unit,
-                    unit,
-                    ..
-                } => {
-                    let limit = current_limit(&rule, requests_per_unit, unit);
-                    // A `debt` rule's charges always land: what was spent is counted.
-                    let op = match op {
-                        Op::Take(hits) if rule.debt => Op::Force(hits),
-                        op => op,
-                    };
-                    plan.bucket(Some(rule), limit, key, shape, op, settings)
-                }
-            },
-        };
-        if let Entry::Blocked { over: true, .. } = &entry {
-            plan.over_without_backend |= !entry.shadow();
-        }
-        plan.entries.push(entry);
-    }
-    Ok(plan)
+    Matched { rules, replaced }
 }
 
 impl Plan {
+    /// Plans descriptor `i` of `req`, matched to `rule` (None: no rule).
+    fn descriptor(
+        &mut self,
+        i: usize,
+        d: &RateLimitDescriptor,
+        rule: Option<(Arc<Rule>, String)>,
+        replaced: bool,
+        req: &RateLimitRequest,
+        settings: &EnvoySettings,
+    ) -> Planned {
+        if d.entries.is_empty() {
+            self.refusals.push((Refusal::EmptyDescriptor, i));
+            return Planned::Free;
+        }
+        let Some(op) = operation(d, req.hits_addend, settings) else {
+            self.refusals.push((Refusal::Refund, i));
+            return Planned::Free;
+        };
+        if let Some(over) = &d.limit {
+            match override_unit(over.unit).filter(|_| settings.allow_client_shapes) {
+                Some(unit) => return self.overridden(d, over, unit, op, req, settings),
+                None => self.refusals.push((Refusal::Override, i)),
+            }
+        }
+        match rule {
+            None => Planned::Free,
+            Some(_) if replaced => Planned::Free,
+            Some((rule, key)) => self.ruled(rule, key, op, settings),
+        }
+    }
+
+    /// A descriptor with a `limit` override: it replaces any rule (as envoyproxy/ratelimit does),
+    /// in any domain. Its bucket is its own, the descriptor's key and the override's shape, so an
+    /// override can neither refill nor drain the rule's bucket.
+    fn overridden(
+        &mut self,
+        d: &RateLimitDescriptor,
+        over: &RateLimitOverride,
+        unit: Unit,
+        op: Op,
+        req: &RateLimitRequest,
+        settings: &EnvoySettings,
+    ) -> Planned {
+        let limit = RateLimit {
+            name: String::new(),
+            requests_per_unit: over.requests_per_unit,
+            unit: response_unit(unit) as i32,
+        };
+        match Limit::bucket(over.requests_per_unit, unit, 1, None) {
+            Ok(Limit::Bucket { shape, .. }) => {
+                let entries = d.entries.iter().map(|e| (&e.key, &e.value));
+                let mut key = descriptor_key(&settings.key_prefix, &req.domain, entries);
+                let _ = write!(key, "!{}/{}", over.requests_per_unit, unit.as_str());
+                self.bucket(None, limit, key, shape, op, settings)
+            }
+            _ => blocked(None, limit, unit, op),
+        }
+    }
+
+    /// A descriptor its rule decides.
+    fn ruled(&mut self, rule: Arc<Rule>, key: String, op: Op, settings: &EnvoySettings) -> Planned {
+        match rule.limit {
+            Limit::Unlimited => Planned::Unlimited,
+            Limit::Blocked { unit } => {
+                let limit = current_limit(&rule, 0, unit);
+                blocked(Some(rule), limit, unit, op)
+            }
+            Limit::Bucket {
+                shape,
+                requests_per_unit,
+                unit,
+                ..
+            } => {
+                let limit = current_limit(&rule, requests_per_unit, unit);
+                // A `debt` rule's charges always land: what was spent is counted.
+                let op = match op {
+                    Op::Take(hits) if rule.debt => Op::Force(hits),
+                    op => op,
+                };
+                self.bucket(Some(rule), limit, key, shape, op, settings)
+            }
+        }
+    }
+
     fn bucket(
         &mut self,
         rule: Option<Arc<Rule>>,
@@ -244,7 +294,7 @@ impl Plan {
         shape: Shape,
         op: Op,
         settings: &EnvoySettings,
-    ) -> Entry {
+    ) -> Planned {
         let key = bounded_key(key, &settings.key_prefix, settings.max_key_bytes);
         let veto = !rule.as_ref().is_some_and(|r| r.shadow_mode);
         self.buckets.push(PlannedBucket {
@@ -253,7 +303,7 @@ impl Plan {
             op,
             veto,
         });
-        Entry::Bucket {
+        Planned::Bucket {
             rule,
             limit,
             bucket: self.buckets.len() - 1,
@@ -279,8 +329,8 @@ pub(super) fn bounded_key(key: String, prefix: &str, max: usize) -> String {
     short
 }
 
-fn blocked(rule: Option<Arc<Rule>>, limit: RateLimit, unit: Unit, op: Op) -> Entry {
-    Entry::Blocked {
+fn blocked(rule: Option<Arc<Rule>>, limit: RateLimit, unit: Unit, op: Op) -> Planned {
+    Planned::Blocked {
         rule,
         limit,
         unit,

@@ -192,20 +192,7 @@ impl RedisBackend {
         reqs: &[BucketRequest<'_>],
         all_or_nothing: bool,
     ) -> Vec<Result<Decision, BackendError>> {
-        // Group by node (a Vec: a request touches a handful of nodes at most).
-        let mut parts: Vec<(Option<Arc<Node>>, Vec<usize>)> = Vec::new();
-        for (i, r) in reqs.iter().enumerate() {
-            let node = self.nodes.node_for(r.key.as_bytes());
-            let same = |n: &Option<Arc<Node>>| match (n, &node) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            match parts.iter_mut().find(|(n, _)| same(n)) {
-                Some((_, idx)) => idx.push(i),
-                None => parts.push((node, vec![i])),
-            }
-        }
+        let parts = self.by_node(reqs);
         let answers = join_all(parts.iter().map(|(node, idx)| async move {
             let part: Vec<BucketRequest<'_>> = idx.iter().map(|&i| reqs[i]).collect();
             self.on_node(node.clone(), &part, all_or_nothing).await
@@ -226,33 +213,64 @@ impl RedisBackend {
             }
         }
         if all_or_nothing && parts.len() > 1 && vetoed.iter().any(|&v| v) {
-            // Each node's part was atomic; give back what the parts that passed charged.
-            let charged: Vec<usize> = parts
-                .iter()
-                .zip(&vetoed)
-                .filter(|(_, v)| !**v)
-                .flat_map(|((_, idx), _)| idx.iter().copied())
-                .filter(|&i| {
-                    matches!(reqs[i].op, Op::Take(c) if c > 0)
-                        && matches!(&out[i], Some(Ok(d)) if d.allowed)
-                })
-                .collect();
-            // Detached: they land even if this caller goes away while they are in flight.
-            let refunds = charged.iter().map(|&i| {
-                refund_detached(&self.nodes, reqs[i].key, reqs[i].shape, reqs[i].op.cost())
-            });
-            for (&i, refunded) in charged.iter().zip(join_all(refunds).await) {
-                if let (Some(Ok(d)), Ok(Ok(after))) = (&mut out[i], refunded)
-                    && let Some(after) = after.first()
-                {
-                    d.tokens_remaining = after.tokens_remaining;
-                    d.reset_after_ms = after.reset_after_ms;
-                }
-            }
+            self.undo_passed_parts(reqs, &parts, &vetoed, &mut out)
+                .await;
         }
         out.into_iter()
             .map(|o| o.unwrap_or_else(|| Err(unknown_node())))
             .collect()
+    }
+
+    /// The requests' indexes grouped by the node that holds their bucket (a Vec: a request
+    /// touches a handful of nodes at most).
+    fn by_node(&self, reqs: &[BucketRequest<'_>]) -> Vec<(Option<Arc<Node>>, Vec<usize>)> {
+        let mut parts: Vec<(Option<Arc<Node>>, Vec<usize>)> = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            let node = self.nodes.node_for(r.key.as_bytes());
+            let same = |n: &Option<Arc<Node>>| match (n, &node) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            match parts.iter_mut().find(|(n, _)| same(n)) {
+                Some((_, idx)) => idx.push(i),
+                None => parts.push((node, vec![i])),
+            }
+        }
+        parts
+    }
+
+    /// An all-or-nothing group that one node's part vetoed: each node's part was atomic, so give
+    /// back what the parts that passed charged, and answer with the buckets after the refund.
+    async fn undo_passed_parts(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        parts: &[(Option<Arc<Node>>, Vec<usize>)],
+        vetoed: &[bool],
+        out: &mut [Option<Result<Decision, BackendError>>],
+    ) {
+        let charged: Vec<usize> = parts
+            .iter()
+            .zip(vetoed)
+            .filter(|(_, v)| !**v)
+            .flat_map(|((_, idx), _)| idx.iter().copied())
+            .filter(|&i| {
+                matches!(reqs[i].op, Op::Take(c) if c > 0)
+                    && matches!(&out[i], Some(Ok(d)) if d.allowed)
+            })
+            .collect();
+        // Detached: they land even if this caller goes away while they are in flight.
+        let refunds = charged
+            .iter()
+            .map(|&i| refund_detached(&self.nodes, reqs[i].key, reqs[i].shape, reqs[i].op.cost()));
+        for (&i, refunded) in charged.iter().zip(join_all(refunds).await) {
+            if let (Some(Ok(d)), Ok(Ok(after))) = (&mut out[i], refunded)
+                && let Some(after) = after.first()
+            {
+                d.tokens_remaining = after.tokens_remaining;
+                d.reset_after_ms = after.reset_after_ms;
+            }
+        }
     }
 }
 
