@@ -28,3 +28,4 @@ mod rules_reload;
 mod settle_batch;
 mod should_allow_api;
 mod shutdown;
+mod structure;
