@@ -11,11 +11,15 @@
 //! - [`RateLimitLayer`]: a `tower::Layer` that limits any HTTP service (axum, tonic, hyper) by a
 //!   key taken from each request: `429 Too Many Requests` with `Retry-After` when denied, the
 //!   `X-RateLimit-*` headers on every limited answer.
-//! - [`proto`]: the generated stubs, sluicegate.v1 and Envoy's RLS v3, for anything else.
+//! - [`proto`]: the generated stubs, sluicegate.v1 and Envoy's RLS v3, for anything else (the
+//!   `sluicegate-proto` crate, which the server uses too; Envoy's descriptor entries are bytes).
 //!
 //! The binaries `sluicegate-load` (the load client that proves the limits hold) and `sluicegate-demo`
 //! (an HTTP API limited through this crate's layer) are built on it, behind the default `cli`
-//! feature; a library user turns it off: `sluicegate-client = { default-features = false }`.
+//! feature; a library user turns it off. The crate is not published yet, so depend on it by path
+//! (or git): `sluicegate-client = { path = "../sluicegate/client", default-features = false }`.
+//! The binaries depend on `sluicegate-core` (the rules, for the load client's bounds) and never on
+//! the server crate.
 //!
 //! # Example
 //!
@@ -40,6 +44,7 @@
 
 mod client;
 mod layer;
+/// The generated gRPC code (the `sluicegate-proto` crate).
 pub use sluicegate_proto as proto;
 
 pub use client::{
