@@ -18,7 +18,8 @@
 //! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, the
 //!   timing wrapper that measures every backend call, the decision logs, and what the status page
 //!   shows (the last minutes second by second, the heaviest denied keys).
-//! - [`config`]: flags, environment and `.env`, validated at start; secrets redacted.
+//! - [`config`]: flags in groups (each a `--help` heading), environment and `.env`, validated
+//!   once into [`config::Settings`], the plain struct [`server::run`] takes; secrets redacted.
 //! - [`server`]: wires it all: listeners (TLS, mTLS), the layer stack (bounded work), health,
 //!   reflection, the HTTP port (`/metrics`, probes, the status page and `/debug/*`), graceful
 //!   shutdown.

@@ -64,13 +64,25 @@ pub struct Decision {
     pub without_backend: bool,
 }
 
-/// One request of a group: the bucket's shape, the operation, and whether a denial of it vetoes
-/// the group (false for a shadow-mode rule, whose denial is reported but never enforced).
+/// What is asked of one bucket: its shape, the operation, and whether a denial vetoes the group
+/// it is part of (false for a shadow-mode rule, whose denial is reported but never enforced).
+/// The backends' requests and the script's operations carry one each.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GroupRequest {
+pub struct Ask {
     pub shape: Shape,
     pub op: Op,
     pub veto: bool,
+}
+
+impl Ask {
+    /// An operation whose denial counts (the usual case).
+    pub fn new(shape: Shape, op: Op) -> Self {
+        Self {
+            shape,
+            op,
+            veto: true,
+        }
+    }
 }
 
 /// The bucket as it is at `now_ms`, refilled since it was stored.
@@ -143,7 +155,7 @@ pub fn apply_group(
     states: &mut [Option<BucketState>],
     dirty: &mut [bool],
     slots: &[usize],
-    reqs: &[GroupRequest],
+    reqs: &[Ask],
     now_ms: f64,
     all_or_nothing: bool,
 ) -> Vec<Decision> {
@@ -442,8 +454,8 @@ mod tests {
         assert_eq!(d.tokens_remaining, 9.0);
     }
 
-    fn req(op: Op, veto: bool) -> GroupRequest {
-        GroupRequest {
+    fn req(op: Op, veto: bool) -> Ask {
+        Ask {
             shape: shape(5.0, 1.0),
             op,
             veto,

@@ -25,8 +25,6 @@ mod failure;
 pub mod rules;
 mod shape;
 
-pub use bucket::{
-    BucketState, Decision, GroupRequest, MAX_MS, Op, apply, apply_group, capped_ms, ttl_ms,
-};
+pub use bucket::{Ask, BucketState, Decision, MAX_MS, Op, apply, apply_group, capped_ms, ttl_ms};
 pub use failure::FailureMode;
 pub use shape::{InvalidShape, Limits, MAX_SHAPE, Shape};

@@ -62,16 +62,16 @@ pub(crate) async fn compensate<B: Backend>(
     let rolled_back = reqs
         .iter()
         .zip(results)
-        .any(|(r, d)| r.veto && matches!(d, Ok(d) if !d.allowed));
+        .any(|(r, d)| r.ask.veto && matches!(d, Ok(d) if !d.allowed));
     if rolled_back {
         return;
     }
     let refunds: Vec<(String, Shape, u64)> = reqs
         .iter()
         .zip(results)
-        .filter_map(|(r, d)| match (r.op, d) {
+        .filter_map(|(r, d)| match (r.ask.op, d) {
             (Op::Take(hits), Ok(d)) if hits > 0 && d.allowed => {
-                Some((r.key.to_string(), r.shape, hits))
+                Some((r.key.to_string(), r.ask.shape, hits))
             }
             _ => None,
         })

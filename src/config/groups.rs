@@ -7,6 +7,8 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr};
 use clap::Args;
 use sluicegate_core::FailureMode;
 
+use crate::telemetry::LogFormat;
+
 use super::values::{
     RedisType, RedisUrl, display, header_name, listen_addr, positive_f64, ratio, redacted,
     shape_bound,
@@ -381,4 +383,19 @@ pub struct ShutdownArgs {
         default_value = "10"
     )]
     pub shutdown_grace_secs: u64,
+}
+
+/// Logging.
+#[derive(Clone, Copy, Debug, Args, serde::Serialize)]
+#[command(next_help_heading = "Logging")]
+pub struct LogArgs {
+    /// Log format: text or json (level from RUST_LOG, default info).
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        default_value = "text",
+        value_enum
+    )]
+    pub log_format: LogFormat,
 }

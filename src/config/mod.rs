@@ -6,7 +6,7 @@
 //! [`Settings`], the plain struct the server takes.
 //!
 //! - `groups.rs`: the flags, a struct per group (Redis, gRPC/TLS, decisions, ShouldAllow, Envoy,
-//!   HTTP/debug, shutdown), flattened into [`ServeArgs`];
+//!   HTTP/debug, shutdown, logging), flattened into [`ServeArgs`];
 //! - `values.rs`: what a flag's value may be (Redis URLs never shown with their password, listen
 //!   addresses, numbers in range) and the one reading of every bool flag;
 //! - `settings.rs`: [`Settings`], validated.
@@ -19,9 +19,9 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use crate::telemetry::LogArgs;
 pub use groups::{
-    DecisionArgs, EnvoyArgs, GrpcArgs, HttpArgs, ShouldAllowArgs, ShutdownArgs, StorageArgs,
+    DecisionArgs, EnvoyArgs, GrpcArgs, HttpArgs, LogArgs, ShouldAllowArgs, ShutdownArgs,
+    StorageArgs,
 };
 pub use settings::{GrpcSettings, HttpSettings, RedisSettings, Settings, Storage, TlsSettings};
 pub use values::{RedisType, RedisUrl};

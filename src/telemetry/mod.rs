@@ -37,20 +37,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// The logging flag shared by every binary.
-#[derive(Clone, Copy, Debug, clap::Args, serde::Serialize)]
-pub struct LogArgs {
-    /// Log format: text or json (level from RUST_LOG, default info).
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        value_name = "LOG_FORMAT",
-        default_value = "text",
-        value_enum
-    )]
-    pub log_format: LogFormat,
-}
-
 /// The Content-Type of the Prometheus text exposition.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 

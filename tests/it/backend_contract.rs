@@ -149,10 +149,7 @@ async fn many_at_once_keeps_order(b: &impl Backend) {
     let rev: Vec<BucketRequest<'_>> = reqs
         .iter()
         .rev()
-        .map(|r| BucketRequest {
-            op: Op::Check(1),
-            ..*r
-        })
+        .map(|r| BucketRequest::new(r.key, r.ask.shape, Op::Check(1)))
         .collect();
     let out = b.decide_group(&rev, false).await;
     let left: Vec<f64> = out
@@ -265,10 +262,7 @@ async fn group_all_or_nothing(b: &impl Backend) {
     // A shadow request's denial vetoes nothing.
     let shadow = [
         BucketRequest::new("aon-e", shape, Op::Take(2)),
-        BucketRequest {
-            veto: false,
-            ..BucketRequest::new("aon-c", shape, Op::Take(1))
-        },
+        BucketRequest::new("aon-c", shape, Op::Take(1)).with_veto(false),
     ];
     b.decide_group(&shadow, true).await;
     let d = decide(b, "aon-e", 5.0, SLOW, Op::Check(1)).await;
@@ -447,9 +441,9 @@ fn both_backends_answer_random_sequences_alike() {
     let result = runner.run(&steps(), |steps| {
         let case = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let keys: Vec<String> = (0..3).map(|k| format!("prop:{case}:{k}")).collect();
-        let request = |k: usize, op: Op, veto: bool| BucketRequest {
-            veto,
-            ..BucketRequest::new(&keys[k], Shape::new(capacities[k], SLOW).unwrap(), op)
+        let request = |k: usize, op: Op, veto: bool| {
+            BucketRequest::new(&keys[k], Shape::new(capacities[k], SLOW).unwrap(), op)
+                .with_veto(veto)
         };
         for (i, step) in steps.iter().enumerate() {
             let (m, r) = rt.block_on(async {

@@ -9,7 +9,7 @@
 //! two times (a quotient rounded up may land one ulp above an integer).
 
 use proptest::prelude::*;
-use sluicegate_core::{BucketState, Decision, GroupRequest, Op, Shape, apply, apply_group};
+use sluicegate_core::{Ask, BucketState, Decision, Op, Shape, apply, apply_group};
 
 /// One bucket in the model: whole tokens (negative in debt) and the time they were counted.
 #[derive(Clone, Copy, Debug)]
@@ -279,9 +279,9 @@ proptest! {
                 .map(|&(slot, op, veto)| (slot, shapes[slot].0, op, veto))
                 .collect();
             let slots: Vec<usize> = reqs.iter().map(|r| r.0).collect();
-            let group: Vec<GroupRequest> = reqs
+            let group: Vec<Ask> = reqs
                 .iter()
-                .map(|&(_, s, op, veto)| GroupRequest { shape: real_shape(s), op, veto })
+                .map(|&(_, s, op, veto)| Ask { shape: real_shape(s), op, veto })
                 .collect();
             let mut dirty = vec![false; n];
             let decisions =

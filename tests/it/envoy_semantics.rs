@@ -275,7 +275,7 @@ impl Backend for SlowRefunds {
     ) -> Vec<Result<Decision, BackendError>> {
         if reqs
             .iter()
-            .all(|r| matches!(r.op, sluicegate_core::Op::Refund(_)))
+            .all(|r| matches!(r.ask.op, sluicegate_core::Op::Refund(_)))
         {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }

@@ -419,7 +419,7 @@ mod batched {
             let mut at = 0;
             for &g in &groups {
                 let reqs: Vec<BucketRequest<'_>> = (at..at + g)
-                    .map(|i| BucketRequest { key: &keys[i], shape, op: ops[i].1, veto: ops[i].2, reserve: None })
+                    .map(|i| BucketRequest::new(&keys[i], shape, ops[i].1).with_veto(ops[i].2))
                     .collect();
                 rust.extend(memory.decide_group_now(&reqs, true).into_iter().map(|d| (d.allowed, d.tokens_remaining)));
                 at += g;

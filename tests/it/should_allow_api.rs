@@ -248,7 +248,7 @@ fn newcomer_mistakes_are_answered_with_what_is_expected() {
     }
 
     // `localhost:PORT` is understood, from the environment as from flags (`:PORT`, every
-    // interface, is checked in config.rs's unit tests: a test listens on loopback only).
+    // interface, is checked in src/config's unit tests: a test listens on loopback only).
     let mut t = std::process::Command::new(env!("CARGO_BIN_EXE_sluicegate"));
     // A directory of its own: a .env is written there below.
     let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,7 @@ use parking_lot::{Mutex, MutexGuard};
 use rand::Rng;
 
 use super::{Backend, BackendError, BucketRequest, SettleRequest, Settled, settle_op};
-use crate::{BucketState, Decision, apply, apply_group, ttl_ms};
+use crate::{Ask, BucketState, Decision, apply, apply_group, ttl_ms};
 
 /// How many buckets to look at when one must be dropped.
 const EVICTION_SAMPLES: usize = 5;
@@ -244,7 +244,7 @@ impl<C: Clock> MemoryBackend<C> {
     ) {
         let slot = Slot {
             state,
-            expires_at: state.ts_ms + ttl_ms(decision, req.shape) as f64,
+            expires_at: state.ts_ms + ttl_ms(decision, req.ask.shape) as f64,
             full_at: (state.ts_ms + decision.reset_after_ms as f64) as f32,
             used_at: now as f32,
         };
@@ -264,7 +264,12 @@ impl<C: Clock> MemoryBackend<C> {
         let now = self.clock.now_ms();
         let id = self.id(req.key);
         let mut map = self.shards[self.shard_of(id)].lock();
-        let (decision, write) = apply(Self::load(&mut map, id, now), now, req.shape, req.op);
+        let (decision, write) = apply(
+            Self::load(&mut map, id, now),
+            now,
+            req.ask.shape,
+            req.ask.op,
+        );
         if let Some(state) = write {
             self.store(&mut map, id, state, &decision, &req, now);
         }
@@ -280,7 +285,7 @@ impl<C: Clock> MemoryBackend<C> {
     /// reservation is not kept: its Settle will be NOT_FOUND and the tokens stay spent (the safe
     /// side).
     fn record_reservation(&self, req: &BucketRequest<'_>, now: f64) {
-        let (Some(r), crate::Op::Take(cost)) = (req.reserve, req.op) else {
+        let (Some(r), crate::Op::Take(cost)) = (req.reserve, req.ask.op) else {
             return;
         };
         let mut all = self.reservations.lock();
@@ -356,7 +361,7 @@ impl<C: Clock> MemoryBackend<C> {
             .map(|(&id, &g)| Self::load(&mut guards[g], id, now))
             .collect();
         let mut dirty = vec![false; buckets.len()];
-        let group: Vec<_> = reqs.iter().map(BucketRequest::group_request).collect();
+        let group: Vec<Ask> = reqs.iter().map(|r| r.ask).collect();
         let decisions = apply_group(&mut states, &mut dirty, &slots, &group, now, all_or_nothing);
         for (b, &id) in buckets.iter().enumerate() {
             if let (true, Some(state)) = (dirty[b], states[b]) {
@@ -372,7 +377,7 @@ impl<C: Clock> MemoryBackend<C> {
             && reqs
                 .iter()
                 .zip(&decisions)
-                .any(|(r, d)| r.veto && !d.allowed);
+                .any(|(r, d)| r.ask.veto && !d.allowed);
         if !vetoed {
             for (r, d) in reqs.iter().zip(&decisions) {
                 if d.allowed {

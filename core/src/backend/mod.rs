@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use crate::{Decision, GroupRequest, Op, Shape};
+use crate::{Ask, Decision, Op, Shape};
 
 pub mod memory;
 pub mod redis;
@@ -14,15 +14,13 @@ pub mod redis;
 pub use memory::MemoryBackend;
 pub use redis::RedisBackend;
 
-/// One decision to make: which bucket, its shape, what to do to it, and whether its denial vetoes
-/// an all-or-nothing group (false for a shadow-mode rule).
+/// One decision to make: which bucket (its key), what is asked of it (shape, operation, veto), and
+/// the reservation to record with it.
 #[derive(Clone, Copy, Debug)]
 pub struct BucketRequest<'a> {
     /// The full key, prefix included (callers keep ShouldAllow and Envoy keys apart by prefix).
     pub key: &'a str,
-    pub shape: Shape,
-    pub op: Op,
-    pub veto: bool,
+    pub ask: Ask,
     /// For a Take: when its tokens are charged, record a reservation under this id, so that a
     /// Settle can later give back at most what was taken, once.
     pub reserve: Option<Reserve<'a>>,
@@ -64,19 +62,15 @@ impl<'a> BucketRequest<'a> {
     pub fn new(key: &'a str, shape: Shape, op: Op) -> Self {
         Self {
             key,
-            shape,
-            op,
-            veto: true,
+            ask: Ask::new(shape, op),
             reserve: None,
         }
     }
 
-    pub(crate) fn group_request(&self) -> GroupRequest {
-        GroupRequest {
-            shape: self.shape,
-            op: self.op,
-            veto: self.veto,
-        }
+    /// The same request, whose denial vetoes its group or not (a shadow rule's does not).
+    pub fn with_veto(mut self, veto: bool) -> Self {
+        self.ask.veto = veto;
+        self
     }
 }
 

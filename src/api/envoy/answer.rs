@@ -165,11 +165,11 @@ impl Answering<'_> {
         limit: &RateLimit,
     ) -> (Code, DescriptorStatus, bool) {
         let planned = &self.plan.buckets[bucket];
-        let hits = planned.op.cost();
+        let hits = planned.ask.op.cost();
         let near = self
             .seen
             .activity
-            .is_near_limit(d, planned.shape.capacity());
+            .is_near_limit(d, planned.ask.shape.capacity());
         if near {
             self.seen.decisions.near_limit();
         }

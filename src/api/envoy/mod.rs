@@ -16,7 +16,7 @@
 //! are OVER_LIMIT. The only errors are INVALID_ARGUMENT for what Envoy never sends (no domain, no
 //! descriptors) and UNAVAILABLE for a backend failure under FAILURE_MODE=error.
 //!
-//! Wire rules honoured (README "The Envoy API"): always OK or OVER_LIMIT; one status per
+//! Wire rules honoured (the README's "Request semantics"): always OK or OVER_LIMIT; one status per
 //! descriptor, in order; an unmatched descriptor is OK without `current_limit`; a descriptor's own
 //! `hits_addend` wins and its 0 means check-only, else the request's (0 means 1);
 //! `is_negative_hits` refunds (with ALLOW_REFUNDS); a `limit` override replaces the rule, in a
@@ -183,8 +183,8 @@ impl<B: Backend> EnvoyApi<B> {
         }
         if !self.settings.charge_on_deny && plan.over_without_backend {
             for b in &mut plan.buckets {
-                if let Op::Take(hits) = b.op {
-                    b.op = Op::Check(hits);
+                if let Op::Take(hits) = b.ask.op {
+                    b.ask.op = Op::Check(hits);
                 }
             }
         }

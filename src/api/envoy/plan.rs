@@ -7,7 +7,7 @@ use super::EnvoySettings;
 use crate::api::ApiError;
 use sluicegate_core::backend::BucketRequest;
 use sluicegate_core::rules::{Limit, Rule, RuleSet, Unit, descriptor_key};
-use sluicegate_core::{Op, Shape};
+use sluicegate_core::{Ask, Op, Shape};
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 use sluicegate_proto::envoy::service::ratelimit::v3::{
@@ -59,10 +59,8 @@ impl Planned {
 /// One bucket operation of the request.
 pub(super) struct PlannedBucket {
     pub key: String,
-    pub shape: Shape,
-    pub op: Op,
-    /// Whether a denial vetoes the request's other charges (false for shadow rules).
-    pub veto: bool,
+    /// Its `veto` is false for shadow rules: their denial vetoes none of the request's charges.
+    pub ask: Ask,
 }
 
 impl PlannedBucket {
@@ -70,9 +68,7 @@ impl PlannedBucket {
     pub fn request(&self) -> BucketRequest<'_> {
         BucketRequest {
             key: &self.key,
-            shape: self.shape,
-            op: self.op,
-            veto: self.veto,
+            ask: self.ask,
             reserve: None,
         }
     }
@@ -299,9 +295,7 @@ impl Plan {
         let veto = !rule.as_ref().is_some_and(|r| r.shadow_mode);
         self.buckets.push(PlannedBucket {
             key,
-            shape,
-            op,
-            veto,
+            ask: Ask { shape, op, veto },
         });
         Planned::Bucket {
             rule,

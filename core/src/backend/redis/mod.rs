@@ -38,7 +38,7 @@ use script::Placement;
 use topology::Nodes;
 
 use super::{Backend, BackendError, BucketRequest, ErrorKind, SettleRequest, Settled};
-use crate::{Decision, Op};
+use crate::{Ask, Decision, Op};
 
 const NAME: &str = "redis";
 
@@ -167,16 +167,8 @@ impl RedisBackend {
         let job = || {
             let mut buckets = script::Buckets::new(group);
             for r in reqs {
-                buckets.push(
-                    r.key,
-                    Op1 {
-                        shape: r.shape,
-                        op: r.op,
-                        veto: r.veto,
-                        settle: false,
-                    },
-                );
-                if let (Some(rv), Op::Take(_)) = (r.reserve, r.op) {
+                buckets.push(r.key, r.ask.into());
+                if let (Some(rv), Op::Take(_)) = (r.reserve, r.ask.op) {
                     buckets.reserve_last(script::reservation_key(r.key, rv.id), rv.ttl_ms);
                 }
             }
@@ -205,7 +197,7 @@ impl RedisBackend {
             match answer {
                 Ok(decisions) => {
                     for (&i, d) in idx.iter().zip(decisions) {
-                        vetoed[p] |= reqs[i].veto && !d.allowed;
+                        vetoed[p] |= reqs[i].ask.veto && !d.allowed;
                         out[i] = Some(Ok(d));
                     }
                 }
@@ -255,14 +247,19 @@ impl RedisBackend {
             .filter(|(_, v)| !**v)
             .flat_map(|((_, idx), _)| idx.iter().copied())
             .filter(|&i| {
-                matches!(reqs[i].op, Op::Take(c) if c > 0)
+                matches!(reqs[i].ask.op, Op::Take(c) if c > 0)
                     && matches!(&out[i], Some(Ok(d)) if d.allowed)
             })
             .collect();
         // Detached: they land even if this caller goes away while they are in flight.
-        let refunds = charged
-            .iter()
-            .map(|&i| refund_detached(&self.nodes, reqs[i].key, reqs[i].shape, reqs[i].op.cost()));
+        let refunds = charged.iter().map(|&i| {
+            refund_detached(
+                &self.nodes,
+                reqs[i].key,
+                reqs[i].ask.shape,
+                reqs[i].ask.op.cost(),
+            )
+        });
         for (&i, refunded) in charged.iter().zip(join_all(refunds).await) {
             if let (Some(Ok(d)), Ok(Ok(after))) = (&mut out[i], refunded)
                 && let Some(after) = after.first()
@@ -336,7 +333,7 @@ fn refund_detached(
 ) -> tokio::task::JoinHandle<Result<Vec<Decision>, BackendError>> {
     let (nodes, key) = (nodes.clone(), key.to_string());
     tokio::spawn(async move {
-        let job = || Job::single(&key, Op1::new(shape, Op::Refund(hits)));
+        let job = || Job::single(&key, Ask::new(shape, Op::Refund(hits)).into());
         let node = nodes.node_for(key.as_bytes());
         submit_routed(&nodes, node, &key, job).await
     })
@@ -359,7 +356,7 @@ impl Backend for RedisBackend {
         if let Some(local) = self
             .deny
             .as_ref()
-            .and_then(|c| c.deny(req.key, req.shape, req.op))
+            .and_then(|c| c.deny(req.key, req.ask.shape, req.ask.op))
         {
             return Ok(local);
         }
@@ -371,7 +368,7 @@ impl Backend for RedisBackend {
             .pop()
             .ok_or_else(unknown_node)?;
         if let Some(cache) = &self.deny {
-            cache.observe(req.key, req.shape, req.op, sent, &d);
+            cache.observe(req.key, req.ask.shape, req.ask.op, sent, &d);
         }
         Ok(d)
     }
@@ -388,16 +385,23 @@ impl Backend for RedisBackend {
         // the other takes become checks, so that nothing is charged.
         let local: Vec<Option<Decision>> = reqs
             .iter()
-            .map(|r| cache.deny(r.key, r.shape, r.op))
+            .map(|r| cache.deny(r.key, r.ask.shape, r.ask.op))
             .collect();
-        let vetoed = all_or_nothing && reqs.iter().zip(&local).any(|(r, l)| r.veto && l.is_some());
+        let vetoed = all_or_nothing
+            && reqs
+                .iter()
+                .zip(&local)
+                .any(|(r, l)| r.ask.veto && l.is_some());
         let remote: Vec<BucketRequest<'_>> = reqs
             .iter()
             .zip(&local)
             .filter(|(_, l)| l.is_none())
-            .map(|(r, _)| match r.op {
+            .map(|(r, _)| match r.ask.op {
                 Op::Take(c) if vetoed => BucketRequest {
-                    op: Op::Check(c),
+                    ask: Ask {
+                        op: Op::Check(c),
+                        ..r.ask
+                    },
                     ..*r
                 },
                 _ => *r,
@@ -417,7 +421,7 @@ impl Backend for RedisBackend {
                 None => {
                     let answer = answers.next().unwrap_or_else(|| Err(unknown_node()));
                     if let Ok(d) = &answer {
-                        cache.observe(r.key, r.shape, r.op, sent, d);
+                        cache.observe(r.key, r.ask.shape, r.ask.op, sent, d);
                     }
                     answer
                 }
@@ -430,8 +434,8 @@ impl Backend for RedisBackend {
         let job = || {
             // The real cost travels as a forced charge's; the reservation decides what it becomes.
             let settle = Op1 {
+                ask: Ask::new(req.shape, Op::Force(req.actual)),
                 settle: true,
-                ..Op1::new(req.shape, Op::Force(req.actual))
             };
             let mut buckets = script::Buckets::single(req.key, settle);
             buckets.reserve_last(script::reservation_key(req.key, req.id), 0);

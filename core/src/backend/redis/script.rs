@@ -6,7 +6,7 @@ use redis::{Cmd, Value};
 use smallvec::SmallVec;
 
 use crate::backend::{BackendError, ErrorKind};
-use crate::{Decision, Op, Shape};
+use crate::{Ask, Decision, Op};
 
 /// The token-bucket script; its header states its KEYS/ARGV/return contract.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../../lua/token_bucket.lua");
@@ -22,22 +22,14 @@ pub enum Placement {
 /// One bucket operation, as the script takes it.
 #[derive(Clone, Copy, Debug)]
 pub struct Op1 {
-    pub shape: Shape,
-    pub op: Op,
-    pub veto: bool,
-    /// Settles the job's reservation for this bucket; `op`'s cost is the real cost.
+    pub ask: Ask,
+    /// Settles the job's reservation for this bucket; the operation's cost is the real cost.
     pub settle: bool,
 }
 
-impl Op1 {
-    /// An operation whose denial counts (the usual case).
-    pub fn new(shape: Shape, op: Op) -> Self {
-        Self {
-            shape,
-            op,
-            veto: true,
-            settle: false,
-        }
+impl From<Ask> for Op1 {
+    fn from(ask: Ask) -> Self {
+        Self { ask, settle: false }
     }
 }
 
@@ -132,10 +124,11 @@ where
     }
     for job in batch.clone() {
         for o in &job.ops {
-            cmd.arg(o.shape.capacity())
-                .arg(o.shape.rate())
-                .arg(o.op.cost())
-                .arg(if o.settle { SETTLE } else { mode(o.op, o.veto) });
+            let a = o.ask;
+            cmd.arg(a.shape.capacity())
+                .arg(a.shape.rate())
+                .arg(a.op.cost())
+                .arg(if o.settle { SETTLE } else { mode(a.op, a.veto) });
         }
     }
     // Group lengths only when some group has more than one member (else all are alone anyway).
