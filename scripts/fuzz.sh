@@ -28,7 +28,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
 fi
 
 echo "fuzz: building the targets (sanitizer: $sanitizer)"
-cargo fuzz build --sanitizer "$sanitizer" 2>&1 | grep -E '^(error|warning: unused)' || true
+cargo fuzz build --sanitizer "$sanitizer" --codegen-units 16 2>&1 | grep -E '^(error|warning: unused)' || true
 
 status=0
 printf '%-22s %12s %8s %8s %8s  %s\n' target executions cov ft corpus verdict
@@ -40,7 +40,7 @@ for target in "${targets[@]}"; do
     [[ -d "seeds/$target" ]] && dirs+=("seeds/$target")
     log=$(mktemp)
     verdict=ok
-    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "${dirs[@]}" -- \
+    if ! cargo fuzz run --sanitizer "$sanitizer" --codegen-units 16 "$target" "${dirs[@]}" -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         verdict=CRASH
         status=1

@@ -11,22 +11,22 @@
 //! - `timed.rs`: the backend wrapper.
 
 mod activity;
-pub mod decision_log;
+pub(crate) mod decision_log;
 mod handles;
-pub mod live;
+pub(crate) mod live;
 mod recorder;
 mod rule_metrics;
 mod timed;
-pub mod top_keys;
+pub(crate) mod top_keys;
 
-pub use activity::{Activity, Circuit, RuleMetricsFor, RuleStat};
-pub use handles::{
+pub use activity::Activity;
+pub(crate) use handles::{
     DecisionMetrics, FailureModeMetrics, RefusedMetrics, ReloadMetrics, ShedMetrics,
     eviction_counters, redis_metrics,
 };
-pub use recorder::{MetricsHandle, install_metrics, names};
-pub use rule_metrics::{RuleCounts, RuleMetrics};
-pub use timed::Timed;
+pub(crate) use recorder::{MetricsHandle, install_metrics, names};
+pub(crate) use rule_metrics::RuleMetrics;
+pub(crate) use timed::Timed;
 
 /// Log output: human-readable lines or one JSON object per line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -38,7 +38,7 @@ pub enum LogFormat {
 }
 
 /// The Content-Type of the Prometheus text exposition.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// Installs the global tracing subscriber; the level comes from `RUST_LOG` (default `info`).
 /// Calling it twice is harmless (tests start several servers in one process).
