@@ -2,7 +2,7 @@
 //! requests decided together, all or nothing ([`apply_group`]).
 //!
 //! `lua/token_bucket.lua` is the same arithmetic, written in the same order so that both give the
-//! same doubles; the shared contract suite (`tests/backend_contract.rs`) holds them to it.
+//! same doubles; the shared contract suite (`tests/it/backend_contract.rs`) holds them to it.
 
 use super::Shape;
 
