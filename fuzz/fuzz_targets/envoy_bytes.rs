@@ -10,12 +10,12 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sluicegate::api::{EnvoyApi, EnvoySettings};
 use sluicegate_core::backend::MemoryBackend;
+use sluicegate_core::rules::{RulesHandle, parse_text};
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
 use sluicegate_proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
-use sluicegate_core::rules::{RulesHandle, parse_text};
 
 /// GRPC_MAX_MESSAGE_BYTES's default: larger requests never reach the handler.
 const MAX_MESSAGE: usize = 1 << 20;

@@ -11,9 +11,9 @@ use prost::Message;
 use sluicegate::api::{ApiError, EnvoyApi, EnvoySettings};
 use sluicegate_core::backend::MemoryBackend;
 use sluicegate_core::backend::memory::{Clock as _, ManualClock};
+use sluicegate_core::rules::{RulesHandle, parse_text};
 use sluicegate_proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
-use sluicegate_core::rules::{RulesHandle, parse_text};
 
 /// The largest `burst` of the rules below: no rule's bucket holds more.
 const MAX_BURST: u32 = 100;

@@ -8,10 +8,10 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use sluicegate::api::{ApiError, ShouldAllowSettings, ShouldAllowApi};
+use sluicegate::api::{ApiError, ShouldAllowApi, ShouldAllowSettings};
+use sluicegate_core::Shape;
 use sluicegate_core::backend::MemoryBackend;
 use sluicegate_core::backend::memory::{Clock as _, ManualClock};
-use sluicegate_core::Shape;
 use sluicegate_proto::sluicegate::v1::{
     SettleRequest, ShouldAllowBatchRequest, ShouldAllowRequest, ShouldAllowResponse,
 };
