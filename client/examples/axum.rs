@@ -1,5 +1,6 @@
-//! An axum API limited by sluicegate: 20 requests per API key, refilled at 10 per second (the
-//! shape sluicegate applies unless asked otherwise), failing open if sluicegate is unreachable.
+//! An axum API limited by sluicegate: 20 requests per API key, refilled at 10 per second (the shape
+//! asked for below; sluicegate's own default is TB_CAPACITY=20, TB_RATE=20), failing open if
+//! sluicegate is unreachable (those answers carry `X-RateLimit-Degraded: 1`).
 //!
 //!   cargo run --release                                          # sluicegate on :8081
 //!   cargo run -p sluicegate-client --example axum                  # this API on :3000
@@ -7,7 +8,7 @@
 
 use std::time::Duration;
 
-use axum::{Router, routing::get};
+use axum::{Router, http::request::Parts, routing::get};
 use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer};
 
 #[tokio::main]
@@ -16,7 +17,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .timeout(Duration::from_millis(50))
         .failure_mode(FailureMode::Allow)
         .build()?;
-    let limit = RateLimitLayer::new(client, |req: &http::request::Parts| {
+    let limit = RateLimitLayer::new(client, |req: &Parts| {
         req.headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
@@ -26,7 +27,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .shape(20.0, 10.0);
     let app = Router::new()
         .route("/", get(|| async { "hello, within your limit\n" }))
-        .layer(limit);
+        // route_layer: only matched routes are limited, so a 404 costs nobody a token.
+        .route_layer(limit);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     axum::serve(listener, app).await?;
     Ok(())

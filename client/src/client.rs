@@ -83,15 +83,27 @@ impl Error {
             | Code::DeadlineExceeded
             | Code::Cancelled
             | Code::ResourceExhausted
-            | Code::Unknown => {
-                Error::Unavailable(format!("{:?}: {}", status.code(), status.message()))
-            }
+            | Code::Unknown => Error::Unavailable(match root_cause(&status) {
+                // "transport error" alone says nothing: the cause says what to fix (connection
+                // refused, a name that does not resolve, a certificate not trusted).
+                Some(cause) => format!("{:?}: {} ({cause})", status.code(), status.message()),
+                None => format!("{:?}: {}", status.code(), status.message()),
+            }),
             code => Error::Rejected {
                 code,
                 message: status.message().to_string(),
             },
         }
     }
+}
+
+/// The innermost error under a status (a transport failure's io or TLS error), when there is one.
+fn root_cause(status: &tonic::Status) -> Option<String> {
+    let mut cause = std::error::Error::source(status)?;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    Some(cause.to_string())
 }
 
 /// One ShouldAllow request with every field; [`Client::should_allow`] covers the usual case.
@@ -107,6 +119,22 @@ pub struct Request<'a> {
     pub rate: f64,
     /// Answer without taking anything.
     pub dry_run: bool,
+}
+
+/// A Settle without a reservation id, for [`Client::settle`]: the bucket, what was taken up front
+/// (on this caller's word) and what the work really cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Settle<'a> {
+    /// The bucket's key, as reserved.
+    pub key: &'a str,
+    /// The bucket's size, as reserved (0: the server's default).
+    pub capacity: f64,
+    /// The bucket's refill, as reserved (0: the server's default).
+    pub rate: f64,
+    /// What was taken up front: the reserving request's `cost`.
+    pub reserved: u32,
+    /// What the work really cost (may exceed `reserved`: the rest is charged, into debt).
+    pub actual: u64,
 }
 
 /// What a [`FailureMode::Deny`] answer says to wait before retrying.
@@ -232,7 +260,22 @@ impl ClientBuilder {
     }
 
     /// TLS: verify sluicegate's certificate against this CA (PEM), for the name `domain` it
-    /// carries. The URL must be `https://`.
+    /// carries. The URL must be `https://`. There are no system roots: name the CA.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sluicegate_client::Client;
+    ///
+    /// let client = Client::builder("https://sluicegate.internal:8081")
+    ///     .tls(std::fs::read("ca.pem")?, "sluicegate.internal")
+    ///     // mTLS, when sluicegate asks for a client certificate (GRPC_CLIENT_TLS_CACERT):
+    ///     .client_certificate(std::fs::read("client.pem")?, std::fs::read("client-key.pem")?)
+    ///     .build()?;
+    /// # let _ = client;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn tls(mut self, ca_pem: impl Into<Vec<u8>>, domain: impl Into<String>) -> Self {
         self.ca_pem = Some(ca_pem.into());
         self.domain = Some(domain.into());
@@ -250,8 +293,17 @@ impl ClientBuilder {
     }
 
     /// A client that connects on first use (and reconnects by itself): building never waits,
-    /// and a sluicegate that is down yet is a [`FailureMode`] matter, not a startup error.
+    /// and a sluicegate that is down yet is a [`FailureMode`] matter, not a startup error. It
+    /// needs a Tokio runtime (its connection runs as a task there): built outside one, it is an
+    /// [`Error::Config`] saying so.
     pub fn build(self) -> Result<Client, Error> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "build the client inside a Tokio runtime (its connection is a task there): from \
+                 async code, or after Runtime::enter()"
+                    .into(),
+            ));
+        }
         // Without a scheme the endpoint builds and every call fails later ("transport error"):
         // under FailureMode::Allow, a limiter switched off by a typo. Refused here instead.
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
@@ -458,21 +510,14 @@ impl Client {
     /// After the work, without a reservation id: `reserved` is taken on this caller's word, so
     /// sluicegate refunds only where ALLOW_REFUNDS=true; prefer [`Client::reserve`] and
     /// [`Client::settle_reservation`]. Less gives the difference back; more charges it even
-    /// past what is left, into debt. `capacity` and `rate` are the reservation's (0: defaults).
-    pub async fn settle(
-        &self,
-        key: &str,
-        capacity: f64,
-        rate: f64,
-        reserved: u64,
-        actual: u64,
-    ) -> Result<Settlement, Error> {
+    /// past what is left, into debt.
+    pub async fn settle(&self, req: Settle<'_>) -> Result<Settlement, Error> {
         self.settle_proto(SettleRequest {
-            key: key.to_string(),
-            capacity,
-            rate,
-            reserved,
-            actual,
+            key: req.key.to_string(),
+            capacity: req.capacity,
+            rate: req.rate,
+            reserved: u64::from(req.reserved),
+            actual: req.actual,
             ..Default::default()
         })
         .await
@@ -543,8 +588,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn https_needs_a_ca() {
+    #[tokio::test]
+    async fn https_needs_a_ca() {
         let err = Client::builder("https://sluicegate:8081")
             .build()
             .unwrap_err();
@@ -552,13 +597,41 @@ mod tests {
         assert!(Client::builder("not a url").build().is_err());
     }
 
-    #[test]
-    fn a_url_without_a_scheme_is_refused_with_the_fix() {
+    #[tokio::test]
+    async fn a_url_without_a_scheme_is_refused_with_the_fix() {
         for url in ["127.0.0.1:8081", "localhost:8081", "sluicegate:8081"] {
             let err = Client::builder(url).build().unwrap_err();
             assert!(matches!(err, Error::Config(_)), "{url}: {err:?}");
             assert!(err.to_string().contains(&format!("http://{url}")), "{err}");
         }
+    }
+
+    #[test]
+    fn building_outside_a_runtime_says_so() {
+        let err = Client::builder("http://127.0.0.1:8081")
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("Tokio runtime")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_sluicegate_says_why() {
+        // A port that was just free: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::builder(format!("http://127.0.0.1:{port}"))
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let err = client.should_allow("k", 1).await.unwrap_err();
+        let text = err.to_string().to_lowercase();
+        assert!(err.is_unavailable() && text.contains("refused"), "{err}");
     }
 
     #[test]

@@ -3,9 +3,12 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http::{HeaderMap, HeaderValue, StatusCode, request::Parts};
@@ -40,7 +43,13 @@ type Hook = Arc<dyn Fn(&Error) + Send + Sync>;
 /// (whole tokens left) and `X-RateLimit-Reset` (seconds until full, never 0 on a denial). A
 /// denial is `429` with `Retry-After` (whole seconds, rounded up) and a JSON body; a key that
 /// cannot be taken is the [`KeyError`]'s status; sluicegate refusing the request (a key too long)
-/// is `400`; sluicegate unavailable is the client's [`crate::FailureMode`]: served, or `503`.
+/// is `400`; sluicegate unavailable is the client's [`crate::FailureMode`]: served, or `503` with
+/// `Retry-After`. An answer a failure mode gave (this client's or sluicegate's) carries
+/// `X-RateLimit-Degraded: 1`, is counted in `sluicegate_client_degraded_total{answer}` (the
+/// `metrics` facade: the application's recorder) and logged at warn, at most every 10 s.
+///
+/// Wrap the routes, not the fallback, so that a 404 costs nothing: in axum,
+/// `Router::new().route(..).route_layer(layer)` rather than `.layer(layer)`.
 pub struct RateLimitLayer<K> {
     client: Client,
     key: K,
@@ -49,6 +58,7 @@ pub struct RateLimitLayer<K> {
     rate: f64,
     near_limit_ratio: Option<f64>,
     on_unavailable: Option<Hook>,
+    degraded: Arc<DegradedLog>,
 }
 
 impl<K: Clone> Clone for RateLimitLayer<K> {
@@ -61,6 +71,7 @@ impl<K: Clone> Clone for RateLimitLayer<K> {
             rate: self.rate,
             near_limit_ratio: self.near_limit_ratio,
             on_unavailable: self.on_unavailable.clone(),
+            degraded: self.degraded.clone(),
         }
     }
 }
@@ -99,6 +110,7 @@ where
             rate: 0.0,
             near_limit_ratio: None,
             on_unavailable: None,
+            degraded: Arc::default(),
         }
     }
 
@@ -178,87 +190,186 @@ where
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
         // The service that was polled ready serves this request; its clone waits for the next.
         let ready = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, ready);
-        let config = self.config.clone();
-        Box::pin(async move {
-            let (parts, body) = req.into_parts();
-            let key = match (config.key)(&parts) {
-                Ok(key) => key,
-                Err(e) => return Ok(json(e.status, &[("error", &e.message)], None)),
-            };
-            let asked = Request {
-                key: &key,
-                cost: config.cost,
-                capacity: config.capacity,
-                rate: config.rate,
-                dry_run: false,
-            };
-            let decision = match config.client.check(asked).await {
-                Ok(d) => d,
-                Err(Error::Rejected {
-                    code: tonic::Code::InvalidArgument,
-                    message,
-                }) => {
-                    return Ok(json(
-                        StatusCode::BAD_REQUEST,
-                        &[("error", "bad request"), ("detail", &message)],
-                        None,
-                    ));
-                }
-                Err(e @ Error::Unavailable(_)) => {
-                    if let Some(hook) = &config.on_unavailable {
-                        hook(&e);
-                    }
-                    return Ok(unavailable());
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "sluicegate refused the decision; not serving");
-                    return Ok(json(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        &[("error", "rate limiter refused the request")],
-                        None,
-                    ));
-                }
-            };
-            if decision.degraded {
-                // A failure mode answered (this client's or sluicegate's).
-                if let Some(hook) = &config.on_unavailable {
-                    hook(&Error::Unavailable("a failure mode answered".into()));
-                }
-                if !decision.allowed {
-                    return Ok(unavailable());
-                }
-                return inner.call(http::Request::from_parts(parts, body)).await;
+        let inner = std::mem::replace(&mut self.inner, ready);
+        Box::pin(limit(self.config.clone(), inner, req))
+    }
+}
+
+/// One request through the layer: its key, sluicegate's decision, then the service or an answer.
+async fn limit<S, K, ReqB, ResB>(
+    config: RateLimitLayer<K>,
+    mut inner: S,
+    req: http::Request<ReqB>,
+) -> Result<http::Response<ResB>, S::Error>
+where
+    S: tower::Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    K: Fn(&Parts) -> Result<String, KeyError>,
+    ResB: From<String>,
+{
+    let (parts, body) = req.into_parts();
+    let key = match (config.key)(&parts) {
+        Ok(key) => key,
+        Err(e) => return Ok(json(e.status, &[("error", &e.message)], None)),
+    };
+    let decision = match decide(&config, &key).await {
+        Ok(d) => d,
+        Err(answer) => return Ok(answer),
+    };
+    if !decision.allowed {
+        return Ok(if decision.degraded {
+            unavailable()
+        } else {
+            too_many(&decision)
+        });
+    }
+    let mut response = inner.call(http::Request::from_parts(parts, body)).await?;
+    if decision.degraded {
+        // Served without a bucket's word: no figures to show, but say so.
+        response
+            .headers_mut()
+            .insert(DEGRADED, HeaderValue::from_static("1"));
+        return Ok(response);
+    }
+    headers(response.headers_mut(), &decision, false);
+    if let Some(warning) = near_limit(&config, &decision) {
+        response
+            .headers_mut()
+            .insert("x-ratelimit-warning", warning);
+    }
+    Ok(response)
+}
+
+/// sluicegate's decision for `key`, or the answer to give instead: 400 for a key sluicegate
+/// refuses, 503 when it is unavailable and the failure mode says so, 500 for anything else it
+/// refuses. A failure mode's answer (this client's or sluicegate's) is logged and counted.
+async fn decide<K, B: From<String>>(
+    config: &RateLimitLayer<K>,
+    key: &str,
+) -> Result<Decision, http::Response<B>> {
+    let asked = Request {
+        key,
+        cost: config.cost,
+        capacity: config.capacity,
+        rate: config.rate,
+        dry_run: false,
+    };
+    match config.client.check(asked).await {
+        Ok(d) if d.degraded => {
+            config.degraded.record(d.allowed, None);
+            if let Some(hook) = &config.on_unavailable {
+                hook(&Error::Unavailable("a failure mode answered".into()));
             }
-            if !decision.allowed {
-                let retry = whole_seconds(decision.retry_after).max(1);
-                let mut response = json(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &[("error", "rate limited")],
-                    Some(("retry_after_seconds", retry)),
-                );
-                headers(response.headers_mut(), &decision, true);
-                response
-                    .headers_mut()
-                    .insert("retry-after", HeaderValue::from(retry));
-                return Ok(response);
+            Ok(d)
+        }
+        Ok(d) => Ok(d),
+        Err(Error::Rejected {
+            code: tonic::Code::InvalidArgument,
+            message,
+        }) => {
+            // The key is the application's (a prefix and an identity): sluicegate's figures
+            // count a prefix the caller never sent, so they would only confuse.
+            let detail = if message.starts_with("key:") {
+                "the identity cannot be a rate-limit key (empty, or over 512 bytes)"
+            } else {
+                &message
+            };
+            Err(json(
+                StatusCode::BAD_REQUEST,
+                &[("error", "bad request"), ("detail", detail)],
+                None,
+            ))
+        }
+        Err(e @ Error::Unavailable(_)) => {
+            config.degraded.record(false, Some(&e));
+            if let Some(hook) = &config.on_unavailable {
+                hook(&e);
             }
-            let mut response = inner.call(http::Request::from_parts(parts, body)).await?;
-            headers(response.headers_mut(), &decision, false);
-            if let Some(ratio) = config.near_limit_ratio
-                && decision.tokens_remaining < (1.0 - ratio) * decision.capacity
-            {
-                let warning = format!(
-                    "near limit: {} of {} left",
-                    decision.tokens_remaining.floor().max(0.0),
-                    decision.capacity
-                );
-                if let Ok(v) = HeaderValue::from_str(&warning) {
-                    response.headers_mut().insert("x-ratelimit-warning", v);
-                }
-            }
-            Ok(response)
-        })
+            Err(unavailable())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "sluicegate refused the decision; not serving");
+            Err(json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &[("error", "rate limiter refused the request")],
+                None,
+            ))
+        }
+    }
+}
+
+/// `429` with `Retry-After` (whole seconds, at least 1), the `X-RateLimit-*` headers and a body.
+fn too_many<B: From<String>>(decision: &Decision) -> http::Response<B> {
+    let retry = whole_seconds(decision.retry_after).max(1);
+    let mut response = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        &[("error", "rate limited")],
+        Some(("retry_after_seconds", retry)),
+    );
+    headers(response.headers_mut(), decision, true);
+    response
+        .headers_mut()
+        .insert("retry-after", HeaderValue::from(retry));
+    response
+}
+
+/// `X-RateLimit-Warning` when an allowed request left less than `1 - near_limit_ratio` of the
+/// bucket.
+fn near_limit<K>(config: &RateLimitLayer<K>, decision: &Decision) -> Option<HeaderValue> {
+    let ratio = config.near_limit_ratio?;
+    if decision.tokens_remaining >= (1.0 - ratio) * decision.capacity {
+        return None;
+    }
+    let warning = format!(
+        "near limit: {} of {} left",
+        decision.tokens_remaining.floor().max(0.0),
+        decision.capacity
+    );
+    HeaderValue::from_str(&warning).ok()
+}
+
+/// The header every answer given without sluicegate's word carries.
+const DEGRADED: &str = "x-ratelimit-degraded";
+
+/// Counts and logs the answers a failure mode gave: `sluicegate_client_degraded_total{answer}`
+/// through the `metrics` facade (whatever recorder the application installed), and a warning at
+/// most every [`DegradedLog::EVERY`] with how many came since, so an outage cannot flood the log.
+#[derive(Default)]
+struct DegradedLog {
+    /// Milliseconds since `start` of the last warning, plus one (0: never warned).
+    last: AtomicU64,
+    since: AtomicU64,
+    start: OnceLock<Instant>,
+}
+
+impl DegradedLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn record(&self, allowed: bool, error: Option<&Error>) {
+        let answer = if allowed { "allowed" } else { "denied" };
+        metrics::counter!("sluicegate_client_degraded_total", "answer" => answer).increment(1);
+        let since = self.since.fetch_add(1, Relaxed) + 1;
+        let start = *self.start.get_or_init(Instant::now);
+        let now = start.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= Self::EVERY.as_millis() as u64;
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.since.fetch_sub(since, Relaxed);
+            let error = error.map_or_else(
+                || "sluicegate answered degraded".to_string(),
+                |e| e.to_string(),
+            );
+            tracing::warn!(
+                answer,
+                degraded_answers = since,
+                %error,
+                "rate limiter degraded: answering by the failure mode, not by a bucket"
+            );
+        }
     }
 }
 
@@ -281,12 +392,19 @@ fn headers(h: &mut HeaderMap, d: &Decision, denied: bool) {
     h.insert("x-ratelimit-reset", HeaderValue::from(reset));
 }
 
+/// `503` for a request the failure mode denies: with `Retry-After` (a retry time, not "at
+/// once") and the degraded header.
 fn unavailable<B: From<String>>() -> http::Response<B> {
-    json(
+    let retry = whole_seconds(crate::FALLBACK_RETRY_AFTER).max(1);
+    let mut response = json(
         StatusCode::SERVICE_UNAVAILABLE,
         &[("error", "rate limiter unavailable")],
-        None,
-    )
+        Some(("retry_after_seconds", retry)),
+    );
+    let h = response.headers_mut();
+    h.insert("retry-after", HeaderValue::from(retry));
+    h.insert(DEGRADED, HeaderValue::from_static("1"));
+    response
 }
 
 /// A small JSON object response (the crate needs no JSON library for it).

@@ -49,6 +49,6 @@ pub use sluicegate_proto as proto;
 
 pub use client::{
     BatchDecision, Client, ClientBuilder, Decision, Error, FALLBACK_RETRY_AFTER, FailureMode,
-    Request, Reservation, Settlement,
+    Request, Reservation, Settle, Settlement,
 };
 pub use layer::{KeyError, RateLimit, RateLimitLayer};

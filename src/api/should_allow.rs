@@ -64,6 +64,21 @@ impl ShouldAllowSettings {
     }
 }
 
+/// Tokens as an answer shows them: to a thousandth, rounded down, so that the refill's float noise
+/// (4.241261540000014) does not reach callers and no answer shows a token that is not there. The
+/// buckets keep the exact figure.
+pub fn shown(tokens: f64) -> f64 {
+    let milli = tokens * 1000.0;
+    // A figure that is a whole thousandth but for the last bits (4.1 * 1000 = 4099.999...) is it.
+    let near = milli.round();
+    let milli = if (milli - near).abs() < 1e-6 {
+        near
+    } else {
+        milli.floor()
+    };
+    milli / 1000.0
+}
+
 /// The backend key of a caller's key with a shape: a bucket's identity is its key and its shape,
 /// so a caller naming someone's key with another shape (a huge rate, say) gets a bucket of its own
 /// and can neither refill nor drain theirs. `prefix`, the key, then `|capacity/rate`: the suffix
@@ -177,8 +192,15 @@ impl<B: Backend> ShouldAllowApi<B> {
             capacity
         };
         let rate = if rate == 0.0 { d.shape.rate() } else { rate };
-        let shape = Shape::within(capacity, rate, &d.limits)
-            .map_err(|e| ApiError::invalid(e.field, format!("{which}{}", e.reason)))?;
+        let shape = Shape::within(capacity, rate, &d.limits).map_err(|e| {
+            // 0 is a valid answer to "greater than 0?" here: it asks for the default.
+            let zero = if e.reason.starts_with("must be a finite") {
+                ", or 0 for the server's default"
+            } else {
+                ""
+            };
+            ApiError::invalid(e.field, format!("{which}{}{zero}", e.reason))
+        })?;
         Ok((bucket_key(&d.bucket_prefix, key, shape), shape))
     }
 
@@ -242,7 +264,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         let allowed = d.allowed || self.settings.shadow_mode;
         ShouldAllowResponse {
             allowed,
-            tokens_remaining: d.tokens_remaining,
+            tokens_remaining: shown(d.tokens_remaining),
             retry_after_ms: if allowed { 0 } else { d.retry_after_ms },
             reset_after_ms: d.reset_after_ms,
             capacity: shape.capacity(),
@@ -411,7 +433,7 @@ impl<B: Backend> ShouldAllowApi<B> {
                 tokens_remaining,
                 reset_after_ms,
             }) => Ok(SettleResponse {
-                tokens_remaining,
+                tokens_remaining: shown(tokens_remaining),
                 reset_after_ms,
                 in_debt: tokens_remaining < 0.0,
                 degraded: false,
@@ -495,5 +517,25 @@ impl<B: Backend> RateLimitService for ShouldAllowApi<B> {
     ) -> Result<Response<SettleResponse>, Status> {
         let answer = ShouldAllowApi::settle(self, request.get_ref()).await?;
         Ok(Response::new(answer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn answers_show_tokens_to_a_thousandth_never_more_than_there_are() {
+        assert_eq!(shown(4.241261540000014), 4.241);
+        assert_eq!(shown(4.1), 4.1);
+        assert_eq!(shown(4.099_999_999_999_999), 4.1);
+        assert_eq!(
+            shown(0.9996),
+            0.999,
+            "rounded down: no token that is not there"
+        );
+        assert_eq!(shown(-0.0004), -0.001, "debt rounds away from zero");
+        assert_eq!(shown(20.0), 20.0);
+        assert_eq!(shown(1e15), 1e15);
     }
 }

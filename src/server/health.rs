@@ -108,12 +108,15 @@ impl Health {
                     Err(e) => {
                         let failed = health.failed_pings.fetch_add(1, Ordering::Relaxed) + 1;
                         // At start the backend is unreachable until it answers; afterwards it
-                        // takes several misses in a row.
+                        // takes several misses in a row. The first pings at start race the
+                        // connection being made: worth a warning only when they keep failing.
                         if (failed >= FAILED_PINGS || first) && was_up {
                             tracing::warn!(error = %e, failed, "backend unreachable");
                             health.backend_up.store(false, Ordering::Relaxed);
-                        } else if first {
-                            tracing::warn!(error = %e, "backend not reachable yet");
+                        } else if !was_up && failed == FAILED_PINGS {
+                            tracing::warn!(error = %e, failed, "backend not reachable yet");
+                        } else {
+                            tracing::debug!(error = %e, failed, "backend ping failed");
                         }
                     }
                 }

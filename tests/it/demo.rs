@@ -218,12 +218,24 @@ async fn sluicegate_stopped_or_hanging_within_the_timeout() {
                 );
                 if want == 503 {
                     assert!(a.body.contains("unavailable"), "{}", a.body);
+                    assert_eq!(a.header("retry-after"), Some("1"), "{a:?}");
                 }
+                // Seen from outside, whatever the mode.
+                assert_eq!(a.header("x-ratelimit-degraded"), Some("1"), "{a:?}");
             }
             let m = get(&demo, "/metrics", &[]).await;
             assert!(
                 m.body
                     .contains(&format!("demo_limiter_failures_total{{mode=\"{mode}\"}} 3")),
+                "{}",
+                m.body
+            );
+            // The layer counts them by itself (no hook wired for it).
+            let answer = if want == 200 { "allowed" } else { "denied" };
+            assert!(
+                m.body.contains(&format!(
+                    "sluicegate_client_degraded_total{{answer=\"{answer}\"}} 3"
+                )),
                 "{}",
                 m.body
             );

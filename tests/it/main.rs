@@ -19,6 +19,7 @@ mod grpc_tls;
 mod kubernetes;
 mod lua_script;
 mod observability;
+mod readme;
 mod redis_cluster;
 mod redis_faults;
 mod redis_tls;

@@ -297,6 +297,38 @@ async fn readiness_needs_several_failed_pings() {
     .await;
 }
 
+/// A healthy start is quiet: with Redis up, no warning (the first pings race the connection being
+/// made, which used to warn "backend not reachable yet" on every start).
+#[tokio::test]
+async fn a_start_with_redis_up_warns_of_nothing() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let url = redis.url();
+    let t = Sluicegate::start_logging(
+        &[],
+        &[("RUST_LOG", "warn"), ("REDIS_URL", url.as_str())],
+        Some(&log),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "ready", async || {
+        http_get(&t.http_url("/readyz"))
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    // A few ping periods more.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(t);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    // (Without RULES, one warning says Envoy's requests have no limits: that one is meant.)
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && !l.contains("no RULES"))
+        .collect();
+    assert!(warnings.is_empty(), "{stderr}");
+}
+
 /// A wrong password is reported as such, once, not as a timeout on every call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_cause_of_a_connection_failure_is_logged_once() {

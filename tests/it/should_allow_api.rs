@@ -86,6 +86,15 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
             err.message()
         );
     }
+    // A capacity below 0 is refused; the message does not hide that 0 is fine (the default).
+    let err = should_allow(&mut c, ask("k", -1.0, 0.0, 1))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("or 0 for the server's default"),
+        "{}",
+        err.message()
+    );
     // The longest allowed key works.
     assert!(
         should_allow(&mut c, ask(&"k".repeat(512), 0.0, 0.0, 1))

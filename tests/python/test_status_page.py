@@ -137,6 +137,10 @@ def test_the_status_page_shows_the_limiter_working(sluicegate):
             first_key = page.inner_text("#top-keys tbody tr:first-child td.key")
             assert first_key == "hammered-key-0", first_key
             assert "per_key" in page.inner_text("#top-rules tbody")
+            # Labels say what is counted: a rule's descriptors within their limit (the request
+            # may still be refused by another rule), and the server's own decision time.
+            assert "within limit" in page.inner_text("#top-rules thead")
+            assert "decision time (server)" in page.inner_text("body")
             page.wait_for_selector("#rules tbody tr", timeout=12000)
             assert "5/second" in page.inner_text("#rules tbody")
             assert "memory up" in page.inner_text("#backend")

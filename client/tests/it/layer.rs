@@ -5,7 +5,7 @@ use crate::support::sluicegate;
 use std::time::Duration;
 
 use axum::{Router, body::Body, routing::get};
-use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request};
+use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer, Request, Settle};
 use tower::ServiceExt;
 
 fn by_api_key(parts: &http::request::Parts) -> Result<String, KeyError> {
@@ -78,7 +78,15 @@ async fn the_layer_limits_an_axum_app() {
     assert_eq!(get_with(&app, None).await.status(), 401);
     // A key sluicegate refuses (over 512 bytes) is the client's error: 400, never served.
     let long = "k".repeat(600);
-    assert_eq!(get_with(&app, Some(&long)).await.status(), 400);
+    let r = get_with(&app, Some(&long)).await;
+    assert_eq!(r.status(), 400);
+    // Without the application's internal prefix or its byte count (604: "key:" + 600).
+    let body = axum::body::to_bytes(r.into_body(), 4096).await.unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("over 512 bytes") && !body.contains("604"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -97,6 +105,18 @@ async fn failure_modes_apply_to_an_unreachable_sluicegate_only() {
             .unwrap();
         let r = get_with(&app(client.clone()), Some("x")).await;
         assert_eq!(r.status(), status, "{mode:?}");
+        // Seen from outside: marked degraded; a denial says when to retry, never "at once".
+        assert_eq!(header(&r, "x-ratelimit-degraded"), Some("1"), "{mode:?}");
+        assert_eq!(
+            header(&r, "retry-after"),
+            (status == 503).then_some("1"),
+            "{mode:?}"
+        );
+        assert_eq!(
+            header(&r, "x-ratelimit-limit"),
+            None,
+            "no bucket, no figures"
+        );
         let d = client.should_allow("x", 1).await.unwrap();
         assert!(d.degraded);
     }
@@ -106,7 +126,12 @@ async fn failure_modes_apply_to_an_unreachable_sluicegate_only() {
         .unwrap();
     let err = strict.should_allow("x", 1).await.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
-    assert_eq!(get_with(&app(strict), Some("x")).await.status(), 503);
+    // The cause is named: nothing listens on that port.
+    assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
+    let r = get_with(&app(strict), Some("x")).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "x-ratelimit-degraded"), Some("1"));
+    assert_eq!(header(&r, "retry-after"), Some("1"));
 
     // A live sluicegate refusing the request is never an allow, whatever the mode.
     let t = sluicegate(&["--allow-client-shapes", "false"]).await;
@@ -152,13 +177,27 @@ async fn reserve_then_settle() {
     assert_eq!(again, s, "once: a retry answers the same");
     // Without an id the server refunds nothing on the caller's word (ALLOW_REFUNDS=false), but
     // charges what is more.
+    let bucket = Settle {
+        key: "llm:ann",
+        capacity: 100.0,
+        rate: 0.001,
+        ..Default::default()
+    };
     let err = client
-        .settle("llm:ann", 100.0, 0.001, 80, 30)
+        .settle(Settle {
+            reserved: 80,
+            actual: 30,
+            ..bucket
+        })
         .await
         .unwrap_err();
     assert!(err.to_string().contains("ALLOW_REFUNDS"), "{err}");
     let s = client
-        .settle("llm:ann", 100.0, 0.001, 0, 120)
+        .settle(Settle {
+            reserved: 0,
+            actual: 120,
+            ..bucket
+        })
         .await
         .unwrap();
     assert!(

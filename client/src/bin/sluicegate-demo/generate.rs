@@ -72,10 +72,7 @@ pub async fn generate(
     };
     let reserved = match reservation.decision {
         d if d.allowed => d,
-        d if d.degraded => {
-            let body = json!({ "error": "rate limiter unavailable" });
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-        }
+        d if d.degraded => return unavailable(json!({ "error": "rate limiter unavailable" })),
         d => {
             let retry = d.retry_after.as_millis().div_ceil(1000).max(1) as u64;
             let body = json!({
@@ -135,7 +132,11 @@ fn refused(e: Error) -> Response {
             code: tonic::Code::InvalidArgument,
             ..
         } => (StatusCode::BAD_REQUEST, "bad request"),
-        Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "rate limiter unavailable"),
+        Error::Unavailable(_) => {
+            return unavailable(
+                json!({ "error": "rate limiter unavailable", "detail": e.to_string() }),
+            );
+        }
         _ => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "rate limiter refused the request",
@@ -146,4 +147,15 @@ fn refused(e: Error) -> Response {
         Json(json!({ "error": error, "detail": e.to_string() })),
     )
         .into_response()
+}
+
+/// `503` without a bucket's word (sluicegate unavailable, or a failure mode's denial): with a
+/// retry time, never "at once", and marked degraded as the layer marks it.
+fn unavailable(body: serde_json::Value) -> Response {
+    let retry = sluicegate_client::FALLBACK_RETRY_AFTER.as_secs().max(1);
+    let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    let h = r.headers_mut();
+    h.insert("retry-after", HeaderValue::from(retry));
+    h.insert("x-ratelimit-degraded", HeaderValue::from_static("1"));
+    r
 }

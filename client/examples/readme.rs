@@ -1,0 +1,30 @@
+//! The README's Rust snippet ("From Rust: the sluicegate-client crate"), verbatim between the
+//! markers: it compiles with every build of the examples, and `tests/it/readme.rs` fails if the
+//! two differ. Not meant to be run.
+
+#[rustfmt::skip] // as the README shows it
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // README snippet begins
+    use std::time::Duration;
+
+    use axum::{Router, http::request::Parts, routing::get};
+    use sluicegate_client::{Client, FailureMode, KeyError, RateLimitLayer};
+
+    // Inside a Tokio runtime (the client's connection is a task there).
+    let client = Client::builder("http://127.0.0.1:8081")
+        .timeout(Duration::from_millis(50))
+        .failure_mode(FailureMode::Allow)            // sluicegate down or slow: serve, flagged degraded
+        .build()?;
+    let limit = RateLimitLayer::new(client, |req: &Parts| {
+        req.headers.get("x-api-key").and_then(|v| v.to_str().ok())
+            .map(|key| format!("key:{key}"))
+            .ok_or_else(|| KeyError::unauthorized("send an X-API-Key header"))
+    })
+    .shape(20.0, 10.0);
+    // route_layer: only matched routes are limited, so a 404 costs nobody a token.
+    let app: Router = Router::new().route("/", get(|| async { "hello" })).route_layer(limit);
+    // README snippet ends
+    drop(app);
+    Ok(())
+}
