@@ -65,18 +65,24 @@ impl ShouldAllowSettings {
 }
 
 /// Tokens as an answer shows them: to a thousandth, rounded down, so that the refill's float noise
-/// (4.241261540000014) does not reach callers and no answer shows a token that is not there. The
-/// buckets keep the exact figure.
+/// (4.241261540000014) does not reach callers and no answer shows a token that is not there (not
+/// even a hair above the capacity: 5.749999999825832 shows 5.749, never 5.75). The buckets keep
+/// the exact figure.
 pub fn shown(tokens: f64) -> f64 {
+    // A figure already written with three decimals or fewer (4.1, whose product with 1000 is
+    // 4099.999...) is shown as it is.
     let milli = tokens * 1000.0;
-    // A figure that is a whole thousandth but for the last bits (4.1 * 1000 = 4099.999...) is it.
-    let near = milli.round();
-    let milli = if (milli - near).abs() < 1e-6 {
-        near
+    if milli.round() / 1000.0 == tokens {
+        return tokens;
+    }
+    // The product can round up onto the next thousandth (5.749999999999999 * 1000 = 5750.0):
+    // then one thousandth below it.
+    let down = milli.floor() / 1000.0;
+    if down > tokens {
+        (milli.floor() - 1.0) / 1000.0
     } else {
-        milli.floor()
-    };
-    milli / 1000.0
+        down
+    }
 }
 
 /// The backend key of a caller's key with a shape: a bucket's identity is its key and its shape,
@@ -528,13 +534,27 @@ mod tests {
     fn answers_show_tokens_to_a_thousandth_never_more_than_there_are() {
         assert_eq!(shown(4.241261540000014), 4.241);
         assert_eq!(shown(4.1), 4.1);
-        assert_eq!(shown(4.099_999_999_999_999), 4.1);
+        // Noise just below a thousandth rounds down: never a token that is not there.
+        assert_eq!(shown(4.099_999_999_999_999), 4.099);
         assert_eq!(
             shown(0.9996),
             0.999,
             "rounded down: no token that is not there"
         );
         assert_eq!(shown(-0.0004), -0.001, "debt rounds away from zero");
+        // Found by fuzzing: a full bucket of an odd capacity never shows more than it holds.
+        for capacity in [5.749999999825832, 5.749_999_999_999_999, 1e15 - 0.1] {
+            assert!(
+                shown(capacity) <= capacity,
+                "{capacity}: {}",
+                shown(capacity)
+            );
+            assert!(
+                capacity - shown(capacity) < 0.002,
+                "{capacity}: {}",
+                shown(capacity)
+            );
+        }
         assert_eq!(shown(20.0), 20.0);
         assert_eq!(shown(1e15), 1e15);
     }
