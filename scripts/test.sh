@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what is missing, then runs every check and test.
-#   fmt, clippy (warnings are errors), unit + integration + end-to-end tests (real redis-server,
+#   fmt, clippy (warnings are errors, linted in the test build), unit + integration + end-to-end tests (real redis-server,
 #   Redis Cluster and Sentinel, Envoy 1.40, Prometheus), the Python tests (grpcio interop, TLS,
 #   the status page in headless Chromium), a one-minute soak, a brief fuzzing run of every fuzz
 #   target (cargo-fuzz is installed when missing; the targets build in the background meanwhile).
@@ -58,16 +58,20 @@ FUZZ_SANITIZER=none scripts/fuzz.sh build >"$fuzz_log" 2>&1 &
 fuzz_build=$!
 trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
 
-log "cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
-
 # `cargo test` builds every binary too (the tests start sluicegate, sluicegate-demo and
 # sluicegate-load from target/debug). A separate `cargo build` would not reuse its work: without the
 # dev-dependencies' features (tokio's test-util, libc's extra traits, ...) every dependency builds
 # again.
-log "cargo test (every binary, one test binary per crate)"
-cargo test --workspace --locked --no-run
-cargo test --workspace --locked
+# Clippy lints the workspace's crates in the same build as the tests (clippy-driver as the
+# workspace's rustc wrapper, which is what `cargo clippy` does, but with code generated): one build
+# instead of a check of every dependency and then a build of them all. Warnings are errors;
+# dependencies' lints are capped by cargo as always. Same as `cargo clippy --workspace
+# --all-targets -- -D warnings` (there are no benches), run it so by hand.
+command -v clippy-driver >/dev/null || { echo "clippy missing: rustup component add clippy" >&2; exit 1; }
+lint=(env RUSTC_WORKSPACE_WRAPPER="$(command -v clippy-driver)" RUSTFLAGS="-D warnings")
+log "cargo test with clippy's lints as errors (every binary, one test binary per crate)"
+"${lint[@]}" cargo test --workspace --locked --no-run
+"${lint[@]}" cargo test --workspace --locked
 
 log "Python tests: grpcio interop, TLS, the status page in headless Chromium"
 SLUICEGATE_BIN="$PWD/target/debug/sluicegate" SLUICEGATE_LOAD_BIN="$PWD/target/debug/sluicegate-load" \
