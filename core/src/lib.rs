@@ -12,6 +12,9 @@
 //!   into one script call, the topology of single, cluster and sentinel, a circuit breaker per
 //!   node judged on Redis calls, the local deny cache and the refund subscription that keeps it
 //!   honest), reservations for Settle.
+//! - `in_flight.rs` (re-exported at the top): in-flight limits, at most `max` leases per key,
+//!   each freed by its release or its TTL ([`Leases`], [`LeaseOp`], [`InFlight`]); pure, as the
+//!   bucket arithmetic is, and run by `lua/in_flight.lua` in Redis.
 //! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
 //!   and hot-reload.
 //!
@@ -22,9 +25,11 @@
 pub mod backend;
 mod bucket;
 mod failure;
+mod in_flight;
 pub mod rules;
 mod shape;
 
 pub use bucket::{Ask, BucketState, Decision, MAX_MS, Op, apply, apply_group, capped_ms, ttl_ms};
 pub use failure::FailureMode;
+pub use in_flight::{InFlight, LeaseOp, Leases, MAX_LEASE_ID_BYTES, MAX_LEASE_MS};
 pub use shape::{InvalidShape, Limits, MAX_SHAPE, Shape};

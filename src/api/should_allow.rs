@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Instant};
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
+use super::in_flight::InFlightApi;
 use super::pipeline::{Fallback, compensate};
 use crate::telemetry::{Activity, DecisionMetrics, ShedMetrics, decision_log};
 use sluicegate_core::backend::{
@@ -14,6 +15,7 @@ use sluicegate_core::backend::{
 };
 use sluicegate_core::{Decision, FailureMode, Limits, Op, Shape};
 use sluicegate_proto::sluicegate::v1::{
+    AcquireRequest, AcquireResponse, ReleaseRequest, ReleaseResponse, RenewRequest,
     SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
     ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_server::RateLimitService,
 };
@@ -26,7 +28,7 @@ pub const MAX_RESERVE_TTL_MS: u32 = 86_400_000;
 
 /// A fresh reservation id: 128 random bits in hex. Whoever knows it can settle the reservation
 /// (once), so it must not be guessable.
-fn reservation_id() -> String {
+pub(crate) fn reservation_id() -> String {
     use rand::Rng;
     format!("{:032x}", rand::rng().random::<u128>())
 }
@@ -137,6 +139,8 @@ pub struct ShouldAllowApi<B> {
     metrics: DecisionMetrics,
     fallback: Fallback,
     shed: ShedMetrics,
+    /// Acquire, Release and Renew, on the same backend.
+    in_flight: InFlightApi<B>,
 }
 
 impl<B: Backend> ShouldAllowApi<B> {
@@ -151,8 +155,16 @@ impl<B: Backend> ShouldAllowApi<B> {
         settings: ShouldAllowSettings,
         activity: Arc<Activity>,
     ) -> Self {
+        let backend = Arc::new(backend);
+        let in_flight = InFlightApi::new(
+            backend.clone(),
+            settings.bucket_prefix.clone(),
+            settings.failure_mode,
+            activity.clone(),
+        );
         Self {
-            backend: Arc::new(backend),
+            backend,
+            in_flight,
             metrics: DecisionMetrics::new("should_allow", activity.clone()),
             fallback: Fallback::new(settings.failure_mode),
             settings,
@@ -522,6 +534,30 @@ impl<B: Backend> RateLimitService for ShouldAllowApi<B> {
         request: Request<SettleRequest>,
     ) -> Result<Response<SettleResponse>, Status> {
         let answer = ShouldAllowApi::settle(self, request.get_ref()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn acquire(
+        &self,
+        request: Request<AcquireRequest>,
+    ) -> Result<Response<AcquireResponse>, Status> {
+        let answer = self.in_flight.acquire(request.get_ref()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let answer = self.in_flight.release(request.get_ref()).await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<AcquireResponse>, Status> {
+        let answer = self.in_flight.renew(request.get_ref()).await?;
         Ok(Response::new(answer))
     }
 }

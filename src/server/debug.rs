@@ -176,6 +176,7 @@ async fn status(State(s): State<DebugState>) -> Json<Value> {
         "totals": {
             "should_allow": s.activity.live.totals(Api::ShouldAllow),
             "envoy": s.activity.live.totals(Api::Envoy),
+            "concurrency": s.activity.live.totals(Api::Concurrency),
         },
         "rules": rules,
         "rules_loaded": s.rules.current().map_or(0, |set| set.rules().len()),
@@ -195,6 +196,10 @@ async fn rules(State(s): State<DebugState>) -> Json<Value> {
         .map(|r| {
             let (limit, bucket) = match r.limit {
                 Limit::Unlimited => (json!({ "kind": "unlimited" }), Value::Null),
+                Limit::InFlight { max, lease_ms } => (
+                    json!({ "kind": "concurrency", "max": max, "lease_ms": lease_ms }),
+                    Value::Null,
+                ),
                 Limit::Blocked { unit } => (
                     json!({ "kind": "blocked", "requests_per_unit": 0, "unit": unit.as_str() }),
                     Value::Null,

@@ -16,7 +16,7 @@ use super::live::LiveStats;
 use super::rule_metrics::{RuleCounts, RuleMetrics};
 use super::top_keys::{TopKey, TopKeys};
 use sluicegate_core::Decision;
-use sluicegate_core::rules::RuleSet;
+use sluicegate_core::rules::{Limit, RuleSet};
 
 /// The per-rule metrics of one loaded rule set, by rule id.
 pub struct RuleMetricsFor {
@@ -33,6 +33,8 @@ pub struct RuleStat {
     pub denied: u64,
     pub shadow_denied: u64,
     pub near_limit: u64,
+    /// A `concurrency` rule: leases held, as this replica counts them.
+    pub in_flight: Option<i64>,
 }
 
 /// One Redis node's circuit breaker.
@@ -148,7 +150,10 @@ impl Activity {
             metrics: set
                 .rules()
                 .iter()
-                .map(|r| RuleMetrics::new(&r.domain, &r.label))
+                .map(|r| {
+                    let in_flight = matches!(r.limit, Limit::InFlight { .. });
+                    RuleMetrics::new(&r.domain, &r.label, in_flight)
+                })
                 .collect(),
         });
         self.rules.store(Some(fresh.clone()));
@@ -179,6 +184,7 @@ impl Activity {
                     denied,
                     shadow_denied,
                     near_limit,
+                    in_flight: m.in_flight.as_ref().map(|f| f.held()),
                 }
             })
             .collect()

@@ -23,7 +23,7 @@ pub struct DecisionMetrics {
 }
 
 impl DecisionMetrics {
-    /// `api` is `should_allow` or `envoy`; `activity` sees every decision too (the status page).
+    /// `api` is `should_allow`, `envoy` or `concurrency`; `activity` sees every decision too (the status page).
     pub fn new(api: &'static str, activity: Arc<Activity>) -> Self {
         let c = |result: &'static str| metrics::counter!(names::DECISIONS, "api" => api, "result" => result);
         Self {
@@ -33,10 +33,10 @@ impl DecisionMetrics {
             local: metrics::counter!(names::LOCAL_ANSWERS, "api" => api),
             near_limit: metrics::counter!(names::NEAR_LIMIT, "api" => api),
             duration: metrics::histogram!(names::DECISION_DURATION, "api" => api),
-            api: if api == "envoy" {
-                Api::Envoy
-            } else {
-                Api::ShouldAllow
+            api: match api {
+                "envoy" => Api::Envoy,
+                "concurrency" => Api::Concurrency,
+                _ => Api::ShouldAllow,
             },
             activity,
         }

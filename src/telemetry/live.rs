@@ -21,6 +21,8 @@ const BUCKETS: usize = 104;
 pub enum Api {
     ShouldAllow = 0,
     Envoy = 1,
+    /// Acquire (in-flight limits).
+    Concurrency = 2,
 }
 
 #[derive(Default)]
@@ -58,7 +60,7 @@ impl Counts {
 struct Slot {
     /// The second (since start) this slot holds, plus one; 0: never used.
     tag: AtomicU64,
-    apis: [Counts; 2],
+    apis: [Counts; 3],
     near_limit: AtomicU64,
     latency: [AtomicU32; BUCKETS],
 }
@@ -102,7 +104,7 @@ pub struct LiveStats {
     /// The Unix time of `started`, to label seconds.
     started_unix: u64,
     slots: Box<[Slot]>,
-    totals: [Counts; 2],
+    totals: [Counts; 3],
 }
 
 impl Default for LiveStats {

@@ -25,7 +25,7 @@ pub(crate) use handles::{
     eviction_counters, redis_metrics,
 };
 pub(crate) use recorder::{MetricsHandle, install_metrics, names};
-pub(crate) use rule_metrics::RuleMetrics;
+pub(crate) use rule_metrics::{InFlightMetrics, RuleMetrics};
 pub(crate) use timed::Timed;
 
 /// Log output: human-readable lines or one JSON object per line.

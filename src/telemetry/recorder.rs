@@ -23,6 +23,9 @@ pub mod names {
     pub const MEMORY_EVICTIONS: &str = "sluicegate_memory_evictions_total";
     pub const NEAR_LIMIT: &str = "sluicegate_near_limit_total";
     pub const REFUSED: &str = "sluicegate_refused_total";
+    pub const IN_FLIGHT: &str = "sluicegate_in_flight";
+    pub const IN_FLIGHT_EXPIRED: &str = "sluicegate_in_flight_expired_total";
+    pub const RELEASES: &str = "sluicegate_in_flight_releases_total";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -151,6 +154,18 @@ fn describe() {
     describe_counter!(
         names::REFUSED,
         "Requests answered without evaluating all of them as asked (past the bounds, a descriptor with no entries, an ignored override, a refused refund), by API and reason."
+    );
+    describe_gauge!(
+        names::IN_FLIGHT,
+        "In-flight leases held, by domain and rule (the Acquire API: domain sluicegate.v1, rule Acquire); each replica counts what it granted and freed, so sum over replicas."
+    );
+    describe_counter!(
+        names::IN_FLIGHT_EXPIRED,
+        "In-flight leases that expired without a release (a leak indicator: a crashed caller, a lost stream-done call), by domain and rule."
+    );
+    describe_counter!(
+        names::RELEASES,
+        "Releases of in-flight leases, by API and result (released, or unknown: the id was not held, or had expired)."
     );
     describe_counter!(
         names::SHED,

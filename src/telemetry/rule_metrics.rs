@@ -2,7 +2,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicU64, Ordering::Relaxed},
+    atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
 };
 
 use metrics::Counter;
@@ -19,6 +19,8 @@ pub struct RuleMetrics {
     near_limit: Counter,
     tokens: metrics::Gauge,
     counts: Arc<[AtomicU64; 4]>,
+    /// A `concurrency` rule's leases.
+    pub in_flight: Option<InFlightMetrics>,
 }
 
 /// A rule's hits by result since its rules were loaded.
@@ -31,7 +33,8 @@ pub struct RuleCounts {
 }
 
 impl RuleMetrics {
-    pub fn new(domain: &str, rule: &str) -> Self {
+    /// `in_flight`: the rule is an in-flight limit (its leases are counted too).
+    pub fn new(domain: &str, rule: &str, in_flight: bool) -> Self {
         let c = |result: &'static str| metrics::counter!(names::RULE_DECISIONS, "domain" => domain.to_string(), "rule" => rule.to_string(), "result" => result);
         Self {
             allowed: c("allowed"),
@@ -40,6 +43,7 @@ impl RuleMetrics {
             near_limit: c("near_limit"),
             tokens: metrics::gauge!(names::TOKENS_REMAINING, "domain" => domain.to_string(), "rule" => rule.to_string()),
             counts: Arc::new(Default::default()),
+            in_flight: in_flight.then(|| InFlightMetrics::new(domain, rule)),
         }
     }
 
@@ -78,5 +82,49 @@ impl RuleMetrics {
             shadow_denied: c(2),
             near_limit: c(3),
         }
+    }
+}
+
+/// The leases of one in-flight limit (a `concurrency` rule, or the Acquire API's), as this replica
+/// saw them: granted here, released here, and found expired by a call made here. Summed over the
+/// replicas, `sluicegate_in_flight` is the leases held; on one replica it counts its own grants and
+/// frees (and can dip below zero when another replica releases what it granted).
+#[derive(Clone)]
+pub struct InFlightMetrics {
+    held: metrics::Gauge,
+    expired: Counter,
+    now: Arc<AtomicI64>,
+}
+
+impl InFlightMetrics {
+    pub fn new(domain: &str, rule: &str) -> Self {
+        Self {
+            held: metrics::gauge!(names::IN_FLIGHT, "domain" => domain.to_string(), "rule" => rule.to_string()),
+            expired: metrics::counter!(names::IN_FLIGHT_EXPIRED, "domain" => domain.to_string(), "rule" => rule.to_string()),
+            now: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    /// A lease taken.
+    pub fn granted(&self) {
+        self.held.increment(1.0);
+        self.now.fetch_add(1, Relaxed);
+    }
+
+    /// A lease released (`released`), and `expired` leases found gone without a release (leaks).
+    pub fn freed(&self, released: bool, expired: u32) {
+        let n = i64::from(released) + i64::from(expired);
+        if n > 0 {
+            self.held.decrement(n as f64);
+            self.now.fetch_sub(n, Relaxed);
+        }
+        if expired > 0 {
+            self.expired.increment(u64::from(expired));
+        }
+    }
+
+    /// Leases held, as this replica counts them.
+    pub fn held(&self) -> i64 {
+        self.now.load(Relaxed)
     }
 }

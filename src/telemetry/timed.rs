@@ -87,6 +87,19 @@ impl<B: Backend> Backend for Timed<B> {
         result
     }
 
+    async fn lease(
+        &self,
+        req: sluicegate_core::backend::LeaseRequest<'_>,
+    ) -> Result<sluicegate_core::InFlight, BackendError> {
+        let started = Instant::now();
+        let result = self.inner.lease(req).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.count_error(e);
+        }
+        result
+    }
+
     async fn ping(&self) -> Result<(), BackendError> {
         self.inner.ping().await
     }

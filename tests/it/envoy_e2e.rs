@@ -45,6 +45,7 @@ fn shipped_envoy_configs_validate() {
     for config in [
         "deploy/envoy/envoy.yaml",
         "deploy/envoy/envoy-metered.yaml",
+        "deploy/envoy/envoy-in-flight.yaml",
         mtls.to_str().unwrap(),
     ] {
         let out = std::process::Command::new(crate::support::envoy_bin())

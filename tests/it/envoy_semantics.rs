@@ -85,6 +85,15 @@ impl Backend for Flaky {
     ) -> Result<sluicegate_core::backend::Settled, BackendError> {
         self.0.settle(req).await
     }
+    async fn lease(
+        &self,
+        req: sluicegate_core::backend::LeaseRequest<'_>,
+    ) -> Result<sluicegate_core::InFlight, BackendError> {
+        if req.key.contains("fail") {
+            return Err(broken());
+        }
+        self.0.lease(req).await
+    }
     async fn ping(&self) -> Result<(), BackendError> {
         Ok(())
     }
@@ -286,6 +295,12 @@ impl Backend for SlowRefunds {
         req: sluicegate_core::backend::SettleRequest<'_>,
     ) -> Result<sluicegate_core::backend::Settled, BackendError> {
         self.0.settle(req).await
+    }
+    async fn lease(
+        &self,
+        req: sluicegate_core::backend::LeaseRequest<'_>,
+    ) -> Result<sluicegate_core::InFlight, BackendError> {
+        self.0.lease(req).await
     }
     async fn ping(&self) -> Result<(), BackendError> {
         Ok(())

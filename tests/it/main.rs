@@ -16,6 +16,8 @@ mod envoy_e2e;
 mod envoy_semantics;
 mod envoy_wire;
 mod grpc_tls;
+mod in_flight;
+mod in_flight_e2e;
 mod kubernetes;
 mod lua_script;
 mod observability;

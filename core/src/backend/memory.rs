@@ -28,8 +28,10 @@ use indexmap::IndexMap;
 use parking_lot::{Mutex, MutexGuard};
 use rand::Rng;
 
-use super::{Backend, BackendError, BucketRequest, SettleRequest, Settled, settle_op};
-use crate::{Ask, BucketState, Decision, apply, apply_group, ttl_ms};
+use super::{
+    Backend, BackendError, BucketRequest, LeaseRequest, SettleRequest, Settled, settle_op,
+};
+use crate::{Ask, BucketState, Decision, InFlight, LeaseOp, Leases, apply, apply_group, ttl_ms};
 
 /// How many buckets to look at when one must be dropped.
 const EVICTION_SAMPLES: usize = 5;
@@ -160,6 +162,8 @@ pub struct MemoryBackend<C: Clock = MonotonicClock> {
     /// Reservations by id; at most `max_reservations`.
     reservations: Mutex<std::collections::HashMap<Box<str>, Reservation>>,
     max_reservations: usize,
+    /// In-flight leases by key; at most `max_reservations` keys (MEMORY_MAX_BUCKETS).
+    leases: Mutex<std::collections::HashMap<Box<str>, Leases>>,
     hashers: [std::collections::hash_map::RandomState; 2],
     clock: C,
     partial_evictions: AtomicU64,
@@ -187,6 +191,7 @@ impl<C: Clock> MemoryBackend<C> {
             per_shard: max_buckets / shards,
             reservations: Mutex::new(std::collections::HashMap::new()),
             max_reservations: max_buckets,
+            leases: Mutex::new(std::collections::HashMap::new()),
             hashers: Default::default(),
             clock,
             partial_evictions: AtomicU64::new(0),
@@ -441,7 +446,45 @@ impl<C: Clock> MemoryBackend<C> {
             dropped += before - map.len();
         }
         self.reservations.lock().retain(|_, r| r.expires_at > now);
+        self.leases.lock().retain(|_, l| l.expires_at() > now);
         dropped
+    }
+
+    /// One lease operation, under the lease map's lock (held for the arithmetic only). A new key
+    /// when MEMORY_MAX_BUCKETS keys hold live leases is refused: a flood of keys cannot grow
+    /// memory, and refusing a slot is the safe side of an in-flight limit.
+    pub fn lease_now(&self, req: LeaseRequest<'_>) -> InFlight {
+        let now = self.clock.now_ms();
+        let mut all = self.leases.lock();
+        if let Some(leases) = all.get_mut(req.key) {
+            let answer = leases.apply(now, req.id, req.op);
+            if leases.is_empty() {
+                all.remove(req.key);
+            }
+            return answer;
+        }
+        let nothing = InFlight {
+            done: false,
+            in_flight: 0,
+            retry_after_ms: 0,
+            expired: 0,
+        };
+        if !matches!(req.op, LeaseOp::Acquire { .. }) {
+            return nothing;
+        }
+        if all.len() >= self.max_reservations {
+            all.retain(|_, l| l.expires_at() > now);
+            if all.len() >= self.max_reservations {
+                return InFlight {
+                    retry_after_ms: 1000,
+                    ..nothing
+                };
+            }
+        }
+        let mut leases = Leases::default();
+        let answer = leases.apply(now, req.id, req.op);
+        all.insert(req.key.into(), leases);
+        answer
     }
 }
 
@@ -492,6 +535,10 @@ impl<C: Clock> Backend for MemoryBackend<C> {
 
     async fn settle(&self, req: SettleRequest<'_>) -> Result<Settled, BackendError> {
         Ok(self.settle_now(req))
+    }
+
+    async fn lease(&self, req: LeaseRequest<'_>) -> Result<InFlight, BackendError> {
+        Ok(self.lease_now(req))
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
@@ -589,5 +636,33 @@ mod tests {
         assert_eq!(d[0].tokens_remaining, 10.0, "not charged");
         let d = backend.decide_now(req("g0", Op::Check(10)));
         assert!(d.allowed);
+    }
+
+    #[test]
+    fn lease_keys_are_capped_and_expired_ones_make_room() {
+        let clock = ManualClock::default();
+        let backend = MemoryBackend::with_clock(4, clock.clone());
+        let acquire = LeaseOp::Acquire {
+            max: 1,
+            ttl_ms: 100,
+        };
+        let lease = |key: &'static str| LeaseRequest {
+            key,
+            id: "id",
+            op: acquire,
+        };
+        for key in ["a", "b", "c", "d"] {
+            assert!(backend.lease_now(lease(key)).done);
+        }
+        assert!(!backend.lease_now(lease("e")).done, "a fifth key is refused");
+        clock.set_ms(100.0);
+        assert!(backend.lease_now(lease("e")).done, "expired keys make room");
+        // A released key is forgotten at once.
+        let release = LeaseRequest {
+            op: LeaseOp::Release,
+            ..lease("e")
+        };
+        assert!(backend.lease_now(release).done);
+        assert!(!backend.leases.lock().contains_key("e"));
     }
 }

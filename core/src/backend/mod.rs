@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use crate::{Ask, Decision, Op, Shape};
+use crate::{Ask, Decision, InFlight, LeaseOp, Op, Shape};
 
 pub mod memory;
 pub mod redis;
@@ -42,6 +42,16 @@ pub struct SettleRequest<'a> {
     pub shape: Shape,
     pub id: &'a str,
     pub actual: u64,
+}
+
+/// An operation on the in-flight leases of one key (the README's "In-flight limits").
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseRequest<'a> {
+    /// The full key, prefix included; leases live apart from token buckets.
+    pub key: &'a str,
+    /// The lease: chosen by sluicegate (random) for Acquire, or Envoy's `x-request-id`.
+    pub id: &'a str,
+    pub op: LeaseOp,
 }
 
 /// The answer to a Settle of a reservation.
@@ -147,6 +157,13 @@ pub trait Backend: Send + Sync + 'static {
         req: SettleRequest<'_>,
     ) -> impl Future<Output = Result<Settled, BackendError>> + Send;
 
+    /// Acquires, releases or renews one lease of a key's in-flight limit, atomically with
+    /// dropping the key's expired leases.
+    fn lease(
+        &self,
+        req: LeaseRequest<'_>,
+    ) -> impl Future<Output = Result<InFlight, BackendError>> + Send;
+
     /// Whether the backend is reachable now (for health and readiness).
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
@@ -177,6 +194,13 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
         req: SettleRequest<'_>,
     ) -> impl Future<Output = Result<Settled, BackendError>> + Send {
         (**self).settle(req)
+    }
+
+    fn lease(
+        &self,
+        req: LeaseRequest<'_>,
+    ) -> impl Future<Output = Result<InFlight, BackendError>> + Send {
+        (**self).lease(req)
     }
 
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send {

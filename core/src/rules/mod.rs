@@ -18,6 +18,12 @@ pub use watch::{ReloadObserver, RulesHandle, spawn_watcher};
 
 use crate::Shape;
 
+/// The last entry of a descriptor that acquires a lease of a `concurrency` rule; its value is the
+/// lease's id (Envoy's `x-request-id`).
+pub const ACQUIRE_ENTRY: &str = "acquire";
+/// The last entry of the stream-done descriptor that releases it (same id).
+pub const RELEASE_ENTRY: &str = "release";
+
 /// A time unit of envoyproxy/ratelimit's format (case-insensitive in YAML).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
@@ -84,6 +90,9 @@ pub enum Limit {
         unit: Unit,
         unit_multiplier: u32,
     },
+    /// `concurrency: { max, lease }` (sluicegate's addition): at most `max` requests in flight,
+    /// each lease freed by its release or after `lease_ms`.
+    InFlight { max: u32, lease_ms: u32 },
 }
 
 impl Limit {
@@ -165,6 +174,11 @@ impl fmt::Display for Rule {
         }
         match self.limit {
             Limit::Unlimited => write!(f, "unlimited")?,
+            Limit::InFlight { max, lease_ms } => write!(
+                f,
+                "at most {max} in flight  lease: {}",
+                crate::rules::parse::show_ms(lease_ms)
+            )?,
             Limit::Blocked { unit } => write!(f, "0/{} (always over limit)", unit.as_str())?,
             Limit::Bucket {
                 shape,

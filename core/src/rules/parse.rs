@@ -37,6 +37,8 @@ struct DescriptorYaml {
     #[serde(default)]
     rate_limit: Option<RateLimitYaml>,
     #[serde(default)]
+    concurrency: Option<ConcurrencyYaml>,
+    #[serde(default)]
     descriptors: Vec<DescriptorYaml>,
     #[serde(default)]
     shadow_mode: bool,
@@ -79,6 +81,51 @@ struct RateLimitYaml {
     /// sluicegate: the window is this many units (`unit: minute, unit_multiplier: 5`).
     #[serde(default)]
     unit_multiplier: Option<Spanned<f64>>,
+}
+
+/// `concurrency: { max: N, lease: 60s }`: an in-flight limit.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConcurrencyYaml {
+    max: Spanned<f64>,
+    #[serde(default)]
+    lease: Option<Spanned<String>>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// A lease lasts this long when the rule does not say.
+const DEFAULT_LEASE_MS: u32 = 60_000;
+
+/// `250ms`, `60s`, `5m`, `1h` as milliseconds: from 1 ms to a day ([`crate::MAX_LEASE_MS`]).
+fn lease_ms(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let per = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => 0,
+    };
+    let ms = digits.parse::<u64>().ok().map(|n| n.saturating_mul(per));
+    match ms {
+        Some(ms) if per > 0 && (1..=u64::from(crate::MAX_LEASE_MS)).contains(&ms) => Ok(ms as u32),
+        _ => Err(format!(
+            "lease must be a whole number of ms, s, m or h (250ms, 60s, 5m) from 1ms to 24h, got '{text}'"
+        )),
+    }
+}
+
+/// A lease as the rules write it.
+pub(super) fn show_ms(ms: u32) -> String {
+    match ms {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
 }
 
 #[derive(Deserialize)]
@@ -296,9 +343,15 @@ impl Builder<'_> {
             } else {
                 format!("{path}.{step}")
             };
-            let rule = match &d.rate_limit {
-                Some(rl) => Some(self.rule(rl, d, &path, line)?),
-                None => None,
+            let rule = match (&d.rate_limit, &d.concurrency) {
+                (Some(_), Some(_)) => {
+                    return Err(at(
+                        "a descriptor has rate_limit or concurrency, not both (sibling descriptors may mix them)".into(),
+                    ));
+                }
+                (Some(rl), None) => Some(self.rule(rl, d, &path, line)?),
+                (None, Some(c)) => Some(self.in_flight(c, d, &path, line)?),
+                (None, None) => None,
             };
             let node = Node {
                 rule,
@@ -324,6 +377,42 @@ impl Builder<'_> {
             }
         }
         Ok(level)
+    }
+
+    /// A `concurrency` rule: an in-flight limit.
+    fn in_flight(
+        &mut self,
+        c: &ConcurrencyYaml,
+        d: &DescriptorYaml,
+        path: &str,
+        line: u64,
+    ) -> Result<Arc<Rule>, RulesError> {
+        let at_line = |l: u64, msg: String| RulesError(format!("{}:{l}: {msg}", self.file));
+        let max = whole("concurrency max", c.max.value, 1)
+            .map_err(|m| at_line(c.max.referenced.line(), m))?;
+        let lease_ms = match &c.lease {
+            Some(l) => lease_ms(&l.value).map_err(|m| at_line(l.referenced.line(), m))?,
+            None => DEFAULT_LEASE_MS,
+        };
+        if d.debt {
+            return Err(at_line(line, "debt needs a rate_limit bucket, not concurrency".into()));
+        }
+        let name = c.name.clone().filter(|n| !n.is_empty());
+        let label = name.clone().unwrap_or_else(|| path.to_string());
+        let rule = Arc::new(Rule {
+            id: self.first_id + self.rules.len(),
+            domain: self.domain.to_string(),
+            label,
+            name,
+            replaces: Vec::new(),
+            limit: Limit::InFlight { max, lease_ms },
+            shadow_mode: d.shadow_mode,
+            debt: false,
+            path: path.to_string(),
+            source: format!("{}:{line}", self.file),
+        });
+        self.rules.push(rule.clone());
+        Ok(rule)
     }
 
     fn rule(

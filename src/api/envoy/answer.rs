@@ -14,6 +14,7 @@ use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit,
 };
 
+use super::leases::Leases;
 use super::plan::{Plan, Planned};
 
 /// The statuses, and whether any enforced descriptor is over its limit.
@@ -55,7 +56,7 @@ impl fmt::Display for Entries<'_> {
 pub(super) fn answer(
     req: &RateLimitRequest,
     plan: &Plan,
-    results: &[Result<Decision, BackendError>],
+    (results, leases): (&[Result<Decision, BackendError>], &Leases),
     fallback: Option<bool>,
     seen: &Observers<'_>,
 ) -> Answer {
@@ -63,6 +64,7 @@ pub(super) fn answer(
         req,
         plan,
         results,
+        leases,
         fallback,
         seen,
     };
@@ -89,6 +91,7 @@ struct Answering<'a> {
     req: &'a RateLimitRequest,
     plan: &'a Plan,
     results: &'a [Result<Decision, BackendError>],
+    leases: &'a Leases,
     fallback: Option<bool>,
     seen: &'a Observers<'a>,
 }
@@ -136,6 +139,7 @@ impl Answering<'_> {
                 };
                 (verdict(!over, entry.shadow()), status, *over)
             }
+            Planned::Lease { limit, lease, .. } => self.leased(entry, descriptor, *lease, limit),
             Planned::Bucket { limit, bucket, .. } => {
                 match (&self.results[*bucket], self.fallback) {
                     (Ok(d), _) => self.decided(entry, descriptor, *bucket, d, limit),
@@ -199,6 +203,50 @@ impl Answering<'_> {
             code: 0,
         };
         (verdict(d.allowed, entry.shadow()), status, !d.allowed)
+    }
+
+    /// A descriptor of a `concurrency` rule. An acquire is allowed when its lease is held (or by
+    /// FAILURE_MODE when the backend failed); a release is always OK (Envoy ignores the answer of
+    /// its stream-done call).
+    fn leased(
+        &self,
+        entry: &Planned,
+        descriptor: &RateLimitDescriptor,
+        lease: usize,
+        limit: &RateLimit,
+    ) -> (Code, DescriptorStatus, bool) {
+        let planned = &self.plan.leases[lease];
+        let status = DescriptorStatus {
+            current_limit: Some(limit.clone()),
+            ..Default::default()
+        };
+        if !planned.acquires() {
+            return (Code::Ok, status, false);
+        }
+        let a = match &self.leases[lease] {
+            Ok(a) => a,
+            Err(_) => {
+                let allowed = self.fallback.unwrap_or(false);
+                return (verdict(allowed, entry.shadow()), status, false);
+            }
+        };
+        if let Some(m) = self.rule_metrics(entry) {
+            m.record(a.done, entry.shadow(), 1, None, false);
+        }
+        let d = Decision {
+            allowed: a.done,
+            tokens_remaining: f64::from(limit.requests_per_unit.saturating_sub(a.in_flight)),
+            retry_after_ms: a.retry_after_ms,
+            reset_after_ms: 0,
+            without_backend: false,
+        };
+        self.report(entry, descriptor, 1, &d);
+        let status = DescriptorStatus {
+            limit_remaining: if a.done { d.tokens_remaining as u32 } else { 0 },
+            duration_until_reset: (!a.done).then(|| duration_ms(whole_seconds(a.retry_after_ms))),
+            ..status
+        };
+        (verdict(a.done, entry.shadow()), status, !a.done)
     }
 
     fn rule_metrics(&self, entry: &Planned) -> Option<&RuleMetrics> {

@@ -1,13 +1,15 @@
 //! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`: Envoy's external rate limiting,
 //! answered per the rules with token buckets.
 //!
-//! A request goes through four steps:
+//! A request goes through these steps:
 //! - `plan.rs`: the rule each descriptor matches, the bucket operations, and what is answered
 //!   without evaluation (past the bounds: OVER_LIMIT; no entries, a refused refund: OK);
 //! - here: the decision, one backend group (all or nothing unless CHARGE_ON_DENY), and what a
 //!   backend failure makes of it (`api::pipeline`: FAILURE_MODE, the compensation);
 //! - `answer.rs`: one status per descriptor, in order; each decision counted, logged, and fed to
 //!   the top-keys sketch;
+//! - `leases.rs`: the leases of `concurrency` rules, acquired before the buckets are decided and
+//!   given back when the request is refused;
 //! - `annotate.rs`: the optional `RateLimit-*` headers and the dynamic metadata naming the rules
 //!   that fired.
 //!
@@ -26,6 +28,7 @@
 
 mod annotate;
 mod answer;
+mod leases;
 mod plan;
 
 use std::{sync::Arc, time::Instant};
@@ -130,8 +133,13 @@ impl<B: Backend> EnvoyApi<B> {
     ) -> Result<RateLimitResponse, ApiError> {
         let started = Instant::now();
         let rules = self.rules.current();
-        let plan = self.plan(req, rules.as_deref())?;
+        let mut plan = self.plan(req, rules.as_deref())?;
         let all_or_nothing = !self.settings.charge_on_deny;
+        // Leases first: a refused one refuses the request, whose buckets are then only asked.
+        let leases = leases::run(&*self.backend, &plan).await;
+        if all_or_nothing && leases::refused(&plan, &leases) {
+            only_ask(&mut plan);
+        }
         let reqs: Vec<BucketRequest<'_>> = plan.buckets.iter().map(|b| b.request()).collect();
         let results = if reqs.is_empty() {
             Vec::new()
@@ -139,13 +147,20 @@ impl<B: Backend> EnvoyApi<B> {
             self.backend.decide_group(&reqs, all_or_nothing).await
         };
 
-        let failed = results.iter().find_map(|r| r.as_ref().err());
+        let rule_metrics = rules.as_ref().map(|set| self.activity.rule_metrics(set));
+        let rule_metrics = rule_metrics.as_deref().map_or(&[][..], |m| &m.metrics);
+        leases::observe(&plan, &leases, rule_metrics);
+        let failed = results
+            .iter()
+            .find_map(|r| r.as_ref().err())
+            .or_else(|| leases::failure(&plan, &leases));
         let fallback = match failed.map(|e| (e, self.fallback.verdict(e))) {
             None => None,
             Some((_, Some(allowed))) => Some(allowed),
             Some((e, None)) => {
                 self.metrics.record(None, started);
-                // No answer: nothing of the group may stay charged.
+                // No answer: nothing of the group may stay charged (a lease is released by the
+                // request's stream-done call).
                 if all_or_nothing {
                     compensate(&self.backend, &reqs, &results).await;
                 }
@@ -153,13 +168,12 @@ impl<B: Backend> EnvoyApi<B> {
             }
         };
 
-        let rule_metrics = rules.as_ref().map(|set| self.activity.rule_metrics(set));
         let observers = answer::Observers {
-            rules: rule_metrics.as_deref().map_or(&[], |m| &m.metrics),
+            rules: rule_metrics,
             decisions: &self.metrics,
             activity: &self.activity,
         };
-        let answer = answer::answer(req, &plan, &results, fallback, &observers);
+        let answer = answer::answer(req, &plan, (&results, &leases), fallback, &observers);
         if all_or_nothing && answer.over && failed.is_some() {
             compensate(&self.backend, &reqs, &results).await;
         }
@@ -182,11 +196,7 @@ impl<B: Backend> EnvoyApi<B> {
             });
         }
         if !self.settings.charge_on_deny && plan.over_without_backend {
-            for b in &mut plan.buckets {
-                if let Op::Take(hits) = b.ask.op {
-                    b.ask.op = Op::Check(hits);
-                }
-            }
+            only_ask(&mut plan);
         }
         Ok(plan)
     }
@@ -223,6 +233,15 @@ impl<B: Backend> EnvoyApi<B> {
     }
 }
 
+/// A request already over its limit only asks its buckets, charging none but debt rules.
+fn only_ask(plan: &mut plan::Plan) {
+    for b in &mut plan.buckets {
+        if let Op::Take(hits) = b.ask.op {
+            b.ask.op = Op::Check(hits);
+        }
+    }
+}
+
 /// What a refusal's log line says: the bound and the request's size, never a value.
 fn refusal_detail(
     refusal: plan::Refusal,
@@ -251,6 +270,9 @@ fn refusal_detail(
         ),
         Refusal::Refund => format!(
             "domain {domain}: descriptor {i}: is_negative_hits refused (ALLOW_REFUNDS=false): answered OK, nothing given back"
+        ),
+        Refusal::LeaseId => format!(
+            "domain {domain}: descriptor {i} matches a concurrency rule without a usable `acquire` or `release` entry (missing: answered OK, no lease; an empty, over-long or non-UTF-8 id on acquire: OVER_LIMIT)"
         ),
     }
 }

@@ -6,8 +6,10 @@ use std::{fmt::Write as _, sync::Arc};
 use super::EnvoySettings;
 use crate::api::ApiError;
 use sluicegate_core::backend::BucketRequest;
-use sluicegate_core::rules::{Limit, Rule, RuleSet, Unit, descriptor_key};
-use sluicegate_core::{Ask, Op, Shape};
+use sluicegate_core::rules::{
+    ACQUIRE_ENTRY, Limit, RELEASE_ENTRY, Rule, RuleSet, Unit, descriptor_key,
+};
+use sluicegate_core::{Ask, LeaseOp, MAX_LEASE_ID_BYTES, Op, Shape};
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 use sluicegate_proto::envoy::service::ratelimit::v3::{
@@ -40,12 +42,20 @@ pub(super) enum Planned {
         limit: RateLimit,
         bucket: usize,
     },
+    /// A lease of a `concurrency` rule, acquired or released: `lease` is its place in
+    /// [`Plan::leases`].
+    Lease {
+        rule: Arc<Rule>,
+        limit: RateLimit,
+        lease: usize,
+    },
 }
 
 impl Planned {
     pub fn rule(&self) -> Option<&Arc<Rule>> {
         match self {
             Planned::Blocked { rule, .. } | Planned::Bucket { rule, .. } => rule.as_ref(),
+            Planned::Lease { rule, .. } => Some(rule),
             Planned::Free | Planned::Refused | Planned::Unlimited => None,
         }
     }
@@ -74,10 +84,30 @@ impl PlannedBucket {
     }
 }
 
+/// One lease operation of the request.
+pub(super) struct PlannedLease {
+    /// The rule's key (the descriptor without its `acquire`/`release` entry), `|in_flight` after.
+    pub key: String,
+    /// The `acquire`/`release` entry's value: the request's id.
+    pub id: String,
+    pub op: LeaseOp,
+    /// A shadow rule's refusal refuses nothing.
+    pub veto: bool,
+    /// The rule's id (its metrics).
+    pub rule: usize,
+}
+
+impl PlannedLease {
+    pub fn acquires(&self) -> bool {
+        matches!(self.op, LeaseOp::Acquire { .. })
+    }
+}
+
 pub(super) struct Plan {
     /// One per descriptor, in order.
     pub entries: Vec<Planned>,
     pub buckets: Vec<PlannedBucket>,
+    pub leases: Vec<PlannedLease>,
     /// Over the limit whatever the buckets answer (an enforced `requests_per_unit: 0` rule, or a
     /// request past the bounds).
     pub over_without_backend: bool,
@@ -101,6 +131,10 @@ pub enum Refusal {
     Override,
     /// `is_negative_hits` with ALLOW_REFUNDS=false: OK, nothing given back.
     Refund,
+    /// A `concurrency` rule's descriptor without its `acquire`/`release` entry (the Envoy config
+    /// does not name the request): OK, no lease; or an acquire whose id is empty, longer than 128
+    /// bytes or not UTF-8: OVER_LIMIT.
+    LeaseId,
 }
 
 impl Refusal {
@@ -111,15 +145,17 @@ impl Refusal {
             Refusal::EmptyDescriptor => "empty_descriptor",
             Refusal::Override => "override",
             Refusal::Refund => "refund",
+            Refusal::LeaseId => "lease_id",
         }
     }
 
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 6] = [
         Refusal::Descriptors,
         Refusal::Entries,
         Refusal::EmptyDescriptor,
         Refusal::Override,
         Refusal::Refund,
+        Refusal::LeaseId,
     ];
 }
 
@@ -140,6 +176,7 @@ pub(super) fn plan(
     let mut plan = Plan {
         entries: Vec::with_capacity(req.descriptors.len()),
         buckets: Vec::new(),
+        leases: Vec::new(),
         over_without_backend: false,
         refusals: Vec::new(),
     };
@@ -170,15 +207,35 @@ struct Matched {
     replaced: Vec<bool>,
 }
 
+/// The rule of a descriptor ending in an `acquire` or `release` entry whose other entries match a
+/// `concurrency` rule: the rule and its key. Any other descriptor matches as usual.
+fn lease_rule(
+    d: &RateLimitDescriptor,
+    rules: &RuleSet,
+    domain: &str,
+    settings: &EnvoySettings,
+) -> Option<(Arc<Rule>, String)> {
+    let (last, head) = d.entries.split_last()?;
+    if head.is_empty() || (last.key != ACQUIRE_ENTRY.as_bytes() && last.key != RELEASE_ENTRY.as_bytes()) {
+        return None;
+    }
+    let entries = head.iter().map(|e| (&e.key, &e.value));
+    let m = rules.lookup(&settings.key_prefix, domain, entries)?;
+    matches!(m.rule.limit, Limit::InFlight { .. }).then_some((m.rule, m.key))
+}
+
 fn match_all(req: &RateLimitRequest, rules: Option<&RuleSet>, settings: &EnvoySettings) -> Matched {
     let rules: Vec<Option<(Arc<Rule>, String)>> = req
         .descriptors
         .iter()
         .map(|d| {
-            let entries = d.entries.iter().map(|e| (&e.key, &e.value));
-            rules?
-                .lookup(&settings.key_prefix, &req.domain, entries)
-                .map(|m| (m.rule, m.key))
+            let rules = rules?;
+            lease_rule(d, rules, &req.domain, settings).or_else(|| {
+                let entries = d.entries.iter().map(|e| (&e.key, &e.value));
+                rules
+                    .lookup(&settings.key_prefix, &req.domain, entries)
+                    .map(|m| (m.rule, m.key))
+            })
         })
         .collect();
     let replaced = rules
@@ -225,7 +282,74 @@ impl Plan {
         match rule {
             None => Planned::Free,
             Some(_) if replaced => Planned::Free,
-            Some((rule, key)) => self.ruled(rule, key, op, settings),
+            Some((rule, key)) => match rule.limit {
+                Limit::InFlight { max, lease_ms } => {
+                    self.lease(i, d, rule, key, max, lease_ms, settings)
+                }
+                _ => self.ruled(rule, key, op, settings),
+            },
+        }
+    }
+
+    /// A descriptor of a `concurrency` rule: its last entry acquires or releases the lease its
+    /// value names. Without that entry the request has no lease to hold: OK, counted.
+    #[allow(clippy::too_many_arguments)]
+    fn lease(
+        &mut self,
+        i: usize,
+        d: &RateLimitDescriptor,
+        rule: Arc<Rule>,
+        key: String,
+        max: u32,
+        ttl_ms: u32,
+        settings: &EnvoySettings,
+    ) -> Planned {
+        let marker = d
+            .entries
+            .last()
+            .filter(|e| e.key == ACQUIRE_ENTRY.as_bytes() || e.key == RELEASE_ENTRY.as_bytes());
+        let Some(marker) = marker else {
+            self.refusals.push((Refusal::LeaseId, i));
+            return Planned::Free;
+        };
+        let acquire = marker.key == ACQUIRE_ENTRY.as_bytes();
+        let id = std::str::from_utf8(&marker.value)
+            .ok()
+            .filter(|id| !id.is_empty() && id.len() <= MAX_LEASE_ID_BYTES);
+        let Some(id) = id else {
+            self.refusals.push((Refusal::LeaseId, i));
+            // Fail closed: an acquire without a usable id is no slot; a release of it frees none.
+            let limit = in_flight_limit(&rule, max);
+            return if acquire {
+                self.over_without_backend |= !rule.shadow_mode;
+                Planned::Blocked {
+                    rule: Some(rule),
+                    limit,
+                    unit: Unit::Second,
+                    over: true,
+                    hits: 1,
+                }
+            } else {
+                Planned::Free
+            };
+        };
+        let mut key = bounded_key(key, &settings.key_prefix, settings.max_key_bytes);
+        key.push_str("|in_flight");
+        self.leases.push(PlannedLease {
+            key,
+            id: id.to_string(),
+            op: if acquire {
+                LeaseOp::Acquire { max, ttl_ms }
+            } else {
+                LeaseOp::Release
+            },
+            veto: !rule.shadow_mode,
+            rule: rule.id,
+        });
+        Planned::Lease {
+            limit: in_flight_limit(&rule, max),
+            rule,
+            lease: self.leases.len() - 1,
         }
     }
 
@@ -260,6 +384,8 @@ impl Plan {
     /// A descriptor its rule decides.
     fn ruled(&mut self, rule: Arc<Rule>, key: String, op: Op, settings: &EnvoySettings) -> Planned {
         match rule.limit {
+            // Planned by `lease`.
+            Limit::InFlight { .. } => Planned::Free,
             Limit::Unlimited => Planned::Unlimited,
             Limit::Blocked { unit } => {
                 let limit = current_limit(&rule, 0, unit);
@@ -371,6 +497,15 @@ fn operation(d: &RateLimitDescriptor, request_hits: u32, settings: &EnvoySetting
         return Some(Op::Take(hits));
     }
     settings.allow_refunds.then_some(Op::Refund(hits))
+}
+
+/// What `current_limit` says of an in-flight limit: its maximum, with no unit (it is no rate).
+fn in_flight_limit(rule: &Rule, max: u32) -> RateLimit {
+    RateLimit {
+        name: rule.name.clone().unwrap_or_default(),
+        requests_per_unit: max,
+        unit: rate_limit::Unit::Unknown as i32,
+    }
 }
 
 fn current_limit(rule: &Rule, requests_per_unit: u32, unit: Unit) -> RateLimit {

@@ -28,7 +28,7 @@ use std::{sync::Arc, time::Duration};
 use futures::future::join_all;
 
 pub use connect::RedisTls;
-pub use script::TOKEN_BUCKET_LUA;
+pub use script::{IN_FLIGHT_LUA, TOKEN_BUCKET_LUA};
 pub use topology::Topology;
 
 use deny_cache::DenyCache;
@@ -37,8 +37,10 @@ use script::Op1;
 use script::Placement;
 use topology::Nodes;
 
-use super::{Backend, BackendError, BucketRequest, ErrorKind, SettleRequest, Settled};
-use crate::{Ask, Decision, Op};
+use super::{
+    Backend, BackendError, BucketRequest, ErrorKind, LeaseRequest, SettleRequest, Settled,
+};
+use crate::{Ask, Decision, InFlight, Op};
 
 const NAME: &str = "redis";
 
@@ -457,6 +459,36 @@ impl Backend for RedisBackend {
             tokens_remaining: d.tokens_remaining,
             reset_after_ms: d.reset_after_ms,
         })
+    }
+
+    async fn lease(&self, req: LeaseRequest<'_>) -> Result<InFlight, BackendError> {
+        let Some(mut node) = self.nodes.node_for(req.key.as_bytes()) else {
+            self.nodes.suspect();
+            return Err(unknown_node());
+        };
+        let mut result = node.in_flight(req.key, req.id, req.op, false).await;
+        // The key's slot moved or is moving (a failover, a resharding): follow it, as decisions do.
+        for _ in 0..MAX_REDIRECTS {
+            let Err(e) = &result else { break };
+            if e.kind != ErrorKind::Moved {
+                if matches!(e.kind, ErrorKind::Connection | ErrorKind::Timeout) {
+                    self.nodes.suspect();
+                }
+                break;
+            }
+            self.nodes.suspect();
+            let (next, asking) = match node.locate(req.key).await {
+                Ok(None) => (node.clone(), false),
+                Ok(Some((addr, ask))) => match self.nodes.node_at(&addr) {
+                    Some(n) => (n, ask),
+                    None => break,
+                },
+                Err(_) => break,
+            };
+            node = next;
+            result = node.in_flight(req.key, req.id, req.op, asking).await;
+        }
+        result
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

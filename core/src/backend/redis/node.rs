@@ -225,6 +225,48 @@ impl Node {
         }
     }
 
+    /// One lease operation (`lua/in_flight.lua`), outside the lane: one key per call, a call per
+    /// request start and end, so there is nothing to batch it with. Bounded by REDIS_TIMEOUT_MS
+    /// and judged by the breaker like the lane's calls.
+    pub async fn in_flight(
+        &self,
+        key: &str,
+        id: &str,
+        op: crate::LeaseOp,
+        asking: bool,
+    ) -> Result<crate::InFlight, BackendError> {
+        let permit = self.breaker.permit();
+        if permit == Permit::Reject {
+            return Err(BackendError {
+                backend: "redis",
+                kind: ErrorKind::CircuitOpen,
+                message: format!("{} failing: circuit open", self.addr),
+            });
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        if self.conns.managers.load().is_none()
+            && tokio::time::timeout_at(deadline, self.conns.ready())
+                .await
+                .is_err()
+        {
+            note(&self.breaker, &self.addr, permit == Permit::Probe, false);
+            return Err(not_connected(&self.addr));
+        }
+        let Some(mut conn) = self.conns.pick() else {
+            return Err(not_connected(&self.addr));
+        };
+        let cmd = script::in_flight(key, id, op);
+        let called = call(&mut conn, &cmd, asking, script::IN_FLIGHT_LUA);
+        let result = match tokio::time::timeout_at(deadline, called).await {
+            Ok(Ok(value)) => script::decode_in_flight(value),
+            Ok(Err(e)) => Err(map_error(e)),
+            Err(_) => Err(timeout_error(self.timeout)),
+        };
+        let node_fault = result.as_ref().is_err_and(is_node_fault);
+        note(&self.breaker, &self.addr, permit == Permit::Probe, !node_fault);
+        result
+    }
+
     /// PING, within REDIS_TIMEOUT_MS.
     pub async fn ping(&self) -> Result<(), BackendError> {
         let Some(mut conn) = self.conns.pick() else {
@@ -270,10 +312,10 @@ fn note(breaker: &Breaker, addr: &str, probe: bool, ok: bool) {
     }
 }
 
-async fn load_script(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+async fn load_script(conn: &mut ConnectionManager, text: &str) -> redis::RedisResult<()> {
     redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(script::TOKEN_BUCKET_LUA)
+        .arg(text)
         .query_async::<String>(conn)
         .await
         .map(drop)
@@ -472,7 +514,8 @@ async fn run_batch(conns: &Conns, lanes: &NodeContext, judge: &Judge, mut batch:
                 lanes.placement,
             );
             let asking = batch.iter().any(|j| j.asking);
-            let sent = tokio::time::timeout(lanes.timeout, call(&mut conn, &cmd, asking)).await;
+            let called = call(&mut conn, &cmd, asking, script::TOKEN_BUCKET_LUA);
+            let sent = tokio::time::timeout(lanes.timeout, called).await;
             match sent {
                 Ok(Ok(value)) => script::decode(value, total),
                 Ok(Err(e)) => Err(map_error(e)),
@@ -502,6 +545,7 @@ async fn call(
     conn: &mut ConnectionManager,
     cmd: &redis::Cmd,
     asking: bool,
+    script: &str,
 ) -> redis::RedisResult<Value> {
     if asking {
         let send = |conn: &mut ConnectionManager| {
@@ -513,7 +557,7 @@ async fn call(
         let first = send(conn).await.and_then(Value::extract_error);
         return match first {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                load_script(conn).await?;
+                load_script(conn, script).await?;
                 send(conn).await.and_then(Value::extract_error)
             }
             other => other,
@@ -526,7 +570,7 @@ async fn call(
         .and_then(Value::extract_error);
     match first {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            load_script(conn).await?;
+            load_script(conn, script).await?;
             conn.req_packed_command(cmd)
                 .await
                 .and_then(Value::extract_error)

@@ -11,6 +11,63 @@ use crate::{Ask, Decision, Op};
 /// The token-bucket script; its header states its KEYS/ARGV/return contract.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../../lua/token_bucket.lua");
 
+/// The in-flight script; its header states its contract.
+pub const IN_FLIGHT_LUA: &str = include_str!("../../../../lua/in_flight.lua");
+
+/// The in-flight script's SHA1, computed once.
+pub fn in_flight_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| redis::Script::new(IN_FLIGHT_LUA).get_hash().to_string())
+}
+
+/// The EVALSHA of one lease operation (one key: declared KEYS on every topology).
+pub fn in_flight(key: &str, id: &str, op: crate::LeaseOp) -> Cmd {
+    use crate::LeaseOp;
+    let (code, max, ttl) = match op {
+        LeaseOp::Acquire { max, ttl_ms } => (1, max, ttl_ms),
+        LeaseOp::Release => (2, 0, 0),
+        LeaseOp::Renew { ttl_ms } => (3, 0, ttl_ms),
+    };
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(in_flight_sha())
+        .arg(1)
+        .arg(key)
+        .arg(code)
+        .arg(id)
+        .arg(max)
+        .arg(ttl);
+    cmd
+}
+
+/// The in-flight script's reply: `{done, in_flight, retry_after_ms, expired}`.
+pub fn decode_in_flight(value: Value) -> Result<crate::InFlight, BackendError> {
+    let bad = || BackendError {
+        backend: "redis",
+        kind: ErrorKind::Script,
+        message: "the in-flight script answered in an unexpected shape".into(),
+    };
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    let ints: Vec<i64> = items
+        .into_iter()
+        .map(|v| match v {
+            Value::Int(i) => Ok(i),
+            _ => Err(bad()),
+        })
+        .collect::<Result<_, _>>()?;
+    let [done, in_flight, retry, expired] = ints[..] else {
+        return Err(bad());
+    };
+    let count = |v: i64| u32::try_from(v).map_err(|_| bad());
+    Ok(crate::InFlight {
+        done: done == 1,
+        in_flight: count(in_flight)?,
+        retry_after_ms: u64::try_from(retry).map_err(|_| bad())?,
+        expired: count(expired)?,
+    })
+}
+
 /// Where the keys go: declared KEYS (one server), or ARGV (a cluster node, whose keys span
 /// several slots, which Redis refuses as declared KEYS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
