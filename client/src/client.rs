@@ -374,7 +374,7 @@ impl Client {
 
     /// Runs one call within the deadline (sent to sluicegate, and enforced here too, connecting
     /// included).
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    pub(crate) async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
     where
         F: FnOnce(RateLimitServiceClient<Channel>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,

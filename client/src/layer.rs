@@ -328,13 +328,13 @@ fn near_limit<K>(config: &RateLimitLayer<K>, decision: &Decision) -> Option<Head
 }
 
 /// The header every answer given without sluicegate's word carries.
-const DEGRADED: &str = "x-ratelimit-degraded";
+pub(crate) const DEGRADED: &str = "x-ratelimit-degraded";
 
 /// Counts and logs the answers a failure mode gave: `sluicegate_client_degraded_total{answer}`
 /// through the `metrics` facade (whatever recorder the application installed), and a warning at
 /// most every [`DegradedLog::EVERY`] with how many came since, so an outage cannot flood the log.
 #[derive(Default)]
-struct DegradedLog {
+pub(crate) struct DegradedLog {
     /// Milliseconds since `start` of the last warning, plus one (0: never warned).
     last: AtomicU64,
     since: AtomicU64,
@@ -344,7 +344,7 @@ struct DegradedLog {
 impl DegradedLog {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn record(&self, allowed: bool, error: Option<&Error>) {
+    pub(crate) fn record(&self, allowed: bool, error: Option<&Error>) {
         let answer = if allowed { "allowed" } else { "denied" };
         metrics::counter!("sluicegate_client_degraded_total", "answer" => answer).increment(1);
         let since = self.since.fetch_add(1, Relaxed) + 1;
@@ -373,7 +373,7 @@ impl DegradedLog {
     }
 }
 
-fn whole_seconds(d: Duration) -> u64 {
+pub(crate) fn whole_seconds(d: Duration) -> u64 {
     d.as_millis().div_ceil(1000) as u64
 }
 
@@ -394,7 +394,7 @@ fn headers(h: &mut HeaderMap, d: &Decision, denied: bool) {
 
 /// `503` for a request the failure mode denies: with `Retry-After` (a retry time, not "at
 /// once") and the degraded header.
-fn unavailable<B: From<String>>() -> http::Response<B> {
+pub(crate) fn unavailable<B: From<String>>() -> http::Response<B> {
     let retry = whole_seconds(crate::FALLBACK_RETRY_AFTER).max(1);
     let mut response = json(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -408,7 +408,7 @@ fn unavailable<B: From<String>>() -> http::Response<B> {
 }
 
 /// A small JSON object response (the crate needs no JSON library for it).
-fn json<B: From<String>>(
+pub(crate) fn json<B: From<String>>(
     status: StatusCode,
     strings: &[(&str, &str)],
     number: Option<(&str, u64)>,

@@ -11,6 +11,10 @@
 //! - [`RateLimitLayer`]: a `tower::Layer` that limits any HTTP service (axum, tonic, hyper) by a
 //!   key taken from each request: `429 Too Many Requests` with `Retry-After` when denied, the
 //!   `X-RateLimit-*` headers on every limited answer.
+//! - [`ConcurrencyLimitLayer`]: a `tower::Layer` that holds one of a key's in-flight slots while
+//!   each request is served (at most N at once per key, across every process): `429` beyond it,
+//!   the slot released when the response body has been sent or dropped; [`Client::acquire`],
+//!   [`Client::renew`] and [`Client::release`] for anything else.
 //! - [`proto`]: the generated stubs, sluicegate.v1 and Envoy's RLS v3, for anything else (the
 //!   `sluicegate-proto` crate, which the server uses too; Envoy's descriptor entries are bytes).
 //!
@@ -43,7 +47,9 @@
 #![deny(missing_docs)]
 
 mod client;
+mod concurrency;
 mod layer;
+mod lease;
 /// The generated gRPC code (the `sluicegate-proto` crate).
 pub use sluicegate_proto as proto;
 
@@ -51,4 +57,6 @@ pub use client::{
     BatchDecision, Client, ClientBuilder, Decision, Error, FALLBACK_RETRY_AFTER, FailureMode,
     Request, Reservation, Settle, Settlement,
 };
+pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer, LeaseBody};
 pub use layer::{KeyError, RateLimit, RateLimitLayer};
+pub use lease::Lease;

@@ -100,7 +100,6 @@ impl Leases {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

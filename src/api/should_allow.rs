@@ -15,9 +15,9 @@ use sluicegate_core::backend::{
 };
 use sluicegate_core::{Decision, FailureMode, Limits, Op, Shape};
 use sluicegate_proto::sluicegate::v1::{
-    AcquireRequest, AcquireResponse, ReleaseRequest, ReleaseResponse, RenewRequest,
-    SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
-    ShouldAllowRequest, ShouldAllowResponse, rate_limit_service_server::RateLimitService,
+    AcquireRequest, AcquireResponse, ReleaseRequest, ReleaseResponse, RenewRequest, SettleRequest,
+    SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse, ShouldAllowRequest,
+    ShouldAllowResponse, rate_limit_service_server::RateLimitService,
 };
 
 /// The longest key accepted, in bytes.

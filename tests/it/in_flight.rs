@@ -156,7 +156,10 @@ fn memory_and_redis_answer_alike() {
             };
             let (m, r) = rt.block_on(async { (memory.lease(req).await, redis.lease(req).await) });
             let (m, r) = (m.unwrap(), r.unwrap());
-            prop_assert_eq!((m.done, m.in_flight, m.expired), (r.done, r.in_flight, r.expired));
+            prop_assert_eq!(
+                (m.done, m.in_flight, m.expired),
+                (r.done, r.in_flight, r.expired)
+            );
             if !r.done && matches!(op, LeaseOp::Acquire { .. }) && r.in_flight > 0 {
                 prop_assert!(r.retry_after_ms > 55_000, "{:?}", r);
             }
@@ -187,10 +190,7 @@ async fn redis_leases_expire_and_their_key_goes_with_them() {
     assert!(first.done);
     let refused = redis.lease(lease("b", acquire)).await.unwrap();
     assert!(!refused.done);
-    assert!(
-        (1..=300).contains(&refused.retry_after_ms),
-        "{refused:?}"
-    );
+    assert!((1..=300).contains(&refused.retry_after_ms), "{refused:?}");
     let mut conn = server.connection().await;
     let ttl: i64 = redis::cmd("PTTL")
         .arg("exp|in_flight")

@@ -69,7 +69,11 @@ async fn at_most_n_requests_of_a_user_in_flight_through_envoy() {
     let envoy = Envoy::start(IN_FLIGHT_YAML, upstream.port, sluicegate.grpc_port).await;
 
     let first = at_once(&[&envoy], 20, "alice", &[]).await;
-    assert_eq!((count(&first, 200), count(&first, 429)), (5, 15), "{first:?}");
+    assert_eq!(
+        (count(&first, 200), count(&first, 429)),
+        (5, 15),
+        "{first:?}"
+    );
     // Another user has slots of their own, and alice's are back once her requests are done.
     let envoys = [&envoy];
     let (alice, bob) = tokio::join!(
@@ -122,7 +126,9 @@ async fn slots_of_a_killed_envoy_come_back_after_the_lease_ttl() {
     let hung: Vec<_> = (0..3)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { crate::support::http_request(&url, &[("x-user", "dan")]).await })
+            tokio::spawn(
+                async move { crate::support::http_request(&url, &[("x-user", "dan")]).await },
+            )
         })
         .collect();
     let gauge = "sluicegate_in_flight{domain=\"in_flight\",rule=\"per_user\"}";
@@ -139,13 +145,21 @@ async fn slots_of_a_killed_envoy_come_back_after_the_lease_ttl() {
     let fast = envoy.url("/fast");
     let refused = crate::support::http_request(&fast, &[("x-user", "dan")]).await;
     if killed.elapsed() < Duration::from_millis(2500) {
-        assert_eq!(refused.map(|a| a.status), Some(429), "the slots are still held");
+        assert_eq!(
+            refused.map(|a| a.status),
+            Some(429),
+            "the slots are still held"
+        );
     }
-    eventually(Duration::from_secs(10), "served after the TTL", async || {
-        crate::support::http_request(&fast, &[("x-user", "dan")])
-            .await
-            .is_some_and(|a| a.status == 200)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "served after the TTL",
+        async || {
+            crate::support::http_request(&fast, &[("x-user", "dan")])
+                .await
+                .is_some_and(|a| a.status == 200)
+        },
+    )
     .await;
     assert!(
         killed.elapsed() >= Duration::from_millis(2900),
@@ -186,13 +200,17 @@ async fn two_replicas_behind_two_envoys_stay_exact() {
     }
     // Every lease released: the key is gone from Redis.
     let mut conn = redis.connection().await;
-    eventually(Duration::from_secs(10), "no lease left in Redis", async || {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*in_flight")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        keys.is_empty()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "no lease left in Redis",
+        async || {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("*in_flight")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            keys.is_empty()
+        },
+    )
     .await;
 }

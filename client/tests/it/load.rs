@@ -5,8 +5,9 @@ use crate::support::sluicegate;
 use std::process::Command;
 
 use sluicegate_client::proto::sluicegate::v1::{
-    SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
-    ShouldAllowRequest, ShouldAllowResponse,
+    AcquireRequest, AcquireResponse, ReleaseRequest, ReleaseResponse, RenewRequest, SettleRequest,
+    SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse, ShouldAllowRequest,
+    ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
 };
 use tokio::net::TcpListener;
@@ -186,6 +187,36 @@ impl RateLimitService for Broken {
         _: tonic::Request<SettleRequest>,
     ) -> Result<tonic::Response<SettleResponse>, tonic::Status> {
         Ok(tonic::Response::new(SettleResponse::default()))
+    }
+
+    /// Grants every lease: no in-flight limit at all.
+    async fn acquire(
+        &self,
+        _: tonic::Request<AcquireRequest>,
+    ) -> Result<tonic::Response<AcquireResponse>, tonic::Status> {
+        Ok(tonic::Response::new(AcquireResponse {
+            granted: true,
+            lease_id: "same".into(),
+            in_flight: 1,
+            ..Default::default()
+        }))
+    }
+
+    async fn release(
+        &self,
+        _: tonic::Request<ReleaseRequest>,
+    ) -> Result<tonic::Response<ReleaseResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ReleaseResponse {
+            released: true,
+            in_flight: 0,
+        }))
+    }
+
+    async fn renew(
+        &self,
+        _: tonic::Request<RenewRequest>,
+    ) -> Result<tonic::Response<AcquireResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("broken"))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The client crate's integration tests, one binary: the library (typed client, tower layer) and
 //! the `sluicegate-load` binary against a real sluicegate.
 
+mod concurrency;
 mod layer;
 mod load;
 mod support;

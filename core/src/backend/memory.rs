@@ -33,6 +33,8 @@ use super::{
 };
 use crate::{Ask, BucketState, Decision, InFlight, LeaseOp, Leases, apply, apply_group, ttl_ms};
 
+/// How long a key's expired leases are kept to be counted (`lua/in_flight.lua`'s GRACE_MS).
+const LEASE_GRACE_MS: f64 = 60_000.0;
 /// How many buckets to look at when one must be dropped.
 const EVICTION_SAMPLES: usize = 5;
 const MAX_SHARDS: usize = 64;
@@ -446,7 +448,11 @@ impl<C: Clock> MemoryBackend<C> {
             dropped += before - map.len();
         }
         self.reservations.lock().retain(|_, r| r.expires_at > now);
-        self.leases.lock().retain(|_, l| l.expires_at() > now);
+        // As in Redis, a key's leases are kept a minute past their expiry, so that a later call
+        // counts the ones that expired without a release.
+        self.leases
+            .lock()
+            .retain(|_, l| l.expires_at() + LEASE_GRACE_MS > now);
         dropped
     }
 
@@ -654,7 +660,10 @@ mod tests {
         for key in ["a", "b", "c", "d"] {
             assert!(backend.lease_now(lease(key)).done);
         }
-        assert!(!backend.lease_now(lease("e")).done, "a fifth key is refused");
+        assert!(
+            !backend.lease_now(lease("e")).done,
+            "a fifth key is refused"
+        );
         clock.set_ms(100.0);
         assert!(backend.lease_now(lease("e")).done, "expired keys make room");
         // A released key is forgotten at once.

@@ -395,7 +395,10 @@ impl Builder<'_> {
             None => DEFAULT_LEASE_MS,
         };
         if d.debt {
-            return Err(at_line(line, "debt needs a rate_limit bucket, not concurrency".into()));
+            return Err(at_line(
+                line,
+                "debt needs a rate_limit bucket, not concurrency".into(),
+            ));
         }
         let name = c.name.clone().filter(|n| !n.is_empty());
         let label = name.clone().unwrap_or_else(|| path.to_string());

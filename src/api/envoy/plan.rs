@@ -216,7 +216,9 @@ fn lease_rule(
     settings: &EnvoySettings,
 ) -> Option<(Arc<Rule>, String)> {
     let (last, head) = d.entries.split_last()?;
-    if head.is_empty() || (last.key != ACQUIRE_ENTRY.as_bytes() && last.key != RELEASE_ENTRY.as_bytes()) {
+    if head.is_empty()
+        || (last.key != ACQUIRE_ENTRY.as_bytes() && last.key != RELEASE_ENTRY.as_bytes())
+    {
         return None;
     }
     let entries = head.iter().map(|e| (&e.key, &e.value));

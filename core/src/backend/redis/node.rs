@@ -263,7 +263,12 @@ impl Node {
             Err(_) => Err(timeout_error(self.timeout)),
         };
         let node_fault = result.as_ref().is_err_and(is_node_fault);
-        note(&self.breaker, &self.addr, permit == Permit::Probe, !node_fault);
+        note(
+            &self.breaker,
+            &self.addr,
+            permit == Permit::Probe,
+            !node_fault,
+        );
         result
     }
 
