@@ -12,7 +12,7 @@ use std::{
 
 use http::{HeaderValue, StatusCode, request::Parts};
 
-use crate::layer::{DEGRADED, DegradedLog, json, unavailable, whole_seconds};
+use crate::layer::{DEGRADED, DegradedLog, json, unavailable};
 use crate::{Client, Error, KeyError, Lease};
 
 /// At most `max` requests per key served at once (see [`ConcurrencyLimitLayer::new`]).
@@ -22,6 +22,9 @@ use crate::{Client, Error, KeyError, Lease};
 /// request (a key too long) is `400`; sluicegate unavailable is the client's
 /// [`crate::FailureMode`]: served without a slot, or `503`, both marked `X-RateLimit-Degraded: 1`
 /// and counted as the rate layer counts them.
+///
+/// The inner service finds the [`Lease`] in the request's extensions (`Extension<Lease>` in
+/// axum): how many of the key's requests are in flight, this one included.
 ///
 /// The slot is released when the response body has been sent or is dropped (a client that went
 /// away), and when the request future is dropped before an answer. A process that dies holding
@@ -152,7 +155,7 @@ where
     K: Fn(&Parts) -> Result<String, KeyError>,
     ResB: From<String>,
 {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let key = match (config.key)(&parts) {
         Ok(key) => key,
         Err(e) => return Ok(json(e.status, &[("error", &e.message)], None)),
@@ -162,6 +165,8 @@ where
         Err(answer) => return Ok(answer),
     };
     let degraded = lease.degraded;
+    // The handler may say how many run (`Extension<Lease>` in axum).
+    parts.extensions.insert(lease.clone());
     // Held from here: dropped with this future, the response's error, or the response body.
     let held = Held::start(config.client.clone(), lease, config.ttl);
     let response = inner.call(http::Request::from_parts(parts, body)).await?;
@@ -222,10 +227,11 @@ async fn acquire<K, B: From<String>>(
     }
 }
 
-/// `429`: every slot is taken. `Retry-After` is when the earliest lease would expire at the
-/// latest, so at least 1 s and at most the TTL; a release usually comes sooner.
+/// `429`: every slot is taken. `Retry-After: 1`: a slot comes back the moment any of the key's
+/// requests ends, which nobody can know in advance (the lease's expiry, which sluicegate
+/// answers, is only the latest it could be: the TTL, usually far off).
 fn busy<B: From<String>>(lease: &Lease, max: u32) -> http::Response<B> {
-    let retry = whole_seconds(lease.retry_after).clamp(1, 60);
+    let retry = 1;
     let mut response = json(
         StatusCode::TOO_MANY_REQUESTS,
         &[("error", "too many requests in flight")],

@@ -373,7 +373,7 @@ impl DegradedLog {
     }
 }
 
-pub(crate) fn whole_seconds(d: Duration) -> u64 {
+fn whole_seconds(d: Duration) -> u64 {
     d.as_millis().div_ceil(1000) as u64
 }
 

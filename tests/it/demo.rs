@@ -328,3 +328,60 @@ async fn generate_reserves_works_and_settles() {
     assert_eq!(anon.status, 401);
     assert_eq!(post(501).await.status, 400);
 }
+
+/// POST /api/generate runs at most DEMO_MAX_GENERATIONS generations per identity at once: of five
+/// sent together, two are served (each saying how many run) and three are 429 with Retry-After;
+/// once they are done, the next ones are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_are_limited_in_flight_per_identity() {
+    let t = Sluicegate::start(&[], &[]).await;
+    let demo = Demo::start(
+        &t.grpc_url(),
+        &[
+            "--identity",
+            "user",
+            "--max-generations",
+            "2",
+            // 100 tokens at 10 ms each: a second per generation, so all five overlap.
+            "--ms-per-token",
+            "10",
+            "--token-capacity",
+            "100000",
+            "--sluicegate-timeout-ms",
+            "2000",
+        ],
+    )
+    .await;
+    let post = |user: &'static str| {
+        let url = demo.url("/api/generate");
+        async move {
+            crate::support::http_post_json(&url, &[("x-user", user)], "{\"max_tokens\":100}")
+                .await
+                .expect("demo answers")
+        }
+    };
+    // Generations write 1..=100 tokens at random (10 ms to a second): all five arrive within a
+    // few milliseconds, so at least one, and at most two, are served.
+    let answers = futures::future::join_all((0..5).map(|_| post("ann"))).await;
+    let served: Vec<&crate::support::HttpAnswer> =
+        answers.iter().filter(|a| a.status == 200).collect();
+    let refused: Vec<&crate::support::HttpAnswer> =
+        answers.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(served.len() + refused.len(), 5, "{answers:?}");
+    assert!((1..=2).contains(&served.len()), "{answers:?}");
+    for a in &served {
+        let j: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(j["max_generations"], 2, "{j}");
+        assert!(
+            (1..=2).contains(&j["generations_running"].as_u64().unwrap()),
+            "{j}"
+        );
+    }
+    for a in &refused {
+        assert!(a.header("retry-after").is_some(), "{a:?}");
+        assert!(a.body.contains("too many requests in flight"), "{a:?}");
+    }
+    // Another identity has slots of its own; ann's are back once hers are done.
+    let (ann, bob) = tokio::join!(post("ann"), post("bob"));
+    assert_eq!((ann.status, bob.status), (200, 200), "{ann:?} {bob:?}");
+}

@@ -20,7 +20,7 @@ use axum::{
     routing::{get, post},
 };
 use clap::Parser;
-use sluicegate_client::{Client, FailureMode, RateLimitLayer};
+use sluicegate_client::{Client, ConcurrencyLimitLayer, FailureMode, RateLimitLayer};
 use tokio_util::sync::CancellationToken;
 
 use crate::generate;
@@ -151,6 +151,26 @@ pub struct DemoConfig {
     )]
     pub token_rate: f64,
 
+    /// POST /api/generate: generations one identity may run at once (an in-flight limit,
+    /// shared by every demo replica through sluicegate).
+    #[arg(
+        long,
+        env = "DEMO_MAX_GENERATIONS",
+        value_name = "DEMO_MAX_GENERATIONS",
+        default_value = "2",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_generations: u32,
+
+    /// POST /api/generate: how long the fake model takes per token written, in milliseconds.
+    #[arg(
+        long,
+        env = "DEMO_MS_PER_TOKEN",
+        value_name = "DEMO_MS_PER_TOKEN",
+        default_value = "2"
+    )]
+    pub ms_per_token: f64,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -168,6 +188,8 @@ pub struct AppState {
     pub trust_forwarded: bool,
     pub token_capacity: f64,
     pub token_rate: f64,
+    pub ms_per_token: f64,
+    pub max_generations: u32,
     metrics: Metrics,
 }
 
@@ -179,6 +201,8 @@ impl axum::extract::FromRef<AppState> for generate::Budget {
             trust_forwarded: app.trust_forwarded,
             token_capacity: app.token_capacity,
             token_rate: app.token_rate,
+            ms_per_token: app.ms_per_token,
+            max_generations: app.max_generations,
         }
     }
 }
@@ -204,6 +228,8 @@ pub async fn run(
         trust_forwarded: config.trust_forwarded,
         token_capacity: config.token_capacity,
         token_rate: config.token_rate,
+        ms_per_token: config.ms_per_token.max(0.0),
+        max_generations: config.max_generations,
         metrics,
     };
 
@@ -213,6 +239,16 @@ pub async fn run(
     let mode = config.failure_mode;
     let started = Instant::now();
     let (identity, trust) = (config.identity, config.trust_forwarded);
+    // At most DEMO_MAX_GENERATIONS generations per identity at once, across replicas.
+    let generations = ConcurrencyLimitLayer::new(
+        client.clone(),
+        config.max_generations,
+        move |parts: &http::request::Parts| {
+            identity
+                .key(parts, trust)
+                .map(|k| format!("generations:{k}"))
+        },
+    );
     let limit = RateLimitLayer::new(client, move |parts: &http::request::Parts| {
         identity.key(parts, trust)
     })
@@ -244,7 +280,10 @@ pub async fn run(
     let app =
         Router::new()
             .merge(limited)
-            .route("/api/generate", post(generate::generate))
+            .route(
+                "/api/generate",
+                post(generate::generate).route_layer(generations),
+            )
             .route("/healthz", get(|| async { "OK" }))
             .route("/metrics", get(render_metrics))
             .layer(middleware::from_fn(record))

@@ -2,7 +2,8 @@
 //! rows). Reserve the most it can cost (`max_tokens`) with ShouldAllow, do the work (a fake
 //! model that writes a random number of tokens up to it), then Settle the real cost: sluicegate
 //! gives the unused part of the reservation back (or, for work that cost more, charges the rest
-//! into debt).
+//! into debt). Around it, the app's `ConcurrencyLimitLayer` holds one of the identity's
+//! DEMO_MAX_GENERATIONS slots while the generation runs; the answer says how many run.
 
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub struct Budget {
     pub trust_forwarded: bool,
     pub token_capacity: f64,
     pub token_rate: f64,
+    pub ms_per_token: f64,
+    pub max_generations: u32,
 }
 
 /// How long a reservation may wait for its Settle: far longer than the (fake) work takes.
@@ -42,9 +45,12 @@ pub struct Generate {
 
 pub async fn generate(
     State(state): State<Budget>,
+    slot: Option<axum::Extension<sluicegate_client::Lease>>,
     parts: http::request::Parts,
     Json(body): Json<Generate>,
 ) -> Response {
+    // The slot this generation holds (the layer took it): how many of this identity's run now.
+    let running = slot.map_or(0, |s| s.in_flight);
     let identity = match state.identity.key(&parts, state.trust_forwarded) {
         Ok(k) => k,
         Err(e) => return (e.status, Json(json!({ "error": e.message }))).into_response(),
@@ -89,7 +95,8 @@ pub async fn generate(
 
     // 2. The work: a fake model writing between 1 and max_tokens tokens.
     let produced = rand::rng().random_range(1..=body.max_tokens);
-    tokio::time::sleep(Duration::from_micros(u64::from(produced) * 20)).await;
+    let work = Duration::from_secs_f64(f64::from(produced) * state.ms_per_token / 1000.0);
+    tokio::time::sleep(work).await;
     let words = ["toll", "gate", "bucket", "token", "refill"];
     let text: Vec<&str> = (0..produced.min(50) as usize)
         .map(|i| words[(i + body.prompt.len()) % words.len()])
@@ -122,6 +129,8 @@ pub async fn generate(
         "refunded_tokens": body.max_tokens - produced,
         "tokens_remaining": tokens_remaining,
         "in_debt": in_debt,
+        "generations_running": running,
+        "max_generations": state.max_generations,
     }))
     .into_response()
 }
