@@ -242,6 +242,65 @@ async fn bound_check_catches_a_broken_limiter() {
     server.abort();
     assert_eq!(run.code, Some(2), "{}", run.stdout);
     assert!(n(&run.json["bound"]["violations"]) >= 1);
+
+    // The same limiter grants every slot: more than 2 held at once is caught.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RateLimitServiceServer::new(Broken))
+            .serve_with_incoming(tokio_stream_from(listener)),
+    );
+    let run = load(&[
+        "--target",
+        &url,
+        "--api",
+        "concurrency",
+        "--max-in-flight",
+        "2",
+        "--duration",
+        "1s",
+        "--keys",
+        "2",
+        "--concurrency",
+        "16",
+        "--check-bound",
+    ])
+    .await;
+    server.abort();
+    assert_eq!(run.code, Some(2), "{}", run.stdout);
+    assert!(n(&run.json["bound"]["violations"]) >= 1);
+}
+
+/// `--api concurrency` against two replicas' worth of connections to one sluicegate: slots held at
+/// random lengths, never more than --max-in-flight per key at once, and refusals when all are taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_mode_holds_the_in_flight_bound() {
+    let t = sluicegate(&[]).await;
+    let run = load(&[
+        "--target",
+        &format!("{},{}", t.url, t.url),
+        "--api",
+        "concurrency",
+        "--max-in-flight",
+        "3",
+        "--hold",
+        "20ms",
+        "--duration",
+        "2s",
+        "--keys",
+        "4",
+        "--concurrency",
+        "32",
+        "--check-bound",
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    let j = &run.json;
+    assert_eq!(j["bound"]["checked"], true);
+    assert_eq!(n(&j["bound"]["violations"]), 0);
+    assert!(n(&j["allowed"]) > 0 && n(&j["denied"]) > 0, "{j}");
+    assert_eq!(n(&j["errors"]), 0);
 }
 
 /// An Envoy RLS that answers OK to everything, claiming 60 per minute.

@@ -15,6 +15,9 @@ pub enum Api {
     /// Reserve --cost with ShouldAllow, then Settle a random real cost between 0 and twice the
     /// reservation (refunds and debt); the bound is checked on what was settled
     Settle,
+    /// Acquire one of --max-in-flight slots per key, hold it a random time up to --hold, Release
+    /// it; the bound is checked on how many were held at once per key
+    Concurrency,
 }
 
 impl Api {
@@ -24,6 +27,7 @@ impl Api {
             Api::Envoy => "envoy",
             Api::Http => "http",
             Api::Settle => "settle",
+            Api::Concurrency => "concurrency",
         }
     }
 }
@@ -82,6 +86,18 @@ pub struct Cli {
     /// Refill in tokens per second (as --capacity).
     #[arg(long)]
     pub rate: Option<f64>,
+
+    /// Concurrency: slots per key (Acquire's max_in_flight).
+    #[arg(long, default_value = "5")]
+    pub max_in_flight: u32,
+
+    /// Concurrency: each granted slot is held a random time up to this (the work), then released.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+
+    /// Concurrency: the lease TTL asked for (what a crashed caller would hold a slot for).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
 
     /// Envoy domain.
     #[arg(long, default_value = "edge")]
@@ -152,6 +168,9 @@ impl Cli {
                 return Err("--api envoy needs at least one --descriptor 'k=v'".into());
             }
             Api::Http if self.url.is_none() => return Err("--api http needs --url".into()),
+            Api::Concurrency if self.max_in_flight == 0 => {
+                return Err("--max-in-flight must be at least 1".into());
+            }
             Api::Http if self.check_bound && self.rate.is_none() => {
                 return Err("--check-bound with --api http needs --rate (and --capacity, unless the server sends X-RateLimit-Limit)".into());
             }

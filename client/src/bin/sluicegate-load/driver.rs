@@ -35,7 +35,7 @@ impl Shared {
     /// One call for key `k`; latency counts from `intended` (the open loop's schedule, or the
     /// moment the closed loop sent it).
     async fn call(&self, conn: usize, k: u32, key: &str, intended: Instant) {
-        let reply = self.target.call(conn, key).await;
+        let reply = self.target.call(conn, key, self.start).await;
         let done = Instant::now();
         let latency_us = done.saturating_duration_since(intended).as_micros() as u64;
         let sent_us = intended.saturating_duration_since(self.start).as_micros() as u64;
@@ -67,7 +67,12 @@ pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> Run {
         target,
         keys,
         recorders: (0..SHARDS)
-            .map(|_| Mutex::new(Recorder::new(slots, cli.check_bound, debt(cli))))
+            .map(|_| {
+                Mutex::new(
+                    Recorder::new(slots, cli.check_bound, debt(cli))
+                        .with_max_in_flight(max_in_flight(cli)),
+                )
+            })
             .collect(),
         start: Instant::now(),
         done: AtomicU64::new(0),
@@ -143,7 +148,8 @@ pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> Run {
         bar.finish_and_clear();
     }
 
-    let mut total = Recorder::new(slots, cli.check_bound, debt(cli));
+    let mut total =
+        Recorder::new(slots, cli.check_bound, debt(cli)).with_max_in_flight(max_in_flight(cli));
     for r in &shared.recorders {
         let part = std::mem::replace(&mut *r.lock(), Recorder::new(slots, false, 0.0));
         total.merge(part);
@@ -163,6 +169,11 @@ fn debt(cli: &Cli) -> f64 {
     } else {
         0.0
     }
+}
+
+/// The in-flight bound to check (concurrency).
+fn max_in_flight(cli: &Cli) -> Option<u32> {
+    (cli.api == crate::cli::Api::Concurrency).then_some(cli.max_in_flight)
 }
 
 /// A progress bar on stderr when it is a terminal; nothing on a pipe.

@@ -61,6 +61,9 @@ pub struct Recorder {
     debt: f64,
     events: Vec<Event>,
     shapes: HashMap<(u32, u16), (f64, f64)>,
+    /// Concurrency: slots per key, and each granted slot's sure hold (key, from µs, to µs).
+    max_in_flight: Option<u32>,
+    holds: Vec<(u32, u64, u64)>,
 }
 
 impl Recorder {
@@ -77,7 +80,15 @@ impl Recorder {
             debt,
             events: Vec::new(),
             shapes: HashMap::new(),
+            max_in_flight: None,
+            holds: Vec::new(),
         }
+    }
+
+    /// Checks in-flight counts (at most `max` held at once per key) instead of token buckets.
+    pub fn with_max_in_flight(mut self, max: Option<u32>) -> Self {
+        self.max_in_flight = max;
+        self
     }
 
     /// Records one call sent `sent_us` after the start (its intended start in the open loop) that
@@ -109,6 +120,9 @@ impl Recorder {
                     let Some(counts) = self.slots.get_mut(b.slot as usize) else {
                         continue;
                     };
+                    if let (true, Some((from, to))) = (self.track_bound, b.held_us) {
+                        self.holds.push((key, from, to));
+                    }
                     match b.verdict {
                         Verdict::Allowed => counts.allowed += 1,
                         Verdict::Denied => counts.denied += 1,
@@ -154,6 +168,7 @@ impl Recorder {
             mine.unlimited += theirs.unlimited;
         }
         self.events.extend(other.events);
+        self.holds.extend(other.holds);
         for (k, v) in other.shapes {
             self.shapes.entry(k).or_insert(v);
         }
@@ -171,6 +186,9 @@ impl Recorder {
     /// with prefix sums `S`, a violation is `S_j - rate * D_j + max_i(rate * sent_i - S_(i-1)) >
     /// capacity`, where `D_j` is the latest answer among the first `j`.
     pub fn check_bound(&mut self) -> Bound {
+        if let Some(max) = self.max_in_flight {
+            return self.check_in_flight(max);
+        }
         self.events
             .sort_unstable_by_key(|e| (e.key, e.slot, e.sent_us));
         let mut bound = Bound::default();
@@ -209,6 +227,44 @@ impl Recorder {
     }
 }
 
+impl Recorder {
+    /// Checks that no key ever had more than `max` slots held at once. Each hold is the time the
+    /// caller surely held its slot (granted answer received .. release sent), inside the
+    /// server's hold, so an overlap of more than `max` here is one there too; a hold ending when
+    /// another starts is not counted as overlapping (ends are swept first).
+    fn check_in_flight(&mut self, max: u32) -> Bound {
+        let mut bound = Bound {
+            checked: true,
+            ..Bound::default()
+        };
+        // (key, time, +1 start / -1 end); ends sort before starts at one time.
+        let mut edges: Vec<(u32, u64, i8)> = Vec::with_capacity(self.holds.len() * 2);
+        for &(key, from, to) in &self.holds {
+            edges.push((key, from, 1));
+            edges.push((key, to, -1));
+        }
+        edges.sort_unstable();
+        for edges in edges.chunk_by(|a, b| a.0 == b.0) {
+            bound.buckets += 1;
+            let mut held = 0i64;
+            for &(key, at, step) in edges {
+                held += i64::from(step);
+                if held > i64::from(max) {
+                    bound.violations += 1;
+                    if bound.first.is_none() {
+                        bound.first = Some(format!(
+                            "key #{key}: {held} slots held at once at {:.3} s, more than --max-in-flight {max}",
+                            at as f64 / 1e6
+                        ));
+                    }
+                    break;
+                }
+            }
+        }
+        bound
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Bound {
     pub checked: bool,
@@ -230,6 +286,7 @@ mod tests {
                 verdict: Verdict::Allowed,
                 shape: Some(shape),
                 tokens: 1,
+                held_us: None,
             }],
         ))
     }
@@ -286,6 +343,37 @@ mod tests {
         r.record(1, &allowed((1.0, 1.0)), 0, 1_500_000, 10);
         r.record(1, &allowed((1.0, 1.0)), 1_000_000, 1_500_001, 10);
         assert_eq!(r.check_bound().violations, 0);
+    }
+
+    #[test]
+    fn in_flight_overlaps_beyond_max_are_caught() {
+        let hold = |from: u64, to: u64| -> Reply {
+            Some((
+                true,
+                vec![BucketAnswer {
+                    slot: 0,
+                    verdict: Verdict::Allowed,
+                    shape: None,
+                    tokens: 1,
+                    held_us: Some((from, to)),
+                }],
+            ))
+        };
+        let mut ok = Recorder::new(1, true, 0.0).with_max_in_flight(Some(2));
+        // Two at once, a third starting as one ends: never more than 2.
+        for (from, to) in [(0, 100), (10, 200), (100, 300)] {
+            ok.record(1, &hold(from, to), 0, 0, 1);
+        }
+        ok.record(2, &hold(0, 1000), 0, 0, 1);
+        let b = ok.check_bound();
+        assert_eq!((b.buckets, b.violations), (2, 0), "{b:?}");
+        let mut bad = Recorder::new(1, true, 0.0).with_max_in_flight(Some(2));
+        for (from, to) in [(0, 100), (10, 200), (99, 300)] {
+            bad.record(1, &hold(from, to), 0, 0, 1);
+        }
+        let b = bad.check_bound();
+        assert_eq!(b.violations, 1, "{b:?}");
+        assert!(b.first.unwrap().contains("3 slots held"));
     }
 
     #[test]

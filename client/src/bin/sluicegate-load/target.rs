@@ -1,5 +1,6 @@
-//! The three things sluicegate-load can call, behind one `call`: ShouldAllow, Envoy's
-//! ShouldRateLimit, or an HTTP GET. Each answer says allowed or denied per bucket it touched.
+//! What sluicegate-load can call, behind one `call`: ShouldAllow (and Settle), Envoy's
+//! ShouldRateLimit, an HTTP GET, or Acquire/Release. Each answer says allowed or denied per
+//! bucket it touched.
 
 use std::time::Duration;
 
@@ -40,6 +41,9 @@ pub struct BucketAnswer {
     pub shape: Option<(f64, f64)>,
     /// The tokens the call charged to this bucket when allowed (what was settled, for settle).
     pub tokens: u32,
+    /// Concurrency: when the slot was surely held (µs since the start): from the granted answer's
+    /// arrival to the release's sending, inside the server's own hold.
+    pub held_us: Option<(u64, u64)>,
 }
 
 /// A call's result: `None` is an error (transport, timeout, unexpected status).
@@ -72,6 +76,13 @@ pub enum Target {
         headers: Vec<(String, String)>,
         shape: (Option<f64>, f64),
     },
+    InFlight {
+        clients: Vec<RateLimitServiceClient<Channel>>,
+        max: u32,
+        ttl_ms: u32,
+        hold: Duration,
+        timeout: Duration,
+    },
 }
 
 impl Target {
@@ -89,6 +100,19 @@ impl Target {
                 rate: cli.rate.unwrap_or(0.0),
                 timeout: cli.timeout,
                 settle: cli.api == Api::Settle,
+            },
+            Api::Concurrency => Target::InFlight {
+                clients: channels(cli)
+                    .await?
+                    .into_iter()
+                    .map(RateLimitServiceClient::new)
+                    .collect(),
+                max: cli.max_in_flight,
+                ttl_ms: u32::try_from(cli.lease_ttl.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+                hold: cli.hold,
+                timeout: cli.timeout,
             },
             Api::Envoy => Target::Envoy {
                 clients: channels(cli)
@@ -161,9 +185,19 @@ impl Target {
         }
     }
 
-    /// One call for `key`, over connection `conn`.
-    pub async fn call(&self, conn: usize, key: &str) -> Reply {
+    /// One call for `key`, over connection `conn`; `start` is the run's (for hold times).
+    pub async fn call(&self, conn: usize, key: &str, start: std::time::Instant) -> Reply {
         match self {
+            Target::InFlight {
+                clients,
+                max,
+                ttl_ms,
+                hold,
+                timeout,
+            } => {
+                let client = clients[conn % clients.len()].clone();
+                hold_a_slot(client, key, (*max, *ttl_ms), *hold, *timeout, start).await
+            }
             Target::ShouldAllow {
                 clients,
                 cost,
@@ -211,6 +245,7 @@ impl Target {
                         verdict,
                         shape: Some((r.capacity, r.rate)),
                         tokens: charged,
+                        held_us: None,
                     }],
                 ))
             }
@@ -276,6 +311,7 @@ impl Target {
                             verdict,
                             shape: shape.or(rule_shapes[i]).or(limit_shape),
                             tokens: (*hits).max(1),
+                            held_us: None,
                         }
                     })
                     .collect();
@@ -317,6 +353,7 @@ impl Target {
                         verdict,
                         shape: capacity.map(|c| (c, shape.1)),
                         tokens: 1,
+                        held_us: None,
                     }],
                 ))
             }
@@ -324,7 +361,49 @@ impl Target {
     }
 }
 
-/// `--connections` HTTP/2 connections to the gRPC target, each checked before the run.
+/// Acquire a slot of `key`; when granted, hold it a random time up to `hold` (the work), then
+/// Release it. A release that fails is an error (the slot stays held until its TTL).
+async fn hold_a_slot(
+    mut client: RateLimitServiceClient<Channel>,
+    key: &str,
+    (max, ttl_ms): (u32, u32),
+    hold: Duration,
+    timeout: Duration,
+    start: std::time::Instant,
+) -> Reply {
+    use sluicegate_client::proto::sluicegate::v1::{AcquireRequest, ReleaseRequest};
+    let mut req = tonic::Request::new(AcquireRequest {
+        key: key.to_string(),
+        max_in_flight: max,
+        lease_ttl_ms: ttl_ms,
+    });
+    req.set_timeout(timeout);
+    let lease = client.acquire(req).await.ok()?.into_inner();
+    let since = |t: std::time::Instant| t.saturating_duration_since(start).as_micros() as u64;
+    let mut answer = BucketAnswer {
+        slot: 0,
+        verdict: Verdict::Denied,
+        shape: None,
+        tokens: 1,
+        held_us: None,
+    };
+    if !lease.granted {
+        return Some((false, vec![answer]));
+    }
+    let from = since(std::time::Instant::now());
+    tokio::time::sleep(hold.mul_f64(rand::random::<f64>())).await;
+    let to = since(std::time::Instant::now());
+    let mut req = tonic::Request::new(ReleaseRequest {
+        key: key.to_string(),
+        lease_id: lease.lease_id,
+    });
+    req.set_timeout(timeout);
+    client.release(req).await.ok()?;
+    answer.verdict = Verdict::Allowed;
+    answer.held_us = Some((from, to));
+    Some((true, vec![answer]))
+}
+
 /// `--connections` HTTP/2 connections, spread over the comma-separated `--target`s (several
 /// replicas of sluicegate sharing one Redis), each checked before the run.
 async fn channels(cli: &Cli) -> anyhow::Result<Vec<Channel>> {
