@@ -266,6 +266,26 @@ async fn every_dashboard_panel_has_data() {
             "--header",
             "X-API-Key: {key}",
         ]),
+        // In-flight limits: Envoy acquiring slots of deploy/rules/in_flight.yaml for one user (20
+        // lease ids, never released: 5 held, the rest refused), and the Acquire API.
+        load(&[
+            "--api",
+            "envoy",
+            "--target",
+            &grpc,
+            "--domain",
+            "in_flight",
+            "--descriptor",
+            "user=ann,acquire={key}",
+        ]),
+        load(&[
+            "--api",
+            "concurrency",
+            "--target",
+            &grpc,
+            "--max-in-flight",
+            "2",
+        ]),
     ];
 
     let dashboard: Value = serde_json::from_str(
@@ -288,6 +308,9 @@ async fn every_dashboard_panel_has_data() {
         "Local deny-cache answers",
         "Shed requests",
         "Circuit open, by Redis node",
+        "In flight, by rule",
+        "Acquisitions refused",
+        "Leases expired without release",
     ] {
         assert!(
             queries.iter().any(|(t, _)| t == title),

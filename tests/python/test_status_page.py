@@ -23,6 +23,8 @@ RULES = """domain: edge
 descriptors:
   - key: api_key
     rate_limit: { unit: second, requests_per_unit: 5, name: per_key }
+  - key: job
+    concurrency: { max: 3, lease: 60s, name: jobs }
 """
 
 
@@ -104,6 +106,10 @@ def test_the_status_page_shows_the_limiter_working(sluicegate):
         # Envoy's API too, so that a rule shows in the top rules.
         load(sluicegate, "--api", "envoy", "--rps", "100", "--keys", "3", "--domain", "edge",
              "--descriptor", "api_key={key}"),
+        # Jobs acquiring slots of an in-flight limit and never releasing them: 3 held, the rest
+        # refused (each request names its own lease, as Envoy's x-request-id would).
+        load(sluicegate, "--api", "envoy", "--rps", "20", "--keys", "1000", "--domain", "edge",
+             "--descriptor", "job=nightly,acquire={key}"),
     ]
     shot = Path(os.environ.get("STATUS_SCREENSHOT", ROOT / "target/test-artifacts/status-page.png"))
     shot.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +149,10 @@ def test_the_status_page_shows_the_limiter_working(sluicegate):
             assert "decision time (server)" in page.inner_text("body")
             page.wait_for_selector("#rules tbody tr", timeout=12000)
             assert "5/second" in page.inner_text("#rules tbody")
+            assert "at most 3 in flight" in page.inner_text("#rules tbody")
+            # The in-flight rule shows its leases held.
+            jobs = [r for r in page.inner_text("#top-rules tbody").splitlines() if "jobs" in r]
+            assert jobs and jobs[0].split()[-1] == "3", jobs
             assert "memory up" in page.inner_text("#backend")
             assert float(page.inner_text("#deny-ratio").rstrip("%")) > 0
 

@@ -94,13 +94,15 @@ function render(s) {
   const p99s = recent.map((r) => r.p99_ms).filter((v) => v !== null);
   $("p99").textContent = p99s.length ? Math.max(...p99s).toFixed(2) + " ms" : "-";
   const t = s.totals;
-  $("allowed-total").textContent = fmt(t.should_allow.allowed + t.envoy.allowed);
-  $("denied-total").textContent = fmt(t.should_allow.denied + t.envoy.denied);
-  $("errors-total").textContent = fmt(t.should_allow.errors + t.envoy.errors);
+  const total = (f) => t.should_allow[f] + t.envoy[f] + t.concurrency[f];
+  $("allowed-total").textContent = fmt(total("allowed"));
+  $("denied-total").textContent = fmt(total("denied"));
+  $("errors-total").textContent = fmt(total("errors"));
   drawChart(secs);
 
-  fill("top-rules", s.rules.slice(0, 15).filter((r) => r.allowed + r.denied + r.shadow_denied > 0).map((r) =>
-    row([[r.domain], [r.rule], [fmt(r.allowed), "num"], [fmt(r.denied), "num"], [fmt(r.shadow_denied), "num"], [fmt(r.near_limit), "num"]])), "top-rules-empty");
+  fill("top-rules", s.rules.slice(0, 15).filter((r) => r.allowed + r.denied + r.shadow_denied > 0 || r.in_flight).map((r) =>
+    row([[r.domain], [r.rule], [fmt(r.allowed), "num"], [fmt(r.denied), "num"], [fmt(r.shadow_denied), "num"], [fmt(r.near_limit), "num"],
+      [r.in_flight === null ? "" : fmt(r.in_flight), "num"]])), "top-rules-empty");
   fill("top-keys", s.top_denied.filter((k) => k.count >= 0.5).map((k) =>
     row([[k.key, "key"], [(100 * k.share).toFixed(1) + "%", "num"], [fmt(k.count), "num"]])), "top-keys-empty");
   $("top-keys-empty").textContent = s.top_keys_enabled ? "Nothing denied lately." : "Off (TOP_KEYS=0).";
@@ -112,7 +114,8 @@ function renderRules(r) {
     const l = x.limit;
     const limit = l.kind === "bucket"
       ? l.requests_per_unit + "/" + (l.unit_multiplier > 1 ? l.unit_multiplier + " " + l.unit + "s" : l.unit)
-      : l.kind === "blocked" ? "0/" + l.unit + " (always over)" : "unlimited";
+      : l.kind === "blocked" ? "0/" + l.unit + " (always over)"
+      : l.kind === "concurrency" ? "at most " + l.max + " in flight (lease " + l.lease_ms / 1000 + " s)" : "unlimited";
     const bucket = x.bucket ? "capacity " + x.bucket.capacity + ", " + x.bucket.rate_per_second.toPrecision(4) + "/s" : "";
     const flags = [x.shadow_mode && "shadow", x.debt && "debt", x.replaces.length && "replaces " + x.replaces.join(",")].filter(Boolean).join(" ");
     return row([[x.domain], [x.descriptor], [x.rule], [limit], [bucket], [flags], [x.source]]);
