@@ -31,5 +31,7 @@ mod shape;
 
 pub use bucket::{Ask, BucketState, Decision, MAX_MS, Op, apply, apply_group, capped_ms, ttl_ms};
 pub use failure::FailureMode;
-pub use in_flight::{InFlight, LeaseOp, Leases, MAX_LEASE_ID_BYTES, MAX_LEASE_MS};
+pub use in_flight::{
+    InFlight, LeaseOp, Leases, MAX_LEASE_ID_BYTES, MAX_LEASE_MS, MAX_PENDING_REFUSALS, lease_id_ok,
+};
 pub use shape::{InvalidShape, Limits, MAX_SHAPE, Shape};

@@ -72,9 +72,11 @@ impl<B: Backend> InFlightApi<B> {
         }
         let ttl_ms = ttl("lease_ttl_ms", req.lease_ttl_ms)?;
         let id = reservation_id();
+        // Not paired: a refused caller gets no id, so no release follows.
         let op = LeaseOp::Acquire {
             max: req.max_in_flight,
             ttl_ms,
+            paired: false,
         };
         let answer = self.call(&key, &id, op).await;
         if let Ok(a) = &answer {
@@ -169,11 +171,12 @@ impl<B: Backend> InFlightApi<B> {
 }
 
 fn lease_id(id: &str) -> Result<&str, ApiError> {
-    if id.is_empty() || id.len() > MAX_LEASE_ID_BYTES {
+    if !sluicegate_core::lease_id_ok(id) {
         return Err(ApiError::invalid(
             "lease_id",
             format!(
-                "must be 1 to {MAX_LEASE_ID_BYTES} bytes (the id Acquire answered), got {}",
+                "must be 1 to {MAX_LEASE_ID_BYTES} bytes without control characters (the id \
+                 Acquire answered), got {} bytes",
                 id.len()
             ),
         ));

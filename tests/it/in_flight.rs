@@ -14,23 +14,41 @@ use sluicegate_proto::sluicegate::v1::{AcquireRequest, ReleaseRequest, RenewRequ
 
 use crate::support::{RedisServer, Sluicegate};
 
-/// The model: each key's leases as id -> expiry, nothing else.
+/// The model: each key's leases as id -> expiry, and the refused paired acquires whose release is
+/// still to come as id -> (count, expiry).
 #[derive(Default)]
-struct Model(HashMap<String, HashMap<String, f64>>);
+struct Model(HashMap<String, (HashMap<String, f64>, HashMap<String, (u32, f64)>)>);
 
 impl Model {
     fn apply(&mut self, now: f64, key: &str, id: &str, op: LeaseOp) -> (bool, u32, u32) {
-        let leases = self.0.entry(key.to_string()).or_default();
+        let (leases, refused) = self.0.entry(key.to_string()).or_default();
         let before = leases.len();
         leases.retain(|_, e| *e > now);
+        refused.retain(|_, (_, e)| *e > now);
         let expired = (before - leases.len()) as u32;
         let done = match op {
-            LeaseOp::Acquire { max, ttl_ms } => {
+            LeaseOp::Acquire {
+                max,
+                ttl_ms,
+                paired,
+            } => {
                 let free = !leases.contains_key(id) && leases.len() < max as usize;
                 if free {
                     leases.insert(id.to_string(), now + f64::from(ttl_ms));
+                } else if paired {
+                    let r = refused.entry(id.to_string()).or_insert((0, 0.0));
+                    *r = (r.0 + 1, now + f64::from(ttl_ms));
                 }
                 free
+            }
+            // A refused paired acquire's own release frees nothing.
+            LeaseOp::Release if refused.contains_key(id) => {
+                let r = refused.get_mut(id).unwrap();
+                r.0 -= 1;
+                if r.0 == 0 {
+                    refused.remove(id);
+                }
+                false
             }
             LeaseOp::Release => leases.remove(id).is_some(),
             LeaseOp::Renew { ttl_ms } => match leases.get_mut(id) {
@@ -56,7 +74,8 @@ enum Step {
 fn steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
     use proptest::prelude::*;
     let op = prop_oneof![
-        3 => (1u32..4, 1u32..300).prop_map(|(max, ttl_ms)| LeaseOp::Acquire { max, ttl_ms }),
+        3 => (1u32..4, 1u32..300, any::<bool>())
+            .prop_map(|(max, ttl_ms, paired)| LeaseOp::Acquire { max, ttl_ms, paired }),
         2 => Just(LeaseOp::Release),
         1 => (1u32..300).prop_map(|ttl_ms| LeaseOp::Renew { ttl_ms }),
     ];
@@ -67,8 +86,8 @@ fn steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
     prop::collection::vec(step, 1..60)
 }
 
-/// Random acquire, release, renew and expiry sequences: the memory backend answers as the model,
-/// and never holds more than `max` (the model would say so).
+/// Random acquire (paired or not), release, renew and expiry sequences: the memory backend answers
+/// as the model, and never holds more than `max` (the model would say so).
 #[test]
 fn leases_follow_the_model() {
     use proptest::prelude::*;
@@ -141,9 +160,10 @@ fn memory_and_redis_answer_alike() {
             let Step::Op(k, i, op) = step else { continue };
             // A minute-long lease: nothing expires while the case runs.
             let op = match *op {
-                LeaseOp::Acquire { max, .. } => LeaseOp::Acquire {
+                LeaseOp::Acquire { max, paired, .. } => LeaseOp::Acquire {
                     max,
                     ttl_ms: 60_000,
+                    paired,
                 },
                 LeaseOp::Renew { .. } => LeaseOp::Renew { ttl_ms: 60_000 },
                 LeaseOp::Release => LeaseOp::Release,
@@ -185,6 +205,7 @@ async fn redis_leases_expire_and_their_key_goes_with_them() {
     let acquire = LeaseOp::Acquire {
         max: 1,
         ttl_ms: 300,
+        paired: false,
     };
     let first: InFlight = redis.lease(lease("a", acquire)).await.unwrap();
     assert!(first.done);
@@ -352,4 +373,55 @@ async fn the_api_names_bad_fields_renews_and_degrades() {
             .is_ok_and(|a| a.into_inner().granted)
     })
     .await;
+}
+
+/// Envoy's paired acquires in Redis: a request naming a held id is refused, and its release (the
+/// stream-done call) frees nothing of the holder's slot; a refusal whose release never came is
+/// forgotten after its TTL.
+#[tokio::test]
+async fn redis_remembers_refused_paired_acquires() {
+    let server = RedisServer::start().await;
+    let redis = RedisBackend::new(&server.url(), Duration::from_secs(2)).unwrap();
+    let call = |id: &'static str, op| {
+        let redis = &redis;
+        async move {
+            redis
+                .lease(LeaseRequest {
+                    key: "paired|in_flight",
+                    id,
+                    op,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let paired = |ttl_ms| LeaseOp::Acquire {
+        max: 1,
+        ttl_ms,
+        paired: true,
+    };
+    assert!(call("a", paired(60_000)).await.done);
+    assert!(
+        !call("a", paired(60_000)).await.done,
+        "an id held is refused"
+    );
+    assert!(!call("a", paired(60_000)).await.done);
+    // The two refused requests' releases come first: the holder keeps its slot.
+    for _ in 0..2 {
+        let r = call("a", LeaseOp::Release).await;
+        assert_eq!((r.done, r.in_flight), (false, 1));
+    }
+    assert!(!call("b", paired(60_000)).await.done, "still held");
+    assert!(!call("b", LeaseOp::Release).await.done, "b's own release");
+    assert!(
+        call("a", LeaseOp::Release).await.done,
+        "the holder's release"
+    );
+
+    // A refusal remembered for 300 ms whose release never comes: forgotten after it.
+    assert!(call("c", paired(60_000)).await.done);
+    assert!(!call("c", paired(300)).await.done);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let freed = call("c", LeaseOp::Release).await;
+    assert_eq!((freed.done, freed.in_flight), (true, 0));
 }

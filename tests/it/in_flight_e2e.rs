@@ -214,3 +214,50 @@ async fn two_replicas_behind_two_envoys_stay_exact() {
     )
     .await;
 }
+
+/// An attacker's own `x-request-id`, behind an Envoy that keeps ids it is sent (an internal hop:
+/// `use_remote_address: false`): requests naming the id of a request in flight are refused, and
+/// their stream-done releases do not free that request's slot, so nobody else gets in meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_request_id_cannot_free_a_slot_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = rules(dir.path(), 1, "60s");
+    let sluicegate = Sluicegate::start(&["--rules", &rules], &[]).await;
+    let upstream = slow_upstream(Duration::from_secs(3)).await;
+    let config = IN_FLIGHT_YAML.replace("use_remote_address: true", "use_remote_address: false");
+    assert_ne!(config, IN_FLIGHT_YAML);
+    let envoy = Envoy::start(&config, upstream.port, sluicegate.grpc_port).await;
+    let url = envoy.url("/slow");
+    let holder = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            crate::support::http_request(&url, &[("x-user", "eve"), ("x-request-id", "A")]).await
+        })
+    };
+    let gauge = "sluicegate_in_flight{domain=\"in_flight\",rule=\"per_user\"}";
+    eventually(
+        Duration::from_secs(10),
+        "the holder in flight",
+        async || {
+            let (_, text) = http_get(&sluicegate.http_url("/metrics")).await.unwrap();
+            metric(&text, gauge) == 1.0
+        },
+    )
+    .await;
+    // Five more naming the holder's id: refused at once (each then sends its release).
+    let reused = at_once(&[&envoy], 5, "eve", &[("x-request-id", "A")]).await;
+    assert_eq!(reused, [429; 5]);
+    // The slot is still the holder's: a request of another id is refused too.
+    let other = crate::support::http_request(&url, &[("x-user", "eve"), ("x-request-id", "B")])
+        .await
+        .map(|a| a.status);
+    assert_eq!(
+        other,
+        Some(429),
+        "the reused id's releases freed the holder's slot"
+    );
+    assert_eq!(holder.await.unwrap().map(|a| a.status), Some(200));
+    // Once the holder is done, the slot is free.
+    let after = crate::support::http_request(&envoy.url("/fast"), &[("x-user", "eve")]).await;
+    assert_eq!(after.map(|a| a.status), Some(200));
+}

@@ -651,6 +651,7 @@ mod tests {
         let acquire = LeaseOp::Acquire {
             max: 1,
             ttl_ms: 100,
+            paired: false,
         };
         let lease = |key: &'static str| LeaseRequest {
             key,

@@ -9,7 +9,7 @@ use sluicegate_core::backend::BucketRequest;
 use sluicegate_core::rules::{
     ACQUIRE_ENTRY, Limit, RELEASE_ENTRY, Rule, RuleSet, Unit, descriptor_key,
 };
-use sluicegate_core::{Ask, LeaseOp, MAX_LEASE_ID_BYTES, Op, Shape};
+use sluicegate_core::{Ask, LeaseOp, Op, Shape, lease_id_ok};
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use sluicegate_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
 use sluicegate_proto::envoy::service::ratelimit::v3::{
@@ -133,7 +133,7 @@ pub enum Refusal {
     Refund,
     /// A `concurrency` rule's descriptor without its `acquire`/`release` entry (the Envoy config
     /// does not name the request): OK, no lease; or an acquire whose id is empty, longer than 128
-    /// bytes or not UTF-8: OVER_LIMIT.
+    /// bytes, not UTF-8 or with control characters: OVER_LIMIT.
     LeaseId,
 }
 
@@ -317,7 +317,7 @@ impl Plan {
         let acquire = marker.key == ACQUIRE_ENTRY.as_bytes();
         let id = std::str::from_utf8(&marker.value)
             .ok()
-            .filter(|id| !id.is_empty() && id.len() <= MAX_LEASE_ID_BYTES);
+            .filter(|id| lease_id_ok(id));
         let Some(id) = id else {
             self.refusals.push((Refusal::LeaseId, i));
             // Fail closed: an acquire without a usable id is no slot; a release of it frees none.
@@ -341,7 +341,12 @@ impl Plan {
             key,
             id: id.to_string(),
             op: if acquire {
-                LeaseOp::Acquire { max, ttl_ms }
+                // Envoy's stream-done call releases this id whatever the answer.
+                LeaseOp::Acquire {
+                    max,
+                    ttl_ms,
+                    paired: true,
+                }
             } else {
                 LeaseOp::Release
             },

@@ -23,10 +23,14 @@ pub fn in_flight_sha() -> &'static str {
 /// The EVALSHA of one lease operation (one key: declared KEYS on every topology).
 pub fn in_flight(key: &str, id: &str, op: crate::LeaseOp) -> Cmd {
     use crate::LeaseOp;
-    let (code, max, ttl) = match op {
-        LeaseOp::Acquire { max, ttl_ms } => (1, max, ttl_ms),
-        LeaseOp::Release => (2, 0, 0),
-        LeaseOp::Renew { ttl_ms } => (3, 0, ttl_ms),
+    let (code, max, ttl, paired) = match op {
+        LeaseOp::Acquire {
+            max,
+            ttl_ms,
+            paired,
+        } => (1, max, ttl_ms, paired),
+        LeaseOp::Release => (2, 0, 0, false),
+        LeaseOp::Renew { ttl_ms } => (3, 0, ttl_ms, false),
     };
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(in_flight_sha())
@@ -35,7 +39,8 @@ pub fn in_flight(key: &str, id: &str, op: crate::LeaseOp) -> Cmd {
         .arg(code)
         .arg(id)
         .arg(max)
-        .arg(ttl);
+        .arg(ttl)
+        .arg(u8::from(paired));
     cmd
 }
 
