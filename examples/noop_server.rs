@@ -10,8 +10,9 @@ use sluicegate_proto::envoy::service::ratelimit::v3::{
     rate_limit_service_server::{RateLimitService as Envoy, RateLimitServiceServer as EnvoyServer},
 };
 use sluicegate_proto::sluicegate::v1::{
-    SettleRequest, SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse,
-    ShouldAllowRequest, ShouldAllowResponse,
+    AcquireRequest, AcquireResponse, ReleaseRequest, ReleaseResponse, RenewRequest, SettleRequest,
+    SettleResponse, ShouldAllowBatchRequest, ShouldAllowBatchResponse, ShouldAllowRequest,
+    ShouldAllowResponse,
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
 };
 use tokio::net::TcpListener;
@@ -53,6 +54,34 @@ impl RateLimitService for Noop {
 
     async fn settle(&self, _: Request<SettleRequest>) -> Result<Response<SettleResponse>, Status> {
         Ok(Response::new(SettleResponse::default()))
+    }
+
+    async fn acquire(
+        &self,
+        _: Request<AcquireRequest>,
+    ) -> Result<Response<AcquireResponse>, Status> {
+        Ok(Response::new(AcquireResponse {
+            granted: true,
+            lease_id: "noop".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn release(
+        &self,
+        _: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        Ok(Response::new(ReleaseResponse {
+            released: true,
+            in_flight: 0,
+        }))
+    }
+
+    async fn renew(&self, _: Request<RenewRequest>) -> Result<Response<AcquireResponse>, Status> {
+        Ok(Response::new(AcquireResponse {
+            granted: true,
+            ..Default::default()
+        }))
     }
 }
 

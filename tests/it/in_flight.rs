@@ -17,7 +17,12 @@ use crate::support::{RedisServer, Sluicegate};
 /// The model: each key's leases as id -> expiry, and the refused paired acquires whose release is
 /// still to come as id -> (count, expiry).
 #[derive(Default)]
-struct Model(HashMap<String, (HashMap<String, f64>, HashMap<String, (u32, f64)>)>);
+struct Model(HashMap<String, (Held, Refused)>);
+
+/// id -> expiry.
+type Held = HashMap<String, f64>;
+/// id -> (refusals whose release is to come, expiry).
+type Refused = HashMap<String, (u32, f64)>;
 
 impl Model {
     fn apply(&mut self, now: f64, key: &str, id: &str, op: LeaseOp) -> (bool, u32, u32) {
