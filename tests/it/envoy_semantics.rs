@@ -666,3 +666,121 @@ async fn an_over_limit_status_never_says_retry_in_under_a_second() {
     let retry = r.statuses[0].duration_until_reset.unwrap();
     assert_eq!((retry.seconds, retry.nanos), (1, 0), "200 ms, rounded up");
 }
+
+const JOBS: &str = "domain: edge
+descriptors:
+  - key: user
+    rate_limit: { unit: hour, requests_per_unit: 100 }
+  - key: job
+    concurrency: { max: 2, lease: 60s, name: jobs }
+  - key: watched_job
+    shadow_mode: true
+    concurrency: { max: 1, name: watched_jobs }
+";
+
+impl Api {
+    /// One request of several descriptors, each of several entries.
+    async fn ask_many(
+        &self,
+        descriptors: &[&[(&str, &str)]],
+    ) -> sluicegate_proto::envoy::service::ratelimit::v3::RateLimitResponse {
+        let descriptors = descriptors.iter().map(|d| descriptor(d)).collect();
+        self.api
+            .should_rate_limit(&request("edge", descriptors))
+            .await
+            .unwrap()
+    }
+}
+
+/// A concurrency rule through the Envoy API: an acquire holds a slot until its release; a request
+/// refused for its slot charges none of its buckets; a release answers OK whatever it finds.
+#[tokio::test]
+async fn acquires_hold_slots_and_a_refused_one_charges_nothing() {
+    let a = api_with(Some(JOBS), |_| {});
+    let acquire = |id: &'static str| [("job", "nightly"), ("acquire", id)];
+    for id in ["r1", "r2"] {
+        let r = a.ask_many(&[&acquire(id), &[("user", "u")]]).await;
+        assert_eq!(r.overall_code, OK, "{id}: {r:?}");
+        let limit = r.statuses[0].current_limit.as_ref().unwrap();
+        assert_eq!((limit.name.as_str(), limit.requests_per_unit), ("jobs", 2));
+    }
+    let refused = a.ask_many(&[&acquire("r3"), &[("user", "u")]]).await;
+    assert_eq!(refused.overall_code, OVER);
+    assert_eq!(refused.statuses[0].code, OVER);
+    assert_eq!(refused.statuses[1].code, OK, "the user's bucket had room");
+    assert!(refused.statuses[0].duration_until_reset.is_some());
+    assert_eq!(
+        a.left("user", "u").await,
+        98,
+        "the refused request charged nothing"
+    );
+    // r3's own stream-done release frees nothing; r1's frees a slot for r4.
+    let release = |id: &'static str| [("job", "nightly"), ("release", id)];
+    assert_eq!(a.ask_many(&[&release("r3")]).await.overall_code, OK);
+    assert_eq!(a.ask_many(&[&acquire("r4")]).await.overall_code, OVER);
+    assert_eq!(a.ask_many(&[&release("r4")]).await.overall_code, OK);
+    assert_eq!(a.ask_many(&[&release("r1")]).await.overall_code, OK);
+    let r4 = a.ask_many(&[&acquire("r4")]).await;
+    assert_eq!(r4.overall_code, OK, "{r4:?}");
+    assert_eq!(r4.statuses[0].limit_remaining, 0, "2 of 2 held");
+    // Another job has slots of its own.
+    let other = a.ask_many(&[&[("job", "hourly"), ("acquire", "h1")]]).await;
+    assert_eq!(other.overall_code, OK);
+    // A shadow rule's refusal refuses nothing.
+    let watched = |id: &'static str| [("watched_job", "w"), ("acquire", id)];
+    assert_eq!(a.ask_many(&[&watched("w1")]).await.overall_code, OK);
+    assert_eq!(a.ask_many(&[&watched("w2")]).await.overall_code, OK);
+}
+
+/// What a client of Envoy could put in the lease entry is answered: an id with control bytes,
+/// empty, or too long is OVER_LIMIT (no slot without a usable id); a concurrency rule's
+/// descriptor without its acquire entry is OK with no lease (a config that names no request).
+#[tokio::test]
+async fn lease_ids_that_cannot_name_a_slot_are_refused() {
+    let a = api_with(Some(JOBS), |_| {});
+    let long = "x".repeat(129);
+    for id in ["", "a\u{1}b", long.as_str()] {
+        let r = a.ask_many(&[&[("job", "j"), ("acquire", id)]]).await;
+        assert_eq!(r.overall_code, OVER, "{id:?}");
+    }
+    assert_eq!(a.ask_many(&[&[("job", "j")]]).await.overall_code, OK);
+    // The slots are all still free.
+    for id in ["a", "b"] {
+        let r = a.ask_many(&[&[("job", "j"), ("acquire", id)]]).await;
+        assert_eq!(r.overall_code, OK, "{id}");
+    }
+}
+
+/// A backend failure on an acquire is FAILURE_MODE's: error (UNAVAILABLE), deny, or allow.
+#[tokio::test]
+async fn a_failed_acquire_is_the_failure_modes() {
+    let rules = "domain: edge\ndescriptors:\n  - key: job\n    concurrency: { max: 2 }\n";
+    let req = || {
+        request(
+            "edge",
+            vec![descriptor(&[("job", "fail"), ("acquire", "x")])],
+        )
+    };
+    let error = api_with(Some(rules), |_| {});
+    let err = error.api.should_rate_limit(&req()).await.unwrap_err();
+    assert!(matches!(err, ApiError::Backend(_)), "{err:?}");
+    let deny = api_with(Some(rules), |s| s.failure_mode = FailureMode::Deny);
+    assert_eq!(
+        deny.api
+            .should_rate_limit(&req())
+            .await
+            .unwrap()
+            .overall_code,
+        OVER
+    );
+    let allow = api_with(Some(rules), |s| s.failure_mode = FailureMode::Allow);
+    assert_eq!(
+        allow
+            .api
+            .should_rate_limit(&req())
+            .await
+            .unwrap()
+            .overall_code,
+        OK
+    );
+}

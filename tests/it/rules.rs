@@ -473,3 +473,97 @@ fn newcomer_mistakes_get_messages_that_say_what_is_expected() {
         assert!(err.contains(want) && err.contains(&name), "{text:?}: {err}");
     }
 }
+
+/// `concurrency: { max, lease }` rules: parsed, shown by check-rules, refused with a message
+/// naming the line when combined with a rate limit or written wrong; siblings may mix.
+#[test]
+fn concurrency_rules() {
+    let set = load(
+        "domain: d\ndescriptors:\n  - key: user\n    concurrency: { max: 5, lease: 90s, name: per_user }\n  - key: org\n    concurrency: { max: 50 }\n  - key: ip\n    rate_limit: { unit: second, requests_per_unit: 10 }\n",
+    );
+    let limits: Vec<(String, Limit)> = set
+        .rules()
+        .iter()
+        .map(|r| (r.label.clone(), r.limit))
+        .collect();
+    assert_eq!(
+        limits[..2],
+        [
+            (
+                "per_user".to_string(),
+                Limit::InFlight {
+                    max: 5,
+                    lease_ms: 90_000
+                }
+            ),
+            (
+                "org".to_string(),
+                Limit::InFlight {
+                    max: 50,
+                    lease_ms: 60_000
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        set.rules()[0].to_string().split("  ").nth(3),
+        Some("name=per_user")
+    );
+    assert!(
+        set.rules()[0]
+            .to_string()
+            .contains("at most 5 in flight  lease: 90s")
+    );
+    for (ms, text) in [
+        (250, "250ms"),
+        (1_000, "1s"),
+        (300_000, "5m"),
+        (7_200_000, "2h"),
+    ] {
+        let set = load(&format!(
+            "domain: d\ndescriptors:\n  - key: k\n    concurrency: {{ max: 1, lease: {text} }}\n"
+        ));
+        assert_eq!(
+            set.rules()[0].limit,
+            Limit::InFlight {
+                max: 1,
+                lease_ms: ms
+            }
+        );
+    }
+    for (text, line, says) in [
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    concurrency: { max: 1 }\n    rate_limit: { unit: second, requests_per_unit: 1 }\n",
+            ":3",
+            "rate_limit or concurrency, not both",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    concurrency: { max: 0 }\n",
+            ":4",
+            "concurrency max must be a whole number from 1",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    concurrency:\n      max: 2\n      lease: 10 minutes\n",
+            ":6",
+            "lease must be a whole number of ms, s, m or h",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    concurrency: { max: 2, lease: 25h }\n",
+            ":4",
+            "from 1ms to 24h",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    concurrency: { lease: 5s }\n",
+            ":4",
+            "max",
+        ),
+        (
+            "domain: d\ndescriptors:\n  - key: k\n    debt: true\n    concurrency: { max: 2 }\n",
+            ":3",
+            "debt needs a rate_limit bucket",
+        ),
+    ] {
+        let err = load_err(text);
+        assert!(err.contains(line) && err.contains(says), "{text}\n=> {err}");
+    }
+}
