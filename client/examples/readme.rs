@@ -1,6 +1,6 @@
-//! The README's Rust snippet ("From Rust: the sluicegate-client crate"), verbatim between the
-//! markers: it compiles with every build of the examples, and `tests/it/readme.rs` fails if the
-//! two differ. Not meant to be run.
+//! The README's Rust snippets ("From Rust: the sluicegate-client crate", and the in-flight
+//! layer of "In-flight limits"), verbatim between the markers, in order: they compile with every
+//! build of the examples, and `tests/it/readme.rs` fails if they differ. Not meant to be run.
 
 #[rustfmt::skip] // as the README shows it
 #[tokio::main]
@@ -24,6 +24,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .shape(20.0, 10.0);
     // route_layer: only matched routes are limited, so a 404 costs nobody a token.
     let app: Router = Router::new().route("/", get(|| async { "hello" })).route_layer(limit);
+    // README snippet ends
+    drop(app);
+    Ok(())
+}
+
+#[rustfmt::skip] // as the README shows it
+#[allow(dead_code)]
+async fn in_flight() -> Result<(), Box<dyn std::error::Error>> {
+    // README snippet begins
+    use std::time::Duration;
+
+    use axum::{Router, http::request::Parts, routing::post};
+    use sluicegate_client::{Client, ConcurrencyLimitLayer, KeyError};
+
+    let client = Client::builder("http://127.0.0.1:8081").build()?;
+    // At most 5 generations per API key at once, across every replica of this app.
+    let generations = ConcurrencyLimitLayer::new(client, 5, |req: &Parts| {
+        req.headers.get("x-api-key").and_then(|v| v.to_str().ok())
+            .map(|key| format!("generations:{key}"))
+            .ok_or_else(|| KeyError::unauthorized("send an X-API-Key header"))
+    })
+    .lease_ttl(Duration::from_secs(60));   // what a crashed replica holds a slot for, at most
+    let app: Router = Router::new().route("/generate", post(|| async { "done" })).route_layer(generations);
     // README snippet ends
     drop(app);
     Ok(())

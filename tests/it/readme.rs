@@ -1,4 +1,4 @@
-//! The README works when pasted: its Rust snippet is the one `client/examples/readme.rs` compiles,
+//! The README works when pasted: its Rust snippets are the ones `client/examples/readme.rs` compiles,
 //! and the "Try it" shell block, run as written (with this build's binaries), prints what the
 //! README says it prints.
 
@@ -28,24 +28,29 @@ fn blocks(text: &str, lang: &str) -> Vec<String> {
 }
 
 #[test]
-fn the_rust_snippet_is_the_one_that_compiles() {
+fn the_rust_snippets_are_the_ones_that_compile() {
     let snippets = blocks(&readme(), "rust");
-    assert_eq!(
-        snippets.len(),
-        1,
-        "one Rust snippet, mirrored in client/examples/readme.rs"
-    );
     let example =
         std::fs::read_to_string(crate::support::repo_path("client/examples/readme.rs")).unwrap();
-    let begin = example.find("// README snippet begins\n").unwrap() + 25;
-    let end = example.find("    // README snippet ends").unwrap();
-    let compiled: Vec<&str> = example[begin..end]
-        .lines()
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect();
+    let mut compiled = Vec::new();
+    let mut rest = example.as_str();
+    while let Some(at) = rest.find("// README snippet begins\n") {
+        let begin = at + 25;
+        let end = rest.find("    // README snippet ends").unwrap();
+        let lines: Vec<&str> = rest[begin..end]
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect();
+        compiled.push(lines.join("\n"));
+        rest = &rest[end + 26..];
+    }
     assert_eq!(
-        compiled.join("\n"),
-        snippets[0],
+        snippets.len(),
+        2,
+        "two Rust snippets (the rate layer, the in-flight layer), mirrored in client/examples/readme.rs"
+    );
+    assert_eq!(
+        compiled, snippets,
         "README and client/examples/readme.rs differ"
     );
 }
