@@ -320,20 +320,7 @@ impl Plan {
             .filter(|id| lease_id_ok(id));
         let Some(id) = id else {
             self.refusals.push((Refusal::LeaseId, i));
-            // Fail closed: an acquire without a usable id is no slot; a release of it frees none.
-            let limit = in_flight_limit(&rule, max);
-            return if acquire {
-                self.over_without_backend |= !rule.shadow_mode;
-                Planned::Blocked {
-                    rule: Some(rule),
-                    limit,
-                    unit: Unit::Second,
-                    over: true,
-                    hits: 1,
-                }
-            } else {
-                Planned::Free
-            };
+            return unusable_id(rule, max, acquire);
         };
         let mut key = bounded_key(key, &settings.key_prefix, settings.max_key_bytes);
         key.push_str("|in_flight");
@@ -504,6 +491,22 @@ fn operation(d: &RateLimitDescriptor, request_hits: u32, settings: &EnvoySetting
         return Some(Op::Take(hits));
     }
     settings.allow_refunds.then_some(Op::Refund(hits))
+}
+
+/// A lease entry whose id cannot name a slot (empty, too long, not UTF-8, control characters).
+/// Fail closed: an acquire without a usable id gets no slot (OVER_LIMIT, `plan` then charges
+/// nothing); a release of it frees none.
+fn unusable_id(rule: Arc<Rule>, max: u32, acquire: bool) -> Planned {
+    if !acquire {
+        return Planned::Free;
+    }
+    Planned::Blocked {
+        limit: in_flight_limit(&rule, max),
+        rule: Some(rule),
+        unit: Unit::Second,
+        over: true,
+        hits: 1,
+    }
 }
 
 /// What `current_limit` says of an in-flight limit: its maximum, with no unit (it is no rate).
