@@ -240,9 +240,10 @@ async fn redis_leases_expire_and_their_key_goes_with_them() {
     assert_eq!(exists, 0, "nothing left behind");
 }
 
-/// 500 callers at once over two replicas on one Redis, at most 8 in flight per key: from the
-/// callers' own times (granted answer received .. release sent, inside the real hold), never more
-/// than 8 held at once, and 8 are reached.
+/// 500 callers at once over two replicas on one Redis, at most 8 in flight per key, each holding its
+/// slot 40-80 ms once granted and trying again until it is: from the callers' own times (granted
+/// answer received .. release sent, inside the real hold), never more than 8 held at once; nearly
+/// 8 is reached (the check could see a breach), and every caller got its turn (releases free).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_more_than_max_across_two_replicas() {
     let redis = RedisServer::start().await;
@@ -259,7 +260,7 @@ async fn never_more_than_max_across_two_replicas() {
         let mut client = clients[i % 2].clone();
         let (held, most, granted) = (held.clone(), most.clone(), granted.clone());
         tokio::spawn(async move {
-            for _ in 0..3 {
+            for _ in 0..2000 {
                 let answer = client
                     .acquire(AcquireRequest {
                         key: "shared".into(),
@@ -270,13 +271,13 @@ async fn never_more_than_max_across_two_replicas() {
                     .unwrap()
                     .into_inner();
                 if !answer.granted {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
                 granted.fetch_add(1, Ordering::Relaxed);
                 let now = held.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(10 + (i % 20) as u64)).await;
+                tokio::time::sleep(Duration::from_millis(40 + (i % 40) as u64)).await;
                 held.fetch_sub(1, Ordering::SeqCst);
                 let released = client
                     .release(ReleaseRequest {
@@ -296,8 +297,17 @@ async fn never_more_than_max_across_two_replicas() {
     }
     let most = most.load(Ordering::SeqCst);
     assert!(most <= 8, "{most} held at once");
-    assert_eq!(most, 8, "the limit was reached (the test can see a breach)");
-    assert!(granted.load(Ordering::Relaxed) >= 8);
+    // The callers' windows sit inside the server's holds, so a loaded machine can shave one or two
+    // off what they see; a limiter that admitted one at a time would show 1.
+    assert!(
+        most >= 6,
+        "only {most} seen at once: the check could not see a breach"
+    );
+    assert_eq!(
+        granted.load(Ordering::Relaxed),
+        500,
+        "every caller got a slot in turn"
+    );
 }
 
 /// What a caller gets: errors naming the field, an idempotent release, a renewal that keeps a

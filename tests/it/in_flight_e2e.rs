@@ -57,7 +57,7 @@ fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|&&s| s == status).count()
 }
 
-/// 20 requests of one user at once through Envoy, with max 5 and a one-second upstream: 5 are
+/// 20 requests of one user at once through Envoy, with max 5 and a two-second upstream: 5 are
 /// served, 15 refused; once they are done the slots are free again (stream-done released them),
 /// and a forged `x-request-id` shared by every request does not let them share a slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +65,9 @@ async fn at_most_n_requests_of_a_user_in_flight_through_envoy() {
     let dir = tempfile::tempdir().unwrap();
     let rules = rules(dir.path(), 5, "60s");
     let sluicegate = Sluicegate::start(&["--rules", &rules], &[]).await;
-    let upstream = slow_upstream(Duration::from_secs(1)).await;
+    // Two seconds: every request of a burst reaches sluicegate while the first ones still run,
+    // even on a loaded machine.
+    let upstream = slow_upstream(Duration::from_secs(2)).await;
     let envoy = Envoy::start(IN_FLIGHT_YAML, upstream.port, sluicegate.grpc_port).await;
 
     let first = at_once(&[&envoy], 20, "alice", &[]).await;
@@ -187,7 +189,9 @@ async fn two_replicas_behind_two_envoys_stay_exact() {
     let args = ["--rules", rules.as_str(), "--redis-url", &redis.url()];
     let a = Sluicegate::start(&args, &[]).await;
     let b = Sluicegate::start(&args, &[]).await;
-    let upstream = slow_upstream(Duration::from_secs(1)).await;
+    // Two seconds: every request of a burst reaches sluicegate while the first ones still run,
+    // even on a loaded machine.
+    let upstream = slow_upstream(Duration::from_secs(2)).await;
     let ea = Envoy::start(IN_FLIGHT_YAML, upstream.port, a.grpc_port).await;
     let eb = Envoy::start(IN_FLIGHT_YAML, upstream.port, b.grpc_port).await;
     for round in 0..2 {

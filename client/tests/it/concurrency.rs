@@ -44,7 +44,7 @@ fn slow_app(client: Client, max: u32, running: Running) -> Router {
                 async move {
                     let now = running.now.fetch_add(1, Ordering::SeqCst) + 1;
                     running.most.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
                     running.now.fetch_sub(1, Ordering::SeqCst);
                     "generated"
                 }
