@@ -350,17 +350,17 @@ async fn the_api_names_bad_fields_renews_and_degrades() {
         .unwrap_err();
     assert!(e.message().starts_with("lease_id"), "{}", e.message());
 
-    let lease = c.acquire(acquire(1, 400)).await.unwrap().into_inner();
+    let lease = c.acquire(acquire(1, 1000)).await.unwrap().into_inner();
     assert!(lease.granted && lease.lease_id.len() == 32, "{lease:?}");
     assert_eq!(lease.in_flight, 1);
-    // Renewed every 200 ms, it outlives its first 400 ms.
+    // Renewed every 400 ms, it outlives its first second.
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         let renewed = c
             .renew(RenewRequest {
                 key: "api".into(),
                 lease_id: lease.lease_id.clone(),
-                lease_ttl_ms: 400,
+                lease_ttl_ms: 1000,
             })
             .await
             .unwrap()
