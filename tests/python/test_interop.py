@@ -153,9 +153,10 @@ def test_reflection(sluicegate, version):
     request = next(m for m in service.message_type if m.name == "ShouldAllowRequest")
     assert [f.name for f in request.field] == [
         "key", "cost", "capacity", "rate", "dry_run", "reserve_ttl_ms"]
-    # The RPCs a grpcurl user would list: ShouldAllow, ShouldAllowBatch and Settle.
+    # The RPCs a grpcurl user would list: ShouldAllow, ShouldAllowBatch, Settle, and the
+    # in-flight limits' Acquire, Release and Renew.
     methods = {m.name for s in service.service for m in s.method}
-    assert methods == {"ShouldAllow", "ShouldAllowBatch", "Settle"}, methods
+    assert methods == {"ShouldAllow", "ShouldAllowBatch", "Settle", "Acquire", "Release", "Renew"}, methods
     settle = next(m for m in service.message_type if m.name == "SettleRequest")
     assert [f.name for f in settle.field] == [
         "key", "capacity", "rate", "reserved", "actual", "reservation_id"]
@@ -193,6 +194,28 @@ def test_reserve_work_settle(stubs, sluicegate):
     assert round(settled.tokens_remaining) == -45 and settled.in_debt
     again = stub.ShouldAllow(pb.ShouldAllowRequest(key="py:llm", cost=1, **shape), timeout=2)
     assert not again.allowed
+
+
+def test_in_flight_acquire_renew_release(stubs, sluicegate):
+    """README "In-flight limits" from Python: two slots, a third refused, a release frees one."""
+    pb, pb_grpc = stubs
+    stub = pb_grpc.RateLimitServiceStub(sluicegate)
+    acquire = pb.AcquireRequest(key="py:jobs", max_in_flight=2, lease_ttl_ms=60000)
+    first = stub.Acquire(acquire, timeout=2)
+    second = stub.Acquire(acquire, timeout=2)
+    assert first.granted and second.granted and second.in_flight == 2
+    third = stub.Acquire(acquire, timeout=2)
+    assert not third.granted and third.lease_id == "" and third.retry_after_ms > 0
+    renewed = stub.Renew(
+        pb.RenewRequest(key="py:jobs", lease_id=first.lease_id, lease_ttl_ms=60000), timeout=2)
+    assert renewed.granted
+    released = stub.Release(pb.ReleaseRequest(key="py:jobs", lease_id=first.lease_id), timeout=2)
+    assert released.released and released.in_flight == 1
+    assert stub.Acquire(acquire, timeout=2).granted
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.Acquire(pb.AcquireRequest(key="py:jobs"), timeout=2)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad.value.details().startswith("max_in_flight")
 
 
 def test_batch_all_or_nothing(stubs, sluicegate):
