@@ -18,7 +18,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -73,6 +73,33 @@ pub struct Breaker {
     /// REDIS_TIMEOUT_MS: failures must be spread over at least this long.
     timeout: Duration,
     on_change: Option<metrics::Gauge>,
+    /// Its transitions' log lines, rate-limited.
+    pub log: TransitionLog,
+}
+
+/// At most one transition line per breaker every [`TransitionLog::EVERY`]; the transitions left
+/// out are counted in the next line. A breaker flapping under overload would otherwise write
+/// dozens of lines a second; the gauge (`sluicegate_backend_circuit_open`) always shows the state.
+#[derive(Debug, Default)]
+pub struct TransitionLog {
+    last: Mutex<Option<Instant>>,
+    left_out: AtomicU64,
+}
+
+impl TransitionLog {
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    /// Whether a line may be written now: the number of transitions left out since the last one.
+    pub fn admit(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.left_out.swap(0, Ordering::Relaxed))
+    }
 }
 
 /// What the breaker says about a call about to be made.
@@ -97,6 +124,7 @@ impl Breaker {
             open: AtomicBool::new(false),
             timeout,
             on_change: gauge,
+            log: TransitionLog::default(),
         }
     }
 
@@ -219,6 +247,23 @@ mod tests {
                 b.record(false, false);
             }
         }
+    }
+
+    /// A breaker flapping 50 times a second for a minute writes 6 lines, each counting what it
+    /// left out.
+    #[tokio::test(start_paused = true)]
+    async fn transition_lines_are_rate_limited_with_a_count() {
+        let log = TransitionLog::default();
+        let mut lines = Vec::new();
+        for _ in 0..3000 {
+            if let Some(left_out) = log.admit() {
+                lines.push(left_out);
+            }
+            tokio::time::advance(Duration::from_millis(20)).await;
+        }
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert_eq!(lines[0], 0);
+        assert!(lines[1..].iter().all(|&n| n == 499), "{lines:?}");
     }
 
     #[tokio::test(start_paused = true)]
