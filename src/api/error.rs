@@ -57,6 +57,9 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::PermissionDenied(_) => tonic::Status::permission_denied(e.to_string()),
             ApiError::NotFound(_) => tonic::Status::not_found(e.to_string()),
+            ApiError::Backend(b) if b.kind == sluicegate_core::backend::ErrorKind::Shed => {
+                tonic::Status::resource_exhausted(e.to_string())
+            }
             ApiError::Backend(_) => tonic::Status::unavailable(e.to_string()),
         }
     }

@@ -138,6 +138,16 @@ pub struct ShedMetrics {
     pub concurrency: Counter,
     pub message_size: Counter,
     pub bounds: Counter,
+    /// A call whose deadline left no time to decide.
+    pub deadline: Counter,
+    /// A call that waited for its turn longer than MAX_QUEUE_MS.
+    pub queue: Counter,
+    /// A call beyond the adaptive concurrency limit.
+    pub adaptive: Counter,
+    /// A TLS connection closed at once: its peer had its share of handshakes in progress.
+    pub handshake: Counter,
+    /// A TLS handshake in progress cut so that a newer one could start (the gate was full).
+    pub handshake_cut: Counter,
 }
 
 impl Default for ShedMetrics {
@@ -147,6 +157,11 @@ impl Default for ShedMetrics {
             concurrency: c("concurrency"),
             message_size: c("message_size"),
             bounds: c("bounds"),
+            deadline: c("deadline"),
+            queue: c("queue"),
+            adaptive: c("adaptive"),
+            handshake: c("handshake"),
+            handshake_cut: c("handshake_cut"),
         }
     }
 }
@@ -215,5 +230,7 @@ pub fn redis_metrics(activity: Arc<Activity>) -> sluicegate_core::backend::redis
                 metrics::gauge!(names::CIRCUIT_OPEN, "node" => node.to_string()),
             )
         })),
+        gone: Some(metrics::counter!(names::GONE_REFUNDS, "backend" => "redis")),
+        queue_shed: Some(metrics::counter!(names::SHED, "reason" => "queue")),
     }
 }

@@ -26,6 +26,8 @@ pub mod names {
     pub const IN_FLIGHT: &str = "sluicegate_in_flight";
     pub const IN_FLIGHT_EXPIRED: &str = "sluicegate_in_flight_expired_total";
     pub const RELEASES: &str = "sluicegate_in_flight_releases_total";
+    pub const GONE_REFUNDS: &str = "sluicegate_gone_refunds_total";
+    pub const CONCURRENCY_LIMIT: &str = "sluicegate_concurrency_limit";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -168,7 +170,15 @@ fn describe() {
         "Releases of in-flight leases, by API and result (released, or unknown: the id was not held, or had expired)."
     );
     describe_counter!(
+        names::GONE_REFUNDS,
+        "Takes given back because their caller had gone (its deadline passed) when the backend answered: tokens spent for nobody, returned, by backend."
+    );
+    describe_gauge!(
+        names::CONCURRENCY_LIMIT,
+        "The adaptive concurrency limit: decision calls worked on at once at most, following measured latency against MAX_QUEUE_MS (MAX_CONCURRENT_REQUESTS the cap)."
+    );
+    describe_counter!(
         names::SHED,
-        "Calls refused before any work, by reason (concurrency, message_size, bounds)."
+        "Calls refused before any work, by reason (concurrency: MAX_CONCURRENT_REQUESTS; adaptive: the adaptive limit; queue: waited longer than MAX_QUEUE_MS; message_size; bounds; deadline: a grpc-timeout under 1 ms or passed while waiting), and TLS connections shed before their handshake (handshake: their peer had its share in progress; handshake_cut: cut for a newer one when the gate was full)."
     );
 }

@@ -37,8 +37,9 @@ impl<B: Backend> Timed<B> {
             ErrorKind::Connection | ErrorKind::Moved => 1,
             ErrorKind::Script => 2,
             ErrorKind::Other => 3,
-            // No call was made: the breaker's gauge tells, not the error counter.
-            ErrorKind::CircuitOpen => return,
+            // No call was made: the breaker's gauge (or the shed counter) tells, not the error
+            // counter.
+            ErrorKind::CircuitOpen | ErrorKind::Shed => return,
         };
         self.errors[i].increment(1);
     }

@@ -97,6 +97,11 @@ pub enum ErrorKind {
     Moved,
     /// The node's circuit breaker is open: no call was made.
     CircuitOpen,
+    /// The call waited longer than MAX_QUEUE_MS for a connection slot: shed, no call was made
+    /// (an answer that late is worth nothing to its caller). FAILURE_MODE answers it as it
+    /// answers a timeout (a queue backs up behind a slow node); without one it is
+    /// RESOURCE_EXHAUSTED.
+    Shed,
     Other,
 }
 
@@ -109,6 +114,7 @@ impl ErrorKind {
             // Counted with connection trouble: the topology moved under the call.
             ErrorKind::Moved => "connection",
             ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::Shed => "shed",
             ErrorKind::Other => "other",
         }
     }

@@ -54,12 +54,28 @@ pub struct RedisMetrics {
     pub batch_size: Option<metrics::Histogram>,
     /// A gauge per node address: 1 while its breaker is open.
     pub circuit: Option<GaugeFor>,
+    /// Tokens refunded because their caller had gone when the call answered (takes, counted).
+    pub gone: Option<metrics::Counter>,
+    /// Calls shed because they waited longer than MAX_QUEUE_MS.
+    pub queue_shed: Option<metrics::Counter>,
 }
 
 impl RedisMetrics {
     fn batch(&self, n: usize) {
         if let Some(h) = &self.batch_size {
             h.record(n as f64);
+        }
+    }
+
+    fn queue_shed(&self) {
+        if let Some(c) = &self.queue_shed {
+            c.increment(1);
+        }
+    }
+
+    fn gone(&self, takes: usize) {
+        if let Some(c) = &self.gone {
+            c.increment(takes as u64);
         }
     }
 
@@ -76,6 +92,8 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// REDIS_CONNECTIONS: multiplexed connections (and calls in flight) per node.
     pub connections: usize,
+    /// MAX_QUEUE_MS: a call that waited longer for a connection slot is shed unsent.
+    pub max_queue: Duration,
     /// LOCAL_DENY_CACHE.
     pub deny_cache: bool,
     pub tls: RedisTls,
@@ -89,6 +107,7 @@ impl RedisOptions {
             topology: Topology::Single,
             timeout,
             connections: 2,
+            max_queue: Duration::from_millis(10),
             deny_cache: false,
             tls: RedisTls::default(),
             metrics: RedisMetrics::default(),
@@ -102,6 +121,7 @@ pub(crate) struct NodeContext {
     sha: String,
     timeout: Duration,
     connections: usize,
+    max_queue: Duration,
     placement: Placement,
     metrics: RedisMetrics,
     /// The deny cache, when on: each node's refund subscription feeds it.
@@ -139,6 +159,7 @@ impl RedisBackend {
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_string(),
             timeout: options.timeout,
             connections: options.connections.max(1),
+            max_queue: options.max_queue,
             placement: if cluster {
                 Placement::Argv
             } else {

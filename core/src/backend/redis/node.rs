@@ -8,6 +8,7 @@
 //! each on its own multiplexed connection.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -44,6 +45,10 @@ pub struct Job {
     probe: bool,
     /// The job's slot is migrating to this node: the call goes after ASKING.
     pub asking: bool,
+    /// Nobody waits for it (a refund the lane sends on its own): never dropped as gone or shed.
+    detached: bool,
+    /// When it joined the lane's queue.
+    queued: tokio::time::Instant,
     reply: Option<oneshot::Sender<Result<Vec<Decision>, BackendError>>>,
 }
 
@@ -53,6 +58,8 @@ impl Job {
             buckets,
             probe: false,
             asking: false,
+            detached: false,
+            queued: tokio::time::Instant::now(),
             reply: None,
         }
     }
@@ -63,12 +70,15 @@ impl Job {
     }
 
     fn gone(&self) -> bool {
-        self.reply.as_ref().is_none_or(|r| r.is_closed())
+        !self.detached && self.reply.as_ref().is_none_or(|r| r.is_closed())
     }
 
-    fn answer(&mut self, result: Result<Vec<Decision>, BackendError>) {
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(result);
+    /// Hands the answer to its caller; false when the caller has gone (its deadline passed while
+    /// the call was in flight) and the answer reached nobody.
+    fn answer(&mut self, result: Result<Vec<Decision>, BackendError>) -> bool {
+        match self.reply.take() {
+            Some(reply) => reply.send(result).is_ok(),
+            None => self.detached,
         }
     }
 }
@@ -149,7 +159,8 @@ impl Node {
             breaker,
             addr: node.addr.clone(),
         };
-        tokio::spawn(lane(rx, conns, lanes.clone(), Arc::new(judge)));
+        let refunds = node.jobs.downgrade();
+        tokio::spawn(lane(rx, refunds, conns, lanes.clone(), Arc::new(judge)));
         node
     }
 
@@ -180,6 +191,7 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         job.reply = Some(tx);
         job.probe = permit == Permit::Probe;
+        job.queued = tokio::time::Instant::now();
         match self.jobs.try_send(job) {
             Err(_) => Err(BackendError {
                 backend: "redis",
@@ -306,13 +318,16 @@ fn is_node_fault(e: &BackendError) -> bool {
     matches!(e.kind, ErrorKind::Timeout | ErrorKind::Connection)
 }
 
-/// Tells the breaker how one call went, and says so when that opened or closed it.
+/// Tells the breaker how one call went, and says so when that opened or closed it (at most one
+/// line per node every 10 s, with how many transitions were left out).
 fn note(breaker: &Breaker, addr: &str, probe: bool, ok: bool) {
-    if breaker.record(probe, ok) {
+    if breaker.record(probe, ok)
+        && let Some(left_out) = breaker.log.admit()
+    {
         if breaker.is_open() {
-            tracing::warn!(node = %addr, "circuit open: answering without waiting for this node");
+            tracing::warn!(node = %addr, left_out, "circuit open: answering without waiting for this node");
         } else {
-            tracing::info!(node = %addr, "circuit closed: the node answers again");
+            tracing::info!(node = %addr, left_out, "circuit closed: the node answers again");
         }
     }
 }
@@ -332,6 +347,17 @@ fn away(addr: &str) -> BackendError {
         backend: "redis",
         kind: ErrorKind::Moved,
         message: format!("{addr} does not serve this key now (a slot moved or is moving)"),
+    }
+}
+
+fn shed(max_queue: Duration) -> BackendError {
+    BackendError {
+        backend: "redis",
+        kind: ErrorKind::Shed,
+        message: format!(
+            "waited over MAX_QUEUE_MS ({} ms) for Redis: shed",
+            max_queue.as_millis()
+        ),
     }
 }
 
@@ -453,57 +479,134 @@ async fn hear_refunds(
 /// flight are polled here, not spawned: one task per node, no hand-off per batch.
 async fn lane(
     mut rx: mpsc::Receiver<Job>,
+    refunds: mpsc::WeakSender<Job>,
     conns: Arc<Conns>,
     lanes: Arc<NodeContext>,
     judge: Arc<Judge>,
 ) {
     use futures::stream::{FuturesUnordered, StreamExt};
     let mut in_flight = FuturesUnordered::new();
+    // Calls taken off the channel while every slot is busy, oldest first: watched, so that one
+    // waiting past MAX_QUEUE_MS is shed then, not when a slot frees (a slow node would otherwise
+    // hold a whole timeout's worth of calls, all answered too late).
+    let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut open = true;
     loop {
-        // A slot is free: take what queued (waiting for the first job only when idle).
-        let job = if !open {
-            None
-        } else if in_flight.len() < lanes.connections {
-            tokio::select! {
-                job = rx.recv() => job,
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+        shed_stale(&mut waiting, &lanes);
+        let free = in_flight.len() < lanes.connections;
+        if free && !waiting.is_empty() {
+            let batch = next_batch(&mut waiting, &mut rx, &lanes);
+            if !batch.is_empty() {
+                in_flight.push(send_batch(&conns, &lanes, &judge, &refunds, batch));
             }
-        } else {
-            // Every slot busy: wait for one; meanwhile decisions queue up for the next call.
-            in_flight.next().await;
             continue;
-        };
-        let Some(first) = job else {
-            open = false;
+        }
+        if !open && waiting.is_empty() {
             if in_flight.next().await.is_none() {
                 return;
             }
             continue;
-        };
-        let mut batch = vec![first];
-        let mut buckets = batch[0].buckets.len();
-        while buckets < MAX_BUCKETS_PER_CALL {
-            match rx.try_recv() {
-                Ok(job) => {
-                    buckets += job.buckets.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
         }
-        // A caller that gave up (its deadline passed) was answered otherwise: its decisions
-        // must not be charged now.
-        batch.retain(|j| !j.gone());
-        if !batch.is_empty() {
-            let (conns, lanes, judge) = (conns.clone(), lanes.clone(), judge.clone());
-            in_flight.push(async move { run_batch(&conns, &lanes, &judge, batch).await });
+        // Idle: wait for the first call. Busy: wait for a slot, taking in what queues meanwhile
+        // (the next call's batch) and waking when the oldest waiting call would go stale.
+        let stale_at = waiting
+            .front()
+            .filter(|j| !j.detached)
+            .map(|j| j.queued + lanes.max_queue);
+        let room = open && (free || waiting.len() < QUEUE);
+        tokio::select! {
+            job = rx.recv(), if room => match job {
+                Some(job) => {
+                    waiting.push_back(job);
+                    while waiting.len() < QUEUE && let Ok(job) = rx.try_recv() {
+                        waiting.push_back(job);
+                    }
+                }
+                None => open = false,
+            },
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            () = tokio::time::sleep_until(stale_at.unwrap_or_else(tokio::time::Instant::now)), if stale_at.is_some() => {}
         }
     }
 }
 
-/// One script call for `batch`, its answers handed back job by job.
-async fn run_batch(conns: &Conns, lanes: &NodeContext, judge: &Judge, mut batch: Vec<Job>) {
+/// One script call for `batch`; tokens it took for callers who left while it was in flight go
+/// back in a later call of this lane.
+fn send_batch(
+    conns: &Arc<Conns>,
+    lanes: &Arc<NodeContext>,
+    judge: &Arc<Judge>,
+    refunds: &mpsc::WeakSender<Job>,
+    batch: Vec<Job>,
+) -> impl Future<Output = ()> + use<> {
+    let (conns, lanes, judge) = (conns.clone(), lanes.clone(), judge.clone());
+    let refunds = refunds.clone();
+    async move {
+        let gone = run_batch(&conns, &lanes, &judge, batch).await;
+        if let (Some(job), Some(tx)) = (gone, refunds.upgrade()) {
+            let n = job.buckets.len();
+            if tx.try_send(job).is_ok() {
+                lanes.metrics.gone(n);
+            }
+        }
+    }
+}
+
+/// Drops, from the front of the waiting calls, those whose caller has gone and sheds those that
+/// waited past MAX_QUEUE_MS (RESOURCE_EXHAUSTED, or FAILURE_MODE's answer), oldest first.
+fn shed_stale(waiting: &mut VecDeque<Job>, lanes: &NodeContext) {
+    let now = tokio::time::Instant::now();
+    while let Some(j) = waiting.front_mut() {
+        if j.gone() {
+            waiting.pop_front();
+        } else if !j.detached && now.duration_since(j.queued) > lanes.max_queue {
+            lanes.metrics.queue_shed();
+            j.answer(Err(shed(lanes.max_queue)));
+            waiting.pop_front();
+        } else {
+            return;
+        }
+    }
+}
+
+/// The next script call's jobs: the waiting ones first, then what queued on the channel, up to
+/// [`MAX_BUCKETS_PER_CALL`] buckets; none whose caller has gone (its deadline passed: it was
+/// answered otherwise, and must not be charged now) or that waited past MAX_QUEUE_MS.
+fn next_batch(
+    waiting: &mut VecDeque<Job>,
+    rx: &mut mpsc::Receiver<Job>,
+    lanes: &NodeContext,
+) -> Vec<Job> {
+    let mut batch = Vec::new();
+    let mut buckets = 0;
+    while buckets < MAX_BUCKETS_PER_CALL {
+        let Some(job) = waiting.pop_front().or_else(|| rx.try_recv().ok()) else {
+            break;
+        };
+        buckets += job.buckets.len();
+        batch.push(job);
+    }
+    batch.retain(|j| !j.gone());
+    let now = tokio::time::Instant::now();
+    batch.retain_mut(|j| {
+        if j.detached || now.duration_since(j.queued) <= lanes.max_queue {
+            return true;
+        }
+        lanes.metrics.queue_shed();
+        j.answer(Err(shed(lanes.max_queue)));
+        false
+    });
+    batch
+}
+
+/// One script call for `batch`, its answers handed back job by job; the refunds of what it took
+/// for callers that had gone by then, as a job of their own.
+async fn run_batch(
+    conns: &Conns,
+    lanes: &NodeContext,
+    judge: &Judge,
+    mut batch: Vec<Job>,
+) -> Option<Job> {
     let total: usize = batch.iter().map(|j| j.buckets.len()).sum();
     lanes.metrics.batch(total);
     let result = match conns.pick() {
@@ -532,16 +635,63 @@ async fn run_batch(conns: &Conns, lanes: &NodeContext, judge: &Judge, mut batch:
     let node_fault = result.as_ref().is_err_and(is_node_fault);
     note(&judge.breaker, &judge.addr, probe, !node_fault);
     match result {
-        Ok(decisions) => {
-            let mut rest = decisions.into_iter();
-            for job in &mut batch {
-                // A job with a bucket away was decided nowhere: its caller follows the slot.
-                let mine: Option<Vec<Decision>> = rest.by_ref().take(job.buckets.len()).collect();
-                job.answer(mine.ok_or_else(|| away(&judge.addr)));
+        Ok(decisions) => hand_out(&mut batch, decisions, &judge.addr),
+        Err(e) => {
+            batch.iter_mut().for_each(|j| {
+                j.answer(Err(e.clone()));
+            });
+            None
+        }
+    }
+}
+
+/// Hands a script call's decisions to the batch's jobs, in order; returns the refunds of what was
+/// taken for callers that had gone by then, as a job of its own (detached).
+fn hand_out(batch: &mut [Job], decisions: Vec<Option<Decision>>, addr: &str) -> Option<Job> {
+    let mut rest = decisions.into_iter();
+    let mut refunds = Buckets::new(false);
+    for job in batch {
+        // A job with a bucket away was decided nowhere: its caller follows the slot.
+        let mine: Option<Vec<Decision>> = rest.by_ref().take(job.buckets.len()).collect();
+        let taken = mine.as_deref().map(|d| charged(&job.buckets, d));
+        if !job.answer(mine.ok_or_else(|| away(addr)))
+            && let Some(taken) = taken
+        {
+            for (i, cost) in taken {
+                let ask = job.buckets.ops[i].ask;
+                let refund = crate::Ask::new(ask.shape, crate::Op::Refund(cost));
+                refunds.push(job.buckets.key(i), refund.into());
             }
         }
-        Err(e) => batch.iter_mut().for_each(|j| j.answer(Err(e.clone()))),
     }
+    (refunds.len() > 0).then(|| Job {
+        detached: true,
+        ..Job::new(refunds)
+    })
+}
+
+/// The takes a job's answer charged: (bucket, cost). None of an all-or-nothing group a vetoing
+/// denial rolled back; no settle (its reservation decides).
+fn charged(buckets: &Buckets, decisions: &[Decision]) -> Vec<(usize, u64)> {
+    let vetoed = buckets.group
+        && buckets
+            .ops
+            .iter()
+            .zip(decisions)
+            .any(|(op, d)| op.ask.veto && !d.allowed);
+    if vetoed {
+        return Vec::new();
+    }
+    buckets
+        .ops
+        .iter()
+        .zip(decisions)
+        .enumerate()
+        .filter_map(|(i, (op, d))| match op.ask.op {
+            crate::Op::Take(cost) if d.allowed && cost > 0 && !op.settle => Some((i, cost)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// EVALSHA (after ASKING, for a slot migrating here: it lets the script reach the keys already
