@@ -145,10 +145,17 @@ pub struct GrpcArgs {
     #[arg(long, env = "GRPC_MAX_MESSAGE_BYTES", value_name = "GRPC_MAX_MESSAGE_BYTES", default_value = "1048576", value_parser = clap::value_parser!(u32).range(64..))]
     pub grpc_max_message_bytes: u32,
 
-    /// Decision calls in progress at most; beyond it a call is refused at once with
-    /// RESOURCE_EXHAUSTED (never queued).
+    /// Decision calls in progress at most (the adaptive limit moves under this cap); beyond it a
+    /// call is refused at once with RESOURCE_EXHAUSTED (never queued).
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", value_name = "MAX_CONCURRENT_REQUESTS", default_value = "10000", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+
+    /// The longest a call may wait in sluicegate (for a turn on the runtime or in a Redis node's
+    /// queue) before its decision is made, in milliseconds; a call that waited longer is shed with
+    /// RESOURCE_EXHAUSTED before any backend work. Below Envoy's 20 ms rate-limit timeout: an answer
+    /// after it is worth nothing. Also the latency the adaptive concurrency limit aims under.
+    #[arg(long, env = "MAX_QUEUE_MS", value_name = "MAX_QUEUE_MS", default_value = "10", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub max_queue_ms: u64,
 
     /// Close client connections older than this, gracefully (GOAWAY), so clients spread over new
     /// replicas; 0: never.

@@ -64,6 +64,8 @@ pub struct GrpcSettings {
     pub tls: Option<TlsSettings>,
     pub max_message_bytes: usize,
     pub max_concurrent_requests: usize,
+    /// MAX_QUEUE_MS: the longest a call waits before its decision, and the adaptive limit's target.
+    pub max_queue: Duration,
     /// GRPC_MAX_CONNECTION_AGE_SECS; None: connections live as long as their clients like.
     pub max_connection_age: Option<Duration>,
 }
@@ -210,6 +212,7 @@ impl ServeArgs {
             tls,
             max_message_bytes: g.grpc_max_message_bytes as usize,
             max_concurrent_requests: g.max_concurrent_requests as usize,
+            max_queue: Duration::from_millis(g.max_queue_ms),
             max_connection_age: (g.grpc_max_connection_age_secs > 0)
                 .then(|| Duration::from_secs(g.grpc_max_connection_age_secs)),
         })

@@ -1,18 +1,50 @@
-//! Bounded work per caller, on the gRPC port: at most MAX_CONCURRENT_REQUESTS decision calls in
-//! progress (beyond it a call is refused at once with RESOURCE_EXHAUSTED, never queued), and the
-//! count of what was shed, including messages over GRPC_MAX_MESSAGE_BYTES (refused by tonic from
-//! their length prefix, before any decoding).
+//! Bounded work per caller, on the gRPC port. A decision call is refused at once, before any
+//! backend work, when it cannot be answered usefully:
+//! - its deadline (`grpc-timeout`) leaves less than [`MIN_DEADLINE`], or has passed by the time
+//!   the call gets its turn: DEADLINE_EXCEEDED (a decision made anyway would spend tokens for
+//!   nobody);
+//! - it waited for its turn longer than MAX_QUEUE_MS: RESOURCE_EXHAUSTED (reason `queue`);
+//! - the calls in progress are at the adaptive limit (`adaptive.rs`; reason `adaptive`) or at
+//!   MAX_CONCURRENT_REQUESTS (reason `concurrency`): RESOURCE_EXHAUSTED, never queued.
+//!
+//! It also counts messages over GRPC_MAX_MESSAGE_BYTES (refused by tonic from their length
+//! prefix, before any decoding).
 
 use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
-use tokio::sync::Semaphore;
-
+use super::adaptive::Adaptive;
 use crate::telemetry::ShedMetrics;
+
+/// The least deadline a call may bring: below it, no decision reaches the caller in time (a
+/// Redis round trip alone takes a good part of a millisecond).
+pub const MIN_DEADLINE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A `grpc-timeout` header's value (`<up to 8 digits><H|M|S|m|u|n>`); None when absent or not
+/// well formed (tonic then answers as it does).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// Health checks and reflection are never shed: an overloaded replica must still say so.
 fn exempt(path: &str) -> bool {
@@ -21,16 +53,21 @@ fn exempt(path: &str) -> bool {
 
 #[derive(Clone)]
 pub struct LimitLayer {
-    permits: Arc<Semaphore>,
-    max: usize,
+    adaptive: Arc<Adaptive>,
+    hard: usize,
+    max_queue: Duration,
     shed: ShedMetrics,
 }
 
 impl LimitLayer {
-    pub fn new(max_concurrent: usize) -> Self {
+    /// At most `max_concurrent` calls in progress (fewer when the adaptive limit says so), none
+    /// that waited longer than `max_queue`.
+    pub fn new(max_concurrent: usize, max_queue: Duration) -> Self {
+        let gauge = metrics::gauge!(crate::telemetry::names::CONCURRENCY_LIMIT);
         Self {
-            permits: Arc::new(Semaphore::new(max_concurrent)),
-            max: max_concurrent,
+            adaptive: Arc::new(Adaptive::new(max_concurrent, max_queue, Some(gauge))),
+            hard: max_concurrent,
+            max_queue,
             shed: ShedMetrics::default(),
         }
     }
@@ -53,6 +90,15 @@ pub struct Limit<S> {
     layer: LimitLayer,
 }
 
+type Answer<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+/// A call refused before any work: its status, as the HTTP response tonic would have sent.
+fn refused<E: Send + 'static>(
+    status: tonic::Status,
+) -> Answer<http::Response<tonic::body::Body>, E> {
+    Box::pin(async move { Ok(status.into_http()) })
+}
+
 impl<S, B> tower::Service<http::Request<B>> for Limit<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
@@ -60,43 +106,88 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Answer<Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let permit = if exempt(req.uri().path()) {
-            None
-        } else {
-            match self.layer.permits.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    self.layer.shed.concurrency.increment(1);
-                    let status = tonic::Status::resource_exhausted(format!(
-                        "more than MAX_CONCURRENT_REQUESTS ({}) calls in progress; retry later",
-                        self.layer.max
-                    ));
-                    return Box::pin(async move { Ok(status.into_http()) });
-                }
-            }
+        if exempt(req.uri().path()) {
+            return Box::pin(self.inner.call(req));
+        }
+        let layer = &self.layer;
+        let deadline = grpc_timeout(req.headers());
+        if let Some(d) = deadline.filter(|d| *d < MIN_DEADLINE) {
+            layer.shed.deadline.increment(1);
+            return refused(tonic::Status::deadline_exceeded(format!(
+                "a deadline of {d:?} leaves no time to decide (at least {MIN_DEADLINE:?})"
+            )));
+        }
+        let Some(admitted) = layer.adaptive.try_admit() else {
+            return refused(self.over_limit());
         };
-        let shed = self.layer.shed.clone();
+        let arrived = Instant::now();
+        let (max_queue, shed) = (layer.max_queue, layer.shed.clone());
         let future = self.inner.call(req);
         Box::pin(async move {
+            // The first poll: the call has its turn. Refuse it if the wait took its deadline or
+            // more than MAX_QUEUE_MS (nothing has been done for it yet).
+            if let Some(status) = waited_too_long(arrived.elapsed(), deadline, max_queue, &shed) {
+                return Ok(status.into_http());
+            }
             let response = future.await?;
-            drop(permit);
+            drop(admitted);
             if too_large(response.headers()) {
                 shed.message_size.increment(1);
             }
             Ok(response)
         })
     }
+}
+
+impl<S> Limit<S> {
+    /// The calls in progress are at the limit: the adaptive one, or MAX_CONCURRENT_REQUESTS.
+    fn over_limit(&self) -> tonic::Status {
+        let (limit, hard) = (self.layer.adaptive.limit(), self.layer.hard);
+        if limit >= hard {
+            self.layer.shed.concurrency.increment(1);
+            tonic::Status::resource_exhausted(format!(
+                "more than MAX_CONCURRENT_REQUESTS ({hard}) calls in progress; retry later"
+            ))
+        } else {
+            self.layer.shed.adaptive.increment(1);
+            tonic::Status::resource_exhausted(format!(
+                "more than {limit} calls in progress (the adaptive limit: answers are slower than MAX_QUEUE_MS); retry later"
+            ))
+        }
+    }
+}
+
+/// A call that waited `waited` for its turn: refused when that took its deadline or MAX_QUEUE_MS.
+fn waited_too_long(
+    waited: Duration,
+    deadline: Option<Duration>,
+    max_queue: Duration,
+    shed: &ShedMetrics,
+) -> Option<tonic::Status> {
+    if deadline.is_some_and(|d| waited + MIN_DEADLINE > d) {
+        shed.deadline.increment(1);
+        return Some(tonic::Status::deadline_exceeded(format!(
+            "the deadline passed while the call waited ({waited:?})"
+        )));
+    }
+    (waited > max_queue).then(|| {
+        shed.queue.increment(1);
+        tonic::Status::resource_exhausted(format!(
+            "the call waited {waited:?}, longer than MAX_QUEUE_MS ({max_queue:?}); retry later"
+        ))
+    })
 }
 
 /// tonic's answer to a message over the limit: OUT_OF_RANGE, "message length too large".
@@ -106,4 +197,28 @@ fn too_large(headers: &http::HeaderMap) -> bool {
             .get("grpc-message")
             .and_then(|m| m.to_str().ok())
             .is_some_and(|m| m.contains("length%20too%20large") || m.contains("length too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_writes_them() {
+        let parse = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(parse("20m"), Some(Duration::from_millis(20)));
+        assert_eq!(parse("999u"), Some(Duration::from_micros(999)));
+        assert_eq!(parse("0n"), Some(Duration::ZERO));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "m", "123456789m", "12x", "-1m", "1.5m"] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
 }

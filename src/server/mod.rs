@@ -4,10 +4,16 @@
 //! - `debug.rs`: the status page and /debug/* (what an operator can look at);
 //! - `health.rs`: readiness (and gRPC health) from backend pings and shutdown;
 //! - `http.rs`: the HTTP port's routes;
-//! - `limits.rs`: bounded work on the gRPC port (calls in progress, what was shed);
-//! - `tls.rs`: TLS and mTLS on the gRPC port, certificates reloaded when they change.
+//! - `limits.rs`: bounded work on the gRPC port (deadlines, waiting, calls in progress, what was
+//!   shed);
+//! - `adaptive.rs`: the adaptive concurrency limit (AIMD on measured latency);
+//! - `tls.rs`: TLS and mTLS on the gRPC port, certificates reloaded when they change;
+//! - `handshakes.rs`: admission of TLS handshakes (a timeout, a cap per peer, the oldest cut when
+//!   full), so idle connections cannot keep new clients out.
 
+mod adaptive;
 mod debug;
+mod handshakes;
 mod health;
 mod http;
 mod limits;
@@ -20,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
+use handshakes::Handshakes;
 use health::Health;
 use http::HttpState;
 use limits::LimitLayer;
@@ -43,6 +50,26 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The deadline of a whole call on the server side, whatever the client asked.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Streams one HTTP/2 connection may have open at once; a client past it waits (its own queue,
+/// SETTINGS_MAX_CONCURRENT_STREAMS), which is backpressure, not an error. Without a bound, a busy
+/// connection's requests pile up faster than the server reads them, and h2 ends the whole
+/// connection with GOAWAY ENHANCE_YOUR_CALM ("too_many_data_frames"): every call on it fails at
+/// once, and Envoy, which sends all its requests over a few connections, fails open for all.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// The connection's flow-control window. h2 allows unread small DATA frames (a gRPC request is
+/// one) up to half of it, 256 bytes each: 4 MiB leaves room for 8192, eight times the streams a
+/// connection may have open.
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Streams a client may have reset before the server took them up, at once per connection. A
+/// reset stream leaves the client's count of open streams at once but waits in the server's
+/// accept queue until the connection task gets its turn: on a busy machine, a client whose
+/// deadlines pass (Envoy's 20 ms) resets streams faster than the server accepts them. h2's
+/// default (20, here 1024 was still tripped by 10,000 calls with two busy cores) guards against
+/// the rapid-reset attack by ending the connection with GOAWAY ENHANCE_YOUR_CALM
+/// ("too_many_resets"), which fails every call on it. Sixteen times the streams: a reset stream
+/// waiting costs a few hundred bytes, and the streams open stay bounded by the setting above.
+const PENDING_RESETS_PER_CONNECTION: usize = 16 * MAX_STREAMS_PER_CONNECTION as usize;
 /// How often idle memory buckets are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -80,7 +107,7 @@ pub async fn run(
             serve(settings, memory, parts, grpc, http, shutdown).await
         }
         Storage::Redis(redis) => {
-            let backend = redis_backend(redis, &parts.activity)?;
+            let backend = redis_backend(redis, settings.grpc.max_queue, &parts.activity)?;
             serve(settings, backend, parts, grpc, http, shutdown).await
         }
     }
@@ -108,13 +135,18 @@ fn load_rules(path: Option<&std::path::Path>) -> anyhow::Result<RulesHandle> {
     Ok(handle)
 }
 
-fn redis_backend(redis: &RedisSettings, activity: &Arc<Activity>) -> anyhow::Result<RedisBackend> {
+fn redis_backend(
+    redis: &RedisSettings,
+    max_queue: Duration,
+    activity: &Arc<Activity>,
+) -> anyhow::Result<RedisBackend> {
     tracing::info!(redis = %redis.url, kind = ?redis.topology, timeout_ms = redis.timeout.as_millis(), "using Redis");
     let options = RedisOptions {
         topology: redis.topology,
         timeout: redis.timeout,
         connections: redis.connections,
         deny_cache: redis.deny_cache,
+        max_queue,
         tls: redis.tls.clone(),
         metrics: redis_metrics(activity.clone()),
     };
@@ -261,14 +293,17 @@ fn grpc_server<B: Backend>(
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_EVERY))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_pending_accept_reset_streams(Some(PENDING_RESETS_PER_CONNECTION));
     if let Some(age) = g.max_connection_age {
         builder = builder
             .max_connection_age(age)
             .max_connection_age_grace(settings.shutdown_grace);
     }
     let router = builder
-        .layer(LimitLayer::new(g.max_concurrent_requests))
+        .layer(LimitLayer::new(g.max_concurrent_requests, g.max_queue))
         .add_service(should_allow)
         .add_service(envoy)
         .add_service(health)
@@ -283,7 +318,10 @@ fn grpc_server<B: Backend>(
         Some(tls) => {
             let tls = Tls::load(tls.clone()).map_err(anyhow::Error::msg)?;
             tls.spawn_watcher(stop.clone());
-            Box::pin(router.serve_with_incoming_shutdown(tls.incoming(grpc, stop.clone()), stopped))
+            let shed = crate::telemetry::ShedMetrics::default();
+            let gate = Arc::new(Handshakes::counted(shed.handshake, shed.handshake_cut));
+            let incoming = tls.incoming(grpc, gate, stop.clone());
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
     })
 }

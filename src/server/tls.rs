@@ -29,10 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the certificate files are looked at.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
-/// How long a client may take to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at most: a flood of connections that never finish one waits here.
-const MAX_HANDSHAKES: usize = 512;
+use super::handshakes::{HANDSHAKE_TIMEOUT, Handshakes};
 
 /// The server configuration in force, swapped when the files change.
 pub struct Tls {
@@ -111,16 +108,17 @@ impl Tls {
         });
     }
 
-    /// The TLS connections accepted on `listener`: each handshake runs on its own task (within
-    /// [`HANDSHAKE_TIMEOUT`]), so a slow or hostile client never holds up the others.
+    /// The TLS connections accepted on `listener`: each handshake runs on its own task, within
+    /// the bounds of `handshakes.rs` (a timeout, a cap per peer, the oldest cut when full), so the
+    /// accept loop never waits for one and a slow or hostile client never holds up the others.
     pub fn incoming(
         self: &Arc<Self>,
         listener: TcpListener,
+        gate: Arc<Handshakes>,
         stop: CancellationToken,
     ) -> impl futures::Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + use<> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let tls = self.clone();
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -135,15 +133,24 @@ impl Tls {
                         continue;
                     }
                 };
-                let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                    return;
+                // Closed at once: this peer already has its share of handshakes in progress.
+                let Some(ticket) = gate.admit(peer.ip()) else {
+                    continue;
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(tls.current.load_full());
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let done = tokio::select! {
+                        _ = ticket.cancelled.cancelled() => {
+                            tracing::debug!(%peer, "TLS handshake cut: newer ones needed the place");
+                            return;
+                        }
+                        done = handshake => done,
+                    };
+                    drop(ticket);
+                    match done {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(stream)).await;
                         }

@@ -21,6 +21,7 @@ mod in_flight_e2e;
 mod kubernetes;
 mod lua_script;
 mod observability;
+mod overload;
 mod readme;
 mod redis_cluster;
 mod redis_faults;
