@@ -247,6 +247,10 @@ def main():
             "PATH": os.environ["PATH"],
             "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
             "REDIS_TIMEOUT_MS": str(REDIS_TIMEOUT_MS),
+            # The product's MAX_QUEUE_MS (10 ms) sheds a call that waited longer: on this machine's
+            # hiccups (see REDIS_TIMEOUT_MS) that would be errors outside the outages, which the
+            # soak is not about (tests/it/overload.rs is). The same tolerance as the timeout.
+            "MAX_QUEUE_MS": str(REDIS_TIMEOUT_MS),
             "FAILURE_MODE": "error",
             "RULES": rules,
             "RUST_LOG": "warn",
