@@ -101,13 +101,14 @@ pub struct RedisOptions {
 }
 
 impl RedisOptions {
-    /// A single server, no deny cache, two connections.
+    /// A single server, no deny cache, two connections; a call may wait for a connection as long
+    /// as it may wait for Redis (sluicegate's server sets MAX_QUEUE_MS instead).
     pub fn new(timeout: Duration) -> Self {
         Self {
             topology: Topology::Single,
             timeout,
             connections: 2,
-            max_queue: Duration::from_millis(10),
+            max_queue: timeout,
             deny_cache: false,
             tls: RedisTls::default(),
             metrics: RedisMetrics::default(),
