@@ -51,25 +51,28 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The deadline of a whole call on the server side, whatever the client asked.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Streams one HTTP/2 connection may have open at once; a client past it waits (its own queue,
-/// SETTINGS_MAX_CONCURRENT_STREAMS), which is backpressure, not an error. Without a bound, a busy
-/// connection's requests pile up faster than the server reads them, and h2 ends the whole
-/// connection with GOAWAY ENHANCE_YOUR_CALM ("too_many_data_frames"): every call on it fails at
-/// once, and Envoy, which sends all its requests over a few connections, fails open for all.
-const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-/// The connection's flow-control window. h2 allows unread small DATA frames (a gRPC request is
-/// one) up to half of it, 256 bytes each: 4 MiB leaves room for 8192, eight times the streams a
-/// connection may have open.
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); a
+/// client past it waits in its own queue, which is backpressure, not an error (Envoy opens another
+/// connection). Unbounded (tonic's default), a busy client's requests pile up in the server's
+/// buffers, all answered too late. 128 answered the most within a 20 ms deadline at twice the
+/// sustainable rate of the three tried (32, 128, 1024; `scripts/bench.sh overload`).
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// The connection's flow-control window. h2 keeps a budget of unread small DATA frames (a gRPC
+/// request is one) of half this window, charging up to 256 bytes each, and ends the connection
+/// with GOAWAY ENHANCE_YOUR_CALM ("too_many_data_frames") past it: the frames of the streams
+/// reset while waiting (below) count too. 8 MiB: room for 16,384 such frames, twice the resets
+/// allowed.
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// Streams a client may have reset before the server took them up, at once per connection. A
 /// reset stream leaves the client's count of open streams at once but waits in the server's
 /// accept queue until the connection task gets its turn: on a busy machine, a client whose
 /// deadlines pass (Envoy's 20 ms) resets streams faster than the server accepts them. h2's
-/// default (20, here 1024 was still tripped by 10,000 calls with two busy cores) guards against
-/// the rapid-reset attack by ending the connection with GOAWAY ENHANCE_YOUR_CALM
-/// ("too_many_resets"), which fails every call on it. Sixteen times the streams: a reset stream
-/// waiting costs a few hundred bytes, and the streams open stay bounded by the setting above.
-const PENDING_RESETS_PER_CONNECTION: usize = 16 * MAX_STREAMS_PER_CONNECTION as usize;
+/// default (20; 1,024 was still tripped by 10,000 calls with two busy cores) guards against the
+/// rapid-reset attack by ending the connection with GOAWAY ENHANCE_YOUR_CALM ("too_many_resets"),
+/// which fails every call on it. A reset stream waiting costs a few hundred bytes. Under a
+/// sustained overload that starves the connection task (measured: four times the rate a server
+/// held to a quarter of a core sustains), resets can still outrun accepts and reach this bound.
+const PENDING_RESETS_PER_CONNECTION: usize = 8192;
 /// How often idle memory buckets are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
