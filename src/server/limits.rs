@@ -7,6 +7,9 @@
 //! - the calls in progress are at the adaptive limit (`adaptive.rs`; reason `adaptive`) or at
 //!   MAX_CONCURRENT_REQUESTS (reason `concurrency`): RESOURCE_EXHAUSTED, never queued.
 //!
+//! On the Envoy API, under FAILURE_MODE allow or deny, a call refused for `queue`, `adaptive` or
+//! `concurrency` is answered as that mode answers instead (`shed_answer.rs`).
+//!
 //! It also counts messages over GRPC_MAX_MESSAGE_BYTES (refused by tonic from their length
 //! prefix, before any decoding).
 
@@ -19,7 +22,8 @@ use std::{
 };
 
 use super::adaptive::Adaptive;
-use crate::telemetry::ShedMetrics;
+use super::shed_answer::{ENVOY_PATH, envoy_answer};
+use crate::telemetry::{FailureModeMetrics, ShedMetrics};
 
 /// The least deadline a call may bring: below it, no decision reaches the caller in time (a
 /// Redis round trip alone takes a good part of a millisecond).
@@ -57,6 +61,8 @@ pub struct LimitLayer {
     hard: usize,
     max_queue: Duration,
     shed: ShedMetrics,
+    /// FAILURE_MODE's answer to a shed Envoy call (None: `error`, RESOURCE_EXHAUSTED).
+    envoy_fallback: Option<(bool, FailureModeMetrics)>,
 }
 
 impl LimitLayer {
@@ -69,7 +75,28 @@ impl LimitLayer {
             hard: max_concurrent,
             max_queue,
             shed: ShedMetrics::default(),
+            envoy_fallback: None,
         }
+    }
+
+    /// Shed Envoy calls are answered as FAILURE_MODE answers (`Some(allowed)`), not as errors.
+    pub fn envoy_failure_mode(mut self, fallback: Option<bool>) -> Self {
+        self.envoy_fallback = fallback.map(|allowed| (allowed, FailureModeMetrics::default()));
+        self
+    }
+}
+
+/// A shed call's answer: the status, or on the Envoy API FAILURE_MODE's verdict when it has one.
+fn shed_answer(
+    status: tonic::Status,
+    fallback: Option<&(bool, FailureModeMetrics)>,
+) -> http::Response<tonic::body::Body> {
+    match fallback {
+        Some((allowed, metrics)) => {
+            metrics.record(*allowed);
+            envoy_answer(*allowed)
+        }
+        None => status.into_http(),
     }
 }
 
@@ -92,11 +119,11 @@ pub struct Limit<S> {
 
 type Answer<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
 
-/// A call refused before any work: its status, as the HTTP response tonic would have sent.
+/// A call refused before any work: its answer, already made.
 fn refused<E: Send + 'static>(
-    status: tonic::Status,
+    response: http::Response<tonic::body::Body>,
 ) -> Answer<http::Response<tonic::body::Body>, E> {
-    Box::pin(async move { Ok(status.into_http()) })
+    Box::pin(async move { Ok(response) })
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Limit<S>
@@ -125,12 +152,18 @@ where
         let deadline = grpc_timeout(req.headers());
         if let Some(d) = deadline.filter(|d| *d < MIN_DEADLINE) {
             layer.shed.deadline.increment(1);
-            return refused(tonic::Status::deadline_exceeded(format!(
-                "a deadline of {d:?} leaves no time to decide (at least {MIN_DEADLINE:?})"
-            )));
+            return refused(
+                tonic::Status::deadline_exceeded(format!(
+                    "a deadline of {d:?} leaves no time to decide (at least {MIN_DEADLINE:?})"
+                ))
+                .into_http(),
+            );
         }
+        let fallback = (req.uri().path() == ENVOY_PATH)
+            .then(|| layer.envoy_fallback.clone())
+            .flatten();
         let Some(admitted) = layer.adaptive.try_admit() else {
-            return refused(self.over_limit());
+            return refused(shed_answer(self.over_limit(), fallback.as_ref()));
         };
         let arrived = Instant::now();
         let (max_queue, shed) = (layer.max_queue, layer.shed.clone());
@@ -138,8 +171,11 @@ where
         Box::pin(async move {
             // The first poll: the call has its turn. Refuse it if the wait took its deadline or
             // more than MAX_QUEUE_MS (nothing has been done for it yet).
-            if let Some(status) = waited_too_long(arrived.elapsed(), deadline, max_queue, &shed) {
-                return Ok(status.into_http());
+            let waited = arrived.elapsed();
+            if let Some((status, passed)) = waited_too_long(waited, deadline, max_queue, &shed) {
+                // A passed deadline is the caller's: nobody is left to hear FAILURE_MODE.
+                let fallback = if passed { None } else { fallback.as_ref() };
+                return Ok(shed_answer(status, fallback));
             }
             let response = future.await?;
             drop(admitted);
@@ -169,24 +205,27 @@ impl<S> Limit<S> {
     }
 }
 
-/// A call that waited `waited` for its turn: refused when that took its deadline or MAX_QUEUE_MS.
+/// A call that waited `waited` for its turn: refused when that took its deadline (true) or
+/// MAX_QUEUE_MS (false).
 fn waited_too_long(
     waited: Duration,
     deadline: Option<Duration>,
     max_queue: Duration,
     shed: &ShedMetrics,
-) -> Option<tonic::Status> {
+) -> Option<(tonic::Status, bool)> {
     if deadline.is_some_and(|d| waited + MIN_DEADLINE > d) {
         shed.deadline.increment(1);
-        return Some(tonic::Status::deadline_exceeded(format!(
+        let status = tonic::Status::deadline_exceeded(format!(
             "the deadline passed while the call waited ({waited:?})"
-        )));
+        ));
+        return Some((status, true));
     }
     (waited > max_queue).then(|| {
         shed.queue.increment(1);
-        tonic::Status::resource_exhausted(format!(
+        let status = tonic::Status::resource_exhausted(format!(
             "the call waited {waited:?}, longer than MAX_QUEUE_MS ({max_queue:?}); retry later"
-        ))
+        ));
+        (status, false)
     })
 }
 

@@ -7,6 +7,8 @@
 //! - `limits.rs`: bounded work on the gRPC port (deadlines, waiting, calls in progress, what was
 //!   shed);
 //! - `adaptive.rs`: the adaptive concurrency limit (AIMD on measured latency);
+//! - `shed_answer.rs`: FAILURE_MODE's answer to a shed Envoy call (never an error Envoy fails
+//!   open on);
 //! - `tls.rs`: TLS and mTLS on the gRPC port, certificates reloaded when they change;
 //! - `handshakes.rs`: admission of TLS handshakes (a timeout, a cap per peer, the oldest cut when
 //!   full), so idle connections cannot keep new clients out.
@@ -17,6 +19,7 @@ mod handshakes;
 mod health;
 mod http;
 mod limits;
+mod shed_answer;
 mod tls;
 
 use std::{sync::Arc, time::Duration};
@@ -306,7 +309,10 @@ fn grpc_server<B: Backend>(
             .max_connection_age_grace(settings.shutdown_grace);
     }
     let router = builder
-        .layer(LimitLayer::new(g.max_concurrent_requests, g.max_queue))
+        .layer(
+            LimitLayer::new(g.max_concurrent_requests, g.max_queue)
+                .envoy_failure_mode(settings.envoy.failure_mode.fallback_allowed()),
+        )
         .add_service(should_allow)
         .add_service(envoy)
         .add_service(health)

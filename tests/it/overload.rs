@@ -270,3 +270,69 @@ async fn call_with_deadline_header(
     let trailers = body.trailers().await.unwrap().expect("trailers");
     status_in(&trailers).expect("a grpc-status")
 }
+
+/// An Envoy call shed (here: past MAX_CONCURRENT_REQUESTS while the one slot waits on a sleeping
+/// Redis) is answered as FAILURE_MODE says, not as an error Envoy would fail open on: OVER_LIMIT
+/// under deny, OK under allow, RESOURCE_EXHAUSTED under error. sluicegate's own API stays
+/// RESOURCE_EXHAUSTED (its clients have their own failure mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_envoy_call_is_answered_as_failure_mode_says() {
+    use crate::support::envoy::{OK, OVER, RateLimitServiceClient, descriptor, request};
+    let redis = crate::support::RedisServer::start().await;
+    for (mode, expected) in [("deny", Some(OVER)), ("allow", Some(OK)), ("error", None)] {
+        let t = Sluicegate::start(
+            &["--max-concurrent-requests", "1"],
+            &[
+                ("REDIS_URL", &redis.url()),
+                ("REDIS_TIMEOUT_MS", "5000"),
+                ("FAILURE_MODE", mode),
+            ],
+        )
+        .await;
+        let mut c = t.client().await;
+        c.should_allow(ask("warm", 0.0, 0.0, 1)).await.unwrap();
+        // Redis asleep: this call holds the only slot until it wakes.
+        let mut admin = redis.connection().await;
+        let sleeper = tokio::spawn(async move {
+            let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(1)
+                .query_async(&mut admin)
+                .await;
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let held = tokio::spawn({
+            let mut c = c.clone();
+            async move { c.should_allow(ask("held", 0.0, 0.0, 1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut envoy = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
+        let answer = envoy
+            .should_rate_limit(request("edge", vec![descriptor(&[("k", "v")])]))
+            .await;
+        match expected {
+            Some(code) => {
+                let answer = answer.unwrap_or_else(|s| panic!("{mode}: {s:?}"));
+                assert_eq!(answer.into_inner().overall_code, code, "{mode}");
+            }
+            None => assert_eq!(answer.unwrap_err().code(), Code::ResourceExhausted),
+        }
+        let own = c.should_allow(ask("own", 0.0, 0.0, 1)).await.unwrap_err();
+        assert_eq!(own.code(), Code::ResourceExhausted, "{mode}: {own:?}");
+        held.await.unwrap().expect("the held call finishes");
+        sleeper.await.unwrap();
+        let (_, metrics) = crate::support::http_get(&t.http_url("/metrics"))
+            .await
+            .unwrap();
+        let shed =
+            crate::support::metric(&metrics, "sluicegate_shed_total{reason=\"concurrency\"}");
+        assert!(shed >= 2.0, "{mode}: {shed}");
+        if expected.is_some() {
+            let counted = crate::support::metric(
+                &metrics,
+                &format!("sluicegate_failure_mode_total{{mode=\"{mode}\"}}"),
+            );
+            assert!(counted >= 1.0, "{mode}: {counted}");
+        }
+    }
+}
