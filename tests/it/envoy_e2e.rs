@@ -542,3 +542,67 @@ async fn no_header_value_switches_the_limiter_off() {
         .unwrap_or(0);
     assert_eq!((failed_open, errors), (0, 0), "no call failed");
 }
+
+/// An attacker who floods sluicegate until it sheds must not get Envoy to fail open: with the
+/// shipped config (`failure_mode_deny: false`) and FAILURE_MODE=deny, a shed rate-limit call is
+/// answered OVER_LIMIT by sluicegate itself, so Envoy answers 429. (Answered RESOURCE_EXHAUSTED,
+/// as before, Envoy let the request through.) The shed is made by a one-call limit whose slot a
+/// call waiting on a sleeping Redis holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_call_does_not_make_envoy_fail_open() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("edge.yaml");
+    std::fs::write(&rules_path, rules(1000)).unwrap();
+    let sluicegate = Sluicegate::start(
+        &[
+            "--rules",
+            rules_path.to_str().unwrap(),
+            "--max-concurrent-requests",
+            "1",
+        ],
+        &[
+            ("REDIS_URL", &redis.url()),
+            ("REDIS_TIMEOUT_MS", "5000"),
+            ("FAILURE_MODE", "deny"),
+        ],
+    )
+    .await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(ENVOY_YAML, upstream.port, sluicegate.grpc_port).await;
+    let get = || envoy.get_as("/api/items", ("x-api-key", "mallory"));
+    eventually(
+        Duration::from_secs(10),
+        "a warm path answers 200",
+        async || get().await.status == 200,
+    )
+    .await;
+    let mut admin = redis.connection().await;
+    let sleeper = tokio::spawn(async move {
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(2)
+            .query_async(&mut admin)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = sluicegate.client().await;
+    let held = tokio::spawn(async move {
+        c.should_allow(crate::support::ask("held", 0.0, 0.0, 1))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = get().await;
+    assert_eq!(
+        answer.status, 429,
+        "shed, and FAILURE_MODE=deny: {answer:?}"
+    );
+    held.await.unwrap().expect("the held call finishes");
+    sleeper.await.unwrap();
+    let (_, metrics) = crate::support::http_get(&sluicegate.http_url("/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        crate::support::metric(&metrics, "sluicegate_shed_total{reason=\"concurrency\"}") >= 1.0
+    );
+}
