@@ -55,7 +55,8 @@ pub struct Adaptive {
 /// dropped because its caller went away: either way it took that long).
 pub struct Admitted {
     limiter: Arc<Adaptive>,
-    started: Instant,
+    /// When the call was admitted (taken up by the gRPC layer).
+    pub started: Instant,
     in_progress: usize,
 }
 

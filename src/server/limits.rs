@@ -7,8 +7,8 @@
 //! - the calls in progress are at the adaptive limit (`adaptive.rs`; reason `adaptive`) or at
 //!   MAX_CONCURRENT_REQUESTS (reason `concurrency`): RESOURCE_EXHAUSTED, never queued.
 //!
-//! On the Envoy API, under FAILURE_MODE allow or deny, a call refused for `queue`, `adaptive` or
-//! `concurrency` is answered as that mode answers instead (`shed_answer.rs`).
+//! On the Envoy API, under FAILURE_MODE allow or deny, a refused call is answered as that mode
+//! answers instead (`shed_answer.rs`): Envoy fails open on any error.
 //!
 //! It also counts messages over GRPC_MAX_MESSAGE_BYTES (refused by tonic from their length
 //! prefix, before any decoding).
@@ -18,7 +18,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use super::adaptive::Adaptive;
@@ -61,8 +61,8 @@ pub struct LimitLayer {
     hard: usize,
     max_queue: Duration,
     shed: ShedMetrics,
-    /// FAILURE_MODE's answer to a shed Envoy call (None: `error`, RESOURCE_EXHAUSTED).
-    envoy_fallback: Option<(bool, FailureModeMetrics)>,
+    /// FAILURE_MODE's answer to a shed Envoy call (None: `error`, the shed's own status).
+    envoy_fallback: Option<Arc<(bool, FailureModeMetrics)>>,
 }
 
 impl LimitLayer {
@@ -81,7 +81,8 @@ impl LimitLayer {
 
     /// Shed Envoy calls are answered as FAILURE_MODE answers (`Some(allowed)`), not as errors.
     pub fn envoy_failure_mode(mut self, fallback: Option<bool>) -> Self {
-        self.envoy_fallback = fallback.map(|allowed| (allowed, FailureModeMetrics::default()));
+        self.envoy_fallback =
+            fallback.map(|allowed| Arc::new((allowed, FailureModeMetrics::default())));
         self
     }
 }
@@ -150,32 +151,27 @@ where
         }
         let layer = &self.layer;
         let deadline = grpc_timeout(req.headers());
-        if let Some(d) = deadline.filter(|d| *d < MIN_DEADLINE) {
-            layer.shed.deadline.increment(1);
-            return refused(
-                tonic::Status::deadline_exceeded(format!(
-                    "a deadline of {d:?} leaves no time to decide (at least {MIN_DEADLINE:?})"
-                ))
-                .into_http(),
-            );
-        }
         let fallback = (req.uri().path() == ENVOY_PATH)
             .then(|| layer.envoy_fallback.clone())
             .flatten();
+        if let Some(d) = deadline.filter(|d| *d < MIN_DEADLINE) {
+            layer.shed.deadline.increment(1);
+            let status = tonic::Status::deadline_exceeded(format!(
+                "a deadline of {d:?} leaves no time to decide (at least {MIN_DEADLINE:?})"
+            ));
+            return refused(shed_answer(status, fallback.as_deref()));
+        }
         let Some(admitted) = layer.adaptive.try_admit() else {
-            return refused(shed_answer(self.over_limit(), fallback.as_ref()));
+            return refused(shed_answer(self.over_limit(), fallback.as_deref()));
         };
-        let arrived = Instant::now();
         let (max_queue, shed) = (layer.max_queue, layer.shed.clone());
         let future = self.inner.call(req);
         Box::pin(async move {
             // The first poll: the call has its turn. Refuse it if the wait took its deadline or
             // more than MAX_QUEUE_MS (nothing has been done for it yet).
-            let waited = arrived.elapsed();
-            if let Some((status, passed)) = waited_too_long(waited, deadline, max_queue, &shed) {
-                // A passed deadline is the caller's: nobody is left to hear FAILURE_MODE.
-                let fallback = if passed { None } else { fallback.as_ref() };
-                return Ok(shed_answer(status, fallback));
+            let waited = admitted.started.elapsed();
+            if let Some(status) = waited_too_long(waited, deadline, max_queue, &shed) {
+                return Ok(shed_answer(status, fallback.as_deref()));
             }
             let response = future.await?;
             drop(admitted);
@@ -205,27 +201,24 @@ impl<S> Limit<S> {
     }
 }
 
-/// A call that waited `waited` for its turn: refused when that took its deadline (true) or
-/// MAX_QUEUE_MS (false).
+/// A call that waited `waited` for its turn: refused when that took its deadline or MAX_QUEUE_MS.
 fn waited_too_long(
     waited: Duration,
     deadline: Option<Duration>,
     max_queue: Duration,
     shed: &ShedMetrics,
-) -> Option<(tonic::Status, bool)> {
+) -> Option<tonic::Status> {
     if deadline.is_some_and(|d| waited + MIN_DEADLINE > d) {
         shed.deadline.increment(1);
-        let status = tonic::Status::deadline_exceeded(format!(
+        return Some(tonic::Status::deadline_exceeded(format!(
             "the deadline passed while the call waited ({waited:?})"
-        ));
-        return Some((status, true));
+        )));
     }
     (waited > max_queue).then(|| {
         shed.queue.increment(1);
-        let status = tonic::Status::resource_exhausted(format!(
+        tonic::Status::resource_exhausted(format!(
             "the call waited {waited:?}, longer than MAX_QUEUE_MS ({max_queue:?}); retry later"
-        ));
-        (status, false)
+        ))
     })
 }
 

@@ -3,7 +3,8 @@
 //! (RESOURCE_EXHAUSTED) would turn `FAILURE_MODE=deny` into an allow exactly when an attacker
 //! floods sluicegate. With `FAILURE_MODE` `allow` or `deny`, a shed Envoy call is answered as
 //! that mode answers a backend failure: an overall OK or OVER_LIMIT (no descriptor was read: the
-//! body is not decoded for a shed call), counted in `sluicegate_failure_mode_total{mode}` as well
+//! body is not decoded for a shed call; a call whose deadline passed is answered too, since Envoy
+//! may still be listening for the last fraction of a millisecond), counted in `sluicegate_failure_mode_total{mode}` as well
 //! as in `sluicegate_shed_total{reason}`. Under `error`, and for sluicegate's own API (whose
 //! clients have their own failure mode), a shed stays RESOURCE_EXHAUSTED.
 

@@ -56,14 +56,7 @@ async fn past_max_concurrent_requests_a_call_is_refused_at_once() {
         .await
         .unwrap();
     // Hold Redis for a second: the first call waits in sluicegate, taking the only slot.
-    let mut admin = redis.connection().await;
-    let sleeper = tokio::spawn(async move {
-        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(1)
-            .query_async(&mut admin)
-            .await;
-    });
+    let sleeper = redis.sleep(1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut held = t.client().await;
     let first =

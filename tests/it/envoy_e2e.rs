@@ -577,14 +577,7 @@ async fn a_shed_call_does_not_make_envoy_fail_open() {
         async || get().await.status == 200,
     )
     .await;
-    let mut admin = redis.connection().await;
-    let sleeper = tokio::spawn(async move {
-        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(2)
-            .query_async(&mut admin)
-            .await;
-    });
+    let sleeper = redis.sleep(2).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut c = sluicegate.client().await;
     let held = tokio::spawn(async move {

@@ -45,20 +45,8 @@ async fn answered(
 #[tokio::test]
 async fn tls_answers_clients_that_trust_the_ca_and_refuses_plaintext() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "ca");
-    let (cert, key) = ca.issue("server", &["DNS:localhost", "IP:127.0.0.1"], "serverAuth");
+    let (ca, t) = tls_sluicegate(dir.path()).await;
     let other = Ca::new(dir.path(), "other");
-    let t = Sluicegate::start(
-        &[
-            "--grpc-tls",
-            "--grpc-tls-cert",
-            cert.to_str().unwrap(),
-            "--grpc-tls-key",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .await;
     assert!(answered(connect(t.grpc_port, &ca.pem(), None).await).await);
     assert!(
         !answered(connect(t.grpc_port, &other.pem(), None).await).await,
@@ -254,19 +242,7 @@ async fn idle_connections(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_do_not_keep_new_clients_out() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "ca");
-    let (cert, key) = ca.issue("server", &["DNS:localhost", "IP:127.0.0.1"], "serverAuth");
-    let t = Sluicegate::start(
-        &[
-            "--grpc-tls",
-            "--grpc-tls-cert",
-            cert.to_str().unwrap(),
-            "--grpc-tls-key",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .await;
+    let (ca, t) = tls_sluicegate(dir.path()).await;
     let one_peer = idle_connections(t.grpc_port, [127, 0, 0, 2].into(), 2000).await;
     let mut many_peers = Vec::new();
     for peer in 1..=100u8 {
@@ -287,4 +263,23 @@ async fn idle_connections_do_not_keep_new_clients_out() {
         "the single peer's flood was shed"
     );
     drop((one_peer, many_peers));
+}
+
+/// sluicegate with TLS on the gRPC port: a certificate for localhost and 127.0.0.1 from a new CA
+/// in `dir`.
+async fn tls_sluicegate(dir: &std::path::Path) -> (Ca, Sluicegate) {
+    let ca = Ca::new(dir, "ca");
+    let (cert, key) = ca.issue("server", &["DNS:localhost", "IP:127.0.0.1"], "serverAuth");
+    let t = Sluicegate::start(
+        &[
+            "--grpc-tls",
+            "--grpc-tls-cert",
+            cert.to_str().unwrap(),
+            "--grpc-tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    (ca, t)
 }

@@ -292,14 +292,7 @@ async fn a_shed_envoy_call_is_answered_as_failure_mode_says() {
         let mut c = t.client().await;
         c.should_allow(ask("warm", 0.0, 0.0, 1)).await.unwrap();
         // Redis asleep: this call holds the only slot until it wakes.
-        let mut admin = redis.connection().await;
-        let sleeper = tokio::spawn(async move {
-            let _: redis::RedisResult<()> = redis::cmd("DEBUG")
-                .arg("SLEEP")
-                .arg(1)
-                .query_async(&mut admin)
-                .await;
-        });
+        let sleeper = redis.sleep(1).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let held = tokio::spawn({
             let mut c = c.clone();

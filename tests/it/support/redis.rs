@@ -104,6 +104,20 @@ impl RedisServer {
         );
     }
 
+    /// Makes Redis sleep `seconds` (DEBUG SLEEP), from a task of its own: every command sent
+    /// meanwhile waits. Await the handle to know it is awake again.
+    pub async fn sleep(&self, seconds: u64) -> tokio::task::JoinHandle<()> {
+        let mut admin = self.connection().await;
+        tokio::spawn(async move {
+            // The admin connection may time out its own reply; only the sleep matters.
+            let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(seconds)
+                .query_async(&mut admin)
+                .await;
+        })
+    }
+
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()

@@ -164,8 +164,9 @@ impl Node {
         node
     }
 
-    /// Sends `job` through the lane and waits for its answers, within REDIS_TIMEOUT_MS from now.
-    pub async fn submit(&self, mut job: Job) -> Result<Vec<Decision>, BackendError> {
+    /// The breaker's permit for a call to this node, and the call's deadline (REDIS_TIMEOUT_MS from
+    /// now); an error when the circuit is open or the node is not connected within the deadline.
+    async fn admit(&self) -> Result<(Permit, tokio::time::Instant), BackendError> {
         let permit = self.breaker.permit();
         if permit == Permit::Reject {
             return Err(BackendError {
@@ -184,10 +185,15 @@ impl Node {
         {
             // No call was made: this caller's wait is the outcome (one per caller, each a full
             // timeout long, so a node that never connects still opens the circuit).
-            let e = not_connected(&self.addr);
             note(&self.breaker, &self.addr, permit == Permit::Probe, false);
-            return Err(e);
+            return Err(not_connected(&self.addr));
         }
+        Ok((permit, deadline))
+    }
+
+    /// Sends `job` through the lane and waits for its answers, within REDIS_TIMEOUT_MS from now.
+    pub async fn submit(&self, mut job: Job) -> Result<Vec<Decision>, BackendError> {
+        let (permit, deadline) = self.admit().await?;
         let (tx, rx) = oneshot::channel();
         job.reply = Some(tx);
         job.probe = permit == Permit::Probe;
@@ -247,23 +253,7 @@ impl Node {
         op: crate::LeaseOp,
         asking: bool,
     ) -> Result<crate::InFlight, BackendError> {
-        let permit = self.breaker.permit();
-        if permit == Permit::Reject {
-            return Err(BackendError {
-                backend: "redis",
-                kind: ErrorKind::CircuitOpen,
-                message: format!("{} failing: circuit open", self.addr),
-            });
-        }
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        if self.conns.managers.load().is_none()
-            && tokio::time::timeout_at(deadline, self.conns.ready())
-                .await
-                .is_err()
-        {
-            note(&self.breaker, &self.addr, permit == Permit::Probe, false);
-            return Err(not_connected(&self.addr));
-        }
+        let (permit, deadline) = self.admit().await?;
         let Some(mut conn) = self.conns.pick() else {
             return Err(not_connected(&self.addr));
         };
@@ -557,16 +547,22 @@ fn send_batch(
 fn shed_stale(waiting: &mut VecDeque<Job>, lanes: &NodeContext) {
     let now = tokio::time::Instant::now();
     while let Some(j) = waiting.front_mut() {
-        if j.gone() {
-            waiting.pop_front();
-        } else if !j.detached && now.duration_since(j.queued) > lanes.max_queue {
-            lanes.metrics.queue_shed();
-            j.answer(Err(shed(lanes.max_queue)));
-            waiting.pop_front();
-        } else {
+        if !j.gone() && !shed_if_stale(j, now, lanes) {
             return;
         }
+        waiting.pop_front();
     }
+}
+
+/// Sheds `j` if it waited past MAX_QUEUE_MS (its caller answered so, the shed counted): true
+/// then. A detached job (a refund the lane sends itself) is never stale.
+fn shed_if_stale(j: &mut Job, now: tokio::time::Instant, lanes: &NodeContext) -> bool {
+    if j.detached || now.duration_since(j.queued) <= lanes.max_queue {
+        return false;
+    }
+    lanes.metrics.queue_shed();
+    j.answer(Err(shed(lanes.max_queue)));
+    true
 }
 
 /// The next script call's jobs: the waiting ones first, then what queued on the channel, up to
@@ -586,16 +582,8 @@ fn next_batch(
         buckets += job.buckets.len();
         batch.push(job);
     }
-    batch.retain(|j| !j.gone());
     let now = tokio::time::Instant::now();
-    batch.retain_mut(|j| {
-        if j.detached || now.duration_since(j.queued) <= lanes.max_queue {
-            return true;
-        }
-        lanes.metrics.queue_shed();
-        j.answer(Err(shed(lanes.max_queue)));
-        false
-    });
+    batch.retain_mut(|j| !j.gone() && !shed_if_stale(j, now, lanes));
     batch
 }
 
