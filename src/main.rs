@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::load();
-    if let Some(Command::CheckRules { path }) = &cli.command {
-        return check_rules(path);
+    if let Some(Command::CheckRules { path, buckets }) = &cli.command {
+        return check_rules(path, buckets);
     }
     let Some(args) = cli.into_serve() else {
         return ExitCode::FAILURE;
@@ -43,12 +43,22 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `sluicegate check-rules PATH`: validate offline, print each rule and its bucket.
-fn check_rules(path: &std::path::Path) -> ExitCode {
+/// `sluicegate check-rules PATH [--bucket DOMAIN:K=V,...]`: validate offline, print each rule
+/// and its bucket, and how each sample RLQS bucket id matches.
+fn check_rules(path: &std::path::Path, buckets: &[String]) -> ExitCode {
     match sluicegate_core::rules::load_path(path) {
         Ok(set) => {
             for rule in set.rules() {
                 println!("{rule}");
+            }
+            for sample in buckets {
+                match show_bucket(&set, sample) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => {
+                        eprintln!("sluicegate: --bucket {sample:?}: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
             }
             let mut domains: Vec<&str> = set.domains().collect();
             domains.sort_unstable();
@@ -68,6 +78,39 @@ fn check_rules(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// How a sample bucket id (`DOMAIN:key=value,...`) matches: the rule and what Envoy is assigned.
+fn show_bucket(set: &sluicegate_core::rules::RuleSet, sample: &str) -> Result<String, String> {
+    use sluicegate_core::rules::Limit;
+    let (domain, pairs) = sample
+        .split_once(':')
+        .ok_or("expected DOMAIN:key=value,...")?;
+    let pairs: Vec<(&str, &str)> = pairs
+        .split(',')
+        .map(|p| p.split_once('=').ok_or("each pair is key=value"))
+        .collect::<Result<_, _>>()?;
+    let Some(m) = set.lookup_bucket("", domain, &pairs) else {
+        return Ok(format!(
+            "bucket {sample}  -> no rule: ALLOW_ALL (counted as unmatched)"
+        ));
+    };
+    let rule = &m.rule;
+    let assigned = match rule.limit {
+        _ if rule.shadow_mode => "ALLOW_ALL (shadow_mode: would-be denials counted)".to_string(),
+        Limit::Unlimited => "ALLOW_ALL (unlimited)".to_string(),
+        Limit::InFlight { .. } => "ALLOW_ALL (in-flight limits are not for quota)".to_string(),
+        Limit::Blocked { .. } => "DENY_ALL".to_string(),
+        Limit::Bucket { shape, .. } => format!(
+            "token_bucket: a share of {}/s, {} deep, over every Envoy (by demand)",
+            shape.rate(),
+            shape.capacity()
+        ),
+    };
+    Ok(format!(
+        "bucket {sample}  -> {} ({})  {assigned}",
+        rule.path, rule.source
+    ))
 }
 
 /// One line on stderr (the contract for a bad start), exit status 1.

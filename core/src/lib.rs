@@ -15,6 +15,10 @@
 //! - `in_flight.rs` (re-exported at the top): in-flight limits, at most `max` leases per key,
 //!   each freed by its release or its TTL ([`Leases`], [`LeaseOp`], [`InFlight`]); pure, as the
 //!   bucket arithmetic is, and run by `lua/in_flight.lua` in Redis.
+//! - [`quota`]: one global limit shared between many Envoys by their demand (RLQS): each one's
+//!   share of a rule's rate and burst, and the token bucket Envoy 1.40 is sent for it. Pure; the
+//!   fleet's demand comes from [`backend::Backend::exchange_demand`] (`lua/rlqs_demand.lua` on
+//!   Redis).
 //! - [`rules`]: envoyproxy/ratelimit's YAML rules: parse and validate, match descriptors, watch
 //!   and hot-reload.
 //!
@@ -26,6 +30,7 @@ pub mod backend;
 mod bucket;
 mod failure;
 mod in_flight;
+pub mod quota;
 pub mod rules;
 mod shape;
 

@@ -4,7 +4,8 @@
 //!
 //! One change from the protos as written: Envoy's descriptor entries
 //! (`RateLimitDescriptor.Entry.key` and `.value`) are bytes here (`Vec<u8>`), since Envoy relays
-//! header values without checking UTF-8 (see `build.rs`).
+//! header values without checking UTF-8, and RLQS's `BucketId` is a list of (bytes, bytes) entries,
+//! which is its map on the wire (see `build.rs`).
 
 /// `sluicegate.v1`: ShouldAllow, ShouldAllowBatch, Settle.
 pub mod sluicegate {
@@ -14,13 +15,19 @@ pub mod sluicegate {
     }
 }
 
-/// Envoy's rate-limit API (our wire-compatible copy of the data-plane-api protos).
+/// Envoy's rate-limit APIs, RLS v3 and RLQS v3 (our wire-compatible copy of the data-plane-api
+/// protos at v1.40).
 #[allow(missing_docs)]
 pub mod envoy {
     pub mod service {
         pub mod ratelimit {
             pub mod v3 {
                 tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+        pub mod rate_limit_quota {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.rate_limit_quota.v3");
             }
         }
     }

@@ -49,6 +49,10 @@ pub enum Command {
     CheckRules {
         /// A rules file, or a directory of *.yaml files.
         path: PathBuf,
+        /// A sample RLQS bucket id to match, as `DOMAIN:key=value,key=value` (pairs in any
+        /// order, as Envoy's quota filter builds them); repeatable.
+        #[arg(long = "bucket", value_name = "DOMAIN:K=V,...")]
+        buckets: Vec<String>,
     },
 }
 

@@ -47,7 +47,12 @@ pub struct DebugState {
     pub show_keys: bool,
     /// HTTP_ALLOWED_HOSTS (lower case, no ports).
     pub allowed_hosts: Arc<Vec<String>>,
+    /// The Envoy quota streams (RLQS) open here.
+    pub quotas: Arc<crate::api::Quotas>,
 }
+
+/// Buckets listed per quota stream on the status page (the busiest).
+const STATUS_QUOTA_BUCKETS: usize = 10;
 
 /// The first characters of a key kept when it is hidden.
 const SHOWN_CHARS: usize = 6;
@@ -177,12 +182,28 @@ async fn status(State(s): State<DebugState>) -> Json<Value> {
             "should_allow": s.activity.live.totals(Api::ShouldAllow),
             "envoy": s.activity.live.totals(Api::Envoy),
             "concurrency": s.activity.live.totals(Api::Concurrency),
+            "rlqs": s.activity.live.totals(Api::Rlqs),
         },
         "rules": rules,
         "rules_loaded": s.rules.current().map_or(0, |set| set.rules().len()),
         "top_keys_enabled": s.activity.top_enabled(),
         "top_denied": top_keys(&s, STATUS_TOP),
+        "rlqs": quota_streams(&s),
     }))
+}
+
+/// The connected Envoys (quota streams) and each one's share of its busiest buckets; bucket
+/// values are request attributes, shown as keys are.
+fn quota_streams(s: &DebugState) -> Vec<crate::api::StreamView> {
+    let mut streams = s.quotas.snapshot(STATUS_QUOTA_BUCKETS);
+    for stream in &mut streams {
+        for bucket in &mut stream.buckets {
+            for (_, value) in &mut bucket.pairs {
+                *value = shown_key(value, s.show_keys);
+            }
+        }
+    }
+    streams
 }
 
 /// The loaded rules with their bucket shapes (envoyproxy/ratelimit's `/rlconfig`, as JSON).

@@ -50,9 +50,12 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
     })
 }
 
-/// Health checks and reflection are never shed: an overloaded replica must still say so.
+/// Health checks and reflection are never shed: an overloaded replica must still say so. Nor is
+/// an Envoy's quota stream: opened once, it is what spares this replica a call per request.
 fn exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+    path.starts_with("/grpc.health.")
+        || path.starts_with("/grpc.reflection.")
+        || path.starts_with("/envoy.service.rate_limit_quota.")
 }
 
 #[derive(Clone)]

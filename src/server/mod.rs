@@ -35,7 +35,7 @@ use http::HttpState;
 use limits::LimitLayer;
 use tls::Tls;
 
-use crate::api::{EnvoyApi, ShouldAllowApi};
+use crate::api::{EnvoyApi, Quotas, RlqsApi, ShouldAllowApi, spawn_exchange};
 use crate::config::{GrpcSettings, RedisSettings, Settings, Storage};
 use crate::telemetry::{
     Activity, MetricsHandle, ReloadMetrics, Timed, eviction_counters, install_metrics,
@@ -43,6 +43,7 @@ use crate::telemetry::{
 };
 use sluicegate_core::backend::{Backend, MemoryBackend, RedisBackend, redis::RedisOptions};
 use sluicegate_core::rules::{ReloadObserver, RulesHandle};
+use sluicegate_proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::RateLimitQuotaServiceServer as RlqsServer;
 use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyServer;
 use sluicegate_proto::sluicegate::v1::rate_limit_service_server::RateLimitServiceServer;
 
@@ -180,7 +181,21 @@ async fn serve<B: Backend>(
     let monitor = health.spawn_monitor(backend.clone(), stop.clone());
     let upkeep = spawn_upkeep(parts.metrics.clone(), stop.clone());
 
-    let grpc_server = grpc_server(&settings, &backend, &parts, health_service, grpc, &stop)?;
+    let quotas = Arc::new(Quotas::new(
+        parts.rules.clone(),
+        &settings.envoy.key_prefix,
+        parts.activity.clone(),
+    ));
+    let exchange = spawn_exchange(quotas.clone(), backend.clone(), stop.clone());
+    let grpc_server = grpc_server(
+        &settings,
+        &backend,
+        &parts,
+        &quotas,
+        health_service,
+        grpc,
+        &stop,
+    )?;
     let debug = settings.http.debug_endpoints.then(|| debug::DebugState {
         activity: parts.activity.clone(),
         rules: parts.rules.clone(),
@@ -189,6 +204,7 @@ async fn serve<B: Backend>(
         backend: backend.name(),
         show_keys: settings.http.show_keys,
         allowed_hosts: Arc::new(settings.http.allowed_hosts.clone()),
+        quotas: quotas.clone(),
     });
     let http_app = http::router(HttpState {
         metrics: parts.metrics,
@@ -228,6 +244,7 @@ async fn serve<B: Backend>(
     let drained = tokio::time::timeout(grace, async { (grpc_task.await, http_task.await) }).await;
     monitor.abort();
     upkeep.abort();
+    exchange.abort();
     match drained {
         Ok((grpc, http)) => {
             grpc.context("gRPC server task")?.context("gRPC server")?;
@@ -262,6 +279,7 @@ fn grpc_server<B: Backend>(
     settings: &Settings,
     backend: &Arc<Timed<B>>,
     parts: &Parts,
+    quotas: &Arc<Quotas>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -291,6 +309,8 @@ fn grpc_server<B: Backend>(
         parts.activity.clone(),
     );
     let envoy = EnvoyServer::new(envoy).max_decoding_message_size(g.max_message_bytes);
+    let rlqs = RlqsServer::new(RlqsApi::new(quotas.clone(), stop.clone()))
+        .max_decoding_message_size(g.max_message_bytes);
 
     // One stack for every service: a server-side deadline, a global bound on calls in progress
     // (beyond it RESOURCE_EXHAUSTED at once, never a queue), keepalives that drop dead peers, and
@@ -315,6 +335,7 @@ fn grpc_server<B: Backend>(
         )
         .add_service(should_allow)
         .add_service(envoy)
+        .add_service(rlqs)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -23,7 +23,7 @@ pub struct DecisionMetrics {
 }
 
 impl DecisionMetrics {
-    /// `api` is `should_allow`, `envoy` or `concurrency`; `activity` sees every decision too (the status page).
+    /// `api` is `should_allow`, `envoy`, `concurrency` or `rlqs`; `activity` sees every decision too (the status page).
     pub fn new(api: &'static str, activity: Arc<Activity>) -> Self {
         let c = |result: &'static str| metrics::counter!(names::DECISIONS, "api" => api, "result" => result);
         Self {
@@ -36,6 +36,7 @@ impl DecisionMetrics {
             api: match api {
                 "envoy" => Api::Envoy,
                 "concurrency" => Api::Concurrency,
+                "rlqs" => Api::Rlqs,
                 _ => Api::ShouldAllow,
             },
             activity,
@@ -56,6 +57,19 @@ impl DecisionMetrics {
             None => self.error.increment(1),
         }
         self.activity.live.count(self.api, outcome, 1);
+    }
+
+    /// Counts `n` decisions of one outcome made elsewhere (Envoys deciding from RLQS assignments).
+    pub fn count_many(&self, allowed: bool, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if allowed {
+            self.allowed.increment(n);
+        } else {
+            self.denied.increment(n);
+        }
+        self.activity.live.count(self.api, Some(allowed), n);
     }
 
     /// Counts a decision that left its bucket near the limit.

@@ -23,6 +23,8 @@ pub enum Api {
     Envoy = 1,
     /// Acquire (in-flight limits).
     Concurrency = 2,
+    /// Envoy's quota protocol: the requests Envoys reported deciding from their assignments.
+    Rlqs = 3,
 }
 
 #[derive(Default)]
@@ -60,7 +62,7 @@ impl Counts {
 struct Slot {
     /// The second (since start) this slot holds, plus one; 0: never used.
     tag: AtomicU64,
-    apis: [Counts; 3],
+    apis: [Counts; 4],
     near_limit: AtomicU64,
     latency: [AtomicU32; BUCKETS],
 }
@@ -104,7 +106,7 @@ pub struct LiveStats {
     /// The Unix time of `started`, to label seconds.
     started_unix: u64,
     slots: Box<[Slot]>,
-    totals: [Counts; 3],
+    totals: [Counts; 4],
 }
 
 impl Default for LiveStats {

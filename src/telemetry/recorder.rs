@@ -28,6 +28,11 @@ pub mod names {
     pub const RELEASES: &str = "sluicegate_in_flight_releases_total";
     pub const GONE_REFUNDS: &str = "sluicegate_gone_refunds_total";
     pub const CONCURRENCY_LIMIT: &str = "sluicegate_concurrency_limit";
+    pub const RLQS_STREAMS: &str = "sluicegate_rlqs_streams";
+    pub const RLQS_BUCKETS: &str = "sluicegate_rlqs_buckets";
+    pub const RLQS_REPORTS: &str = "sluicegate_rlqs_reports_total";
+    pub const RLQS_ASSIGNMENTS: &str = "sluicegate_rlqs_assignments_total";
+    pub const RLQS_EXCHANGES: &str = "sluicegate_rlqs_exchanges_total";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -176,6 +181,26 @@ fn describe() {
     describe_gauge!(
         names::CONCURRENCY_LIMIT,
         "The adaptive concurrency limit: decision calls worked on at once at most, following measured latency against MAX_QUEUE_MS (MAX_CONCURRENT_REQUESTS the cap)."
+    );
+    describe_gauge!(
+        names::RLQS_STREAMS,
+        "Envoy quota (RLQS) streams open on this replica."
+    );
+    describe_gauge!(
+        names::RLQS_BUCKETS,
+        "Envoy quota buckets tracked on this replica (one per Envoy and bucket id)."
+    );
+    describe_counter!(
+        names::RLQS_REPORTS,
+        "Requests Envoys reported deciding from their quota assignments, by domain, rule and result (allowed, denied)."
+    );
+    describe_counter!(
+        names::RLQS_ASSIGNMENTS,
+        "Quota assignments sent to Envoys, by domain and rule (abandon: buckets given up)."
+    );
+    describe_counter!(
+        names::RLQS_EXCHANGES,
+        "Exchanges of quota demand with the other replicas through the backend, by outcome (ok, error)."
     );
     describe_counter!(
         names::SHED,

@@ -104,4 +104,20 @@ impl<B: Backend> Backend for Timed<B> {
     async fn ping(&self) -> Result<(), BackendError> {
         self.inner.ping().await
     }
+
+    /// Timed and counted like every backend call: one per replica and RLQS interval.
+    async fn exchange_demand(
+        &self,
+        replica: &str,
+        ttl_ms: u64,
+        shares: &[sluicegate_core::backend::DemandShare<'_>],
+    ) -> Result<Vec<sluicegate_core::quota::Fleet>, BackendError> {
+        let started = Instant::now();
+        let result = self.inner.exchange_demand(replica, ttl_ms, shares).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.count_error(e);
+        }
+        result
+    }
 }

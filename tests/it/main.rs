@@ -26,6 +26,8 @@ mod readme;
 mod redis_cluster;
 mod redis_faults;
 mod redis_tls;
+mod rlqs_e2e;
+mod rlqs_wire;
 mod rules;
 mod rules_props;
 mod rules_reload;

@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use crate::{Ask, Decision, InFlight, LeaseOp, Op, Shape};
+use crate::{Ask, Decision, InFlight, LeaseOp, Op, Shape, quota::Fleet};
 
 pub mod memory;
 pub mod redis;
@@ -172,6 +172,37 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether the backend is reachable now (for health and readiness).
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Publishes this replica's demand per RLQS quota bucket (valid for `ttl_ms`) and answers each
+    /// bucket's demand summed over every replica, in order. A backend that only this process
+    /// uses (memory) is the whole fleet: it answers what it was given. A shared one must sum.
+    fn exchange_demand(
+        &self,
+        replica: &str,
+        ttl_ms: u64,
+        shares: &[DemandShare<'_>],
+    ) -> impl Future<Output = Result<Vec<Fleet>, BackendError>> + Send {
+        let _ = (replica, ttl_ms);
+        let fleets = shares
+            .iter()
+            .map(|s| Fleet {
+                demand: s.demand,
+                participants: s.participants,
+            })
+            .collect();
+        std::future::ready(Ok(fleets))
+    }
+}
+
+/// One RLQS quota bucket's demand on this replica (see [`Backend::exchange_demand`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DemandShare<'a> {
+    /// The bucket's backend key; every key of one exchange shares a Redis hash tag.
+    pub key: &'a str,
+    /// Requests per second, allowed plus denied, over this replica's participants.
+    pub demand: f64,
+    /// This replica's Envoy buckets in it; 0 withdraws the replica's figures.
+    pub participants: u32,
 }
 
 /// A shared backend is a backend (the server and background tasks hold the same buckets).
@@ -211,6 +242,15 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
         (**self).ping()
+    }
+
+    fn exchange_demand(
+        &self,
+        replica: &str,
+        ttl_ms: u64,
+        shares: &[DemandShare<'_>],
+    ) -> impl Future<Output = Result<Vec<Fleet>, BackendError>> + Send {
+        (**self).exchange_demand(replica, ttl_ms, shares)
     }
 }
 

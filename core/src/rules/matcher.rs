@@ -127,6 +127,89 @@ impl RuleSet {
     }
 }
 
+/// The most pairs a BucketId may have to be matched: Envoy builds them from its configuration, a
+/// handful each; the walk below is quadratic in them.
+pub const MAX_BUCKET_PAIRS: usize = 32;
+
+impl RuleSet {
+    /// The rule applying to an RLQS BucketId in `domain`: its pairs have no order, so at each level
+    /// of the rule tree the rule's key is looked up among the pairs not yet consumed (an exact
+    /// `key=value` first, then a wildcard value in load order, then the key alone, as for
+    /// descriptors; pairs in key order, so the walk never depends on the order Envoy sent them). The
+    /// rule of the node reached when every pair is consumed applies; none otherwise. The bucket key
+    /// lists the pairs in the order the walk consumed them.
+    pub fn lookup_bucket<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        prefix: &str,
+        domain: &str,
+        pairs: &[(K, V)],
+    ) -> Option<Match> {
+        if pairs.is_empty() || pairs.len() > MAX_BUCKET_PAIRS {
+            return None;
+        }
+        let mut level = self.domains.get(domain)?;
+        let mut left: Vec<usize> = (0..pairs.len()).collect();
+        left.sort_by(|&a, &b| {
+            let (ka, va) = (pairs[a].0.as_ref(), pairs[a].1.as_ref());
+            (ka, va).cmp(&(pairs[b].0.as_ref(), pairs[b].1.as_ref()))
+        });
+        // (pair index, the shared wildcard standing in for its value), in the order consumed.
+        let mut path: Vec<(usize, Option<&str>)> = Vec::with_capacity(pairs.len());
+        loop {
+            let (at, node, shared) = step(level, pairs, &left)?;
+            path.push((left.remove(at), shared));
+            if left.is_empty() {
+                let rule = node.rule.clone()?;
+                let entries = path
+                    .iter()
+                    .map(|&(i, _)| (pairs[i].0.as_ref(), pairs[i].1.as_ref()));
+                let key = build_key(prefix, domain, entries, |n| path[n].1);
+                return Some(Match { rule, key });
+            }
+            level = &node.children;
+        }
+    }
+}
+
+/// One level of a BucketId's walk: which of the pairs `left` (indices into `pairs`) a rule of
+/// `level` takes, by the descriptors' precedence. Returns its place in `left`, the node, and the
+/// pattern standing in for the value when the wildcard shares one bucket.
+fn step<'l, K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    level: &'l Level,
+    pairs: &[(K, V)],
+    left: &[usize],
+) -> Option<(usize, &'l Node, Option<&'l str>)> {
+    let text = |at: usize| {
+        let (k, v) = &pairs[left[at]];
+        std::str::from_utf8(k.as_ref())
+            .ok()
+            .zip(std::str::from_utf8(v.as_ref()).ok())
+    };
+    let exact = (0..left.len()).find_map(|at| {
+        let (k, v) = text(at)?;
+        Some((at, level.exact.get(k)?.get(v)?, None))
+    });
+    exact
+        .or_else(|| {
+            level
+                .wildcards
+                .iter()
+                .find_map(|(key, pattern, share, node)| {
+                    let at = left.iter().position(|&i| {
+                        pairs[i].0.as_ref() == key.as_bytes()
+                            && pattern.matches(pairs[i].1.as_ref())
+                    })?;
+                    Some((at, node, share.then_some(pattern.text.as_str())))
+                })
+        })
+        .or_else(|| {
+            (0..left.len()).find_map(|at| {
+                let k = std::str::from_utf8(pairs[left[at]].0.as_ref()).ok()?;
+                Some((at, level.key_only.get(k)?, None))
+            })
+        })
+}
+
 /// The bucket key of a descriptor with no rule of its own (a `limit` override): the same encoding
 /// as a matched rule's bucket.
 pub fn descriptor_key<K: AsRef<[u8]>, V: AsRef<[u8]>>(
@@ -219,5 +302,85 @@ mod tests {
         assert_eq!(text, "p:1:d1:k2:ff");
         assert_eq!(bytes, "p:1:d1:k1~ff");
         assert_ne!(bytes, other);
+    }
+
+    const QUOTA_RULES: &str = r#"
+domain: quota
+descriptors:
+  - key: name
+    value: edge
+    rate_limit: { unit: second, requests_per_unit: 100 }
+  - key: name
+    value: per_user
+    descriptors:
+      - key: user
+        rate_limit: { unit: second, requests_per_unit: 10 }
+      - key: user
+        value: vip-*
+        share_threshold: true
+        rate_limit: { unit: second, requests_per_unit: 50 }
+      - key: user
+        value: blocked
+        rate_limit: { unit: second, requests_per_unit: 0 }
+  - key: tenant
+    descriptors:
+      - key: user
+        descriptors:
+          - key: plan
+            rate_limit: { unit: minute, requests_per_unit: 600 }
+"#;
+
+    fn bucket(pairs: &[(&str, &str)]) -> Option<(String, String)> {
+        let set = crate::rules::parse_text("quota.yaml", QUOTA_RULES).unwrap();
+        set.lookup_bucket("p:", "quota", pairs)
+            .map(|m| (m.rule.path.clone(), m.key))
+    }
+
+    #[test]
+    fn a_bucket_id_walks_the_tree_whatever_the_order_of_its_pairs() {
+        let (path, key) = bucket(&[("user", "bob"), ("name", "per_user")]).unwrap();
+        assert_eq!(path, "name=per_user.user");
+        let (_, same) = bucket(&[("name", "per_user"), ("user", "bob")]).unwrap();
+        assert_eq!(key, same, "pair order must not change the bucket");
+        // A value of its own: another bucket of the same rule.
+        let (_, other) = bucket(&[("name", "per_user"), ("user", "carol")]).unwrap();
+        assert_ne!(key, other);
+        // Exact values win over the key alone; three levels, any order.
+        assert_eq!(
+            bucket(&[("name", "per_user"), ("user", "blocked")])
+                .unwrap()
+                .0,
+            "name=per_user.user=blocked"
+        );
+        assert_eq!(
+            bucket(&[("plan", "gold"), ("user", "u"), ("tenant", "t")])
+                .unwrap()
+                .0,
+            "tenant.user.plan"
+        );
+    }
+
+    #[test]
+    fn a_bucket_id_applies_only_when_every_pair_is_consumed() {
+        // A pair no rule takes: no rule (ALLOW_ALL, counted), never the shallower rule.
+        assert!(bucket(&[("name", "edge"), ("user", "bob")]).is_none());
+        // Pairs that stop above a rule: none either.
+        assert!(bucket(&[("name", "per_user")]).is_none());
+        assert!(bucket(&[("tenant", "t"), ("user", "u")]).is_none());
+        assert_eq!(bucket(&[("name", "edge")]).unwrap().0, "name=edge");
+        assert!(bucket(&[]).is_none());
+    }
+
+    #[test]
+    fn a_shared_wildcard_makes_one_bucket_and_bytes_stay_bytes() {
+        let (path, a) = bucket(&[("name", "per_user"), ("user", "vip-1")]).unwrap();
+        let (_, b) = bucket(&[("name", "per_user"), ("user", "vip-2")]).unwrap();
+        assert_eq!(path, "name=per_user.user=vip-*");
+        assert_eq!(a, b, "share_threshold: one bucket for every matching value");
+        let set = crate::rules::parse_text("quota.yaml", QUOTA_RULES).unwrap();
+        let raw: [(&[u8], &[u8]); 2] = [(b"name", b"per_user"), (b"user", b"\xff\xfe")];
+        let m = set.lookup_bucket("p:", "quota", &raw).unwrap();
+        assert_eq!(m.rule.path, "name=per_user.user");
+        assert!(m.key.ends_with("2~fffe"), "{}", m.key);
     }
 }

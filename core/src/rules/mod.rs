@@ -3,7 +3,8 @@
 //! when the file or directory changes.
 //!
 //! - `parse.rs`: YAML to a validated [`RuleSet`]; errors name the file and line.
-//! - `matcher.rs`: descriptor entries to the rule that applies, and the bucket key.
+//! - `matcher.rs`: descriptor entries (or an RLQS BucketId's pairs) to the rule that applies, and
+//!   the bucket key.
 //! - `watch.rs`: watches the path and swaps in a new set when a valid change lands.
 
 mod matcher;
@@ -12,7 +13,7 @@ mod watch;
 
 use std::{fmt, sync::Arc};
 
-pub use matcher::{Match, descriptor_key};
+pub use matcher::{MAX_BUCKET_PAIRS, Match, descriptor_key};
 pub use parse::{RulesError, load_path, parse_text};
 pub use watch::{ReloadObserver, RulesHandle, spawn_watcher};
 

@@ -94,7 +94,7 @@ function render(s) {
   const p99s = recent.map((r) => r.p99_ms).filter((v) => v !== null);
   $("p99").textContent = p99s.length ? Math.max(...p99s).toFixed(2) + " ms" : "-";
   const t = s.totals;
-  const total = (f) => t.should_allow[f] + t.envoy[f] + t.concurrency[f];
+  const total = (f) => t.should_allow[f] + t.envoy[f] + t.concurrency[f] + t.rlqs[f];
   $("allowed-total").textContent = fmt(total("allowed"));
   $("denied-total").textContent = fmt(total("denied"));
   $("errors-total").textContent = fmt(total("errors"));
@@ -105,6 +105,11 @@ function render(s) {
       [r.in_flight === null ? "" : fmt(r.in_flight), "num"]])), "top-rules-empty");
   fill("top-keys", s.top_denied.filter((k) => k.count >= 0.5).map((k) =>
     row([[k.key, "key"], [(100 * k.share).toFixed(1) + "%", "num"], [fmt(k.count), "num"]])), "top-keys-empty");
+  fill("rlqs", s.rlqs.flatMap((e) => (e.buckets.length ? e.buckets : [null]).map((b) => b === null
+    ? row([[e.peer, "key"], [e.domain], ["(no bucket yet)"], [""], ["", "num"], [""], ["", "num"], ["", "num"]])
+    : row([[e.peer, "key"], [e.domain], [b.pairs.map((p) => p[0] + "=" + p[1]).join(", "), "key"], [b.rule === null ? "(none)" : b.rule],
+      [b.demand.toFixed(1), "num"], [b.assignment === null ? "-" : b.assignment],
+      [b.rate === null ? "" : b.rate.toFixed(1), "num"], [b.max_tokens === null ? "" : fmt(b.max_tokens), "num"]]))), "rlqs-empty");
   $("top-keys-empty").textContent = s.top_keys_enabled ? "Nothing denied lately." : "Off (TOP_KEYS=0).";
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }

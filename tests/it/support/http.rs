@@ -90,6 +90,41 @@ async fn http_call(
     })
 }
 
+/// Sends `request` (raw bytes: header values an ordinary client would refuse) to 127.0.0.1:`port`
+/// and returns the answer's status, when one came within 5 s. Reads the answer to its
+/// Content-Length, not to the connection's close (Envoy lingers before closing).
+pub async fn raw_http(port: u16, request: &[u8]) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream.write_all(request).await.ok()?;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.ok()?;
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                });
+                if n == 0 || length.is_some_and(|len| body.len() >= len) {
+                    return head.split_whitespace().nth(1)?.parse().ok();
+                }
+            } else if n == 0 {
+                return None;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()?
+}
+
 /// Decodes a `Transfer-Encoding: chunked` body.
 fn dechunk(mut rest: &str) -> Option<String> {
     let mut out = String::new();

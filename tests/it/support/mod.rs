@@ -18,7 +18,9 @@ pub mod sentinel;
 
 pub use cluster::RedisCluster;
 pub use envoy::{Envoy, INSTALL_ENVOY, Upstream, envoy_bin};
-pub use http::{Demo, HttpAnswer, http_get, http_post_json, http_request, metric, metric_value};
+pub use http::{
+    Demo, HttpAnswer, http_get, http_post_json, http_request, metric, metric_value, raw_http,
+};
 pub use process::{
     NOT_SERVING, SERVING, Sluicegate, ask, eventually, free_port, health, our_binary, repo_path,
     should_allow, workspace_bin,

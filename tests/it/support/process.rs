@@ -133,13 +133,33 @@ impl Sluicegate {
         panic!("sluicegate did not start (see its stderr above)");
     }
 
+    /// As [`Sluicegate::start`], on given ports (a restart where clients expect it).
+    pub async fn start_on(
+        grpc_port: u16,
+        http_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::try_start_on(grpc_port, http_port, args, env, None)
+            .await
+            .expect("sluicegate did not start on its ports (see its stderr above)")
+    }
+
     async fn try_start(
         args: &[&str],
         env: &[(&str, &str)],
         log: Option<&std::path::Path>,
     ) -> Option<Self> {
-        let grpc_port = free_port();
-        let http_port = free_port();
+        Self::try_start_on(free_port(), free_port(), args, env, log).await
+    }
+
+    async fn try_start_on(
+        grpc_port: u16,
+        http_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+    ) -> Option<Self> {
         let mut cmd = our_binary(env!("CARGO_BIN_EXE_sluicegate"));
         // The product's REDIS_TIMEOUT_MS (15 ms) is sized to answer before Envoy's 20 ms RLS
         // timeout on a production machine; the tests run debug builds, many at once, on two

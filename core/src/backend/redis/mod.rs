@@ -28,7 +28,7 @@ use std::{sync::Arc, time::Duration};
 use futures::future::join_all;
 
 pub use connect::RedisTls;
-pub use script::{IN_FLIGHT_LUA, TOKEN_BUCKET_LUA};
+pub use script::{IN_FLIGHT_LUA, RLQS_DEMAND_LUA, TOKEN_BUCKET_LUA};
 pub use topology::Topology;
 
 use deny_cache::DenyCache;
@@ -38,9 +38,10 @@ use script::Placement;
 use topology::Nodes;
 
 use super::{
-    Backend, BackendError, BucketRequest, ErrorKind, LeaseRequest, SettleRequest, Settled,
+    Backend, BackendError, BucketRequest, DemandShare, ErrorKind, LeaseRequest, SettleRequest,
+    Settled,
 };
-use crate::{Ask, Decision, InFlight, Op};
+use crate::{Ask, Decision, InFlight, Op, quota::Fleet};
 
 const NAME: &str = "redis";
 
@@ -528,6 +529,33 @@ impl Backend for RedisBackend {
             }
         }
         Err(last.unwrap_or_else(unknown_node))
+    }
+
+    async fn exchange_demand(
+        &self,
+        replica: &str,
+        ttl_ms: u64,
+        shares: &[DemandShare<'_>],
+    ) -> Result<Vec<Fleet>, BackendError> {
+        let Some(first) = shares.first() else {
+            return Ok(Vec::new());
+        };
+        // Every key shares a hash tag: the node of the first serves them all.
+        let Some(node) = self.nodes.node_for(first.key.as_bytes()) else {
+            self.nodes.suspect();
+            return Err(unknown_node());
+        };
+        let result = node.demand(replica, ttl_ms, shares).await;
+        // A slot moved, or the node went: find the topology again; the next interval retries.
+        if let Err(e) = &result
+            && matches!(
+                e.kind,
+                ErrorKind::Moved | ErrorKind::Connection | ErrorKind::Timeout
+            )
+        {
+            self.nodes.suspect();
+        }
+        result
     }
 }
 

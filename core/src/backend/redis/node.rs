@@ -244,8 +244,7 @@ impl Node {
     }
 
     /// One lease operation (`lua/in_flight.lua`), outside the lane: one key per call, a call per
-    /// request start and end, so there is nothing to batch it with. Bounded by REDIS_TIMEOUT_MS
-    /// and judged by the breaker like the lane's calls.
+    /// request start and end, so there is nothing to batch it with.
     pub async fn in_flight(
         &self,
         key: &str,
@@ -253,14 +252,50 @@ impl Node {
         op: crate::LeaseOp,
         asking: bool,
     ) -> Result<crate::InFlight, BackendError> {
+        let cmd = script::in_flight(key, id, op);
+        self.scripted(
+            &cmd,
+            asking,
+            script::IN_FLIGHT_LUA,
+            script::decode_in_flight,
+        )
+        .await
+    }
+
+    /// One RLQS demand exchange (`lua/rlqs_demand.lua`), outside the lane: a call per replica
+    /// and interval, its keys in one slot.
+    pub async fn demand(
+        &self,
+        replica: &str,
+        ttl_ms: u64,
+        shares: &[super::super::DemandShare<'_>],
+    ) -> Result<Vec<crate::quota::Fleet>, BackendError> {
+        let cmd = script::demand(replica, ttl_ms, shares);
+        let fleets = self
+            .scripted(&cmd, false, script::RLQS_DEMAND_LUA, script::decode_demand)
+            .await?;
+        if fleets.len() != shares.len() {
+            return Err(script::unexpected("the demand script"));
+        }
+        Ok(fleets)
+    }
+
+    /// A script call outside the lane, bounded by REDIS_TIMEOUT_MS and judged by the breaker
+    /// like the lane's calls.
+    async fn scripted<T>(
+        &self,
+        cmd: &redis::Cmd,
+        asking: bool,
+        text: &str,
+        decode: fn(Value) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
         let (permit, deadline) = self.admit().await?;
         let Some(mut conn) = self.conns.pick() else {
             return Err(not_connected(&self.addr));
         };
-        let cmd = script::in_flight(key, id, op);
-        let called = call(&mut conn, &cmd, asking, script::IN_FLIGHT_LUA);
+        let called = call(&mut conn, cmd, asking, text);
         let result = match tokio::time::timeout_at(deadline, called).await {
-            Ok(Ok(value)) => script::decode_in_flight(value),
+            Ok(Ok(value)) => decode(value),
             Ok(Err(e)) => Err(map_error(e)),
             Err(_) => Err(timeout_error(self.timeout)),
         };

@@ -14,6 +14,79 @@ pub const TOKEN_BUCKET_LUA: &str = include_str!("../../../../lua/token_bucket.lu
 /// The in-flight script; its header states its contract.
 pub const IN_FLIGHT_LUA: &str = include_str!("../../../../lua/in_flight.lua");
 
+/// The RLQS demand-exchange script; its header states its contract.
+pub const RLQS_DEMAND_LUA: &str = include_str!("../../../../lua/rlqs_demand.lua");
+
+/// The demand script's SHA1, computed once.
+fn demand_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| redis::Script::new(RLQS_DEMAND_LUA).get_hash().to_string())
+}
+
+/// The EVALSHA of one demand exchange: every key declared (they share a hash tag).
+pub fn demand(replica: &str, ttl_ms: u64, shares: &[crate::backend::DemandShare<'_>]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(demand_sha()).arg(shares.len());
+    for s in shares {
+        cmd.arg(s.key);
+    }
+    cmd.arg(replica).arg(ttl_ms);
+    for s in shares {
+        // A demand that is not a finite number >= 0 would be refused by the script: send 0.
+        let demand = if s.demand.is_finite() && s.demand > 0.0 {
+            s.demand
+        } else {
+            0.0
+        };
+        cmd.arg(format!("{demand}")).arg(s.participants);
+    }
+    cmd
+}
+
+/// The demand script's reply: `{demand, participants}` per key.
+pub fn decode_demand(value: Value) -> Result<Vec<crate::quota::Fleet>, BackendError> {
+    let bad = || unexpected("the demand script");
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(pair) = item else {
+                return Err(bad());
+            };
+            let [demand, participants] = &pair[..] else {
+                return Err(bad());
+            };
+            let demand = match demand {
+                Value::BulkString(b) => std::str::from_utf8(b)
+                    .ok()
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .filter(|d| d.is_finite() && *d >= 0.0)
+                    .ok_or_else(bad)?,
+                _ => return Err(bad()),
+            };
+            let participants = match participants {
+                Value::Int(n) => u32::try_from(*n).map_err(|_| bad())?,
+                _ => return Err(bad()),
+            };
+            Ok(crate::quota::Fleet {
+                demand,
+                participants,
+            })
+        })
+        .collect()
+}
+
+/// A script's reply in a shape its contract does not allow.
+pub fn unexpected(what: &str) -> BackendError {
+    BackendError {
+        backend: "redis",
+        kind: ErrorKind::Script,
+        message: format!("{what} answered in an unexpected shape"),
+    }
+}
+
 /// The in-flight script's SHA1, computed once.
 pub fn in_flight_sha() -> &'static str {
     static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -1,0 +1,175 @@
+//! `envoy.service.rate_limit_quota.v3.RateLimitQuotaService/StreamRateLimitQuotas`: Envoy's
+//! quota protocol (RLQS), so Envoy decides each request locally and no request waits for a call.
+//!
+//! Each Envoy streams usage reports for its quota buckets; this replica matches each bucket to a
+//! rule (walking the rule tree with the bucket id's pairs), and answers with the Envoy's share of
+//! the rule's bucket as a `token_bucket` assignment, sized by its demand against the fleet's
+//! (`sluicegate_core::quota`). Replicas exchange their Envoys' demand through the backend once per
+//! interval, so the shares of every Envoy on every replica add up to the rule.
+//!
+//! - `fleet.rs`: the state (streams, buckets, demand, what was sent) and its three changes:
+//!   a report, an exchange, a stream's end;
+//! - `assign.rs`: assignments as Envoy 1.40's protos say them;
+//! - here: the streams, and the exchange task.
+//!
+//! A stream never fails because of what a bucket id holds (Envoy relays request attributes in
+//! it): values are bytes, buckets past the tracking cap still get a floor share, and a report's
+//! only effect on the stream is its answer.
+
+mod assign;
+mod fleet;
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use sluicegate_core::backend::{Backend, DemandShare};
+use sluicegate_core::quota::Fleet;
+use sluicegate_proto::envoy::service::rate_limit_quota::v3::{
+    RateLimitQuotaResponse, RateLimitQuotaUsageReports,
+    rate_limit_quota_service_server::RateLimitQuotaService,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use fleet::{BucketView, EXCHANGE_EVERY, Quotas, StreamView};
+
+use crate::telemetry::names;
+
+/// The RLQS service: one per server, sharing [`Quotas`] with the exchange task.
+pub struct RlqsApi {
+    quotas: Arc<Quotas>,
+    /// Fired at shutdown: every stream ends, so Envoys reconnect elsewhere (their assignments
+    /// stand until their TTL meanwhile).
+    stop: CancellationToken,
+}
+
+impl RlqsApi {
+    pub fn new(quotas: Arc<Quotas>, stop: CancellationToken) -> Self {
+        Self { quotas, stop }
+    }
+}
+
+type Responses = Pin<Box<dyn Stream<Item = Result<RateLimitQuotaResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RateLimitQuotaService for RlqsApi {
+    type StreamRateLimitQuotasStream = Responses;
+
+    async fn stream_rate_limit_quotas(
+        &self,
+        request: Request<Streaming<RateLimitQuotaUsageReports>>,
+    ) -> Result<Response<Responses>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let inbound = request.into_inner();
+        let (outbox, rx) = mpsc::channel(fleet::STREAM_BUFFER);
+        let id = self.quotas.open(peer, outbox.clone());
+        tokio::spawn(serve_stream(
+            self.quotas.clone(),
+            id,
+            inbound,
+            outbox,
+            self.stop.clone(),
+        ));
+        let responses =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        Ok(Response::new(Box::pin(responses)))
+    }
+}
+
+/// Reads one stream's reports and answers each, until Envoy ends it, the connection goes, or
+/// the server stops.
+async fn serve_stream(
+    quotas: Arc<Quotas>,
+    id: u64,
+    mut inbound: Streaming<RateLimitQuotaUsageReports>,
+    outbox: fleet::Outbox,
+    stop: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            m = inbound.message() => m,
+            _ = outbox.closed() => break,
+            _ = stop.cancelled() => break,
+        };
+        let reports = match message {
+            Ok(Some(reports)) => reports,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(%status, "RLQS stream ended with an error");
+                break;
+            }
+        };
+        if let Some(response) = quotas.report(id, reports)
+            && outbox.send(Ok(response)).await.is_err()
+        {
+            break;
+        }
+    }
+    quotas.close(id);
+}
+
+/// Every [`EXCHANGE_EVERY`]: publishes this replica's demand, reads the fleet's, and pushes the
+/// assignments that moved. Runs until `stop`.
+pub fn spawn_exchange<B: Backend>(
+    quotas: Arc<Quotas>,
+    backend: Arc<B>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXCHANGE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            exchange(&quotas, &*backend).await;
+        }
+    })
+}
+
+/// One exchange: publish, read back, rebalance, push.
+pub async fn exchange<B: Backend>(quotas: &Quotas, backend: &B) {
+    let (demand, mut pushes) = quotas.demand();
+    let fleets = if demand.is_empty() {
+        Some(Vec::new())
+    } else {
+        let shares: Vec<DemandShare<'_>> = demand
+            .iter()
+            .map(|(key, d, n)| DemandShare {
+                key,
+                demand: *d,
+                participants: *n,
+            })
+            .collect();
+        let ttl_ms = fleet::PUBLISHED_TTL.as_millis() as u64;
+        match backend
+            .exchange_demand(&quotas.replica, ttl_ms, &shares)
+            .await
+        {
+            Ok(fleets) => {
+                metrics::counter!(names::RLQS_EXCHANGES, "outcome" => "ok").increment(1);
+                Some(
+                    demand
+                        .iter()
+                        .zip(fleets)
+                        .map(|((key, _, n), f): (&(String, f64, u32), Fleet)| (key.clone(), *n, f))
+                        .collect(),
+                )
+            }
+            Err(e) => {
+                metrics::counter!(names::RLQS_EXCHANGES, "outcome" => "error").increment(1);
+                tracing::warn!(error = %e.message, "RLQS: the demand exchange failed; shares stand until they go stale");
+                None
+            }
+        }
+    };
+    pushes.extend(quotas.rebalance(fleets));
+    for (outbox, response) in pushes {
+        // A stream that does not read its pushes misses them; its next report is answered.
+        let _ = outbox.try_send(Ok(response));
+    }
+}
