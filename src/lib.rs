@@ -12,8 +12,9 @@
 //! `sluicegate-client` (`client/`), which never depends on this crate.
 //!
 //! - [`api`]: the gRPC transports: `sluicegate.v1` ShouldAllow, ShouldAllowBatch and Settle (with
-//!   reservations), Acquire, Release and Renew (in-flight limits), and Envoy RLS v3 (plan,
-//!   leases, decide, answer, annotate), input checks, the steps
+//!   reservations), Acquire, Release and Renew (in-flight limits), Envoy RLS v3 (plan,
+//!   leases, decide, answer, annotate), Envoy RLQS (`rlqs/`: the quota streams, this replica's
+//!   quota state and its exchange of demand with the others, assignments), input checks, the steps
 //!   both share after the backend (`pipeline.rs`: FAILURE_MODE and compensations that outlive
 //!   their caller), and the one place errors become `tonic::Status`.
 //! - [`telemetry`]: tracing setup, metric names (described once), the Prometheus recorder, the

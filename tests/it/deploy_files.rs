@@ -167,20 +167,57 @@ fn names_and_ports_agree() {
 
 #[test]
 fn compose_envoy_config_validates() {
-    let out = std::process::Command::new(crate::support::envoy_bin())
-        .args([
-            "--mode",
-            "validate",
-            "-c",
-            "deploy/envoy/envoy-compose.yaml",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for config in [
+        "deploy/envoy/envoy-compose.yaml",
+        "deploy/envoy/envoy-rlqs.yaml",
+        "deploy/envoy/envoy-rlqs-compose.yaml",
+    ] {
+        let out = std::process::Command::new(crate::support::envoy_bin())
+            .args(["--mode", "validate", "-c", config])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The compose stack's quota Envoy is the shipped one with the compose services as its upstreams:
+/// the same filter, the same buckets.
+#[test]
+fn compose_rlqs_envoy_is_the_shipped_one() {
+    let body = |path: &str| {
+        let text = std::fs::read_to_string(path).unwrap();
+        text[text.find("admin:").unwrap()..].to_string()
+    };
+    let shipped = body("deploy/envoy/envoy-rlqs.yaml")
+        .replace(
+            "address: 127.0.0.1, port_value: 9901",
+            "address: 0.0.0.0, port_value: 9901",
+        )
+        .replace(
+            "address: 127.0.0.1, port_value: 10000",
+            "address: 0.0.0.0, port_value: 10000",
+        )
+        .replace(
+            "address: 127.0.0.1, port_value: 8000",
+            "address: demo, port_value: 8000",
+        )
+        .replace(
+            "address: 127.0.0.1, port_value: 8081",
+            "address: sluicegate, port_value: 8081",
+        )
+        .replace("type: STATIC", "type: STRICT_DNS");
+    assert_eq!(shipped, body("deploy/envoy/envoy-rlqs-compose.yaml"));
+    let c = compose();
+    let volumes = c["services"]["envoy-rlqs"]["volumes"].as_array().unwrap();
+    assert!(volumes.iter().any(|v| {
+        v.as_str()
+            .unwrap()
+            .starts_with("./envoy/envoy-rlqs-compose.yaml:")
+    }));
 }
 
 #[test]

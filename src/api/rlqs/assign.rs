@@ -84,8 +84,8 @@ pub fn abandon(id: &BucketId) -> BucketAction {
 /// `secs` whole seconds, plus as many nanoseconds. Envoy 1.40 computes the fill rate from the whole
 /// seconds only, but decides whether an assignment changed its bucket by comparing the
 /// nanoseconds only (`protoTokenBucketsEq`): a bucket whose interval changed and whose token
-/// counts did not would keep its old rate. The nanoseconds make every interval distinct (they
-/// stay below a millisecond for intervals up to a year, so nothing else moves).
+/// counts did not would keep its old rate. The nanoseconds make every interval distinct (at most
+/// 32 ms for a year's interval, below the whole second Envoy reads, so the rate does not move).
 fn fill_interval(secs: u64) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(secs).unwrap_or(i64::MAX),
@@ -110,7 +110,7 @@ mod tests {
         let hour = fill_interval(3_600);
         assert_eq!(minute.seconds, 60);
         assert_ne!(minute.nanos, hour.nanos);
-        assert!(fill_interval(31_536_000).nanos < 1_000_000);
+        assert!(fill_interval(31_536_000).nanos < 1_000_000_000);
     }
 
     #[test]
