@@ -28,6 +28,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = os.environ.get("DURATION", "10s")
+# PROFILE=0: no perf profile of Envoy's per-user run.
+PROFILE = os.environ.get("PROFILE", "1") != "0"
 RELEASE = os.path.join(ROOT, "target", "release")
 
 
@@ -159,6 +161,22 @@ RLS_FILTER = """          - name: envoy.filters.http.ratelimit
                 transport_api_version: V3
                 grpc_service: { envoy_grpc: { cluster_name: sluicegate } }"""
 
+RLQS_STATIC = """          - name: envoy.filters.http.rate_limit_quota
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rate_limit_quota.v3.RateLimitQuotaFilterConfig
+              rlqs_server: { envoy_grpc: { cluster_name: sluicegate } }
+              domain: quota
+              bucket_matchers:
+                on_no_match:
+                  action:
+                    name: edge
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.rate_limit_quota.v3.RateLimitQuotaBucketSettings
+                      bucket_id_builder: { bucket_id_builder: { name: { string_value: edge } } }
+                      reporting_interval: 5s
+                      no_assignment_behavior: { fallback_rate_limit: { blanket_rule: ALLOW_ALL } }
+                      deny_response_settings: { http_status: { code: 429 } }"""
+
 RLQS_FILTER = """          - name: envoy.filters.http.rate_limit_quota
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.rate_limit_quota.v3.RateLimitQuotaFilterConfig
@@ -201,6 +219,9 @@ descriptors:
 
 QUOTA_RULES = """domain: quota
 descriptors:
+  - key: name
+    value: edge
+    rate_limit: { unit: second, requests_per_unit: 1000000 }
   - key: name
     value: per_user
     descriptors:
@@ -246,16 +267,39 @@ def throughput(procs, redis_url):
         ("no rate-limit filter (the ceiling)", base.replace("RATE_LIMITS\n", "").replace("FILTER\n", "")),
         ("RLS filter -> sluicegate (Redis), a call per request",
          base.replace("RATE_LIMITS", RLS_ROUTE).replace("FILTER", RLS_FILTER)),
+        ("quota filter (RLQS) -> sluicegate (Redis), one bucket",
+         base.replace("RATE_LIMITS\n", "").replace("FILTER", RLQS_STATIC)),
         ("quota filter (RLQS) -> sluicegate (Redis), a bucket per user",
          base.replace("RATE_LIMITS\n", "").replace("FILTER", RLQS_FILTER)),
+        # The filter's own cost: the same buckets, and no quota server listening (every bucket
+        # stays on its no_assignment_behavior, ALLOW_ALL).
+        ("quota filter, a bucket per user, no quota server (the filter alone)",
+         LISTENER.replace("GRPC", str(free_port())).replace("RATE_LIMITS\n", "")
+         .replace("FILTER", RLQS_FILTER)),
     ]
     rows = []
+    profiles = []
     for name, config in variants:
         p, port = envoy(procs, config, "envoy-bench")
         # Warm up: connections, and for RLQS the 1,000 buckets' first reports and assignments.
         subprocess.run(["wrk", "-t1", "-c16", "-d3s", "-s", lua, f"http://127.0.0.1:{port}/"],
                        capture_output=True)
+        profile = PROFILE and name.endswith("a bucket per user") and shutil.which("perf")
+        perf = None
+        if profile:
+            data = os.path.join(procs.work, "perf.data")
+            perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", data, "-p", str(p.pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rows.append((name, *wrk(port, procs.work)))
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
+            report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--stdio",
+                                     "--percent-limit", "2", "-g", "none", "--sort", "symbol"],
+                                    capture_output=True, text=True).stdout
+            lines = [l for l in report.splitlines() if l.strip() and not l.startswith("#")]
+            # The wheel's Envoy is stripped: only the kernel's and libc's symbols have names.
+            profiles.append(lines[:15])
         procs.stop(p)
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics").read().decode()
     print(f"Throughput through one Envoy (`--concurrency 1`), wrk -t2 -c64 -d{DURATION}, 1,000 x-user values:\n")
@@ -266,6 +310,11 @@ def throughput(procs, redis_url):
         print(f"| {name} | {rps:,.0f} | {rps / ceiling:.2f}x | {p99:.2f} ms | {bad} |")
     reports = sum(float(v) for v in re.findall(r'^sluicegate_rlqs_reports_total\{[^}]*\} (\S+)', metrics, re.M))
     print(f"\n(RLQS: sluicegate heard of {reports:,.0f} requests in usage reports, without a call for any.)\n")
+    for lines in profiles:
+        print("Where Envoy's time goes with a bucket per user (perf, symbols over 2%):\n")
+        print("```")
+        print("\n".join(lines))
+        print("```\n")
 
 
 def load(port, rps, seconds, out):
@@ -289,9 +338,13 @@ def accuracy(procs, redis_url):
     envoys = []
     for name in ("a", "b"):
         grpc, _ = sluicegate(procs, rules, redis_url, f"sg-{name}")
+        # The shipped config, answering from Envoy itself instead of the demo app.
         config = (shipped.replace("port_value: 10000", "port_value: LISTEN")
                   .replace("port_value: 9901", "port_value: ADMIN")
-                  .replace("port_value: 8081", f"port_value: {grpc}"))
+                  .replace("port_value: 8081", f"port_value: {grpc}")
+                  .replace("route: { cluster: upstream }",
+                           'direct_response: { status: 200, body: { inline_string: "ok" } }'))
+        assert "direct_response" in config
         envoys.append(envoy(procs, config, f"envoy-{name}")[1])
     half = 30
     outs = [os.path.join(procs.work, n) for n in ("a.json", "b1.json", "b2.json")]

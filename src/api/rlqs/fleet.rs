@@ -383,6 +383,10 @@ impl Quotas {
         let mut sums: HashMap<String, (f64, u32)> = HashMap::new();
         for stream in state.streams.values_mut() {
             let mut abandoned = Vec::new();
+            // A bucket its Envoy stopped reporting (a stream open but silent past an
+            // assignment's TTL) leaves the fleet, so the others get its share back.
+            let silent_after = stream.ttl();
+            let before = stream.buckets.len();
             stream.buckets.retain(|_, p| {
                 let idle = p
                     .idle_since
@@ -390,9 +394,9 @@ impl Quotas {
                 if idle {
                     abandoned.push(abandon(&p.id));
                 }
-                !idle
+                !idle && now.saturating_duration_since(p.last_report) <= silent_after
             });
-            state.tracked -= abandoned.len();
+            state.tracked -= before - stream.buckets.len();
             if !abandoned.is_empty() {
                 let (domain, _) = labels(&Policy::Unmatched, &stream.domain, rules.as_deref());
                 metrics::counter!(names::RLQS_ASSIGNMENTS, "domain" => domain, "rule" => "abandon")
@@ -728,4 +732,142 @@ fn count_assignment(policy: &Policy) {
         domain
     };
     metrics::counter!(names::RLQS_ASSIGNMENTS, "domain" => domain, "rule" => rule).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluicegate_core::rules::parse_text;
+    use sluicegate_proto::envoy::service::rate_limit_quota::v3::{
+        bucket_id::BucketEntry, rate_limit_quota_response::bucket_action,
+    };
+    use sluicegate_proto::envoy::r#type::v3::rate_limit_strategy::Strategy;
+
+    const RULES: &str = "domain: quota\ndescriptors:\n  - key: name\n    value: edge\n    rate_limit: { unit: second, requests_per_unit: 100 }\n";
+
+    fn replica() -> (
+        Quotas,
+        u64,
+        mpsc::Receiver<Result<RateLimitQuotaResponse, tonic::Status>>,
+    ) {
+        let rules = Arc::new(RulesHandle::fixed(parse_text("q.yaml", RULES).unwrap()));
+        let quotas = Quotas::new(rules, "tb:rls:", Arc::new(Activity::default()));
+        let (tx, rx) = mpsc::channel(8);
+        let id = quotas.open("127.0.0.1:1".into(), tx);
+        (quotas, id, rx)
+    }
+
+    /// A first report of the edge bucket: `requests` over the 5 s Envoy says elapsed.
+    fn report(requests: u64) -> RateLimitQuotaUsageReports {
+        RateLimitQuotaUsageReports {
+            domain: "quota".into(),
+            bucket_quota_usages: vec![BucketQuotaUsage {
+                bucket_id: Some(BucketId {
+                    bucket: vec![BucketEntry {
+                        key: b"name".to_vec(),
+                        value: b"edge".to_vec(),
+                    }],
+                }),
+                time_elapsed: Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: 0,
+                }),
+                num_requests_allowed: requests / 4,
+                num_requests_denied: requests - requests / 4,
+            }],
+        }
+    }
+
+    fn rate(r: &RateLimitQuotaResponse) -> f64 {
+        let Some(bucket_action::BucketAction::QuotaAssignmentAction(q)) =
+            &r.bucket_action[0].bucket_action
+        else {
+            panic!("not an assignment")
+        };
+        let Some(Strategy::TokenBucket(t)) = &q.rate_limit_strategy.as_ref().unwrap().strategy
+        else {
+            panic!("not a token bucket")
+        };
+        f64::from(t.tokens_per_fill.unwrap()) / t.fill_interval.unwrap().seconds as f64
+    }
+
+    /// What a shared backend would answer both replicas: the sum of what each published.
+    fn fleet(all: &[&[(String, f64, u32)]]) -> Vec<(String, u32, Fleet)> {
+        let mut out = Vec::new();
+        for (key, _, n) in all[0] {
+            let (demand, participants) = all
+                .iter()
+                .flat_map(|d| d.iter().filter(|(k, _, _)| k == key))
+                .fold((0.0, 0), |(d, p), (_, dd, pp)| (d + dd, p + pp));
+            out.push((
+                key.clone(),
+                *n,
+                Fleet {
+                    demand,
+                    participants,
+                },
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn two_replicas_split_the_rate_by_demand() {
+        let (a, a_id, mut a_rx) = replica();
+        let (b, b_id, mut b_rx) = replica();
+        // Each alone at first: the whole rate, until the exchange.
+        let first_a = a.report(a_id, report(1_500)).unwrap();
+        let first_b = b.report(b_id, report(500)).unwrap();
+        assert!((rate(&first_a) - 100.0).abs() < 0.1, "{}", rate(&first_a));
+        assert!((rate(&first_b) - 100.0).abs() < 0.1);
+
+        let (da, _) = a.demand();
+        let (db, _) = b.demand();
+        assert_eq!(da.len(), 1);
+        assert!(
+            da[0].0.starts_with("{tb:rls:rlqs}"),
+            "one hash tag: {}",
+            da[0].0
+        );
+        for (q, mine, theirs) in [(&a, &da, &db), (&b, &db, &da)] {
+            for (outbox, response) in q.rebalance(Some(fleet(&[mine, theirs]))) {
+                outbox.try_send(Ok(response)).unwrap();
+            }
+        }
+        let pushed_a = rate(&a_rx.try_recv().unwrap().unwrap());
+        let pushed_b = rate(&b_rx.try_recv().unwrap().unwrap());
+        assert!((pushed_a - 75.0).abs() < 0.1, "A's share {pushed_a}");
+        assert!((pushed_b - 25.0).abs() < 0.1, "B's share {pushed_b}");
+        // An unchanged share is not pushed again (Envoy would rebuild its bucket).
+        let (da, _) = a.demand();
+        let (db, _) = b.demand();
+        assert!(a.rebalance(Some(fleet(&[&da, &db]))).is_empty());
+
+        // B's Envoy leaves: A gets the whole rate at the next exchange.
+        b.close(b_id);
+        let (db, _) = b.demand();
+        assert_eq!(
+            db,
+            vec![(da[0].0.clone(), 0.0, 0)],
+            "B withdraws its figures"
+        );
+        let (da, _) = a.demand();
+        let pushes = a.rebalance(Some(fleet(&[&da, &db])));
+        assert_eq!(pushes.len(), 1);
+        assert!((rate(&pushes[0].1) - 100.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn a_bucket_id_that_is_not_utf8_gets_no_answer() {
+        let (a, id, _rx) = replica();
+        let mut r = report(10);
+        r.bucket_quota_usages[0].bucket_id = Some(BucketId {
+            bucket: vec![BucketEntry {
+                key: b"name".to_vec(),
+                value: b"\xff".to_vec(),
+            }],
+        });
+        assert!(a.report(id, r).is_none());
+        assert!(a.snapshot(10)[0].buckets.is_empty());
+    }
 }

@@ -121,18 +121,32 @@ pub fn spawn_exchange<B: Backend>(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(EXCHANGE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Logged when it starts failing and when it recovers, not every second in between.
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            exchange(&quotas, &*backend).await;
+            match exchange(&quotas, &*backend).await {
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "RLQS: the demand exchange failed; shares stand until they go stale (15 s), then none is sent");
+                }
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("RLQS: the demand exchange works again");
+                }
+                _ => {}
+            }
         }
     })
 }
 
-/// One exchange: publish, read back, rebalance, push.
-pub async fn exchange<B: Backend>(quotas: &Quotas, backend: &B) {
+/// One exchange: publish, read back, rebalance, push. An error is the backend's message (the
+/// pushes that do not need it are made anyway).
+pub async fn exchange<B: Backend>(quotas: &Quotas, backend: &B) -> Result<(), String> {
+    let mut failed = None;
     let (demand, mut pushes) = quotas.demand();
     let fleets = if demand.is_empty() {
         Some(Vec::new())
@@ -162,7 +176,7 @@ pub async fn exchange<B: Backend>(quotas: &Quotas, backend: &B) {
             }
             Err(e) => {
                 metrics::counter!(names::RLQS_EXCHANGES, "outcome" => "error").increment(1);
-                tracing::warn!(error = %e.message, "RLQS: the demand exchange failed; shares stand until they go stale");
+                failed = Some(e.message);
                 None
             }
         }
@@ -172,4 +186,5 @@ pub async fn exchange<B: Backend>(quotas: &Quotas, backend: &B) {
         // A stream that does not read its pushes misses them; its next report is answered.
         let _ = outbox.try_send(Ok(response));
     }
+    failed.map_or(Ok(()), Err)
 }
