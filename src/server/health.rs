@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use sluicegate_core::backend::Backend;
+use sluicegate_proto::envoy::service::rate_limit_quota::v3::rate_limit_quota_service_server::SERVICE_NAME as RLQS_SERVICE;
 use sluicegate_proto::envoy::service::ratelimit::v3::rate_limit_service_server::SERVICE_NAME as ENVOY_SERVICE;
 use sluicegate_proto::sluicegate::v1::rate_limit_service_server::SERVICE_NAME as SLUICEGATE_SERVICE;
 
 /// gRPC services reported by health, besides the server as a whole ("").
-const HEALTH_SERVICES: &[&str] = &["", SLUICEGATE_SERVICE, ENVOY_SERVICE];
+const HEALTH_SERVICES: &[&str] = &["", SLUICEGATE_SERVICE, ENVOY_SERVICE, RLQS_SERVICE];
 /// How often the backend is probed.
 const PING_EVERY: Duration = Duration::from_millis(500);
 /// Consecutive failed pings before the backend counts as unreachable (1.5 s at 500 ms).

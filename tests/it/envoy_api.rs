@@ -548,3 +548,55 @@ async fn every_descriptor_envoy_can_send_is_answered() {
         assert!(m.contains(&line), "{line}\n{m}");
     }
 }
+
+/// The local deny cache answers the Envoy API too: once Redis said a bucket is short of tokens,
+/// the denials that refill cannot yet cover are answered here (counted), without a script call.
+#[tokio::test]
+async fn the_deny_cache_answers_envoy_denials_without_redis() {
+    let redis = RedisServer::start().await;
+    let (t, _dir) = start(
+        &["--local-deny-cache", "true"],
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    let mut c = client(&t).await;
+    let mut admin = redis.connection().await;
+    let evalsha = async |admin: &mut redis::aio::MultiplexedConnection| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(admin)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // 3 a minute: three allowed, then denials for the next 20 s.
+    let codes: Vec<i32> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(overall(&mut c, &[("api_key", "cached")]).await);
+        }
+        v
+    };
+    assert_eq!(codes, [OK, OK, OK]);
+    assert_eq!(overall(&mut c, &[("api_key", "cached")]).await, OVER);
+    let before = evalsha(&mut admin).await;
+    for _ in 0..20 {
+        assert_eq!(overall(&mut c, &[("api_key", "cached")]).await, OVER);
+    }
+    let calls = evalsha(&mut admin).await - before;
+    assert!(
+        calls <= 2,
+        "{calls} script calls for 20 denials the cache could prove"
+    );
+    let (_, m) = crate::support::http_get(&t.http_url("/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        crate::support::metric(&m, "sluicegate_local_answers_total{api=\"envoy\"}") >= 18.0,
+        "{m}"
+    );
+}

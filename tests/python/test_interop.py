@@ -111,7 +111,12 @@ def test_bad_input_is_invalid_argument(stubs, sluicegate):
 
 def test_health(sluicegate):
     stub = health_pb2_grpc.HealthStub(sluicegate)
-    for service in ["", "sluicegate.v1.RateLimitService", "envoy.service.ratelimit.v3.RateLimitService"]:
+    for service in [
+        "",
+        "sluicegate.v1.RateLimitService",
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
+    ]:
         answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
     with pytest.raises(grpc.RpcError) as err:
@@ -137,6 +142,7 @@ def test_reflection(sluicegate, version):
     assert {
         "sluicegate.v1.RateLimitService",
         "envoy.service.ratelimit.v3.RateLimitService",
+        "envoy.service.rate_limit_quota.v3.RateLimitQuotaService",
         "grpc.health.v1.Health",
     } <= names, names
 

@@ -118,6 +118,26 @@ impl Stream {
     fn ttl(&self) -> Duration {
         (self.report_every * TTL_REPORTS).clamp(MIN_TTL, MAX_TTL)
     }
+
+    /// Forgets the buckets idle for [`IDLE_ABANDON`] (their abandon actions are returned, to
+    /// send) and those its Envoy stopped reporting (a stream open but silent past an
+    /// assignment's TTL), which leave the fleet so the others get their share back. Returns the
+    /// actions and how many buckets went.
+    fn drop_idle(&mut self, now: Instant) -> (Vec<BucketAction>, usize) {
+        let silent_after = self.ttl();
+        let before = self.buckets.len();
+        let mut abandoned = Vec::new();
+        self.buckets.retain(|_, p| {
+            let idle = p
+                .idle_since
+                .is_some_and(|t| now.duration_since(t) >= IDLE_ABANDON);
+            if idle {
+                abandoned.push(abandon(&p.id));
+            }
+            !idle && now.saturating_duration_since(p.last_report) <= silent_after
+        });
+        (abandoned, before - self.buckets.len())
+    }
 }
 
 /// A rule bucket as this replica knows the fleet's demand for it.
@@ -382,21 +402,8 @@ impl Quotas {
         let mut pushes = Vec::new();
         let mut sums: HashMap<String, (f64, u32)> = HashMap::new();
         for stream in state.streams.values_mut() {
-            let mut abandoned = Vec::new();
-            // A bucket its Envoy stopped reporting (a stream open but silent past an
-            // assignment's TTL) leaves the fleet, so the others get its share back.
-            let silent_after = stream.ttl();
-            let before = stream.buckets.len();
-            stream.buckets.retain(|_, p| {
-                let idle = p
-                    .idle_since
-                    .is_some_and(|t| now.duration_since(t) >= IDLE_ABANDON);
-                if idle {
-                    abandoned.push(abandon(&p.id));
-                }
-                !idle && now.saturating_duration_since(p.last_report) <= silent_after
-            });
-            state.tracked -= before - stream.buckets.len();
+            let (abandoned, dropped) = stream.drop_idle(now);
+            state.tracked -= dropped;
             if !abandoned.is_empty() {
                 let (domain, _) = labels(&Policy::Unmatched, &stream.domain, rules.as_deref());
                 metrics::counter!(names::RLQS_ASSIGNMENTS, "domain" => domain, "rule" => "abandon")
