@@ -200,7 +200,7 @@ fn describe() {
     );
     describe_counter!(
         names::RLQS_EXCHANGES,
-        "Exchanges of quota demand with the other replicas through the backend, by outcome (ok, error)."
+        "Backend calls exchanging quota demand with the other replicas (one per second, per 1,000 rule buckets), by outcome (ok, error)."
     );
     describe_counter!(
         names::SHED,

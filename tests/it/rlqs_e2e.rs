@@ -183,10 +183,7 @@ async fn envoys_on_two_replicas_share_one_global_limit_by_demand() {
 async fn burst(envoy: &Envoy, user: &[u8], n: usize) -> usize {
     let mut ok = 0;
     for _ in 0..n {
-        let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-user: ".to_vec();
-        request.extend_from_slice(user);
-        request.extend_from_slice(b"\r\n\r\n");
-        if raw_http(envoy.listen_port, &request).await == Some(200) {
+        if burst_port(envoy.listen_port, user).await == Some(200) {
             ok += 1;
         }
     }
@@ -370,6 +367,7 @@ async fn envoy_falls_back_when_sluicegate_goes_and_resumes_when_it_returns() {
     );
 }
 
+/// One request as user `user` (raw bytes) through Envoy's listener on `port`: its status.
 async fn burst_port(port: u16, user: &[u8]) -> Option<u16> {
     let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-user: ".to_vec();
     request.extend_from_slice(user);

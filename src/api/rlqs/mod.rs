@@ -143,15 +143,35 @@ pub fn spawn_exchange<B: Backend>(
     })
 }
 
+/// The most rule buckets in one script call: Redis runs a script alone, so a replica with many
+/// buckets (one per user, say) exchanges them in several short calls rather than one long one.
+const EXCHANGE_CHUNK: usize = 1_000;
+
 /// One exchange: publish, read back, rebalance, push. An error is the backend's message (the
-/// pushes that do not need it are made anyway).
+/// pushes that do not need it are made anyway, and the shares stand until they go stale).
 pub async fn exchange<B: Backend>(quotas: &Quotas, backend: &B) -> Result<(), String> {
-    let mut failed = None;
     let (demand, mut pushes) = quotas.demand();
-    let fleets = if demand.is_empty() {
-        Some(Vec::new())
-    } else {
-        let shares: Vec<DemandShare<'_>> = demand
+    let fleets = publish(quotas, backend, &demand).await;
+    let failed = fleets.as_ref().err().cloned();
+    pushes.extend(quotas.rebalance(fleets.ok()));
+    for (outbox, response) in pushes {
+        // A stream that does not read its pushes misses them; its next report is answered.
+        let _ = outbox.try_send(Ok(response));
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Publishes this replica's demand and reads the fleet's, [`EXCHANGE_CHUNK`] buckets per call;
+/// all or nothing (a partial view would misplace shares).
+async fn publish<B: Backend>(
+    quotas: &Quotas,
+    backend: &B,
+    demand: &[(String, f64, u32)],
+) -> Result<Vec<(String, u32, Fleet)>, String> {
+    let ttl_ms = fleet::PUBLISHED_TTL.as_millis() as u64;
+    let mut out = Vec::with_capacity(demand.len());
+    for chunk in demand.chunks(EXCHANGE_CHUNK) {
+        let shares: Vec<DemandShare<'_>> = chunk
             .iter()
             .map(|(key, d, n)| DemandShare {
                 key,
@@ -159,32 +179,94 @@ pub async fn exchange<B: Backend>(quotas: &Quotas, backend: &B) -> Result<(), St
                 participants: *n,
             })
             .collect();
-        let ttl_ms = fleet::PUBLISHED_TTL.as_millis() as u64;
         match backend
             .exchange_demand(&quotas.replica, ttl_ms, &shares)
             .await
         {
             Ok(fleets) => {
                 metrics::counter!(names::RLQS_EXCHANGES, "outcome" => "ok").increment(1);
-                Some(
-                    demand
+                out.extend(
+                    chunk
                         .iter()
                         .zip(fleets)
-                        .map(|((key, _, n), f): (&(String, f64, u32), Fleet)| (key.clone(), *n, f))
-                        .collect(),
-                )
+                        .map(|((key, _, n), f)| (key.clone(), *n, f)),
+                );
             }
             Err(e) => {
                 metrics::counter!(names::RLQS_EXCHANGES, "outcome" => "error").increment(1);
-                failed = Some(e.message);
-                None
+                return Err(e.message);
             }
         }
-    };
-    pushes.extend(quotas.rebalance(fleets));
-    for (outbox, response) in pushes {
-        // A stream that does not read its pushes misses them; its next report is answered.
-        let _ = outbox.try_send(Ok(response));
     }
-    failed.map_or(Ok(()), Err)
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluicegate_core::backend::{
+        BackendError, BucketRequest, LeaseRequest, MemoryBackend, SettleRequest, Settled,
+    };
+    use sluicegate_core::{Decision, InFlight};
+
+    /// The memory backend, counting demand exchanges and the buckets in each.
+    struct Counting {
+        inner: MemoryBackend,
+        calls: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl Backend for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn decide(&self, req: BucketRequest<'_>) -> Result<Decision, BackendError> {
+            self.inner.decide(req).await
+        }
+        async fn decide_group(
+            &self,
+            reqs: &[BucketRequest<'_>],
+            all_or_nothing: bool,
+        ) -> Vec<Result<Decision, BackendError>> {
+            self.inner.decide_group(reqs, all_or_nothing).await
+        }
+        async fn settle(&self, req: SettleRequest<'_>) -> Result<Settled, BackendError> {
+            self.inner.settle(req).await
+        }
+        async fn lease(&self, req: LeaseRequest<'_>) -> Result<InFlight, BackendError> {
+            self.inner.lease(req).await
+        }
+        async fn ping(&self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        async fn exchange_demand(
+            &self,
+            replica: &str,
+            ttl_ms: u64,
+            shares: &[DemandShare<'_>],
+        ) -> Result<Vec<Fleet>, BackendError> {
+            self.calls.lock().unwrap().push(shares.len());
+            self.inner.exchange_demand(replica, ttl_ms, shares).await
+        }
+    }
+
+    #[tokio::test]
+    async fn many_buckets_are_exchanged_in_short_calls_and_come_back_in_order() {
+        let backend = Counting {
+            inner: MemoryBackend::new(1_000),
+            calls: Default::default(),
+        };
+        let demand: Vec<(String, f64, u32)> = (0..2_500)
+            .map(|i| (format!("k{i}"), i as f64, 1 + i % 3))
+            .collect();
+        let rules = Arc::new(sluicegate_core::rules::RulesHandle::none());
+        let quotas = Quotas::new(rules, "p:", Arc::default());
+        let fleets = publish(&quotas, &backend, &demand).await.unwrap();
+        assert_eq!(*backend.calls.lock().unwrap(), [1_000, 1_000, 500]);
+        assert_eq!(fleets.len(), 2_500);
+        for (i, (key, published, fleet)) in fleets.iter().enumerate() {
+            assert_eq!(key, &format!("k{i}"));
+            assert_eq!(*published, 1 + i as u32 % 3);
+            assert_eq!(fleet.demand, i as f64);
+        }
+    }
 }

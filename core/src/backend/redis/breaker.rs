@@ -11,8 +11,11 @@
 //!
 //! A blip shorter than the timeout fails the calls in flight during it, all at about the same
 //! moment, and nobody else. Open: calls fail at once for the cooldown (doubling while the node stays down, up
-//! to `MAX_COOLDOWN`). Then one call goes through as a probe (half-open): success closes the
-//! breaker, failure opens it again.
+//! to `MAX_COOLDOWN`). Then one probe goes through (half-open): success closes the breaker,
+//! failure opens it again. The node makes the probe a PING of its own in the background
+//! (`node.rs`), so no caller's request waits on a node that may still hang: with every replica
+//! probing at 250 ms and 750 ms into an outage, callers made to carry the probes were enough to
+//! put a second's p99 at the full timeout.
 
 use std::{
     collections::VecDeque,

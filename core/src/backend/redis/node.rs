@@ -40,9 +40,6 @@ const QUEUE: usize = 8192;
 /// their group says so, or one decision), and who waits for them.
 pub struct Job {
     pub buckets: Buckets,
-    /// This job's caller holds the breaker's probe: the call carrying it decides whether the
-    /// circuit closes.
-    probe: bool,
     /// The job's slot is migrating to this node: the call goes after ASKING.
     pub asking: bool,
     /// Nobody waits for it (a refund the lane sends on its own): never dropped as gone or shed.
@@ -56,7 +53,6 @@ impl Job {
     pub fn new(buckets: Buckets) -> Self {
         Self {
             buckets,
-            probe: false,
             asking: false,
             detached: false,
             queued: tokio::time::Instant::now(),
@@ -164,16 +160,27 @@ impl Node {
         node
     }
 
-    /// The breaker's permit for a call to this node, and the call's deadline (REDIS_TIMEOUT_MS from
-    /// now); an error when the circuit is open or the node is not connected within the deadline.
-    async fn admit(&self) -> Result<(Permit, tokio::time::Instant), BackendError> {
-        let permit = self.breaker.permit();
-        if permit == Permit::Reject {
-            return Err(BackendError {
-                backend: "redis",
-                kind: ErrorKind::CircuitOpen,
-                message: format!("{} failing: circuit open", self.addr),
-            });
+    /// The deadline of a call to this node (REDIS_TIMEOUT_MS from now); an error when the
+    /// circuit is open or the node is not connected within the deadline. When the breaker's
+    /// cooldown is over, the probe is a PING of this node's own, in the background: no caller
+    /// waits on a node that may still hang (that caller, like the others, is answered at once).
+    async fn admit(&self) -> Result<tokio::time::Instant, BackendError> {
+        match self.breaker.permit() {
+            Permit::Call => {}
+            Permit::Probe => {
+                let (conns, breaker) = (self.conns.clone(), self.breaker.clone());
+                let (addr, timeout) = (self.addr.clone(), self.timeout);
+                tokio::spawn(async move {
+                    // Not even connected: that is the probe's outcome (else it would stay out).
+                    if conns.pick().is_none() {
+                        note(&breaker, &addr, true, false);
+                    } else {
+                        let _ = ping(&conns, &breaker, &addr, timeout).await;
+                    }
+                });
+                return Err(circuit_open(&self.addr));
+            }
+            Permit::Reject => return Err(circuit_open(&self.addr)),
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
         // Not connected yet (just started, or a slow handshake): wait for it within the
@@ -185,18 +192,17 @@ impl Node {
         {
             // No call was made: this caller's wait is the outcome (one per caller, each a full
             // timeout long, so a node that never connects still opens the circuit).
-            note(&self.breaker, &self.addr, permit == Permit::Probe, false);
+            note(&self.breaker, &self.addr, false, false);
             return Err(not_connected(&self.addr));
         }
-        Ok((permit, deadline))
+        Ok(deadline)
     }
 
     /// Sends `job` through the lane and waits for its answers, within REDIS_TIMEOUT_MS from now.
     pub async fn submit(&self, mut job: Job) -> Result<Vec<Decision>, BackendError> {
-        let (permit, deadline) = self.admit().await?;
+        let deadline = self.admit().await?;
         let (tx, rx) = oneshot::channel();
         job.reply = Some(tx);
-        job.probe = permit == Permit::Probe;
         job.queued = tokio::time::Instant::now();
         match self.jobs.try_send(job) {
             Err(_) => Err(BackendError {
@@ -289,7 +295,7 @@ impl Node {
         text: &str,
         decode: fn(Value) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let (permit, deadline) = self.admit().await?;
+        let deadline = self.admit().await?;
         let Some(mut conn) = self.conns.pick() else {
             return Err(not_connected(&self.addr));
         };
@@ -300,34 +306,48 @@ impl Node {
             Err(_) => Err(timeout_error(self.timeout)),
         };
         let node_fault = result.as_ref().is_err_and(is_node_fault);
-        note(
-            &self.breaker,
-            &self.addr,
-            permit == Permit::Probe,
-            !node_fault,
-        );
+        note(&self.breaker, &self.addr, false, !node_fault);
         result
     }
 
-    /// PING, within REDIS_TIMEOUT_MS.
+    /// PING, within REDIS_TIMEOUT_MS. The health monitor pings every 500 ms: an answer proves the
+    /// node is back, so an open circuit closes now rather than at its next probe (up to 4 s away).
     pub async fn ping(&self) -> Result<(), BackendError> {
-        let Some(mut conn) = self.conns.pick() else {
-            return Err(not_connected(&self.addr));
-        };
-        let answered = match tokio::time::timeout(
-            self.timeout,
-            redis::cmd("PING").query_async::<()>(&mut conn),
-        )
-        .await
-        {
-            Ok(r) => r.map_err(map_error),
-            Err(_) => Err(timeout_error(self.timeout)),
-        };
-        // The health monitor pings every 500 ms: an answer proves the node is back, so an open
-        // circuit closes now rather than at its next probe (up to 4 s away).
-        let node_fault = answered.as_ref().is_err_and(is_node_fault);
-        note(&self.breaker, &self.addr, true, !node_fault);
-        answered
+        ping(&self.conns, &self.breaker, &self.addr, self.timeout).await
+    }
+}
+
+/// PING a node within `timeout`, the outcome judged by its breaker as a probe's (the breaker's own
+/// probe, and the health monitor's); not connected yet is not judged.
+async fn ping(
+    conns: &Conns,
+    breaker: &Breaker,
+    addr: &str,
+    timeout: Duration,
+) -> Result<(), BackendError> {
+    let Some(mut conn) = conns.pick() else {
+        return Err(not_connected(addr));
+    };
+    let answered = match tokio::time::timeout(
+        timeout,
+        redis::cmd("PING").query_async::<()>(&mut conn),
+    )
+    .await
+    {
+        Ok(r) => r.map_err(map_error),
+        Err(_) => Err(timeout_error(timeout)),
+    };
+    let node_fault = answered.as_ref().is_err_and(is_node_fault);
+    note(breaker, addr, true, !node_fault);
+    answered
+}
+
+/// The error of a call refused because the node's circuit is open.
+fn circuit_open(addr: &str) -> BackendError {
+    BackendError {
+        backend: "redis",
+        kind: ErrorKind::CircuitOpen,
+        message: format!("{addr} failing: circuit open"),
     }
 }
 
@@ -654,9 +674,8 @@ async fn run_batch(
             }
         }
     };
-    let probe = batch.iter().any(|j| j.probe);
     let node_fault = result.as_ref().is_err_and(is_node_fault);
-    note(&judge.breaker, &judge.addr, probe, !node_fault);
+    note(&judge.breaker, &judge.addr, false, !node_fault);
     match result {
         Ok(decisions) => hand_out(&mut batch, decisions, &judge.addr),
         Err(e) => {
