@@ -1,7 +1,7 @@
 //! Metrics as Prometheus sees them: `promtool check metrics` finds nothing to report, and with a
 //! real Prometheus scraping sluicegate (Redis backend, rules loaded) and the demo app every second
-//! while sluicegate-load drives should-allow, envoy and http traffic, every panel query of the
-//! Grafana dashboard returns data.
+//! while sluicegate-load drives should-allow, envoy and http traffic (and a quota stream reports),
+//! every panel query of the Grafana dashboard returns data.
 
 use std::{
     path::PathBuf,
@@ -232,6 +232,7 @@ async fn every_dashboard_panel_has_data() {
     .await;
 
     let grpc = t.grpc_url();
+    let grpc_for_quota = grpc.clone();
     let demo_url = demo.url("/api/items");
     let _loads = [
         load(&[
@@ -288,6 +289,16 @@ async fn every_dashboard_panel_has_data() {
         ]),
     ];
 
+    // Envoy's quota protocol: a stream reporting the edge bucket of deploy/rules/rlqs.yaml every
+    // second, as an Envoy with deploy/envoy/envoy-rlqs.yaml does every 5 s.
+    let quota = tokio::spawn(async move {
+        let mut stream = crate::rlqs_e2e::Stream::open_url(grpc_for_quota).await;
+        loop {
+            stream.report("edge", 40, 10).await;
+            let _ = stream.next(Duration::from_millis(900)).await;
+        }
+    });
+
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string("dashboards/grafana/sluicegate.json").unwrap(),
     )
@@ -311,6 +322,9 @@ async fn every_dashboard_panel_has_data() {
         "In flight, by rule",
         "Acquisitions refused",
         "Leases expired without release",
+        "RLQS requests reported, by rule",
+        "RLQS streams and buckets",
+        "RLQS assignments and demand exchanges",
     ] {
         assert!(
             queries.iter().any(|(t, _)| t == title),
@@ -325,4 +339,5 @@ async fn every_dashboard_panel_has_data() {
         )
         .await;
     }
+    quota.abort();
 }

@@ -377,17 +377,20 @@ async fn burst_port(port: u16, user: &[u8]) -> Option<u16> {
 
 /// A quota stream spoken by hand: reports of one bucket every second, and the assignments that
 /// come back.
-struct Stream {
+pub(crate) struct Stream {
     reports: tokio::sync::mpsc::Sender<rlqs::RateLimitQuotaUsageReports>,
     responses: tonic::Streaming<rlqs::RateLimitQuotaResponse>,
 }
 
 impl Stream {
     async fn open(sg: &Sluicegate) -> Self {
+        Self::open_url(sg.grpc_url()).await
+    }
+
+    /// A stream to the gRPC server at `url`.
+    pub(crate) async fn open_url(url: String) -> Self {
         use rlqs::rate_limit_quota_service_client::RateLimitQuotaServiceClient;
-        let mut client = RateLimitQuotaServiceClient::connect(sg.grpc_url())
-            .await
-            .unwrap();
+        let mut client = RateLimitQuotaServiceClient::connect(url).await.unwrap();
         let (reports, rx) = tokio::sync::mpsc::channel(16);
         let outbound =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
@@ -399,7 +402,7 @@ impl Stream {
         Stream { reports, responses }
     }
 
-    async fn report(&self, name: &str, allowed: u64, denied: u64) {
+    pub(crate) async fn report(&self, name: &str, allowed: u64, denied: u64) {
         let usage = rlqs::rate_limit_quota_usage_reports::BucketQuotaUsage {
             bucket_id: Some(rlqs::BucketId {
                 bucket: vec![rlqs::bucket_id::BucketEntry {
@@ -423,7 +426,7 @@ impl Stream {
     }
 
     /// The next response within `within`, if one comes.
-    async fn next(&mut self, within: Duration) -> Option<rlqs::RateLimitQuotaResponse> {
+    pub(crate) async fn next(&mut self, within: Duration) -> Option<rlqs::RateLimitQuotaResponse> {
         tokio::time::timeout(within, self.responses.message())
             .await
             .ok()?
