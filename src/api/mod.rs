@@ -12,5 +12,8 @@ mod should_allow;
 pub use envoy::{EnvoyApi, EnvoySettings, HeaderNames, MAX_DESCRIPTOR_ENTRIES};
 pub use error::ApiError;
 pub use in_flight::{DEFAULT_LEASE_MS, in_flight_key};
-pub use rlqs::{BucketView, EXCHANGE_EVERY, Quotas, RlqsApi, StreamView, exchange, spawn_exchange};
+pub use rlqs::{
+    BucketView, EXCHANGE_EVERY, MAX_REPORT_BYTES, Quotas, RlqsApi, StreamView, exchange,
+    spawn_exchange,
+};
 pub use should_allow::{ShouldAllowApi, ShouldAllowSettings, bucket_key};

@@ -313,7 +313,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         match self.backend.decide(p.bucket()).await {
             Ok(d) => {
                 self.metrics.record(Some(d.allowed), started);
-                self.metrics.local(&[&d]);
+                self.metrics.local([&d]);
                 self.observe(&req.key, &p, &d);
                 Ok(self.answer(&d, p.shape, p.reservation_id(&d)))
             }
@@ -403,7 +403,7 @@ impl<B: Backend> ShouldAllowApi<B> {
         )| match r {
             Ok(d) => {
                 self.metrics.count(Some(d.allowed));
-                self.metrics.local(&[d]);
+                self.metrics.local([d]);
                 self.observe(&request.key, p, d);
                 let id = if reservations {
                     p.reservation_id(d)

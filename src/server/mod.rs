@@ -310,7 +310,7 @@ fn grpc_server<B: Backend>(
     );
     let envoy = EnvoyServer::new(envoy).max_decoding_message_size(g.max_message_bytes);
     let rlqs = RlqsServer::new(RlqsApi::new(quotas.clone(), stop.clone()))
-        .max_decoding_message_size(g.max_message_bytes);
+        .max_decoding_message_size(g.max_message_bytes.max(crate::api::MAX_REPORT_BYTES));
 
     // One stack for every service: a server-side deadline, a global bound on calls in progress
     // (beyond it RESOURCE_EXHAUSTED at once, never a queue), keepalives that drop dead peers, and

@@ -79,8 +79,8 @@ impl DecisionMetrics {
     }
 
     /// Counts the decisions the deny cache answered without the backend.
-    pub fn local(&self, decisions: &[&sluicegate_core::Decision]) {
-        let n = decisions.iter().filter(|d| d.without_backend).count();
+    pub fn local<'a>(&self, decisions: impl IntoIterator<Item = &'a sluicegate_core::Decision>) {
+        let n = decisions.into_iter().filter(|d| d.without_backend).count();
         if n > 0 {
             self.local.increment(n as u64);
         }

@@ -599,3 +599,48 @@ async fn the_quota_stream_runs_over_mutual_tls() {
     let metrics = http_get(&sg.http_url("/metrics")).await.unwrap().1;
     assert_eq!(metric(&metrics, "sluicegate_rlqs_streams"), 1.0);
 }
+
+/// A periodic report carries every bucket an Envoy holds, and clients choose how many (a bucket
+/// per header value): a report of 8,000 buckets with 256-byte values (over 2 MiB, past
+/// GRPC_MAX_MESSAGE_BYTES) is answered, bucket by bucket, not refused (a refused report ends the
+/// stream at every report and every bucket on that Envoy loses its assignment).
+#[tokio::test]
+async fn a_report_of_many_buckets_is_answered() {
+    let rules = repo_path("deploy/rules/rlqs.yaml");
+    let sg = Sluicegate::start(&["--rules", &rules], &[]).await;
+    let mut stream = Stream::open(&sg).await;
+    let usage = |i: usize| rlqs::rate_limit_quota_usage_reports::BucketQuotaUsage {
+        bucket_id: Some(rlqs::BucketId {
+            bucket: vec![
+                rlqs::bucket_id::BucketEntry {
+                    key: b"name".to_vec(),
+                    value: b"per_user".to_vec(),
+                },
+                rlqs::bucket_id::BucketEntry {
+                    key: b"user".to_vec(),
+                    value: format!("{i:0>256}").into_bytes(),
+                },
+            ],
+        }),
+        time_elapsed: None,
+        num_requests_allowed: 1,
+        num_requests_denied: 0,
+    };
+    let report = rlqs::RateLimitQuotaUsageReports {
+        domain: "quota".into(),
+        bucket_quota_usages: (0..8_000).map(usage).collect(),
+    };
+    assert!(report.encoded_len() > 2 << 20, "{}", report.encoded_len());
+    stream.reports.send(report).await.unwrap();
+    let answer = stream
+        .next(Duration::from_secs(20))
+        .await
+        .expect("the report is answered");
+    assert_eq!(answer.bucket_action.len(), 8_000);
+    assert!(answer.bucket_action.iter().all(|a| {
+        assigned_rate(&rlqs::RateLimitQuotaResponse {
+            bucket_action: vec![a.clone()],
+        })
+        .is_some_and(|r| (r - 10.0).abs() < 0.1)
+    }));
+}

@@ -148,9 +148,8 @@ impl<B: Backend> EnvoyApi<B> {
         };
 
         // Denials the deny cache proved without Redis, counted as ShouldAllow counts them.
-        let decided: Vec<&sluicegate_core::Decision> =
-            results.iter().filter_map(|r| r.as_ref().ok()).collect();
-        self.metrics.local(&decided);
+        self.metrics
+            .local(results.iter().filter_map(|r| r.as_ref().ok()));
         let rule_metrics = rules.as_ref().map(|set| self.activity.rule_metrics(set));
         let rule_metrics = rule_metrics.as_deref().map_or(&[][..], |m| &m.metrics);
         leases::observe(&plan, &leases, rule_metrics);

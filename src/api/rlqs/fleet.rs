@@ -99,7 +99,7 @@ struct Reported<'a> {
     now: Instant,
     stale: bool,
     ttl: Duration,
-    rules: Option<&'a RuleSet>,
+    rules: Option<&'a Arc<RuleSet>>,
     buckets: &'a mut HashMap<String, RuleBucket>,
     tracked: &'a mut usize,
 }
@@ -273,7 +273,7 @@ impl Quotas {
             now,
             stale: stale(state.exchanged, now),
             ttl: stream.ttl(),
-            rules: rules.as_deref(),
+            rules: rules.as_ref(),
             buckets: &mut state.buckets,
             tracked: &mut state.tracked,
         };
@@ -307,20 +307,20 @@ impl Quotas {
             return None;
         }
         if !stream.buckets.contains_key(&pairs) && *at.tracked >= MAX_TRACKED {
-            let policy = self.policy(at.rules, &stream.domain, &pairs);
-            self.count(&policy, &stream.domain, &usage, None);
+            let policy = self.policy(at.rules.map(|r| &**r), &stream.domain, &pairs);
+            self.count(&policy, &stream.domain, &usage, None, at.rules);
             return Some(assign(&id, untracked(&policy), at.ttl));
         }
         let p = match stream.buckets.entry(pairs) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let policy = self.policy(at.rules, &stream.domain, e.key());
+                let policy = self.policy(at.rules.map(|r| &**r), &stream.domain, e.key());
                 *at.tracked += 1;
                 e.insert(Participant::new(id, policy, at.now))
             }
         };
         let would_deny = measure(p, &usage, at.now, at.buckets);
-        self.count(&p.policy, &stream.domain, &usage, would_deny);
+        self.count(&p.policy, &stream.domain, &usage, would_deny, at.rules);
         let a = assignment(p, at.buckets, at.stale)?;
         p.sent = Some(a);
         count_assignment(&p.policy);
@@ -344,18 +344,20 @@ impl Quotas {
         }
     }
 
-    /// Counts a report's requests per API, rule and result.
+    /// Counts a report's requests per API, rule and result, under the rules the report was
+    /// matched with.
     fn count(
         &self,
         policy: &Policy,
         domain: &str,
         usage: &BucketQuotaUsage,
         would_deny: Option<u64>,
+        rules: Option<&Arc<RuleSet>>,
     ) {
         let (allowed, denied) = (usage.num_requests_allowed, usage.num_requests_denied);
         self.decisions.count_many(true, allowed);
         self.decisions.count_many(false, denied);
-        let (domain, rule) = labels(policy, domain, self.rules.current().as_deref());
+        let (domain, rule) = labels(policy, domain, rules.map(|r| &**r));
         for (result, n) in [("allowed", allowed), ("denied", denied)] {
             if n > 0 {
                 metrics::counter!(names::RLQS_REPORTS, "domain" => domain.clone(), "rule" => rule.clone(), "result" => result).increment(n);
@@ -364,14 +366,14 @@ impl Quotas {
         let (Policy::Share { rule, .. } | Policy::Blanket(rule, _)) = policy else {
             return;
         };
-        let Some(set) = self.rules.current() else {
+        let Some(set) = rules else {
             return;
         };
-        let per_rule = self.activity.rule_metrics(&set);
+        let per_rule = self.activity.rule_metrics(set);
         let Some(m) = per_rule
             .metrics
             .get(rule.id)
-            .filter(|_| Arc::ptr_eq(&per_rule.set, &set))
+            .filter(|_| Arc::ptr_eq(&per_rule.set, set))
         else {
             return;
         };

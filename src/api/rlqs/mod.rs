@@ -36,6 +36,13 @@ pub use fleet::{BucketView, EXCHANGE_EVERY, Quotas, StreamView};
 
 use crate::telemetry::names;
 
+/// The largest usage report a quota stream takes (GRPC_MAX_MESSAGE_BYTES when larger). A
+/// periodic report carries every bucket the Envoy holds, and their number is its clients' to
+/// choose (a bucket per header value): a report refused for its size would end the stream at
+/// every report, and every bucket on that Envoy would lose its assignment. 16 MiB holds some
+/// 50,000 buckets with 256-byte values; one report at a time per stream.
+pub const MAX_REPORT_BYTES: usize = 16 << 20;
+
 /// The RLQS service: one per server, sharing [`Quotas`] with the exchange task.
 pub struct RlqsApi {
     quotas: Arc<Quotas>,
