@@ -272,6 +272,113 @@ async fn bound_check_catches_a_broken_limiter() {
     assert!(n(&run.json["bound"]["violations"]) >= 1);
 }
 
+/// A server that fails every call, one kind of failure in turn.
+#[derive(Default)]
+struct Failing(std::sync::atomic::AtomicU64);
+
+#[tonic::async_trait]
+impl RateLimitService for Failing {
+    async fn should_allow(
+        &self,
+        _: tonic::Request<ShouldAllowRequest>,
+    ) -> Result<tonic::Response<ShouldAllowResponse>, tonic::Status> {
+        use tonic::Status;
+        match self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5 {
+            0 => Err(Status::resource_exhausted("shed")),
+            1 => Err(Status::deadline_exceeded("late")),
+            2 => {
+                // Past the client's own timeout: it gives up first.
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                Err(Status::internal("too late to matter"))
+            }
+            3 => Err(Status::unavailable("going away")),
+            _ => Err(Status::invalid_argument("nonsense")),
+        }
+    }
+
+    async fn should_allow_batch(
+        &self,
+        _: tonic::Request<ShouldAllowBatchRequest>,
+    ) -> Result<tonic::Response<ShouldAllowBatchResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("failing"))
+    }
+
+    async fn settle(
+        &self,
+        _: tonic::Request<SettleRequest>,
+    ) -> Result<tonic::Response<SettleResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("failing"))
+    }
+
+    async fn acquire(
+        &self,
+        _: tonic::Request<AcquireRequest>,
+    ) -> Result<tonic::Response<AcquireResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("failing"))
+    }
+
+    async fn release(
+        &self,
+        _: tonic::Request<ReleaseRequest>,
+    ) -> Result<tonic::Response<ReleaseResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("failing"))
+    }
+
+    async fn renew(
+        &self,
+        _: tonic::Request<RenewRequest>,
+    ) -> Result<tonic::Response<AcquireResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("failing"))
+    }
+}
+
+/// Errors are told apart by kind (the overload benchmark's columns): the server's deadline and
+/// the client's own timeout are `deadline`, RESOURCE_EXHAUSTED is `shed`, UNAVAILABLE is
+/// `unavailable`, the rest `other`; the kinds add up to the errors, and exceeding the error
+/// budget is exit 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_counted_by_kind() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RateLimitServiceServer::new(Failing::default()))
+            .serve_with_incoming(tokio_stream_from(listener)),
+    );
+    let run = load(&[
+        "--target",
+        &url,
+        "--rps",
+        "100",
+        "--duration",
+        "1s",
+        "--timeout",
+        "200ms",
+    ])
+    .await;
+    server.abort();
+    assert_eq!(run.code, Some(3), "{}", run.stdout);
+    let j = &run.json;
+    assert_eq!((n(&j["requests"]), n(&j["errors"])), (100, 100));
+    let kinds = &j["errors_by_kind"];
+    assert_eq!(
+        [
+            n(&kinds["shed"]),
+            n(&kinds["deadline"]),
+            n(&kinds["unavailable"]),
+            n(&kinds["other"])
+        ],
+        [20, 40, 20, 20],
+        "{kinds}"
+    );
+    assert!(
+        run.stdout
+            .contains("deadline 40, other 20, shed 20, unavailable 20"),
+        "{}",
+        run.stdout
+    );
+}
+
 /// `--api concurrency` against two replicas' worth of connections to one sluicegate: slots held at
 /// random lengths, never more than --max-in-flight per key at once, and refusals when all are taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

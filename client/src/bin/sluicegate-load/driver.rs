@@ -41,9 +41,9 @@ impl Shared {
         let sent_us = intended.saturating_duration_since(self.start).as_micros() as u64;
         let done_us = done.saturating_duration_since(self.start).as_micros() as u64;
         match &reply {
-            None => self.errors.fetch_add(1, Ordering::Relaxed),
-            Some((true, _)) => self.allowed.fetch_add(1, Ordering::Relaxed),
-            Some((false, _)) => self.denied.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.errors.fetch_add(1, Ordering::Relaxed),
+            Ok((true, _)) => self.allowed.fetch_add(1, Ordering::Relaxed),
+            Ok((false, _)) => self.denied.fetch_add(1, Ordering::Relaxed),
         };
         self.done.fetch_add(1, Ordering::Relaxed);
         self.recorders[conn % SHARDS]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use hdrhistogram::Histogram;
 
-use crate::target::{Reply, Verdict};
+use crate::target::{Failure, Reply, Verdict};
 
 /// Latency is recorded in microseconds, up to a minute.
 const MAX_US: u64 = 60_000_000;
@@ -53,6 +53,8 @@ pub struct Recorder {
     pub allowed: u64,
     pub denied: u64,
     pub errors: u64,
+    /// `errors` by kind, in the order of `Failure::ALL`.
+    pub failures: [u64; Failure::ALL.len()],
     pub latency: Histogram<u64>,
     pub timeline: Vec<Second>,
     pub slots: Vec<SlotCounts>,
@@ -73,6 +75,7 @@ impl Recorder {
             allowed: 0,
             denied: 0,
             errors: 0,
+            failures: [0; Failure::ALL.len()],
             latency: Histogram::new_with_max(MAX_US, 3).expect("valid histogram bounds"),
             timeline: Vec::new(),
             slots: vec![SlotCounts::default(); slots],
@@ -104,11 +107,12 @@ impl Recorder {
         let s = &mut self.timeline[second];
         let _ = s.latency.record(latency);
         match reply {
-            None => {
+            Err(kind) => {
                 self.errors += 1;
+                self.failures[*kind as usize] += 1;
                 s.errors += 1;
             }
-            Some((allowed, buckets)) => {
+            Ok((allowed, buckets)) => {
                 if *allowed {
                     self.allowed += 1;
                     s.allowed += 1;
@@ -151,6 +155,9 @@ impl Recorder {
         self.allowed += other.allowed;
         self.denied += other.denied;
         self.errors += other.errors;
+        for (mine, theirs) in self.failures.iter_mut().zip(other.failures) {
+            *mine += theirs;
+        }
         let _ = self.latency.add(&other.latency);
         for (i, s) in other.timeline.into_iter().enumerate() {
             while self.timeline.len() <= i {
@@ -279,7 +286,7 @@ mod tests {
     use crate::target::BucketAnswer;
 
     fn allowed(shape: (f64, f64)) -> Reply {
-        Some((
+        Ok((
             true,
             vec![BucketAnswer {
                 slot: 0,
@@ -348,7 +355,7 @@ mod tests {
     #[test]
     fn in_flight_overlaps_beyond_max_are_caught() {
         let hold = |from: u64, to: u64| -> Reply {
-            Some((
+            Ok((
                 true,
                 vec![BucketAnswer {
                     slot: 0,
@@ -381,12 +388,16 @@ mod tests {
         let mut a = Recorder::new(1, false, 0.0);
         let mut b = Recorder::new(1, false, 0.0);
         a.record(1, &allowed((1.0, 1.0)), 0, 10, 100);
-        b.record(1, &None, 2_499_000, 2_500_000, 300);
-        b.record(2, &Some((false, vec![])), 2_599_000, 2_600_000, 300);
+        b.record(1, &Err(Failure::Shed), 2_499_000, 2_500_000, 300);
+        b.record(2, &Ok((false, vec![])), 2_599_000, 2_600_000, 300);
+        a.record(3, &Err(Failure::Deadline), 2_699_000, 2_700_000, 300);
+        a.record(3, &Err(Failure::Shed), 2_799_000, 2_800_000, 300);
         a.merge(b);
-        assert_eq!((a.requests, a.allowed, a.denied, a.errors), (3, 1, 1, 1));
+        assert_eq!((a.requests, a.allowed, a.denied, a.errors), (5, 1, 1, 3));
+        // deadline, shed, unavailable, other
+        assert_eq!(a.failures, [1, 2, 0, 0]);
         assert_eq!(a.timeline.len(), 3);
-        assert_eq!(a.timeline[2].errors, 1);
-        assert_eq!(a.latency.len(), 3);
+        assert_eq!(a.timeline[2].errors, 3);
+        assert_eq!(a.latency.len(), 5);
     }
 }

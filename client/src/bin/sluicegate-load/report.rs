@@ -20,6 +20,8 @@ pub struct Summary {
     pub allowed: u64,
     pub denied: u64,
     pub errors: u64,
+    /// `errors` by kind: deadline, shed, unavailable, other (`target::Failure`).
+    pub errors_by_kind: std::collections::BTreeMap<&'static str, u64>,
     pub rate: f64,
     pub latency_ms: Latency,
     pub bound: BoundJson,
@@ -87,6 +89,11 @@ impl Summary {
             allowed: rec.allowed,
             denied: rec.denied,
             errors: rec.errors,
+            errors_by_kind: crate::target::Failure::ALL
+                .iter()
+                .zip(rec.failures)
+                .map(|(kind, n)| (kind.as_str(), n))
+                .collect(),
             rate: (rec.requests as f64 / elapsed.as_secs_f64().max(1e-9) * 10.0).round() / 10.0,
             latency_ms: Latency {
                 p50: q(0.5),
@@ -147,13 +154,24 @@ impl Summary {
             }
         };
         let l = &self.latency_ms;
+        let kinds: Vec<String> = self
+            .errors_by_kind
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let kinds = if kinds.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", kinds.join(", "))
+        };
         let mut out = format!(
             "sluicegate-load: {} against {}, {mode}, {} connections, {keys}\n\
              duration   {:.2} s\n\
              requests   {}\n\
              allowed    {} ({:.1}%)\n\
              denied     {} ({:.1}%)\n\
-             errors     {} ({:.2}%)\n\
+             errors     {} ({:.2}%){kinds}\n\
              rate       {:.1} req/s\n\
              latency    p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   p99.9 {:.3} ms   max {:.3} ms\n",
             self.api,

@@ -46,8 +46,68 @@ pub struct BucketAnswer {
     pub held_us: Option<(u64, u64)>,
 }
 
-/// A call's result: `None` is an error (transport, timeout, unexpected status).
-pub type Reply = Option<(bool, Vec<BucketAnswer>)>;
+/// Why a call got no answer, as the overload benchmark tells them apart: a deadline that passed
+/// (the client's own timeout or the server's DEADLINE_EXCEEDED), a call the server shed
+/// (RESOURCE_EXHAUSTED), a connection that failed or was torn down (UNAVAILABLE, a GOAWAY, a
+/// reset), or anything else (an unexpected status or HTTP code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Deadline,
+    Shed,
+    Unavailable,
+    Other,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 4] = [
+        Failure::Deadline,
+        Failure::Shed,
+        Failure::Unavailable,
+        Failure::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Deadline => "deadline",
+            Failure::Shed => "shed",
+            Failure::Unavailable => "unavailable",
+            Failure::Other => "other",
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        match s.code() {
+            // tonic's client reports its own timeout as Cancelled ("Timeout expired").
+            Code::DeadlineExceeded | Code::Cancelled => Failure::Deadline,
+            Code::ResourceExhausted => Failure::Shed,
+            Code::Unavailable => Failure::Unavailable,
+            // A connection torn down under a call in flight (a GOAWAY, a reset stream): tonic
+            // makes it Unknown or Internal with the transport error as its source.
+            Code::Unknown | Code::Internal if std::error::Error::source(&s).is_some() => {
+                Failure::Unavailable
+            }
+            _ => Failure::Other,
+        }
+    }
+}
+
+impl From<reqwest::Error> for Failure {
+    fn from(e: reqwest::Error) -> Self {
+        if e.is_timeout() {
+            Failure::Deadline
+        } else if e.is_connect() || e.is_request() {
+            Failure::Unavailable
+        } else {
+            Failure::Other
+        }
+    }
+}
+
+/// A call's result: an answer, or why there was none.
+pub type Reply = Result<(bool, Vec<BucketAnswer>), Failure>;
 
 pub enum Target {
     ShouldAllow {
@@ -217,7 +277,11 @@ impl Target {
                     reserve_ttl_ms: if *settle { RESERVE_TTL_MS } else { 0 },
                 });
                 req.set_timeout(*timeout);
-                let r = client.should_allow(req).await.ok()?.into_inner();
+                let r = client
+                    .should_allow(req)
+                    .await
+                    .map_err(Failure::from)?
+                    .into_inner();
                 let verdict = if r.allowed {
                     Verdict::Allowed
                 } else {
@@ -236,9 +300,9 @@ impl Target {
                         reservation_id: r.reservation_id.clone(),
                     });
                     req.set_timeout(*timeout);
-                    client.settle(req).await.ok()?;
+                    client.settle(req).await.map_err(Failure::from)?;
                 }
-                Some((
+                Ok((
                     r.allowed,
                     vec![BucketAnswer {
                         slot: 0,
@@ -290,7 +354,11 @@ impl Target {
                     hits_addend: *hits,
                 });
                 req.set_timeout(*timeout);
-                let r = client.should_rate_limit(req).await.ok()?.into_inner();
+                let r = client
+                    .should_rate_limit(req)
+                    .await
+                    .map_err(Failure::from)?
+                    .into_inner();
                 let answers = r
                     .statuses
                     .iter()
@@ -315,7 +383,7 @@ impl Target {
                         }
                     })
                     .collect();
-                Some((r.overall_code == Code::Ok as i32, answers))
+                Ok((r.overall_code == Code::Ok as i32, answers))
             }
             Target::Http {
                 client,
@@ -327,7 +395,7 @@ impl Target {
                 for (k, v) in headers {
                     req = req.header(k, v.replace("{key}", key));
                 }
-                let r = req.send().await.ok()?;
+                let r = req.send().await.map_err(Failure::from)?;
                 let status = r.status().as_u16();
                 let header_capacity = r
                     .headers()
@@ -338,7 +406,9 @@ impl Target {
                 let allowed = match status {
                     200..=299 => true,
                     429 => false,
-                    _ => return None,
+                    // A shedding server in front of the app (the demo's own 503s included).
+                    503 => return Err(Failure::Shed),
+                    _ => return Err(Failure::Other),
                 };
                 let capacity = shape.0.or(header_capacity);
                 let verdict = if allowed {
@@ -346,7 +416,7 @@ impl Target {
                 } else {
                     Verdict::Denied
                 };
-                Some((
+                Ok((
                     allowed,
                     vec![BucketAnswer {
                         slot: 0,
@@ -378,7 +448,11 @@ async fn hold_a_slot(
         lease_ttl_ms: ttl_ms,
     });
     req.set_timeout(timeout);
-    let lease = client.acquire(req).await.ok()?.into_inner();
+    let lease = client
+        .acquire(req)
+        .await
+        .map_err(Failure::from)?
+        .into_inner();
     let since = |t: std::time::Instant| t.saturating_duration_since(start).as_micros() as u64;
     let mut answer = BucketAnswer {
         slot: 0,
@@ -388,7 +462,7 @@ async fn hold_a_slot(
         held_us: None,
     };
     if !lease.granted {
-        return Some((false, vec![answer]));
+        return Ok((false, vec![answer]));
     }
     let from = since(std::time::Instant::now());
     tokio::time::sleep(hold.mul_f64(rand::random::<f64>())).await;
@@ -398,10 +472,10 @@ async fn hold_a_slot(
         lease_id: lease.lease_id,
     });
     req.set_timeout(timeout);
-    client.release(req).await.ok()?;
+    client.release(req).await.map_err(Failure::from)?;
     answer.verdict = Verdict::Allowed;
     answer.held_us = Some((from, to));
-    Some((true, vec![answer]))
+    Ok((true, vec![answer]))
 }
 
 /// `--connections` HTTP/2 connections, spread over the comma-separated `--target`s (several
