@@ -10,8 +10,9 @@ deadline (sluicegate-load --timeout 20ms: Envoy's default). Per step: offered an
 second (an answer is one within the deadline; the rest are errors at the client), the answered
 rate as a share of 1x's (goodput), calls shed by reason and decisions made (from sluicegate's
 /metrics), decisions made for callers who were gone by then (decisions minus answers, as a share
-of decisions; the Redis backend refunds what those took), connections sluicegate ended (its
-"failed serving connection" log lines) and RSS.
+of decisions; the Redis backend refunds what those took), errors at the client by kind (deadline,
+shed, unavailable, other: sluicegate-load's errors_by_kind), connections sluicegate tore down
+(GOAWAY frames it sent with an error code, `sluicegate_goaways_total`) and RSS.
 
 sluicegate runs on one core, the client and Redis on the other (taskset), as when Envoy runs on
 other machines; where it can, sluicegate is also held to a quarter of its core (a cgroup quota),
@@ -108,17 +109,13 @@ class Server:
     def __init__(self, name, work, env):
         self.grpc, self.http = free_port(), free_port()
         self.log = os.path.join(work, f"{name}.log")
-        full = {"PATH": os.environ["PATH"], "RUST_LOG": "warn,tonic::transport::server=debug", **env}
+        full = {"PATH": os.environ["PATH"], "RUST_LOG": "warn", **env}
         self.proc = subprocess.Popen(
             [*pin(SERVER_CPU), os.path.join(ROOT, "target/release/sluicegate"),
              "--grpc-addr", f"127.0.0.1:{self.grpc}", "--http-addr", f"127.0.0.1:{self.http}"],
             env=full, cwd=work, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
         wait_http(f"http://127.0.0.1:{self.http}/readyz")
         self.held = hold_to_share(self.proc.pid)
-
-    def torn(self):
-        with open(self.log, errors="replace") as f:
-            return sum(1 for line in f if "failed serving connection" in line)
 
     def stop(self):
         self.proc.terminate()
@@ -152,7 +149,7 @@ def one_x(server, work, label, calib_s):
 def steps(server, work, label, base, seconds):
     rows = []
     for m in STEPS:
-        before, torn_before = metrics(server.http), server.torn()
+        before = metrics(server.http)
         j = load(f"http://127.0.0.1:{server.grpc}", work, f"{label}-{m}x", seconds,
                  ["--rps", str(base * m), "--timeout", DEADLINE])
         time.sleep(0.5)  # the last calls' metrics
@@ -166,10 +163,11 @@ def steps(server, work, label, base, seconds):
         rows.append({
             "step": f"{m}x", "offered_per_s": j["requests"] / j["duration_s"],
             "answered_per_s": answered / j["duration_s"], "errors": j["errors"],
+            "errors_by_kind": j["errors_by_kind"],
             "p99_ms": j["latency_ms"]["p99"], "shed": shed, "decisions": int(decisions),
             "gone_share": max(0.0, decisions - answered) / decisions if decisions else 0.0,
             "gone_refunds": int(delta("sluicegate_gone_refunds_total")),
-            "torn": server.torn() - torn_before,
+            "torn": int(delta("sluicegate_goaways_total") - delta("sluicegate_goaways_total", reason="no_error")),
             "rss_mb": total(after, "process_resident_memory_bytes") / 2**20,
         })
         time.sleep(1)  # let queues drain between steps
@@ -208,16 +206,17 @@ def main():
             s.proc.kill()
         redis.kill()
         shutil.rmtree(work, ignore_errors=True)
-    print("| backend | step | offered/s | answered in 20 ms /s | goodput vs 1x | errors at client "
+    print("| backend | step | offered/s | answered in 20 ms /s | goodput vs 1x | errors at client: deadline/shed/unavailable/other "
           "| shed deadline/queue/adaptive/concurrency | decisions | for callers gone | gone refunds "
-          "| connections ended | p99 ms (all calls) | RSS MB |")
+          "| GOAWAYs with an error | p99 ms (all calls) | RSS MB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, r in report.items():
         one = r["steps"][0]["answered_per_s"]
         for row in r["steps"]:
             sh = row["shed"]
             print(f"| {label} (1x = {r['one_x_per_s']}/s) | {row['step']} | {row['offered_per_s']:.0f} "
-                  f"| {row['answered_per_s']:.0f} | {row['answered_per_s'] / one:.2f} | {row['errors']} "
+                  f"| {row['answered_per_s']:.0f} | {row['answered_per_s'] / one:.2f} "
+                  f"| {'/'.join(str(row['errors_by_kind'][k]) for k in ('deadline', 'shed', 'unavailable', 'other'))} "
                   f"| {sh['deadline']}/{sh['queue']}/{sh['adaptive']}/{sh['concurrency']} "
                   f"| {row['decisions']} | {row['gone_share']:.1%} | {row['gone_refunds']} "
                   f"| {row['torn']} | {row['p99_ms']:.1f} | {row['rss_mb']:.0f} |")

@@ -14,6 +14,7 @@
 //!   full), so idle connections cannot keep new clients out.
 
 mod adaptive;
+mod conn;
 mod debug;
 mod handshakes;
 mod health;
@@ -25,6 +26,7 @@ mod tls;
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
@@ -323,11 +325,14 @@ fn grpc_server<B: Backend>(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_max_pending_accept_reset_streams(Some(PENDING_RESETS_PER_CONNECTION));
+    // The age alone: tonic's grace would replace the GOAWAY at the age with a cut at age + grace
+    // (`conn.rs` makes that cut instead).
     if let Some(age) = g.max_connection_age {
-        builder = builder
-            .max_connection_age(age)
-            .max_connection_age_grace(settings.shutdown_grace);
+        builder = builder.max_connection_age(age);
     }
+    let lifetime = g
+        .max_connection_age
+        .map(|age| age + settings.shutdown_grace);
     let router = builder
         .layer(
             LimitLayer::new(g.max_concurrent_requests, g.max_queue)
@@ -340,17 +345,24 @@ fn grpc_server<B: Backend>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     let stopped = stop.clone().cancelled_owned();
+    let goaways = Arc::new(conn::GoawayCounters::default());
     Ok(match &g.tls {
-        None => Box::pin(router.serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            stopped,
-        )),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc)
+                    .with_nodelay(Some(true))
+                    .map(conn::watch(&goaways, lifetime)),
+                stopped,
+            ),
+        ),
         Some(tls) => {
             let tls = Tls::load(tls.clone()).map_err(anyhow::Error::msg)?;
             tls.spawn_watcher(stop.clone());
             let shed = crate::telemetry::ShedMetrics::default();
             let gate = Arc::new(Handshakes::counted(shed.handshake, shed.handshake_cut));
-            let incoming = tls.incoming(grpc, gate, stop.clone());
+            let incoming = tls
+                .incoming(grpc, gate, stop.clone())
+                .map(conn::watch(&goaways, lifetime));
             Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
     })

@@ -20,6 +20,7 @@ mod timed;
 pub(crate) mod top_keys;
 
 pub use activity::Activity;
+pub(crate) use decision_log::DenialSampler;
 pub(crate) use handles::{
     DecisionMetrics, FailureModeMetrics, RefusedMetrics, ReloadMetrics, ShedMetrics,
     eviction_counters, redis_metrics,

@@ -28,6 +28,7 @@ pub mod names {
     pub const RELEASES: &str = "sluicegate_in_flight_releases_total";
     pub const GONE_REFUNDS: &str = "sluicegate_gone_refunds_total";
     pub const CONCURRENCY_LIMIT: &str = "sluicegate_concurrency_limit";
+    pub const GOAWAYS: &str = "sluicegate_goaways_total";
     pub const RLQS_STREAMS: &str = "sluicegate_rlqs_streams";
     pub const RLQS_BUCKETS: &str = "sluicegate_rlqs_buckets";
     pub const RLQS_REPORTS: &str = "sluicegate_rlqs_reports_total";
@@ -177,6 +178,10 @@ fn describe() {
     describe_counter!(
         names::GONE_REFUNDS,
         "Takes given back because their caller had gone (its deadline passed) when the backend answered: tokens spent for nobody, returned, by backend."
+    );
+    describe_counter!(
+        names::GOAWAYS,
+        "GOAWAY frames sent on the gRPC port, by HTTP/2 error code: no_error is an orderly close (shutdown, MAX_CONNECTION_AGE); any other ends every call in flight on the connection."
     );
     describe_gauge!(
         names::CONCURRENCY_LIMIT,

@@ -4,13 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::support::envoy::{RateLimitServiceClient as EnvoyClient, descriptor, request};
-use crate::support::{RedisServer, Sluicegate, ask, http_get, metric, should_allow};
+use crate::support::{RedisServer, Sluicegate, ask, metric, should_allow};
 use sluicegate_proto::sluicegate::v1::SettleRequest;
 use tonic::Code;
-
-async fn metrics(t: &Sluicegate) -> String {
-    http_get(&t.http_url("/metrics")).await.unwrap().1
-}
 
 /// The server still answers a normal call.
 async fn healthy(t: &Sluicegate) {
@@ -30,7 +26,7 @@ async fn a_message_over_the_limit_is_refused_before_decoding() {
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(err.message().contains("too large"), "{err:?}");
     healthy(&t).await;
-    let m = metrics(&t).await;
+    let m = t.metrics().await;
     assert_eq!(
         metric(&m, "sluicegate_shed_total{reason=\"message_size\"}"),
         1.0,
@@ -75,7 +71,7 @@ async fn past_max_concurrent_requests_a_call_is_refused_at_once() {
     assert!(first.await.unwrap().is_ok(), "the held call finishes");
     sleeper.await.unwrap();
     healthy(&t).await;
-    let m = metrics(&t).await;
+    let m = t.metrics().await;
     assert!(
         metric(&m, "sluicegate_shed_total{reason=\"concurrency\"}") >= 1.0,
         "{m}"
@@ -122,7 +118,7 @@ async fn lock_down_switches_refuse_with_permission_denied() {
         .unwrap()
         .into_inner();
     assert_eq!(r.overall_code, envoy_ok());
-    let m = metrics(&t).await;
+    let m = t.metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -148,7 +144,7 @@ async fn envoy_requests_past_the_bounds_are_over_limit_and_counted() {
         .into_inner();
     assert_eq!(r.overall_code, envoy_over(), "fail closed, never an error");
     assert_eq!(r.statuses.len(), 9);
-    let m = metrics(&t).await;
+    let m = t.metrics().await;
     assert_eq!(
         metric(
             &m,

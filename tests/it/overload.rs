@@ -8,7 +8,7 @@ use futures::future::join_all;
 use sluicegate_proto::sluicegate::v1::rate_limit_service_client::RateLimitServiceClient;
 use tonic::{Code, transport::Endpoint};
 
-use crate::support::{Sluicegate, ask};
+use crate::support::{Sluicegate, ask, metric, metric_value};
 
 /// One HTTP/2 connection carrying far more calls than the server answers at once, each with a
 /// short deadline (as Envoy multiplexes them): every call is answered, refused
@@ -71,6 +71,94 @@ async fn a_busy_connection_is_never_torn_down() {
             Err(s) => panic!("the connection serves on: {s:?}"),
         }
     }
+    // And the server says so itself: no GOAWAY at all was sent (not even an orderly one).
+    let m = t.metrics().await;
+    let sent: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("sluicegate_goaways_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(sent, 0.0, "{m}");
+}
+
+/// GOAWAY frames are counted by error code as they leave: a client that breaks the protocol (a
+/// DATA frame on stream 0) gets PROTOCOL_ERROR; a connection past GRPC_MAX_CONNECTION_AGE_SECS
+/// gets an orderly NO_ERROR at its age (tonic's own grace skipped it: the connection was cut at
+/// age + grace without one), its calls are served, and a stream that never ends is cut at age +
+/// grace (SHUTDOWN_GRACE_SECS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaways_sent_are_counted_by_reason() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let t = Sluicegate::start(
+        &[],
+        &[
+            ("GRPC_MAX_CONNECTION_AGE_SECS", "1"),
+            ("SHUTDOWN_GRACE_SECS", "2"),
+        ],
+    )
+    .await;
+    let series = |reason: &str| format!("sluicegate_goaways_total{{reason=\"{reason}\"}}");
+    let m = t.metrics().await;
+    assert_eq!(
+        metric_value(&m, &series("protocol_error")),
+        Some(0.0),
+        "{m}"
+    );
+
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", t.grpc_port))
+        .await
+        .unwrap();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    bytes.extend_from_slice(&[0, 0, 1, 0x0, 0, 0, 0, 0, 0, b'x']); // DATA on stream 0
+    raw.write_all(&bytes).await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut sink)).await;
+    let m = t.metrics().await;
+    assert_eq!(metric(&m, &series("protocol_error")), 1.0, "{m}");
+
+    // An orderly close: a connection that outlives its age is told to go, calls go on.
+    let mut c = t.client().await;
+    for _ in 0..30 {
+        c.should_allow(ask("aged", 0.0, 0.0, 1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = t.metrics().await;
+    assert!(metric(&m, &series("no_error")) >= 1.0, "{m}");
+    assert_eq!(metric(&m, &series("enhance_your_calm")), 0.0, "{m}");
+
+    // A call that never ends (its request body never finishes) keeps its connection past the
+    // GOAWAY; the connection is cut at age + grace, 3 s after it opened.
+    let before = metric(&t.metrics().await, &series("no_error"));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", t.grpc_port))
+        .await
+        .unwrap();
+    let opened = std::time::Instant::now();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let head = http::Request::post(format!(
+        "http://127.0.0.1:{}/sluicegate.v1.RateLimitService/ShouldAllow",
+        t.grpc_port
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (_response, _send) = client.send_request(head, false).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(30), connection)
+        .await
+        .expect("the connection ends");
+    let lived = opened.elapsed();
+    assert!(
+        (Duration::from_millis(2_500)..Duration::from_secs(20)).contains(&lived),
+        "cut at age + grace: {lived:?}"
+    );
+    let m = t.metrics().await;
+    assert!(
+        metric(&m, &series("no_error")) > before,
+        "a GOAWAY first: {m}"
+    );
 }
 
 /// Calls whose deadline passes while Redis is slow (paused): the tokens their decisions took
@@ -328,4 +416,88 @@ async fn a_shed_envoy_call_is_answered_as_failure_mode_says() {
             assert!(counted >= 1.0, "{mode}: {counted}");
         }
     }
+}
+
+/// The adaptive limit follows the backend: while Redis stalls again and again (paused 300 ms of
+/// every 350), answers are slower than MAX_QUEUE_MS and the limit on calls in progress falls
+/// from its start towards the floor, the excess shed at once (`adaptive`); once Redis is quick
+/// again, the same offered load makes it grow back. The gauge shows it all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_limit_follows_the_backend() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let redis = crate::support::RedisServer::start().await;
+    let t = Sluicegate::start(
+        &["--redis-url", &redis.url()],
+        &[
+            ("REDIS_TIMEOUT_MS", "10000"),
+            ("MAX_QUEUE_MS", "100"),
+            ("MAX_CONCURRENT_REQUESTS", "400"),
+            ("FAILURE_MODE", "error"),
+        ],
+    )
+    .await;
+    let limit = |m: &str| metric_value(m, "sluicegate_concurrency_limit ").expect("the gauge");
+    assert_eq!(limit(&t.metrics().await), 400.0);
+
+    // 300 callers, closed loop, a short rest after a refusal.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let c = t.client().await;
+    let callers: Vec<_> = (0..300)
+        .map(|i| {
+            let (mut c, stop) = (c.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let ask = ask(&format!("a{}", i % 50), 1e9, 1e9, 1);
+                    if c.should_allow(ask).await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let stalling = std::sync::Arc::new(AtomicBool::new(true));
+    let staller = tokio::spawn({
+        let (mut admin, stalling) = (redis.connection().await, stalling.clone());
+        async move {
+            while stalling.load(Ordering::Relaxed) {
+                let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+                    .arg("PAUSE")
+                    .arg(300)
+                    .arg("ALL")
+                    .query_async(&mut admin)
+                    .await;
+                tokio::time::sleep(Duration::from_millis(350)).await;
+            }
+        }
+    });
+    let mut low = f64::MAX;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline && low > 150.0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        low = low.min(limit(&t.metrics().await));
+    }
+    assert!(low <= 150.0, "the limit fell with Redis stalling: {low}");
+    let m = t.metrics().await;
+    assert!(
+        metric(&m, "sluicegate_shed_total{reason=\"adaptive\"}") >= 1.0,
+        "{m}"
+    );
+    stalling.store(false, Ordering::Relaxed);
+    staller.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let low = low.min(limit(&t.metrics().await));
+
+    // Redis quick again: the limit grows back under the same load.
+    let mut now = low;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline && now < 2.0 * low {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = limit(&t.metrics().await);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert!(now >= 2.0 * low, "the limit grew back: {low} -> {now}");
 }

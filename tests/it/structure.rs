@@ -154,6 +154,7 @@ const REQUEST_PATH: &[&str] = &[
     "core/src/bucket.rs",
     "core/src/rules/matcher.rs",
     "src/server/limits.rs",
+    "src/server/conn.rs",
 ];
 const MAX_FN_LINES: usize = 60;
 

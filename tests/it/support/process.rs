@@ -222,6 +222,14 @@ impl Sluicegate {
         format!("http://127.0.0.1:{}{path}", self.http_port)
     }
 
+    /// The Prometheus text on `/metrics`.
+    pub async fn metrics(&self) -> String {
+        super::http_get(&self.http_url("/metrics"))
+            .await
+            .expect("/metrics answers")
+            .1
+    }
+
     pub async fn client(&self) -> RateLimitServiceClient<Channel> {
         RateLimitServiceClient::connect(self.grpc_url())
             .await
