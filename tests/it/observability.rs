@@ -317,7 +317,7 @@ async fn every_dashboard_panel_has_data() {
     for title in [
         "Near-limit decisions",
         "Local deny-cache answers",
-        "Shed requests",
+        "Shed requests, connections torn down",
         "Circuit open, by Redis node",
         "In flight, by rule",
         "Acquisitions refused",
