@@ -23,11 +23,14 @@ Per bucket:
             3 refund: give cost back, never above capacity
             4 force: charge cost whatever is left, down to -capacity (debt); allowed only if the
               tokens were there
-            5, 6, 8: take, check, force whose denial does not veto its group (shadow-mode rules)
+            10 take up to: spend as many of cost whole tokens as are there, at least 1 (a lease);
+              denied, spending nothing, when not even one token is there
+            5, 6, 8, 14: take, check, force, take up to whose denial does not veto its group
+              (shadow-mode rules)
             9 settle a reservation (below)
 
 Then, optionally, reservations: the literal `R`, then triples `index key ttl_ms`: bucket `index` (1-based)
-has a reservation key. For a take (mode 1) that is charged, the key is written ("r", what was taken,
+has a reservation key. For a take (mode 1 or 10) that is charged, the key is written ("r", what was taken,
 the bucket's key) with PX ttl_ms, so that a settle can later give back at most that, once. For a
 settle (mode 9) the key is the reservation to settle; `cost` is then the real cost.
 
@@ -45,7 +48,10 @@ Returns a flat array, 4 entries per bucket, in order:
   allowed (1 or 0; 2: a settle's reservation was not found; 4: away, this node does not serve the
     key, its slot moved or is moving: nothing of its group was decided or written),
   tokens_remaining (a string, "%.17g", so no precision is lost; negative in debt),
-  retry_after_ms (0 when allowed), reset_after_ms (time until full)
+  when allowed, the tokens taken (a charged take's cost, what a take up to could give; 0 for a
+    check, refund, forced charge or settle, and for a take its group vetoed), otherwise
+    retry_after_ms (until cost is there; one token for a take up to),
+  reset_after_ms (time until full)
 Both times are capped at 2^53 - 1: no input overflows an integer reply.
 
 Refunds (mode 3, and settles that give back) publish the bucket's key on the channel
@@ -109,15 +115,16 @@ for i = 1, n do
   if capacity == nil or capacity <= 0 then return fail(i, "capacity", ARGV[at + 1], "a finite number > 0") end
   if rate == nil or rate <= 0 then return fail(i, "rate", ARGV[at + 2], "a finite number > 0") end
   if cost == nil or cost < 0 then return fail(i, "cost", ARGV[at + 3], "a finite number >= 0") end
-  if mode ~= 1 and mode ~= 2 and mode ~= 3 and mode ~= 4 and mode ~= 5 and mode ~= 6 and mode ~= 8 and mode ~= 9 then
-    return fail(i, "mode", ARGV[at + 4], "1 take, 2 check, 3 refund, 4 force (+4: no veto), 9 settle")
+  if mode ~= 1 and mode ~= 2 and mode ~= 3 and mode ~= 4 and mode ~= 5 and mode ~= 6 and mode ~= 8
+    and mode ~= 9 and mode ~= 10 and mode ~= 14 then
+    return fail(i, "mode", ARGV[at + 4], "1 take, 2 check, 3 refund, 4 force, 10 take up to (+4: no veto), 9 settle")
   end
   if mode == 9 then
     -- The operation is known once the reservation is read.
     settles[i], vetoes[i], mode = true, true, 2
   else
-    vetoes[i] = mode <= 4
-    if mode > 4 then mode = mode - 4 end
+    vetoes[i] = mode <= 4 or mode == 10
+    if mode > 4 and mode ~= 10 then mode = mode - 4 end
   end
   local full_ms = ceil(capacity / rate * 1000)
   if full_ms < 1 then full_ms = 1 elseif full_ms > MAX_MS then full_ms = MAX_MS end
@@ -270,7 +277,8 @@ local function capped_ms(ms)
 end
 
 -- Request i with operation `mode` against the bucket's state. Returns allowed, tokens after,
--- retry_after, reset_after, and whether to write (the new `ts` is then `now` or later).
+-- retry_after, reset_after, whether to write (the new `ts` is then `now` or later), and the tokens
+-- taken.
 local function apply(i, t, ts, mode)
   local capacity, rate, cost = caps[i], rates[i], costs[i]
   local before
@@ -286,8 +294,18 @@ local function apply(i, t, ts, mode)
     if now > ts then ts = now end
   end
   local allowed, tokens, write
+  local granted, need = 0, cost
   if mode == 1 then
-    if before >= cost then allowed, tokens, write = true, before - cost, true
+    if before >= cost then allowed, tokens, write, granted = true, before - cost, true, cost
+    else allowed, tokens, write = false, before, false end
+  elseif mode == 10 then
+    need = 1
+    if before >= 1 then
+      granted = cost
+      if granted < 1 then granted = 1 end
+      local whole = math.floor(before)
+      if granted > whole then granted = whole end
+      allowed, tokens, write = true, before - granted, true
     else allowed, tokens, write = false, before, false end
   elseif mode == 2 then
     allowed, tokens, write = before >= cost, before, false
@@ -300,8 +318,8 @@ local function apply(i, t, ts, mode)
     if tokens < -capacity then tokens = -capacity end
   end
   local retry = 0
-  if not allowed then retry = capped_ms((cost - tokens) / rate * 1000) end
-  return allowed, tokens, retry, capped_ms((capacity - tokens) / rate * 1000), write, ts
+  if not allowed then retry = capped_ms((need - tokens) / rate * 1000) end
+  return allowed, tokens, retry, capped_ms((capacity - tokens) / rate * 1000), write, ts, granted
 end
 
 -- Decide group by group. ttl[key]: the TTL of the state to write (nil: nothing to write).
@@ -327,15 +345,16 @@ for _, last in ipairs(ends) do
     elseif done[i] then
       out[o + 1], out[o + 2], out[o + 3], out[o + 4] = done[i][1], done[i][2], 0, done[i][3]
     else
-      local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], modes[i])
+      local allowed, tokens, retry, reset, write, ts, granted = apply(i, tok[key], tss[key], modes[i])
       if write then
         tok[key], tss[key] = tokens, ts
         ttl[key] = reset > fulls[i] and reset or fulls[i]
       end
       if vetoes[i] and not allowed then vetoed = true end
-      if modes[i] == 1 and allowed then charged[i] = true end
+      if granted > 0 then charged[i] = granted end
       if modes[i] == 3 then refunded[key] = true end
-      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, retry, reset
+      -- An allowed answer's third value is what it took; a denial's, its wait.
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, allowed and granted or retry, reset
     end
   end
   if vetoed and saved_t then
@@ -355,10 +374,12 @@ for _, last in ipairs(ends) do
           tok[key], tss[key] = tokens, ts
           ttl[key] = reset > fulls[i] and reset or fulls[i]
         end
-        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, retry, reset
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, allowed and 0 or retry, reset
       else
         local _, tokens, _, reset = apply(i, tok[key], tss[key], 2)
         out[o + 2], out[o + 4] = tokens, reset
+        -- Not charged: an allowed answer took nothing.
+        if out[o + 1] == 1 then out[o + 3] = 0 end
       end
     end
   end
@@ -387,7 +408,7 @@ for i, rkey in pairs(rkeys) do
     local o = 4 * (i - 1)
     redis.call("SET", rkey, "s\n" .. out[o + 2] .. "\n" .. out[o + 4] .. "\n" .. keys[i], "KEEPTTL")
   elseif charged[i] and not settles[i] and rttls[i] > 0 then
-    redis.call("SET", rkey, "r\n" .. format("%.17g", costs[i]) .. "\n" .. keys[i], "PX", rttls[i])
+    redis.call("SET", rkey, "r\n" .. format("%.17g", charged[i]) .. "\n" .. keys[i], "PX", rttls[i])
   end
 end
 

@@ -119,6 +119,10 @@ pub struct Request<'a> {
     pub rate: f64,
     /// Answer without taking anything.
     pub dry_run: bool,
+    /// Take up to `cost`: as many whole tokens as the bucket holds, at least one (denied only
+    /// when not even one is there). [`Decision::granted`] says how many; with
+    /// [`Client::reserve`], settle what was used and the rest goes back.
+    pub up_to: bool,
 }
 
 /// A Settle without a reservation id, for [`Client::settle`]: the bucket, what was taken up front
@@ -157,6 +161,9 @@ pub struct Decision {
     pub rate: f64,
     /// The answer comes from a failure mode (sluicegate's or this client's), not from a bucket.
     pub degraded: bool,
+    /// Tokens taken from the bucket: the cost, or with [`Request::up_to`] what the bucket could
+    /// give; 0 when none were (a denial, a dry run, a failure mode's answer).
+    pub granted: u32,
 }
 
 impl Decision {
@@ -169,6 +176,7 @@ impl Decision {
             capacity: r.capacity,
             rate: r.rate,
             degraded: r.degraded,
+            granted: r.granted,
         }
     }
 
@@ -186,6 +194,7 @@ impl Decision {
             capacity: 0.0,
             rate: 0.0,
             degraded: true,
+            granted: 0,
         }
     }
 }
@@ -555,6 +564,7 @@ fn to_proto(req: &Request<'_>) -> ShouldAllowRequest {
         capacity: req.capacity,
         rate: req.rate,
         dry_run: req.dry_run,
+        up_to: req.up_to,
         ..Default::default()
     }
 }

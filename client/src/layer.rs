@@ -252,6 +252,7 @@ async fn decide<K, B: From<String>>(
         capacity: config.capacity,
         rate: config.rate,
         dry_run: false,
+        up_to: false,
     };
     match config.client.check(asked).await {
         Ok(d) if d.degraded => {
@@ -465,6 +466,7 @@ mod tests {
             capacity: 5.0,
             rate: 1.0,
             degraded: false,
+            granted: 0,
         };
         let mut h = HeaderMap::new();
         headers(&mut h, &d, true);

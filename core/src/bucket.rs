@@ -24,6 +24,9 @@ pub struct BucketState {
 pub enum Op {
     /// Spend `cost` tokens if they are there; a denial spends nothing and writes nothing.
     Take(u64),
+    /// Spend as many of `cost` whole tokens as are there, at least 1: a lease of what the bucket
+    /// can give (`up_to`). Denied, spending nothing, when not even one token is there.
+    TakeUpTo(u64),
     /// Answer whether `cost` tokens are there, change nothing. A check of 0 is allowed unless the
     /// bucket is in debt (Envoy's `hits_addend: 0`).
     Check(u64),
@@ -39,7 +42,7 @@ impl Op {
     /// The tokens the operation is about.
     pub fn cost(self) -> u64 {
         match self {
-            Op::Take(c) | Op::Check(c) | Op::Refund(c) | Op::Force(c) => c,
+            Op::Take(c) | Op::TakeUpTo(c) | Op::Check(c) | Op::Refund(c) | Op::Force(c) => c,
         }
     }
 
@@ -55,13 +58,17 @@ pub struct Decision {
     pub allowed: bool,
     /// Tokens left after the decision (for a check, the tokens there now); negative in debt.
     pub tokens_remaining: f64,
-    /// 0 when allowed, else how long until `cost` tokens are there (at most [`MAX_MS`]).
+    /// 0 when allowed, else how long until `cost` tokens are there (one, for a take-up-to; at
+    /// most [`MAX_MS`]).
     pub retry_after_ms: u64,
     /// How long until the bucket is full again (at most [`MAX_MS`]).
     pub reset_after_ms: u64,
     /// Answered by this replica without asking the backend: a denial the local deny cache could
     /// prove, or a rule that blocks everything (0 per unit).
     pub without_backend: bool,
+    /// Tokens this decision took from the bucket: a charged take's cost, what a take-up-to could
+    /// give; 0 for anything else (a denial, a take its group vetoed, a check, refund or charge).
+    pub granted: u64,
 }
 
 /// What is asked of one bucket: its shape, the operation, and whether a denial vetoes the group
@@ -116,11 +123,21 @@ pub fn apply(
     let capacity = shape.capacity();
     let (before, ts) = refill(state, now_ms, shape);
     let cost = op.cost() as f64;
-    let (allowed, tokens, write) = match op {
-        Op::Take(_) if before >= cost => (true, before - cost, true),
-        Op::Take(_) | Op::Check(_) => (before >= cost, before, false),
-        Op::Refund(_) => (true, (before + cost).min(capacity), true),
-        Op::Force(_) => (before >= cost, (before - cost).max(-capacity), true),
+    // What a denial waits for: the cost, or the one token a take-up-to needs.
+    let mut need = cost;
+    let (allowed, tokens, write, granted) = match op {
+        Op::Take(c) if before >= cost => (true, before - cost, true, c),
+        Op::TakeUpTo(c) if before >= 1.0 => {
+            let granted = c.max(1).min(before as u64);
+            (true, before - granted as f64, true, granted)
+        }
+        Op::TakeUpTo(_) => {
+            need = 1.0;
+            (false, before, false, 0)
+        }
+        Op::Take(_) | Op::Check(_) => (before >= cost, before, false, 0),
+        Op::Refund(_) => (true, (before + cost).min(capacity), true, 0),
+        Op::Force(_) => (before >= cost, (before - cost).max(-capacity), true, 0),
     };
     let decision = Decision {
         allowed,
@@ -128,10 +145,11 @@ pub fn apply(
         retry_after_ms: if allowed {
             0
         } else {
-            capped_ms((cost - tokens) / shape.rate() * 1000.0)
+            capped_ms((need - tokens) / shape.rate() * 1000.0)
         },
         reset_after_ms: capped_ms((capacity - tokens) / shape.rate() * 1000.0),
         without_backend: false,
+        granted,
     };
     (decision, write.then_some(BucketState { tokens, ts_ms: ts }))
 }
@@ -191,7 +209,7 @@ pub fn apply_group(
                 }
                 *decision = d;
             }
-            Op::Take(c) | Op::Check(c) => {
+            Op::Take(c) | Op::TakeUpTo(c) | Op::Check(c) => {
                 // Not charged: the figures of the bucket as it is, the verdict as it was.
                 let (now, _) = apply(states[slot], now_ms, r.shape, Op::Check(c));
                 *decision = Decision {

@@ -120,10 +120,11 @@ impl Parsed {
         }
     }
 
-    /// The reservation id to answer with: only when the tokens were really taken.
+    /// The reservation id to answer with: only when the tokens were really taken (not by a take
+    /// its all-or-nothing batch vetoed).
     fn reservation_id(&self, d: &Decision) -> String {
         match &self.reserve {
-            Some((id, _)) if d.allowed => id.clone(),
+            Some((id, _)) if d.granted > 0 => id.clone(),
             _ => String::new(),
         }
     }
@@ -226,7 +227,8 @@ impl<B: Backend> ShouldAllowApi<B> {
     fn parse(&self, req: &ShouldAllowRequest, at: Option<usize>) -> Result<Parsed, ApiError> {
         let (key, shape) = self.bucket_of(&req.key, req.capacity, req.rate, at)?;
         let cost = req.cost.max(1);
-        if f64::from(cost) > shape.capacity() {
+        // Up to: whatever the bucket holds is granted, so any cost may be asked.
+        if f64::from(cost) > shape.capacity() && !req.up_to {
             let which = at.map(|i| format!("request {i}: ")).unwrap_or_default();
             return Err(ApiError::invalid(
                 "cost",
@@ -236,11 +238,13 @@ impl<B: Backend> ShouldAllowApi<B> {
                 ),
             ));
         }
-        let op = if req.dry_run {
-            // Answers as a request of this cost would be answered (at least 1 token).
-            Op::Check(u64::from(cost))
-        } else {
-            Op::Take(u64::from(cost))
+        let op = match (req.dry_run, req.up_to) {
+            // Answers as a request of this cost would be answered (at least 1 token; up to: one
+            // token is enough).
+            (true, false) => Op::Check(u64::from(cost)),
+            (true, true) => Op::Check(1),
+            (false, false) => Op::Take(u64::from(cost)),
+            (false, true) => Op::TakeUpTo(u64::from(cost)),
         };
         if req.reserve_ttl_ms > MAX_RESERVE_TTL_MS {
             let which = at.map(|i| format!("request {i}: ")).unwrap_or_default();
@@ -289,6 +293,7 @@ impl<B: Backend> ShouldAllowApi<B> {
             rate: shape.rate(),
             degraded: false,
             reservation_id,
+            granted: u32::try_from(d.granted).unwrap_or(u32::MAX),
         }
     }
 

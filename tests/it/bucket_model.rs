@@ -29,6 +29,8 @@ struct ModelShape {
 struct ModelDecision {
     allowed: bool,
     tokens: i128,
+    /// Tokens taken (a charged take's cost, a take-up-to's grant).
+    granted: i128,
     retry_after_ms: i128,
     reset_after_ms: i128,
 }
@@ -66,25 +68,37 @@ fn model_apply(
 ) -> (ModelDecision, Option<Model>) {
     let (before, ts) = model_refill(state, now, s);
     let cost = op.cost() as i128;
-    let (allowed, tokens, write) = match op {
+    let mut need = cost;
+    let (allowed, tokens, write, granted) = match op {
         Op::Take(_) => {
             if before >= cost {
-                (true, before - cost, true)
+                (true, before - cost, true, cost)
             } else {
-                (false, before, false)
+                (false, before, false, 0)
             }
         }
-        Op::Check(_) => (before >= cost, before, false),
-        Op::Refund(_) => (true, (before + cost).min(s.capacity), true),
-        Op::Force(_) => (before >= cost, (before - cost).max(-s.capacity), true),
+        // As many of cost as there are, at least one; nothing without one.
+        Op::TakeUpTo(_) => {
+            need = 1;
+            let granted = cost.max(1).min(before);
+            if granted >= 1 {
+                (true, before - granted, true, granted)
+            } else {
+                (false, before, false, 0)
+            }
+        }
+        Op::Check(_) => (before >= cost, before, false, 0),
+        Op::Refund(_) => (true, (before + cost).min(s.capacity), true, 0),
+        Op::Force(_) => (before >= cost, (before - cost).max(-s.capacity), true, 0),
     };
     let decision = ModelDecision {
         allowed,
         tokens,
+        granted,
         retry_after_ms: if allowed {
             0
         } else {
-            ceil_div((cost - tokens) * 1000, s.rate)
+            ceil_div((need - tokens) * 1000, s.rate)
         },
         reset_after_ms: ceil_div((s.capacity - tokens) * 1000, s.rate),
     };
@@ -121,7 +135,7 @@ fn model_group(
                 states[slot] = w.or(states[slot]);
                 out[i] = d;
             }
-            Op::Take(c) | Op::Check(c) => {
+            Op::Take(c) | Op::TakeUpTo(c) | Op::Check(c) => {
                 let (d, _) = model_apply(states[slot], now, s, Op::Check(c));
                 out[i] = ModelDecision {
                     allowed: out[i].allowed,
@@ -136,6 +150,7 @@ fn model_group(
 
 fn same(real: &Decision, model: &ModelDecision, context: &str) -> Result<(), TestCaseError> {
     prop_assert_eq!(real.allowed, model.allowed, "verdict, {}", context);
+    prop_assert_eq!(real.granted as i128, model.granted, "taken, {}", context);
     prop_assert_eq!(
         real.tokens_remaining,
         model.tokens as f64,
@@ -198,11 +213,12 @@ fn op_for(capacity: i128) -> impl Strategy<Value = Op> {
         1 => Just(c),
         1 => c..=c.saturating_mul(3),
     ];
-    (0u8..4, cost).prop_map(|(kind, cost)| match kind {
+    (0u8..5, cost).prop_map(|(kind, cost)| match kind {
         0 => Op::Take(cost),
         1 => Op::Check(cost),
         2 => Op::Refund(cost),
-        _ => Op::Force(cost),
+        3 => Op::Force(cost),
+        _ => Op::TakeUpTo(cost),
     })
 }
 

@@ -36,6 +36,11 @@ async fn eval_many(
 
 /// (allowed, tokens) of each bucket in a flat reply.
 fn verdicts(reply: &[redis::Value]) -> Vec<(bool, f64)> {
+    answers(reply).into_iter().map(|(a, t, _)| (a, t)).collect()
+}
+
+/// (allowed, tokens, tokens taken): an allowed answer's third value is what it took.
+fn answers(reply: &[redis::Value]) -> Vec<(bool, f64, u64)> {
     reply
         .chunks(4)
         .map(|c| {
@@ -43,7 +48,15 @@ fn verdicts(reply: &[redis::Value]) -> Vec<(bool, f64)> {
             let redis::Value::BulkString(t) = &c[1] else {
                 panic!("tokens: {:?}", c[1])
             };
-            (allowed, std::str::from_utf8(t).unwrap().parse().unwrap())
+            let redis::Value::Int(third) = c[2] else {
+                panic!("third: {:?}", c[2])
+            };
+            let granted = if allowed { third as u64 } else { 0 };
+            (
+                allowed,
+                std::str::from_utf8(t).unwrap().parse().unwrap(),
+                granted,
+            )
         })
         .collect()
 }
@@ -83,7 +96,7 @@ async fn every_argument_must_be_a_number_in_its_range() {
         let err = eval(&mut conn, args).await.unwrap_err();
         assert!(err.to_string().contains(name), "{err}");
     }
-    for mode in ["0", "7", "10", "1.5"] {
+    for mode in ["0", "7", "11", "1.5"] {
         let err = eval(&mut conn, ["10", "1", "1", mode]).await.unwrap_err();
         assert!(err.to_string().contains("mode"), "{err}");
     }
@@ -108,10 +121,11 @@ async fn every_argument_must_be_a_number_in_its_range() {
 async fn returns_the_documented_array_and_stores_two_doubles() {
     let server = crate::support::RedisServer::start().await;
     let mut conn = server.connection().await;
-    let (allowed, tokens, retry, reset) = eval(&mut conn, ["10", "2", "4", "1"]).await.unwrap();
+    let (allowed, tokens, taken, reset) = eval(&mut conn, ["10", "2", "4", "1"]).await.unwrap();
     assert_eq!(
-        (allowed, tokens.parse::<f64>().unwrap(), retry),
-        (1, 6.0, 0)
+        (allowed, tokens.parse::<f64>().unwrap(), taken),
+        (1, 6.0, 4),
+        "an allowed answer's third value is what it took"
     );
     assert!((1_900..=2_000).contains(&reset), "reset {reset}");
     let (tokens, _) = stored(&mut conn, "tb:lua").await.unwrap();
@@ -134,6 +148,16 @@ async fn returns_the_documented_array_and_stores_two_doubles() {
         before,
         "a denial writes nothing"
     );
+
+    // Take up to (mode 10): as many of 9 as are there (6, whole), then nothing left to give: a
+    // denial waiting for one token.
+    let (allowed, tokens, taken, _) = eval(&mut conn, ["10", "2", "9", "10"]).await.unwrap();
+    let tokens = tokens.parse::<f64>().unwrap();
+    assert_eq!((allowed, taken), (1, 6), "{tokens}");
+    assert!((0.0..0.1).contains(&tokens), "{tokens}");
+    let (allowed, _, retry, _) = eval(&mut conn, ["10", "2", "9", "10"]).await.unwrap();
+    assert_eq!(allowed, 0);
+    assert!((400..=500).contains(&retry), "one token at 2/s: {retry}");
 }
 
 #[tokio::test]
@@ -317,7 +341,8 @@ mod batched {
             0 => Op::Take(cost),
             1 => Op::Check(cost),
             2 => Op::Refund(cost),
-            _ => Op::Force(cost),
+            3 => Op::Force(cost),
+            _ => Op::TakeUpTo(cost),
         }
     }
 
@@ -327,6 +352,7 @@ mod batched {
             Op::Check(_) => 2,
             Op::Refund(_) => return 3,
             Op::Force(_) => 4,
+            Op::TakeUpTo(_) => 10,
         };
         if veto { base } else { base + 4 }
     }
@@ -345,17 +371,18 @@ mod batched {
     }
 
     fn ops_strategy() -> impl Strategy<Value = Vec<(usize, Op, bool)>> {
-        prop::collection::vec((0usize..4, 0u8..4, 0u64..14, any::<bool>()), 1..30).prop_map(|v| {
+        prop::collection::vec((0usize..4, 0u8..5, 0u64..14, any::<bool>()), 1..30).prop_map(|v| {
             v.into_iter()
                 .map(|(k, kind, cost, veto)| (k, op(kind, cost), veto))
                 .collect()
         })
     }
 
-    fn same(a: &[(bool, f64)], b: &[(bool, f64)]) -> Result<(), TestCaseError> {
+    fn same(a: &[(bool, f64, u64)], b: &[(bool, f64, u64)]) -> Result<(), TestCaseError> {
         prop_assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             prop_assert_eq!(x.0, y.0, "verdict of op {}", i);
+            prop_assert_eq!(x.2, y.2, "tokens taken by op {}", i);
             prop_assert!(
                 (x.1 - y.1).abs() < 1e-6,
                 "tokens of op {}: {} vs {}",
@@ -381,13 +408,13 @@ mod batched {
                 for &(k, o, veto) in &ops {
                     let key = format!("s{case}:{k}");
                     let r = eval_many(&mut conn, &[&key], &args(&[(k, o, veto)]).iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
-                    single.extend(verdicts(&r));
+                    single.extend(answers(&r));
                 }
                 let keys: Vec<String> = ops.iter().map(|(k, _, _)| format!("b{case}:{k}")).collect();
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
                 let a = args(&ops);
                 let r = eval_many(&mut conn, &keys, &a.iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
-                (single, verdicts(&r))
+                (single, answers(&r))
             });
             same(&single, &batched)?;
         });
@@ -421,7 +448,7 @@ mod batched {
                 let reqs: Vec<BucketRequest<'_>> = (at..at + g)
                     .map(|i| BucketRequest::new(&keys[i], shape, ops[i].1).with_veto(ops[i].2))
                     .collect();
-                rust.extend(memory.decide_group_now(&reqs, true).into_iter().map(|d| (d.allowed, d.tokens_remaining)));
+                rust.extend(memory.decide_group_now(&reqs, true).into_iter().map(|d| (d.allowed, d.tokens_remaining, d.granted)));
                 at += g;
             }
             let lua = rt.block_on(async {
@@ -429,7 +456,7 @@ mod batched {
                 let mut a = args(&ops);
                 a.extend(groups.iter().map(|g| g.to_string()));
                 let r = eval_many(&mut conn, &key_refs, &a.iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
-                verdicts(&r)
+                answers(&r)
             });
             same(&rust, &lua)?;
         });

@@ -293,6 +293,61 @@ async fn reservations_settle_once<B: Backend>(a: &ShouldAllowApi<B>) {
     assert!(err.to_string().starts_with("reserve_ttl_ms"), "{err}");
 }
 
+/// Up to: a reservation takes what the bucket can give (any cost may be asked), `granted` says
+/// how much, and its Settle gives the unused part back; not even one token is a denial that took
+/// nothing; a dry run asks whether one is there; in an all-or-nothing batch another's denial
+/// means nothing was taken (granted 0, no reservation).
+async fn up_to_takes_what_is_there<B: Backend>(a: &ShouldAllowApi<B>) {
+    let up_to = |key: &str, cost| ShouldAllowRequest {
+        up_to: true,
+        ..reserve(key, cost, 60_000)
+    };
+    assert_eq!(a.should_allow(&take("u", 7)).await.unwrap().granted, 7);
+    let lease = a.should_allow(&up_to("u", 50)).await.unwrap();
+    assert!(
+        lease.allowed && lease.reservation_id.len() == 32,
+        "{lease:?}"
+    );
+    assert_eq!(lease.granted, 3, "{lease:?}");
+    assert!(lease.tokens_remaining.abs() < EPS, "{lease:?}");
+    let err = a.should_allow(&take("u", 50)).await.unwrap_err();
+    assert!(
+        err.to_string().starts_with("cost"),
+        "a plain take still can't: {err}"
+    );
+    let none = a.should_allow(&up_to("u", 5)).await.unwrap();
+    assert!(!none.allowed && none.granted == 0 && none.reservation_id.is_empty());
+    assert!(none.retry_after_ms > 0, "{none:?}");
+    let s = a
+        .settle(&settle_id("u", &lease.reservation_id, 1))
+        .await
+        .unwrap();
+    assert!((s.tokens_remaining - 2.0).abs() < EPS, "2 of 3 back: {s:?}");
+    let probe = ShouldAllowRequest {
+        dry_run: true,
+        ..up_to("u", 5)
+    };
+    let r = a.should_allow(&probe).await.unwrap();
+    assert!(
+        r.allowed && r.granted == 0 && r.reservation_id.is_empty(),
+        "{r:?}"
+    );
+    assert!(
+        (left(a, "u").await - 2.0).abs() < EPS,
+        "a dry run takes nothing"
+    );
+
+    let batch = ShouldAllowBatchRequest {
+        requests: vec![up_to("u3", 4), take("u", 3)],
+        all_or_nothing: true,
+    };
+    let r = a.should_allow_batch(&batch).await.unwrap();
+    assert!(!r.allowed && r.responses[0].allowed, "{r:?}");
+    assert_eq!(r.responses[0].granted, 0, "{r:?}");
+    assert!(r.responses[0].reservation_id.is_empty(), "{r:?}");
+    assert!((left(a, "u3").await - 10.0).abs() < EPS);
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -323,7 +378,8 @@ both!(
     reservations_settle_once,
     another_shape_is_another_bucket,
     batch_all_or_nothing,
-    batch_bounds_and_field_names
+    batch_bounds_and_field_names,
+    up_to_takes_what_is_there
 );
 
 #[tokio::test]

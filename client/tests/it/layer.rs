@@ -146,10 +146,46 @@ async fn failure_modes_apply_to_an_unreachable_sluicegate_only() {
         capacity: 5.0,
         rate: 1.0,
         dry_run: false,
+        ..Default::default()
     };
     let err = open.check(shaped).await.unwrap_err();
     assert!(!err.is_unavailable(), "{err}");
     assert!(err.to_string().contains("ALLOW_CLIENT_SHAPES"), "{err}");
+}
+
+/// Up to: a reservation takes what the bucket can give (20 of 50 asked), says so in `granted`,
+/// and settling what was used gives the rest back; with not even one token, a denial that took
+/// nothing.
+#[tokio::test]
+async fn reserve_up_to_takes_what_is_there_and_settles_the_rest_back() {
+    let t = sluicegate(&[]).await;
+    let client = Client::builder(&t.url)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let ask = |cost, up_to| Request {
+        key: "lease:ann",
+        cost,
+        capacity: 100.0,
+        rate: 0.001,
+        up_to,
+        ..Default::default()
+    };
+    let first = client.check(ask(80, false)).await.unwrap();
+    assert_eq!((first.allowed, first.granted), (true, 80));
+    let lease = client
+        .reserve(ask(50, true), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(lease.decision.allowed && lease.id.is_some(), "{lease:?}");
+    assert_eq!(lease.decision.granted, 20);
+    assert!(lease.decision.tokens_remaining < 0.01, "{lease:?}");
+    let none = client.check(ask(5, true)).await.unwrap();
+    assert_eq!((none.allowed, none.granted), (false, 0));
+    assert!(none.retry_after > Duration::ZERO);
+    // 5 of the 20 used: 15 go back.
+    let s = client.settle_reservation(&lease, 5).await.unwrap();
+    assert!((s.tokens_remaining - 15.0).abs() < 0.01, "{s:?}");
 }
 
 #[tokio::test]
@@ -165,6 +201,7 @@ async fn reserve_then_settle() {
         capacity: 100.0,
         rate: 0.001,
         dry_run: false,
+        ..Default::default()
     };
     let reservation = client
         .reserve(reserve, Duration::from_secs(60))

@@ -281,18 +281,16 @@ impl<C: Clock> MemoryBackend<C> {
             self.store(&mut map, id, state, &decision, &req, now);
         }
         drop(map);
-        if decision.allowed {
-            self.record_reservation(&req, now);
-        }
+        self.record_reservation(&req, decision.granted, now);
         decision
     }
 
-    /// Records the reservation a charged Take asked for. The id is fresh (nobody can settle it
-    /// yet), so this need not be atomic with the Take. When the map is full even of live ones, the
-    /// reservation is not kept: its Settle will be NOT_FOUND and the tokens stay spent (the safe
-    /// side).
-    fn record_reservation(&self, req: &BucketRequest<'_>, now: f64) {
-        let (Some(r), crate::Op::Take(cost)) = (req.reserve, req.ask.op) else {
+    /// Records the reservation of what a charged take took (`granted`: its cost, or what a
+    /// take-up-to could give). The id is fresh (nobody can settle it yet), so this need not be
+    /// atomic with the take. When the map is full even of live ones, the reservation is not kept:
+    /// its Settle will be NOT_FOUND and the tokens stay spent (the safe side).
+    fn record_reservation(&self, req: &BucketRequest<'_>, granted: u64, now: f64) {
+        let Some(r) = req.reserve.filter(|_| granted > 0) else {
             return;
         };
         let mut all = self.reservations.lock();
@@ -306,7 +304,7 @@ impl<C: Clock> MemoryBackend<C> {
             r.id.into(),
             Reservation {
                 key: req.key.into(),
-                reserved: cost,
+                reserved: granted,
                 expires_at: now + f64::from(r.ttl_ms),
                 settled: None,
             },
@@ -379,18 +377,9 @@ impl<C: Clock> MemoryBackend<C> {
             }
         }
         drop(guards);
-        // A vetoed all-or-nothing group charged no Take: no reservation either.
-        let vetoed = all_or_nothing
-            && reqs
-                .iter()
-                .zip(&decisions)
-                .any(|(r, d)| r.ask.veto && !d.allowed);
-        if !vetoed {
-            for (r, d) in reqs.iter().zip(&decisions) {
-                if d.allowed {
-                    self.record_reservation(r, now);
-                }
-            }
+        // A take its all-or-nothing group vetoed took nothing (granted 0): no reservation either.
+        for (r, d) in reqs.iter().zip(&decisions) {
+            self.record_reservation(r, d.granted, now);
         }
         decisions
     }

@@ -130,6 +130,7 @@ impl Answering<'_> {
                     retry_after_ms: 0,
                     reset_after_ms: 0,
                     without_backend: true,
+                    granted: 0,
                 };
                 self.report(entry, descriptor, *hits, &d);
                 let status = DescriptorStatus {
@@ -239,6 +240,7 @@ impl Answering<'_> {
             retry_after_ms: a.retry_after_ms,
             reset_after_ms: 0,
             without_backend: false,
+            granted: 0,
         };
         self.report(entry, descriptor, 1, &d);
         let status = DescriptorStatus {

@@ -71,6 +71,7 @@ pub async fn generate(
         capacity: state.token_capacity,
         rate: state.token_rate,
         dry_run: false,
+        up_to: false,
     };
     let reservation = match state.client.reserve(reserve, RESERVE_FOR).await {
         Ok(r) => r,

@@ -275,6 +275,7 @@ impl Target {
                     dry_run: false,
                     // Settled by its reservation id: the refund is at most what was taken, once.
                     reserve_ttl_ms: if *settle { RESERVE_TTL_MS } else { 0 },
+                    up_to: false,
                 });
                 req.set_timeout(*timeout);
                 let r = client

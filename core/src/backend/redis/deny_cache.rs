@@ -73,6 +73,8 @@ impl DenyCache {
     pub fn deny(&self, key: &str, shape: Shape, op: Op) -> Option<Decision> {
         let cost = match op {
             Op::Take(c) | Op::Check(c) => c as f64,
+            // Anything at all is granted, from one token on.
+            Op::TakeUpTo(_) => 1.0,
             // A forced charge lands whatever is left; a refund always goes through.
             Op::Force(_) | Op::Refund(_) => return None,
         };
@@ -95,6 +97,7 @@ impl DenyCache {
             retry_after_ms: capped_ms((cost - bound) / shape.rate() * 1000.0),
             reset_after_ms: capped_ms((shape.capacity() - bound) / shape.rate() * 1000.0),
             without_backend: true,
+            granted: 0,
         })
     }
 
@@ -106,9 +109,13 @@ impl DenyCache {
                 let id = self.id(key);
                 self.shard(id).lock().remove(&id);
             }
-            Op::Take(c) | Op::Check(c) | Op::Force(c) => {
+            Op::Take(_) | Op::TakeUpTo(_) | Op::Check(_) | Op::Force(_) => {
                 // Worth remembering only if the same request would be denied now.
-                if d.tokens_remaining >= c.max(1) as f64 {
+                let need = match op {
+                    Op::TakeUpTo(_) => 1,
+                    _ => op.cost().max(1),
+                };
+                if d.tokens_remaining >= need as f64 {
                     return;
                 }
                 let id = self.id(key);
@@ -169,6 +176,7 @@ mod tests {
             retry_after_ms: 0,
             reset_after_ms: 0,
             without_backend: false,
+            granted: 0,
         }
     }
 

@@ -193,7 +193,7 @@ impl RedisBackend {
             let mut buckets = script::Buckets::new(group);
             for r in reqs {
                 buckets.push(r.key, r.ask.into());
-                if let (Some(rv), Op::Take(_)) = (r.reserve, r.ask.op) {
+                if let (Some(rv), Op::Take(_) | Op::TakeUpTo(_)) = (r.reserve, r.ask.op) {
                     buckets.reserve_last(script::reservation_key(r.key, rv.id), rv.ttl_ms);
                 }
             }

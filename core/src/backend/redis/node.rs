@@ -712,27 +712,16 @@ fn hand_out(batch: &mut [Job], decisions: Vec<Option<Decision>>, addr: &str) -> 
     })
 }
 
-/// The takes a job's answer charged: (bucket, cost). None of an all-or-nothing group a vetoing
-/// denial rolled back; no settle (its reservation decides).
+/// The takes a job's answer charged: (bucket, tokens taken). A take its all-or-nothing group
+/// vetoed took nothing (granted 0); a settle is not a take (its reservation decides).
 fn charged(buckets: &Buckets, decisions: &[Decision]) -> Vec<(usize, u64)> {
-    let vetoed = buckets.group
-        && buckets
-            .ops
-            .iter()
-            .zip(decisions)
-            .any(|(op, d)| op.ask.veto && !d.allowed);
-    if vetoed {
-        return Vec::new();
-    }
     buckets
         .ops
         .iter()
         .zip(decisions)
         .enumerate()
-        .filter_map(|(i, (op, d))| match op.ask.op {
-            crate::Op::Take(cost) if d.allowed && cost > 0 && !op.settle => Some((i, cost)),
-            _ => None,
-        })
+        .filter(|(_, (op, d))| d.granted > 0 && !op.settle)
+        .map(|(i, (_, d))| (i, d.granted))
         .collect()
 }
 

@@ -225,14 +225,15 @@ impl Buckets {
 /// The mode of a settle: the reservation decides the operation.
 const SETTLE: u8 = 9;
 
-/// The number the script receives as an operation's mode: 1 take, 2 check, 3 refund, 4 force;
-/// +4 when a denial does not veto its group (shadow rules).
+/// The number the script receives as an operation's mode: 1 take, 2 check, 3 refund, 4 force,
+/// 10 take up to; +4 when a denial does not veto its group (shadow rules).
 pub fn mode(op: Op, veto: bool) -> u8 {
     let base = match op {
         Op::Take(_) => 1,
         Op::Check(_) => 2,
         Op::Refund(_) => return 3,
         Op::Force(_) => 4,
+        Op::TakeUpTo(_) => 10,
     };
     if veto { base } else { base + 4 }
 }
@@ -357,16 +358,20 @@ pub fn decode(value: Value, n: usize) -> Result<Vec<Option<Decision>>, BackendEr
             if matches!(c[0], Value::Int(4)) {
                 return Ok(None);
             }
+            // The third value is what an allowed answer took, a denial's wait otherwise.
+            let allowed = matches!(c[0], Value::Int(1));
+            let third = int(&c[2])?;
             Ok(Some(Decision {
-                allowed: matches!(c[0], Value::Int(1)),
+                allowed,
                 tokens_remaining: if matches!(c[0], Value::Int(2)) {
                     f64::NAN
                 } else {
                     tokens
                 },
-                retry_after_ms: int(&c[2])?,
+                retry_after_ms: if allowed { 0 } else { third },
                 reset_after_ms: int(&c[3])?,
                 without_backend: false,
+                granted: if allowed { third } else { 0 },
             }))
         })
         .collect()
