@@ -13,7 +13,7 @@ use std::{
 
 use http::{HeaderMap, HeaderValue, StatusCode, request::Parts};
 
-use crate::{Client, Decision, Error, Request};
+use crate::{Client, Decision, Error, LeasePolicy, LeasedClient, Request};
 
 /// Why no key could be taken from a request: answered with `status` and `message` (as JSON),
 /// never a shared bucket.
@@ -59,6 +59,8 @@ pub struct RateLimitLayer<K> {
     near_limit_ratio: Option<f64>,
     on_unavailable: Option<Hook>,
     degraded: Arc<DegradedLog>,
+    /// Decisions from leased quota instead of a call each ([`RateLimitLayer::leased`]).
+    leased: Option<Arc<LeasedClient>>,
 }
 
 impl<K: Clone> Clone for RateLimitLayer<K> {
@@ -72,6 +74,7 @@ impl<K: Clone> Clone for RateLimitLayer<K> {
             near_limit_ratio: self.near_limit_ratio,
             on_unavailable: self.on_unavailable.clone(),
             degraded: self.degraded.clone(),
+            leased: self.leased.clone(),
         }
     }
 }
@@ -111,7 +114,18 @@ where
             near_limit_ratio: None,
             on_unavailable: None,
             degraded: Arc::default(),
+            leased: None,
         }
+    }
+
+    /// Decides from quota leased in advance ([`LeasedClient`]): a hot key's requests mostly need
+    /// no call to sluicegate, and the limit still holds exactly across every process (the
+    /// trade-off, tokens held unspent in a lease for up to its lifetime, is in
+    /// [`LeasedClient`]'s docs). Beyond what the leases hold, the client's failure mode applies
+    /// when sluicegate is unavailable.
+    pub fn leased(mut self, policy: LeasePolicy) -> Self {
+        self.leased = Some(Arc::new(LeasedClient::new(self.client.clone(), policy)));
+        self
     }
 
     /// Tokens each request takes (default 1).
@@ -254,7 +268,11 @@ async fn decide<K, B: From<String>>(
         dry_run: false,
         up_to: false,
     };
-    match config.client.check(asked).await {
+    let decided = match &config.leased {
+        Some(leased) => leased.decide(asked).await.map(|d| d.decision),
+        None => config.client.check(asked).await,
+    };
+    match decided {
         Ok(d) if d.degraded => {
             config.degraded.record(d.allowed, None);
             if let Some(hook) = &config.on_unavailable {

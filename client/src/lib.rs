@@ -15,6 +15,9 @@
 //!   each request is served (at most N at once per key, across every process): `429` beyond it,
 //!   the slot released when the response body has been sent or dropped; [`Client::acquire`],
 //!   [`Client::renew`] and [`Client::release`] for anything else.
+//! - [`LeasedClient`]: decisions for hot keys answered in this process from quota leased in
+//!   advance (`up_to` reservations, settled with what was used), never over the limit: most
+//!   decisions need no call at all.
 //! - [`proto`]: the generated stubs, sluicegate.v1 and Envoy's RLS v3, for anything else (the
 //!   `sluicegate-proto` crate, which the server uses too; Envoy's descriptor entries are bytes).
 //!
@@ -50,6 +53,7 @@ mod client;
 mod concurrency;
 mod layer;
 mod lease;
+mod leased;
 /// The generated gRPC code (the `sluicegate-proto` crate).
 pub use sluicegate_proto as proto;
 
@@ -60,3 +64,4 @@ pub use client::{
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer, LeaseBody};
 pub use layer::{KeyError, RateLimit, RateLimitLayer};
 pub use lease::Lease;
+pub use leased::{LeasePolicy, LeaseStats, LeasedClient, LeasedDecision};

@@ -19,6 +19,7 @@ mod grpc_tls;
 mod in_flight;
 mod in_flight_e2e;
 mod kubernetes;
+mod leased;
 mod lua_script;
 mod observability;
 mod overload;

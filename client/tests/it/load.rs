@@ -696,3 +696,39 @@ fn bad_usage_and_unreachable_target_exit_1() {
         "each cause said once: {stderr}"
     );
 }
+
+/// `--api leased`: decisions from leased quota, the bound checked from when each lease's tokens
+/// were taken (0 violations), and far fewer calls than decisions (reported per decision).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_mode_holds_the_bound_with_few_calls() {
+    let t = sluicegate(&[]).await;
+    let run = load(&[
+        "--target",
+        &t.url,
+        "--api",
+        "leased",
+        "--duration",
+        "2s",
+        "--keys",
+        "3",
+        "--capacity",
+        "200",
+        "--rate",
+        "100",
+        "--concurrency",
+        "16",
+        "--check-bound",
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    let j = &run.json;
+    assert_eq!(j["api"], "leased");
+    assert_eq!(n(&j["errors"]), 0);
+    assert!(n(&j["allowed"]) > 0 && n(&j["denied"]) > 0, "{j}");
+    assert_eq!(n(&j["bound"]["violations"]), 0);
+    let per = j["calls_per_decision"]
+        .as_f64()
+        .expect("calls per decision");
+    assert!(per < 0.2, "calls per decision: {per}");
+    assert!(run.stdout.contains("per decision"), "{}", run.stdout);
+}

@@ -3,5 +3,6 @@
 
 mod concurrency;
 mod layer;
+mod leased;
 mod load;
 mod support;

@@ -18,6 +18,9 @@ pub enum Api {
     /// Acquire one of --max-in-flight slots per key, hold it a random time up to --hold, Release
     /// it; the bound is checked on how many were held at once per key
     Concurrency,
+    /// ShouldAllow answered from leased quota (sluicegate-client's LeasedClient): most decisions
+    /// without a call; the bound is checked from when each lease's tokens were taken
+    Leased,
 }
 
 impl Api {
@@ -28,6 +31,7 @@ impl Api {
             Api::Http => "http",
             Api::Settle => "settle",
             Api::Concurrency => "concurrency",
+            Api::Leased => "leased",
         }
     }
 }

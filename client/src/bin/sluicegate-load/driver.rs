@@ -58,6 +58,8 @@ pub struct Run {
     pub recorded: Recorder,
     pub elapsed: Duration,
     pub started: SystemTime,
+    /// Leased: calls made to sluicegate and decisions answered.
+    pub calls: Option<(u64, u64)>,
 }
 
 /// Runs the load.
@@ -143,6 +145,7 @@ pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> Run {
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = shared.start.elapsed();
+    let calls = shared.target.finish().await;
     if let Some((task, bar)) = progress {
         task.abort();
         bar.finish_and_clear();
@@ -158,6 +161,7 @@ pub async fn run(cli: &Cli, target: Target, keys: KeyChooser) -> Run {
         recorded: total,
         elapsed,
         started,
+        calls,
     }
 }
 

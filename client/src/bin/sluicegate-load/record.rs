@@ -136,6 +136,8 @@ impl Recorder {
                         (self.track_bound, b.verdict, b.shape)
                     {
                         self.shapes.entry((key, b.slot)).or_insert(shape);
+                        // Leased: the bucket decided when the lease was taken.
+                        let (sent_us, done_us) = b.taken_us.unwrap_or((sent_us, done_us));
                         self.events.push(Event {
                             key,
                             slot: b.slot,
@@ -294,6 +296,7 @@ mod tests {
                 shape: Some(shape),
                 tokens: 1,
                 held_us: None,
+                taken_us: None,
             }],
         ))
     }
@@ -363,6 +366,7 @@ mod tests {
                     shape: None,
                     tokens: 1,
                     held_us: Some((from, to)),
+                    taken_us: None,
                 }],
             ))
         };

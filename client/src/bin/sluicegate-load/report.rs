@@ -23,6 +23,9 @@ pub struct Summary {
     /// `errors` by kind: deadline, shed, unavailable, other (`target::Failure`).
     pub errors_by_kind: std::collections::BTreeMap<&'static str, u64>,
     pub rate: f64,
+    /// Leased: calls made to sluicegate (leases and their settles) per decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls_per_decision: Option<f64>,
     pub latency_ms: Latency,
     pub bound: BoundJson,
     /// Envoy: outcomes per descriptor, in the order of the --descriptor flags.
@@ -94,6 +97,9 @@ impl Summary {
                 .zip(rec.failures)
                 .map(|(kind, n)| (kind.as_str(), n))
                 .collect(),
+            calls_per_decision: run
+                .calls
+                .map(|(calls, decisions)| calls as f64 / decisions.max(1) as f64),
             rate: (rec.requests as f64 / elapsed.as_secs_f64().max(1e-9) * 10.0).round() / 10.0,
             latency_ms: Latency {
                 p50: q(0.5),
@@ -202,6 +208,11 @@ impl Summary {
                     d.descriptor, d.counts.allowed, d.counts.denied, d.counts.unlimited
                 ));
             }
+        }
+        if let Some(c) = self.calls_per_decision {
+            out.push_str(&format!(
+                "calls      {c:.4} per decision (leases and settles)\n"
+            ));
         }
         if bound.checked {
             out.push_str(&format!(

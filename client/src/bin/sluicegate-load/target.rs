@@ -44,6 +44,9 @@ pub struct BucketAnswer {
     /// Concurrency: when the slot was surely held (µs since the start): from the granted answer's
     /// arrival to the release's sending, inside the server's own hold.
     pub held_us: Option<(u64, u64)>,
+    /// Leased: when the tokens were taken from the bucket (µs since the start: the lease call's
+    /// sending and answer), before this call.
+    pub taken_us: Option<(u64, u64)>,
 }
 
 /// Why a call got no answer, as the overload benchmark tells them apart: a deadline that passed
@@ -136,6 +139,13 @@ pub enum Target {
         headers: Vec<(String, String)>,
         shape: (Option<f64>, f64),
     },
+    Leased {
+        /// One per --target (replica), each with its own leases.
+        leased: Vec<sluicegate_client::LeasedClient>,
+        cost: u32,
+        capacity: f64,
+        rate: f64,
+    },
     InFlight {
         clients: Vec<RateLimitServiceClient<Channel>>,
         max: u32,
@@ -160,6 +170,12 @@ impl Target {
                 rate: cli.rate.unwrap_or(0.0),
                 timeout: cli.timeout,
                 settle: cli.api == Api::Settle,
+            },
+            Api::Leased => Target::Leased {
+                leased: leased_clients(cli)?,
+                cost: cli.cost,
+                capacity: cli.capacity.unwrap_or(0.0),
+                rate: cli.rate.unwrap_or(0.0),
             },
             Api::Concurrency => Target::InFlight {
                 clients: channels(cli)
@@ -245,9 +261,64 @@ impl Target {
         }
     }
 
+    /// Leased: calls made to sluicegate and decisions answered, over the whole run; the leases'
+    /// unspent tokens are given back first.
+    pub async fn finish(&self) -> Option<(u64, u64)> {
+        let Target::Leased { leased, .. } = self else {
+            return None;
+        };
+        let (mut calls, mut decisions) = (0, 0);
+        for l in leased {
+            l.close().await;
+            let s = l.stats();
+            calls += s.calls;
+            decisions += s.decisions;
+        }
+        Some((calls, decisions))
+    }
+
     /// One call for `key`, over connection `conn`; `start` is the run's (for hold times).
     pub async fn call(&self, conn: usize, key: &str, start: std::time::Instant) -> Reply {
         match self {
+            Target::Leased {
+                leased,
+                cost,
+                capacity,
+                rate,
+            } => {
+                let req = sluicegate_client::Request {
+                    key,
+                    cost: *cost,
+                    capacity: *capacity,
+                    rate: *rate,
+                    ..Default::default()
+                };
+                let d = leased[conn % leased.len()]
+                    .decide(req)
+                    .await
+                    .map_err(|e| match e {
+                        sluicegate_client::Error::Unavailable(_) => Failure::Unavailable,
+                        _ => Failure::Other,
+                    })?;
+                let since =
+                    |t: std::time::Instant| t.saturating_duration_since(start).as_micros() as u64;
+                let allowed = d.decision.allowed;
+                Ok((
+                    allowed,
+                    vec![BucketAnswer {
+                        slot: 0,
+                        verdict: if allowed {
+                            Verdict::Allowed
+                        } else {
+                            Verdict::Denied
+                        },
+                        shape: Some((d.decision.capacity, d.decision.rate)),
+                        tokens: (*cost).max(1),
+                        held_us: None,
+                        taken_us: d.taken.map(|(a, b)| (since(a), since(b))),
+                    }],
+                ))
+            }
             Target::InFlight {
                 clients,
                 max,
@@ -311,6 +382,7 @@ impl Target {
                         shape: Some((r.capacity, r.rate)),
                         tokens: charged,
                         held_us: None,
+                        taken_us: None,
                     }],
                 ))
             }
@@ -381,6 +453,7 @@ impl Target {
                             shape: shape.or(rule_shapes[i]).or(limit_shape),
                             tokens: (*hits).max(1),
                             held_us: None,
+                            taken_us: None,
                         }
                     })
                     .collect();
@@ -425,6 +498,7 @@ impl Target {
                         shape: capacity.map(|c| (c, shape.1)),
                         tokens: 1,
                         held_us: None,
+                        taken_us: None,
                     }],
                 ))
             }
@@ -461,6 +535,7 @@ async fn hold_a_slot(
         shape: None,
         tokens: 1,
         held_us: None,
+        taken_us: None,
     };
     if !lease.granted {
         return Ok((false, vec![answer]));
@@ -477,6 +552,26 @@ async fn hold_a_slot(
     answer.verdict = Verdict::Allowed;
     answer.held_us = Some((from, to));
     Ok((true, vec![answer]))
+}
+
+/// One leased client per `--target` (each replica's own leases, as separate processes would
+/// hold), over a `sluicegate-client` Client with `--timeout`.
+fn leased_clients(cli: &Cli) -> anyhow::Result<Vec<sluicegate_client::LeasedClient>> {
+    cli.target
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let client = sluicegate_client::Client::builder(t)
+                .timeout(cli.timeout)
+                .build()
+                .with_context(|| format!("--target {t}"))?;
+            Ok(sluicegate_client::LeasedClient::new(
+                client,
+                sluicegate_client::LeasePolicy::default(),
+            ))
+        })
+        .collect()
 }
 
 /// `--connections` HTTP/2 connections, spread over the comma-separated `--target`s (several
