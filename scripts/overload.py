@@ -23,12 +23,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from benchlib import free_port, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE = "20ms"
@@ -63,23 +64,6 @@ def pin(cpus):
     return ["taskset", "-c", cpus] if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else []
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, seconds=15):
-    end = time.time() + seconds
-    while time.time() < end:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except Exception:
-            time.sleep(0.1)
-    raise SystemExit(f"no answer from {url}")
-
-
 def metrics(http):
     text = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5).read().decode()
     out = {}
@@ -92,6 +76,12 @@ def metrics(http):
         except ValueError:
             pass
     return out
+
+
+def goaway_reasons(m):
+    """The reasons sluicegate_goaways_total has series for."""
+    prefix = 'sluicegate_goaways_total{reason="'
+    return [name[len(prefix):].split('"')[0] for name in m if name.startswith(prefix)]
 
 
 def total(m, prefix, **labels):
@@ -167,11 +157,18 @@ def steps(server, work, label, base, seconds):
             "p99_ms": j["latency_ms"]["p99"], "shed": shed, "decisions": int(decisions),
             "gone_share": max(0.0, decisions - answered) / decisions if decisions else 0.0,
             "gone_refunds": int(delta("sluicegate_gone_refunds_total")),
-            "torn": int(delta("sluicegate_goaways_total") - delta("sluicegate_goaways_total", reason="no_error")),
+            "torn": {r: int(n) for r in goaway_reasons(after)
+                     if r != "no_error" and (n := delta("sluicegate_goaways_total", reason=r))},
             "rss_mb": total(after, "process_resident_memory_bytes") / 2**20,
         })
         time.sleep(1)  # let queues drain between steps
     return rows
+
+
+def torn(by_reason):
+    """GOAWAYs with an error: their count, and their reasons."""
+    n = sum(by_reason.values())
+    return f"{n} ({', '.join(f'{r} {c}' for r, c in sorted(by_reason.items()))})" if n else "0"
 
 
 def main():
@@ -219,7 +216,7 @@ def main():
                   f"| {'/'.join(str(row['errors_by_kind'][k]) for k in ('deadline', 'shed', 'unavailable', 'other'))} "
                   f"| {sh['deadline']}/{sh['queue']}/{sh['adaptive']}/{sh['concurrency']} "
                   f"| {row['decisions']} | {row['gone_share']:.1%} | {row['gone_refunds']} "
-                  f"| {row['torn']} | {row['p99_ms']:.1f} | {row['rss_mb']:.0f} |")
+                  f"| {torn(row['torn'])} | {row['p99_ms']:.1f} | {row['rss_mb']:.0f} |")
     print()
     held = f"sluicegate on core {SERVER_CPU} held to {SERVER_CPU_SHARE:.0%} of it" if report_held else \
         f"sluicegate on core {SERVER_CPU}"

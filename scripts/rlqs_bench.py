@@ -19,37 +19,19 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
+from benchlib import free_port, wait_http
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = os.environ.get("DURATION", "10s")
 # PROFILE=0: no perf profile of Envoy's per-user run.
 PROFILE = os.environ.get("PROFILE", "1") != "0"
 RELEASE = os.path.join(ROOT, "target", "release")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_http(url, within=15):
-    end = time.time() + within
-    while time.time() < end:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except Exception:
-            time.sleep(0.1)
-    sys.exit(f"no answer from {url}")
 
 
 def envoy_bin():

@@ -1,5 +1,5 @@
-//! The README's Rust snippets ("From Rust: the sluicegate-client crate", and the in-flight
-//! layer of "In-flight limits"), verbatim between the markers, in order: they compile with every
+//! The README's Rust snippets ("From Rust: the sluicegate-client crate": the layer and leased
+//! quota; and the in-flight layer of "In-flight limits"), verbatim between the markers, in order: they compile with every
 //! build of the examples, and `tests/it/readme.rs` fails if they differ. Not meant to be run.
 
 #[rustfmt::skip] // as the README shows it
@@ -26,6 +26,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app: Router = Router::new().route("/", get(|| async { "hello" })).route_layer(limit);
     // README snippet ends
     drop(app);
+    Ok(())
+}
+
+#[rustfmt::skip] // as the README shows it
+#[allow(dead_code)]
+async fn leased() -> Result<(), Box<dyn std::error::Error>> {
+    // README snippet begins
+    use sluicegate_client::{Client, LeasePolicy, LeasedClient, Request};
+
+    let leased = LeasedClient::new(Client::builder("http://127.0.0.1:8081").build()?, LeasePolicy::default());
+    let d = leased.decide(Request { key: "user:42", cost: 1, ..Default::default() }).await?;
+    if d.decision.allowed { /* serve it; d.local: answered without a call */ }
+    leased.close().await;   // before exiting: what the leases did not spend goes back
+    // README snippet ends
     Ok(())
 }
 

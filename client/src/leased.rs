@@ -43,10 +43,10 @@ pub struct LeasePolicy {
 }
 
 impl Default for LeasePolicy {
-    /// Slices of at most 100 tokens and a tenth of the bucket, each lived 250 ms.
+    /// Slices of at most 1,000 tokens and a tenth of the bucket, each lived 250 ms.
     fn default() -> Self {
         Self {
-            max_slice: 100,
+            max_slice: 1000,
             max_fraction: 0.1,
             lifetime: Duration::from_millis(250),
         }

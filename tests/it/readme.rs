@@ -46,8 +46,8 @@ fn the_rust_snippets_are_the_ones_that_compile() {
     }
     assert_eq!(
         snippets.len(),
-        2,
-        "two Rust snippets (the rate layer, the in-flight layer), mirrored in client/examples/readme.rs"
+        3,
+        "three Rust snippets (the rate layer, leased quota, the in-flight layer), mirrored in client/examples/readme.rs"
     );
     assert_eq!(
         compiled, snippets,
