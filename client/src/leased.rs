@@ -84,14 +84,30 @@ pub struct LeaseStats {
 /// Answers decisions from leased quota; see the [module docs](self).
 pub struct LeasedClient {
     inner: Arc<Inner>,
-    keys: Mutex<HashMap<BucketId, Arc<KeyLeases>>>,
+    keys: Mutex<Keys>,
 }
+
+/// The keys seen, with what is held for each; idle ones are swept out as the map grows, so a
+/// client that sees many keys over time holds only the live ones.
+#[derive(Default)]
+struct Keys {
+    map: HashMap<BucketId, Arc<KeyLeases>>,
+    /// The size at which idle keys are swept out next.
+    sweep_at: usize,
+}
+
+/// The least size at which idle keys are swept out.
+const SWEEP_FROM: usize = 1024;
 
 /// What the background fetches and settles share with the client.
 struct Inner {
     client: Client,
     policy: LeasePolicy,
     stats: Counters,
+    /// Background fetches and settles in flight, and a wake-up when the last one ends
+    /// ([`LeasedClient::close`] waits for them).
+    pending: AtomicU64,
+    idle: tokio::sync::Notify,
 }
 
 /// A bucket as sluicegate knows it: the key and its shape, as asked.
@@ -116,6 +132,26 @@ struct KeyLeases {
     state: Mutex<State>,
     /// One lease call at a time per key: callers that find no lease wait for the one in flight.
     fetch: tokio::sync::Mutex<()>,
+}
+
+impl KeyLeases {
+    /// Whether a key nobody is deciding for must stay: it holds a lease still running, is
+    /// fetching one, or remembers a denial still running. Its leases that ended are settled.
+    fn still_needed(&self, inner: &Arc<Inner>, now: Instant) -> bool {
+        let Ok(mut s) = self.state.try_lock() else {
+            return true;
+        };
+        let s = &mut *s;
+        for lease in [&mut s.current, &mut s.next] {
+            if lease.as_ref().is_some_and(|h| h.ends <= now) {
+                inner.settle_later(lease.take().expect("just seen"));
+            }
+        }
+        s.current.is_some()
+            || s.next.is_some()
+            || s.fetching
+            || s.empty_until.is_some_and(|(until, _)| until > now)
+    }
 }
 
 #[derive(Default)]
@@ -164,8 +200,10 @@ impl LeasedClient {
                 client,
                 policy,
                 stats: Counters::default(),
+                pending: AtomicU64::new(0),
+                idle: tokio::sync::Notify::new(),
             }),
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::default(),
         }
     }
 
@@ -217,12 +255,19 @@ impl LeasedClient {
         }
     }
 
-    /// Settles every lease held (what is left goes back), and forgets them.
+    /// How many keys this client holds state for (leases, remembered denials, rates).
+    pub fn held_keys(&self) -> usize {
+        self.keys.lock().expect("poisoned").map.len()
+    }
+
+    /// Settles every lease held (what is left goes back), once the fetches running in the
+    /// background have landed, and forgets every key. Call it before exiting.
     pub async fn close(&self) {
         let all: Vec<Arc<KeyLeases>> = {
             let mut keys = self.keys.lock().expect("poisoned");
-            keys.drain().map(|(_, v)| v).collect()
+            keys.map.drain().map(|(_, v)| v).collect()
         };
+        self.inner.wait_idle().await;
         for leases in all {
             let held: Vec<Held> = {
                 let mut s = leases.state.lock().expect("poisoned");
@@ -235,6 +280,7 @@ impl LeasedClient {
                 self.inner.settle(h).await;
             }
         }
+        self.inner.wait_idle().await;
     }
 
     fn leases(&self, req: &Request<'_>) -> Arc<KeyLeases> {
@@ -243,12 +289,15 @@ impl LeasedClient {
             capacity: req.capacity.to_bits(),
             rate: req.rate.to_bits(),
         };
-        self.keys
-            .lock()
-            .expect("poisoned")
-            .entry(id)
-            .or_default()
-            .clone()
+        let mut keys = self.keys.lock().expect("poisoned");
+        if keys.map.len() >= keys.sweep_at.max(SWEEP_FROM) {
+            let now = Instant::now();
+            let inner = &self.inner;
+            keys.map
+                .retain(|_, k| Arc::strong_count(k) > 1 || k.still_needed(inner, now));
+            keys.sweep_at = 2 * keys.map.len();
+        }
+        keys.map.entry(id).or_default().clone()
     }
 }
 
@@ -438,7 +487,7 @@ impl Inner {
     fn fetch_later(self: &Arc<Self>, leases: Arc<KeyLeases>, req: &Request<'_>, cost: u32) {
         let me = self.clone();
         let (key, capacity, rate) = (req.key.to_string(), req.capacity, req.rate);
-        tokio::spawn(async move {
+        self.background(async move {
             let _turn = leases.fetch.lock().await;
             let ask = me.slice(&leases, cost, capacity);
             let sent = Instant::now();
@@ -469,7 +518,32 @@ impl Inner {
 
     fn settle_later(self: &Arc<Self>, h: Held) {
         let me = self.clone();
-        tokio::spawn(async move { me.settle(h).await });
+        self.background(async move { me.settle(h).await });
+    }
+
+    /// Returns when no fetch or settle runs in the background.
+    async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.pending.load(Relaxed) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Runs `work` on its own task, counted in `pending` until it ends.
+    fn background(self: &Arc<Self>, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.pending.fetch_add(1, Relaxed);
+        let me = self.clone();
+        tokio::spawn(async move {
+            work.await;
+            if me.pending.fetch_sub(1, Relaxed) == 1 {
+                me.idle.notify_waiters();
+            }
+        });
     }
 
     /// Gives back what `h` did not spend (nothing to do when all was spent: the reservation

@@ -137,15 +137,9 @@ async fn goaways_sent_are_counted_by_reason() {
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
-    let head = http::Request::post(format!(
-        "http://127.0.0.1:{}/sluicegate.v1.RateLimitService/ShouldAllow",
-        t.grpc_port
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    let (_response, _send) = client.send_request(head, false).unwrap();
+    let (_response, _send) = client
+        .send_request(should_allow_head(t.grpc_port, None), false)
+        .unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(30), connection)
         .await
         .expect("the connection ends");
@@ -316,6 +310,19 @@ async fn a_slow_redis_does_not_grow_the_queue() {
     assert!((998.0..998.1).contains(&left), "{left}");
 }
 
+/// The head of a ShouldAllow call on a raw HTTP/2 stream, with `grpc-timeout` when given.
+fn should_allow_head(port: u16, timeout: Option<&str>) -> http::Request<()> {
+    let mut head = http::Request::post(format!(
+        "http://127.0.0.1:{port}/sluicegate.v1.RateLimitService/ShouldAllow"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    if let Some(t) = timeout {
+        head = head.header("grpc-timeout", t);
+    }
+    head.body(()).unwrap()
+}
+
 /// A ShouldAllow call over a raw HTTP/2 stream carrying `grpc-timeout: timeout`: tonic's client
 /// would enforce the deadline itself and, on a busy machine, give up before the server's answer
 /// arrives. Returns the grpc-status the server answered.
@@ -331,14 +338,7 @@ async fn call_with_deadline_header(
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
-    let head = http::Request::post(format!(
-        "http://127.0.0.1:{port}/sluicegate.v1.RateLimitService/ShouldAllow"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .header("grpc-timeout", timeout)
-    .body(())
-    .unwrap();
+    let head = should_allow_head(port, Some(timeout));
     let (response, mut send) = client.send_request(head, false).unwrap();
     let message = request.encode_to_vec();
     let mut frame = vec![0u8];

@@ -85,7 +85,10 @@ async fn leases_answer_locally_and_the_bucket_adds_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cost_beyond_what_is_there_is_denied_and_takes_nothing() {
     let t = sluicegate(&[]).await;
-    let client = Client::builder(&t.url).build().unwrap();
+    let client = Client::builder(&t.url)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let leased = LeasedClient::new(client.clone(), LeasePolicy::default());
     let small = |cost| Request {
         key: "small",
@@ -123,7 +126,10 @@ async fn the_layer_runs_leased_and_holds_the_limit() {
     use tower::ServiceExt as _;
 
     let t = sluicegate(&[]).await;
-    let client = Client::builder(&t.url).build().unwrap();
+    let client = Client::builder(&t.url)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let layer = RateLimitLayer::new(client, |_: &http::request::Parts| Ok("leased-layer".into()))
         .shape(20.0, 0.001)
         .leased(LeasePolicy {
@@ -151,4 +157,51 @@ async fn the_layer_runs_leased_and_holds_the_limit() {
         }
     }
     assert_eq!(served, 20);
+}
+
+/// Many keys over time: the ones idle (their leases ended) are swept out and settled, so what the
+/// client holds stays bounded, and every unspent token still goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keys_are_swept_and_their_leases_settled() {
+    let t = sluicegate(&[]).await;
+    let client = Client::builder(&t.url)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let policy = LeasePolicy {
+        lifetime: Duration::from_millis(20),
+        ..LeasePolicy::default()
+    };
+    let leased = LeasedClient::new(client.clone(), policy);
+    let keys: Vec<String> = (0..3000).map(|i| format!("many:{i}")).collect();
+    fn ask(key: &str) -> Request<'_> {
+        Request {
+            key,
+            cost: 1,
+            capacity: 100.0,
+            rate: 0.001,
+            ..Default::default()
+        }
+    }
+    for (i, key) in keys.iter().enumerate() {
+        assert!(leased.decide(ask(key)).await.unwrap().decision.allowed);
+        if i % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    assert!(leased.held_keys() < 3000, "{}", leased.held_keys());
+    leased.close().await;
+    // Every lease, swept or closed, gave back what it did not spend: 99 of 100 are there.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for key in ["many:0", "many:1500", "many:2999"] {
+        let left = client
+            .check(Request {
+                dry_run: true,
+                ..ask(key)
+            })
+            .await
+            .unwrap()
+            .tokens_remaining;
+        assert!((left - 99.0).abs() < 0.01, "{key}: {left}");
+    }
 }
