@@ -408,15 +408,26 @@ impl Inner {
             }));
         };
         if held.granted < cost {
-            // The bucket holds less than this caller's cost: a denial; what was taken goes back.
-            let rate = d.rate.max(f64::MIN_POSITIVE);
-            let short = f64::from(cost) - (d.tokens_remaining + f64::from(held.granted));
+            // The bucket holds less than this caller's cost: a denial (or, for a cost above the
+            // capacity, the error a plain take gets); what was taken goes back.
+            let there = d.tokens_remaining + f64::from(held.granted);
             self.settle(held).await;
+            if d.capacity > 0.0 && f64::from(cost) > d.capacity {
+                return Err(Error::Rejected {
+                    code: tonic::Code::InvalidArgument,
+                    message: format!(
+                        "cost: {cost} exceeds the bucket capacity {} and could never be allowed",
+                        d.capacity
+                    ),
+                });
+            }
+            let wait = (f64::from(cost) - there) / d.rate.max(f64::MIN_POSITIVE);
             return Ok(Taken::Answer(LeasedDecision {
                 decision: Decision {
                     allowed: false,
                     granted: 0,
-                    retry_after: Duration::from_secs_f64((short / rate).clamp(0.001, 86_400.0)),
+                    tokens_remaining: there,
+                    retry_after: Duration::from_secs_f64(wait.clamp(0.001, 86_400.0)),
                     ..d
                 },
                 local: false,

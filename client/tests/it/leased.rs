@@ -80,8 +80,8 @@ async fn leases_answer_locally_and_the_bucket_adds_up() {
     assert_eq!(s.leased - s.returned, admitted, "{s:?}");
 }
 
-/// A cost the lease cannot cover is a denial that keeps nothing, and a dry run goes to sluicegate
-/// as it is.
+/// A cost the lease cannot cover is a denial that keeps nothing, one above the capacity an
+/// error, and a dry run goes to sluicegate as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cost_beyond_what_is_there_is_denied_and_takes_nothing() {
     let t = sluicegate(&[]).await;
@@ -103,6 +103,10 @@ async fn a_cost_beyond_what_is_there_is_denied_and_takes_nothing() {
         !d.decision.allowed && d.decision.retry_after > Duration::ZERO,
         "{d:?}"
     );
+    assert!((d.decision.tokens_remaining - 2.0).abs() < 0.01, "{d:?}");
+    // A cost above the capacity is the error a plain take gets, and takes nothing.
+    let err = leased.decide(small(11)).await.unwrap_err();
+    assert!(err.to_string().contains("cost: 11 exceeds"), "{err}");
     leased.close().await;
     let probe = leased
         .decide(Request {
