@@ -160,7 +160,9 @@ def test_reflection(sluicegate, version):
     service = next(p for p in protos if p.package == "sluicegate.v1")
     request = next(m for m in service.message_type if m.name == "ShouldAllowRequest")
     assert [f.name for f in request.field] == [
-        "key", "cost", "capacity", "rate", "dry_run", "reserve_ttl_ms"]
+        "key", "cost", "capacity", "rate", "dry_run", "reserve_ttl_ms", "up_to"]
+    response = next(m for m in service.message_type if m.name == "ShouldAllowResponse")
+    assert [f.name for f in response.field][-1] == "granted"
     # The RPCs a grpcurl user would list: ShouldAllow, ShouldAllowBatch, Settle, and the
     # in-flight limits' Acquire, Release and Renew.
     methods = {m.name for s in service.service for m in s.method}
@@ -188,6 +190,17 @@ def test_reserve_work_settle(stubs, sluicegate):
     assert round(settled.tokens_remaining) == 75 and not settled.in_debt
     # Once: a retry answers the same and gives nothing more back.
     assert round(stub.Settle(settle, timeout=2).tokens_remaining) == 75
+    # Up to: a lease of what is there (75 of 500 asked), the unused part settled back.
+    lease = stub.ShouldAllow(
+        pb.ShouldAllowRequest(key="py:llm", cost=500, up_to=True, reserve_ttl_ms=60000, **shape),
+        timeout=2,
+    )
+    assert lease.allowed and lease.granted == 75 and round(lease.tokens_remaining) == 0
+    back = stub.Settle(
+        pb.SettleRequest(key="py:llm", actual=5, reservation_id=lease.reservation_id, **shape),
+        timeout=2,
+    )
+    assert round(back.tokens_remaining) == 70
     # Without a reservation id, a refund on the caller's word is refused (ALLOW_REFUNDS=false).
     with pytest.raises(grpc.RpcError) as refused:
         stub.Settle(pb.SettleRequest(key="py:llm", reserved=60, actual=0, **shape), timeout=2)
@@ -199,7 +212,7 @@ def test_reserve_work_settle(stubs, sluicegate):
     settled = stub.Settle(
         pb.SettleRequest(key="py:llm", reserved=0, actual=120, **shape), timeout=2
     )
-    assert round(settled.tokens_remaining) == -45 and settled.in_debt
+    assert round(settled.tokens_remaining) == -50 and settled.in_debt
     again = stub.ShouldAllow(pb.ShouldAllowRequest(key="py:llm", cost=1, **shape), timeout=2)
     assert not again.allowed
 
