@@ -91,7 +91,9 @@ pub struct LeasedClient {
 /// client that sees many keys over time holds only the live ones.
 #[derive(Default)]
 struct Keys {
-    map: HashMap<BucketId, Arc<KeyLeases>>,
+    /// By key (looked up by `&str`: a decision allocates nothing), then by shape as asked
+    /// (capacity and rate bits: another shape is another bucket), usually one.
+    map: HashMap<String, Vec<(Shape, Arc<KeyLeases>)>>,
     /// The size at which idle keys are swept out next.
     sweep_at: usize,
 }
@@ -110,13 +112,8 @@ struct Inner {
     idle: tokio::sync::Notify,
 }
 
-/// A bucket as sluicegate knows it: the key and its shape, as asked.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct BucketId {
-    key: String,
-    capacity: u64,
-    rate: u64,
-}
+/// A bucket's shape as asked: capacity and rate, bit for bit.
+type Shape = (u64, u64);
 
 #[derive(Default)]
 struct Counters {
@@ -257,7 +254,13 @@ impl LeasedClient {
 
     /// How many keys this client holds state for (leases, remembered denials, rates).
     pub fn held_keys(&self) -> usize {
-        self.keys.lock().expect("poisoned").map.len()
+        self.keys
+            .lock()
+            .expect("poisoned")
+            .map
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     /// Settles every lease held (what is left goes back), once the fetches running in the
@@ -265,7 +268,10 @@ impl LeasedClient {
     pub async fn close(&self) {
         let all: Vec<Arc<KeyLeases>> = {
             let mut keys = self.keys.lock().expect("poisoned");
-            keys.map.drain().map(|(_, v)| v).collect()
+            keys.map
+                .drain()
+                .flat_map(|(_, shapes)| shapes.into_iter().map(|(_, k)| k))
+                .collect()
         };
         self.inner.wait_idle().await;
         for leases in all {
@@ -284,20 +290,28 @@ impl LeasedClient {
     }
 
     fn leases(&self, req: &Request<'_>) -> Arc<KeyLeases> {
-        let id = BucketId {
-            key: req.key.to_string(),
-            capacity: req.capacity.to_bits(),
-            rate: req.rate.to_bits(),
-        };
+        let shape = (req.capacity.to_bits(), req.rate.to_bits());
         let mut keys = self.keys.lock().expect("poisoned");
+        if let Some((_, k)) = keys
+            .map
+            .get(req.key)
+            .and_then(|shapes| shapes.iter().find(|(s, _)| *s == shape))
+        {
+            return k.clone();
+        }
         if keys.map.len() >= keys.sweep_at.max(SWEEP_FROM) {
             let now = Instant::now();
             let inner = &self.inner;
-            keys.map
-                .retain(|_, k| Arc::strong_count(k) > 1 || k.still_needed(inner, now));
+            keys.map.retain(|_, shapes| {
+                shapes.retain(|(_, k)| Arc::strong_count(k) > 1 || k.still_needed(inner, now));
+                !shapes.is_empty()
+            });
             keys.sweep_at = 2 * keys.map.len();
         }
-        keys.map.entry(id).or_default().clone()
+        let k = Arc::new(KeyLeases::default());
+        let shapes = keys.map.entry(req.key.to_string()).or_default();
+        shapes.push((shape, k.clone()));
+        k
     }
 }
 

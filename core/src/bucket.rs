@@ -46,6 +46,24 @@ impl Op {
         }
     }
 
+    /// The tokens that must be there for the operation to be allowed: its cost, one for a
+    /// take-up-to.
+    pub fn need(self) -> u64 {
+        match self {
+            Op::TakeUpTo(_) => 1,
+            other => other.cost(),
+        }
+    }
+
+    /// The same question without spending: a take becomes the check of what it needs; anything
+    /// else is unchanged.
+    pub fn as_check(self) -> Op {
+        match self {
+            Op::Take(_) | Op::TakeUpTo(_) => Op::Check(self.need()),
+            other => other,
+        }
+    }
+
     /// Whether the operation can add tokens (a cached "not enough tokens" no longer holds after it).
     pub fn adds_tokens(self) -> bool {
         matches!(self, Op::Refund(_))
@@ -124,17 +142,14 @@ pub fn apply(
     let (before, ts) = refill(state, now_ms, shape);
     let cost = op.cost() as f64;
     // What a denial waits for: the cost, or the one token a take-up-to needs.
-    let mut need = cost;
+    let need = op.need() as f64;
     let (allowed, tokens, write, granted) = match op {
         Op::Take(c) if before >= cost => (true, before - cost, true, c),
-        Op::TakeUpTo(c) if before >= 1.0 => {
+        Op::TakeUpTo(c) if before >= need => {
             let granted = c.max(1).min(before as u64);
             (true, before - granted as f64, true, granted)
         }
-        Op::TakeUpTo(_) => {
-            need = 1.0;
-            (false, before, false, 0)
-        }
+        Op::TakeUpTo(_) => (false, before, false, 0),
         Op::Take(_) | Op::Check(_) => (before >= cost, before, false, 0),
         Op::Refund(_) => (true, (before + cost).min(capacity), true, 0),
         Op::Force(_) => (before >= cost, (before - cost).max(-capacity), true, 0),
@@ -209,9 +224,9 @@ pub fn apply_group(
                 }
                 *decision = d;
             }
-            Op::Take(c) | Op::TakeUpTo(c) | Op::Check(c) => {
+            Op::Take(_) | Op::TakeUpTo(_) | Op::Check(_) => {
                 // Not charged: the figures of the bucket as it is, the verdict as it was.
-                let (now, _) = apply(states[slot], now_ms, r.shape, Op::Check(c));
+                let (now, _) = apply(states[slot], now_ms, r.shape, r.op.as_check());
                 *decision = Decision {
                     allowed: decision.allowed,
                     retry_after_ms: decision.retry_after_ms,

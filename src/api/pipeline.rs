@@ -69,10 +69,8 @@ pub(crate) async fn compensate<B: Backend>(
     let refunds: Vec<(String, Shape, u64)> = reqs
         .iter()
         .zip(results)
-        .filter_map(|(r, d)| match (r.ask.op, d) {
-            (Op::Take(hits), Ok(d)) if hits > 0 && d.allowed => {
-                Some((r.key.to_string(), r.ask.shape, hits))
-            }
+        .filter_map(|(r, d)| match d {
+            Ok(d) if d.granted > 0 => Some((r.key.to_string(), r.ask.shape, d.granted)),
             _ => None,
         })
         .collect();

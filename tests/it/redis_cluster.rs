@@ -336,6 +336,51 @@ async fn envoy_descriptors_across_masters_in_one_request() {
     assert!(holding >= 2, "the 8 buckets landed on {holding} master(s)");
 }
 
+/// An all-or-nothing batch whose buckets live on several masters, vetoed by one denial: the
+/// parts on other masters were charged and are given back, so their answers say they took
+/// nothing (`granted` 0; before, the given-back takes still said 1, and what refunds a caller's
+/// takes reads `granted`), carry no reservation id, and every bucket is full again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vetoed_batch_across_masters_takes_and_reserves_nothing() {
+    use sluicegate_proto::sluicegate::v1::ShouldAllowBatchRequest;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(3, 1).await;
+    // Without the deny cache, which would refuse the drained bucket before any call (and the
+    // batch would then charge nothing anywhere).
+    let t = Sluicegate::start(
+        &["--redis-type", "cluster", "--redis-timeout-ms", "2000"],
+        &[("REDIS_URL", &cluster.url()), ("LOCAL_DENY_CACHE", "false")],
+    )
+    .await;
+    let mut c = t.client().await;
+    let reserve = |key: &str| sluicegate_proto::sluicegate::v1::ShouldAllowRequest {
+        reserve_ttl_ms: 60_000,
+        ..ask(key, 5.0, 0.001, 1)
+    };
+    // A bucket of 5 emptied: the batch's first request is denied.
+    should_allow(&mut c, ask("drained", 5.0, 0.001, 5))
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..12).map(|i| format!("spread{i}")).collect();
+    let batch = ShouldAllowBatchRequest {
+        requests: std::iter::once(reserve("drained"))
+            .chain(keys.iter().map(|k| reserve(k)))
+            .collect(),
+        all_or_nothing: true,
+    };
+    let r = c.should_allow_batch(batch).await.unwrap().into_inner();
+    assert!(!r.allowed && !r.responses[0].allowed, "{r:?}");
+    for (key, answer) in keys.iter().zip(&r.responses[1..]) {
+        assert!(answer.allowed, "{key} alone would pass: {answer:?}");
+        assert_eq!(answer.granted, 0, "{key}: {answer:?}");
+        assert!(answer.reservation_id.is_empty(), "{key}: {answer:?}");
+        let mut probe = ask(key, 5.0, 0.001, 1);
+        probe.dry_run = true;
+        let left = should_allow(&mut c, probe).await.unwrap().tokens_remaining;
+        assert!((left - 5.0).abs() < 0.01, "{key}: {left}");
+    }
+}
+
 /// A sentinel-managed master that requires a password: `redis://:password@master_name` gives the
 /// master's credentials (the sentinels themselves need none here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

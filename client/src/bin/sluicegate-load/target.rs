@@ -97,6 +97,17 @@ impl From<tonic::Status> for Failure {
     }
 }
 
+/// The client library's errors: it folds deadlines, sheds and transport failures into
+/// `Unavailable` (its failure mode's trigger), so only what sluicegate refused is told apart.
+impl From<sluicegate_client::Error> for Failure {
+    fn from(e: sluicegate_client::Error) -> Self {
+        match e {
+            sluicegate_client::Error::Unavailable(_) => Failure::Unavailable,
+            _ => Failure::Other,
+        }
+    }
+}
+
 impl From<reqwest::Error> for Failure {
     fn from(e: reqwest::Error) -> Self {
         if e.is_timeout() {
@@ -296,10 +307,7 @@ impl Target {
                 let d = leased[conn % leased.len()]
                     .decide(req)
                     .await
-                    .map_err(|e| match e {
-                        sluicegate_client::Error::Unavailable(_) => Failure::Unavailable,
-                        _ => Failure::Other,
-                    })?;
+                    .map_err(Failure::from)?;
                 let since =
                     |t: std::time::Instant| t.saturating_duration_since(start).as_micros() as u64;
                 let allowed = d.decision.allowed;

@@ -72,9 +72,7 @@ impl DenyCache {
     /// A local denial for `op` on `key`, if what is known proves it would be denied.
     pub fn deny(&self, key: &str, shape: Shape, op: Op) -> Option<Decision> {
         let cost = match op {
-            Op::Take(c) | Op::Check(c) => c as f64,
-            // Anything at all is granted, from one token on.
-            Op::TakeUpTo(_) => 1.0,
+            Op::Take(_) | Op::TakeUpTo(_) | Op::Check(_) => op.need() as f64,
             // A forced charge lands whatever is left; a refund always goes through.
             Op::Force(_) | Op::Refund(_) => return None,
         };
@@ -111,11 +109,7 @@ impl DenyCache {
             }
             Op::Take(_) | Op::TakeUpTo(_) | Op::Check(_) | Op::Force(_) => {
                 // Worth remembering only if the same request would be denied now.
-                let need = match op {
-                    Op::TakeUpTo(_) => 1,
-                    _ => op.cost().max(1),
-                };
-                if d.tokens_remaining >= need as f64 {
+                if d.tokens_remaining >= op.need().max(1) as f64 {
                     return;
                 }
                 let id = self.id(key);

@@ -271,26 +271,24 @@ impl RedisBackend {
             .zip(vetoed)
             .filter(|(_, v)| !**v)
             .flat_map(|((_, idx), _)| idx.iter().copied())
-            .filter(|&i| {
-                matches!(reqs[i].ask.op, Op::Take(c) if c > 0)
-                    && matches!(&out[i], Some(Ok(d)) if d.allowed)
-            })
+            .filter(|&i| matches!(&out[i], Some(Ok(d)) if d.granted > 0))
             .collect();
         // Detached: they land even if this caller goes away while they are in flight.
-        let refunds = charged.iter().map(|&i| {
-            refund_detached(
-                &self.nodes,
-                reqs[i].key,
-                reqs[i].ask.shape,
-                reqs[i].ask.op.cost(),
-            )
-        });
+        let taken = |i: usize| match &out[i] {
+            Some(Ok(d)) => d.granted,
+            _ => 0,
+        };
+        let refunds = charged
+            .iter()
+            .map(|&i| refund_detached(&self.nodes, reqs[i].key, reqs[i].ask.shape, taken(i)));
         for (&i, refunded) in charged.iter().zip(join_all(refunds).await) {
             if let (Some(Ok(d)), Ok(Ok(after))) = (&mut out[i], refunded)
                 && let Some(after) = after.first()
             {
+                // Given back: the take took nothing in the end (and has no reservation to settle).
                 d.tokens_remaining = after.tokens_remaining;
                 d.reset_after_ms = after.reset_after_ms;
+                d.granted = 0;
             }
         }
     }
@@ -422,9 +420,9 @@ impl Backend for RedisBackend {
             .zip(&local)
             .filter(|(_, l)| l.is_none())
             .map(|(r, _)| match r.ask.op {
-                Op::Take(c) if vetoed => BucketRequest {
+                Op::Take(_) | Op::TakeUpTo(_) if vetoed => BucketRequest {
                     ask: Ask {
-                        op: Op::Check(c),
+                        op: r.ask.op.as_check(),
                         ..r.ask
                     },
                     ..*r
