@@ -164,6 +164,8 @@ struct State {
     rate: f64,
     /// The last grant was short of what was asked: the bucket is nearly empty.
     short: bool,
+    /// The bucket's capacity as sluicegate last applied it (0: not known yet).
+    capacity: f64,
 }
 
 /// A lease held: what was granted, what is spent of it.
@@ -233,16 +235,33 @@ impl LeasedClient {
         }
         let cost = req.cost.max(1);
         let leases = self.leases(&req);
+        // A cost above the capacity could never be allowed: the error a plain take gets, whatever
+        // the leases hold at the moment.
+        let capacity = match req.capacity {
+            c if c > 0.0 => c,
+            _ => leases.state.lock().expect("poisoned").capacity,
+        };
+        if capacity > 0.0 && f64::from(cost) > capacity {
+            return Err(above_capacity(cost, capacity));
+        }
         // Whether this caller made a lease call (its answer is then not a local one).
         let mut called = false;
+        let mut retired = Vec::new();
         loop {
-            if let Some(d) = inner.from_lease(&leases, &req, cost) {
+            if let Some(d) = inner.from_lease(&leases, &req, cost, &mut retired) {
+                retired.drain(..).for_each(|h| inner.settle_later(h));
                 return Ok(inner.answered(d, called));
             }
             let _turn = leases.fetch.lock().await;
             // Another caller's lease may have landed while this one waited.
-            if let Some(d) = inner.from_lease(&leases, &req, cost) {
+            if let Some(d) = inner.from_lease(&leases, &req, cost, &mut retired) {
+                retired.drain(..).for_each(|h| inner.settle_later(h));
                 return Ok(inner.answered(d, called));
+            }
+            // What the retired leases did not spend goes back before the lease call, which may
+            // need it.
+            for h in retired.drain(..) {
+                inner.settle(h).await;
             }
             called = true;
             match inner.take(&req, &leases, cost).await? {
@@ -326,13 +345,14 @@ impl Inner {
     }
 
     /// A decision from what this process holds: spent from a lease, or a denial remembered.
-    /// Retires the leases that ended or cannot cover `cost` (their Settle runs in the background)
-    /// and starts fetching the next when this one is running low.
+    /// Retires the leases that ended or cannot cover `cost` into `retired` (the caller settles
+    /// them) and starts fetching the next when this one is running low.
     fn from_lease(
         self: &Arc<Self>,
         leases: &Arc<KeyLeases>,
         req: &Request<'_>,
         cost: u32,
+        retired: &mut Vec<Held>,
     ) -> Option<LeasedDecision> {
         let now = Instant::now();
         let mut s = leases.state.lock().expect("poisoned");
@@ -343,7 +363,7 @@ impl Inner {
             }
             if let Some(h) = s.current.take() {
                 s.rate = spent_rate(s.rate, &h, now);
-                self.settle_later(h);
+                retired.push(h);
             }
             match s.next.take() {
                 Some(next) => s.current = Some(next),
@@ -414,6 +434,7 @@ impl Inner {
             if !d.allowed && !d.degraded {
                 let mut s = leases.state.lock().expect("poisoned");
                 s.empty_until = Some((Instant::now() + d.retry_after, d));
+                s.capacity = d.capacity;
             }
             return Ok(Taken::Answer(LeasedDecision {
                 decision: d,
@@ -427,13 +448,7 @@ impl Inner {
             let there = d.tokens_remaining + f64::from(held.granted);
             self.settle(held).await;
             if d.capacity > 0.0 && f64::from(cost) > d.capacity {
-                return Err(Error::Rejected {
-                    code: tonic::Code::InvalidArgument,
-                    message: format!(
-                        "cost: {cost} exceeds the bucket capacity {} and could never be allowed",
-                        d.capacity
-                    ),
-                });
+                return Err(above_capacity(cost, d.capacity));
             }
             let wait = (f64::from(cost) - there) / d.rate.max(f64::MIN_POSITIVE);
             return Ok(Taken::Answer(LeasedDecision {
@@ -467,6 +482,7 @@ impl Inner {
         let mut s = leases.state.lock().expect("poisoned");
         s.empty_until = None;
         s.short = d.granted < ask;
+        s.capacity = d.capacity;
         Some(Held {
             granted: d.granted,
             used: 0,
@@ -488,14 +504,9 @@ impl Inner {
         let wanted = (s.rate * p.lifetime.as_secs_f64() * 1.5)
             .ceil()
             .max(f64::from(cost) * 4.0);
-        // The bucket's size: as the last grant said, else as asked (0: the server's default,
+        // The bucket's size: as asked, else as sluicegate last said (0: the server's default,
         // unknown until the first answer).
-        let size = s
-            .current
-            .as_ref()
-            .map(|h| h.reservation.decision.capacity)
-            .filter(|c| *c > 0.0)
-            .unwrap_or(capacity);
+        let size = if capacity > 0.0 { capacity } else { s.capacity };
         let mut most = f64::from(p.max_slice);
         if size > 0.0 {
             most = most.min((size * p.max_fraction).floor());
@@ -585,6 +596,16 @@ impl Inner {
         if settled.is_ok() {
             self.stats.returned.fetch_add(u64::from(h.left()), Relaxed);
         }
+    }
+}
+
+/// The error sluicegate gives a plain take whose cost exceeds the bucket's capacity.
+fn above_capacity(cost: u32, capacity: f64) -> Error {
+    Error::Rejected {
+        code: tonic::Code::InvalidArgument,
+        message: format!(
+            "cost: {cost} exceeds the bucket capacity {capacity} and could never be allowed"
+        ),
     }
 }
 
