@@ -261,7 +261,17 @@ async fn a_reused_request_id_cannot_free_a_slot_in_use() {
         "the reused id's releases freed the holder's slot"
     );
     assert_eq!(holder.await.unwrap().map(|a| a.status), Some(200));
-    // Once the holder is done, the slot is free.
+    // Once the holder is done, the slot is free: Envoy sends its release after the response, so
+    // wait for it to land (a busy machine answered the next request first).
+    eventually(
+        Duration::from_secs(10),
+        "the holder's release",
+        async || {
+            let (_, text) = http_get(&sluicegate.http_url("/metrics")).await.unwrap();
+            metric(&text, gauge) == 0.0
+        },
+    )
+    .await;
     let after = crate::support::http_request(&envoy.url("/fast"), &[("x-user", "eve")]).await;
     assert_eq!(after.map(|a| a.status), Some(200));
 }
