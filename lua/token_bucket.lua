@@ -28,6 +28,9 @@ Per bucket:
             5, 6, 8, 14: take, check, force, take up to whose denial does not veto its group
               (shadow-mode rules)
             9 settle a reservation (below)
+            11 lease: take `cost` for a replica's lease only if the bucket still holds at least half
+              its capacity after it; always allowed, never vetoes (leases, below)
+            12 return a lease: give back `cost` unspent tokens of the lease named in the `L` section
 
 Then, optionally, reservations: the literal `R`, then triples `index key ttl_ms`: bucket `index` (1-based)
 has a reservation key. For a take (mode 1 or 10) that is charged, the key is written ("r", what was taken,
@@ -39,6 +42,17 @@ answer's allowed is 2 (not found). Not settled yet: what the work cost below wha
 refunded, above it charged as a forced charge (debt), and the reservation is marked settled with the
 answer (KEEPTTL). Settled already: the same answer again, nothing changes. Settles are alone in
 their group.
+
+Leases (QUOTA_LEASES; the README's "Leased quota"): optionally, last, the literal `L`, the lease
+lifetime in ms, then triples `index size generation` for the returns (mode 12) of the call. A granted
+lease (mode 11) counts its size as leased out of the bucket until every lease of its generation has
+expired: the bucket refills and takes refunds only up to capacity minus what is leased, so that the
+bucket plus the unspent leases never hold more than capacity and everything spent from a lease obeys
+the bucket's bound over any window. A generation starts (named by the server time in ms) with the
+first lease while none is out and ends when the latest lease of it expires; a return of a lease of
+the current generation takes its size off what is leased out and puts its unspent tokens back; a
+return of an ended generation only puts the tokens back. A lease's answer carries the generation in
+place of reset_after_ms.
 
 Groups: `len1 len2 ...` split the buckets, in order, into runs that must add up to N. Within a run,
 if any vetoing request is denied, no take of the run is charged (refunds and forced charges still
@@ -58,7 +72,8 @@ Refunds (mode 3, and settles that give back) publish the bucket's key on the cha
 `sluicegate:refunds`: every replica's local deny cache forgets what it knew of that bucket.
 
 Storage: a string of two little-endian doubles (tokens, ts in ms of server time), written with PX =
-the time until the bucket is full again, at least the full-refill time. A bucket with no key is full.
+the time until the bucket is full again, at least the full-refill time; five while leases are out
+(tokens, ts, leased, generation, until), living at least until the last lease expires. A bucket with no key is full.
 A key holding the hash of earlier versions (fields tokens, ts) is read as such and rewritten.
 
 Hardening carried over from the origin project:
@@ -116,12 +131,14 @@ for i = 1, n do
   if rate == nil or rate <= 0 then return fail(i, "rate", ARGV[at + 2], "a finite number > 0") end
   if cost == nil or cost < 0 then return fail(i, "cost", ARGV[at + 3], "a finite number >= 0") end
   if mode ~= 1 and mode ~= 2 and mode ~= 3 and mode ~= 4 and mode ~= 5 and mode ~= 6 and mode ~= 8
-    and mode ~= 9 and mode ~= 10 and mode ~= 14 then
-    return fail(i, "mode", ARGV[at + 4], "1 take, 2 check, 3 refund, 4 force, 10 take up to (+4: no veto), 9 settle")
+    and mode ~= 9 and mode ~= 10 and mode ~= 11 and mode ~= 12 and mode ~= 14 then
+    return fail(i, "mode", ARGV[at + 4], "1 take, 2 check, 3 refund, 4 force, 10 take up to (+4: no veto), 9 settle, 11 lease, 12 return")
   end
   if mode == 9 then
     -- The operation is known once the reservation is read.
     settles[i], vetoes[i], mode = true, true, 2
+  elseif mode == 11 or mode == 12 then
+    vetoes[i] = false
   else
     vetoes[i] = mode <= 4 or mode == 10
     if mode > 4 and mode ~= 10 then mode = mode - 4 end
@@ -135,7 +152,7 @@ end
 local ends = {}
 local at = base + 4 * n + 1
 local total = 0
-while at <= #ARGV and ARGV[at] ~= "R" do
+while at <= #ARGV and ARGV[at] ~= "R" and ARGV[at] ~= "L" do
   local len = tonumber(ARGV[at])
   if len == nil or len < 1 or len ~= math.floor(len) then
     return redis.error_reply("ERR sluicegate: group lengths must be whole numbers >= 1, got '" .. tostring(ARGV[at]) .. "'")
@@ -152,9 +169,9 @@ else
   for i = 1, n do ends[i] = i end
 end
 local rkeys, rttls = {}, {}
-if at <= #ARGV then
+if at <= #ARGV and ARGV[at] == "R" then
   at = at + 1
-  while at + 2 <= #ARGV do
+  while at + 2 <= #ARGV and ARGV[at] ~= "L" do
     local i, ttl = tonumber(ARGV[at]), tonumber(ARGV[at + 2])
     if i == nil or i < 1 or i > n or i ~= math.floor(i) then
       return redis.error_reply("ERR sluicegate: reservation for bucket '" .. tostring(ARGV[at]) .. "' of " .. n)
@@ -165,9 +182,35 @@ if at <= #ARGV then
     rkeys[i], rttls[i] = ARGV[at + 1], ttl
     at = at + 3
   end
-  if at ~= #ARGV + 1 then
+  if at <= #ARGV and ARGV[at] ~= "L" then
     return redis.error_reply("ERR sluicegate: reservations come in triples: index key ttl_ms")
   end
+end
+local lease_ms, rsizes, rgens = nil, {}, {}
+if at <= #ARGV then
+  lease_ms = tonumber(ARGV[at + 1])
+  if ARGV[at] ~= "L" or lease_ms == nil or lease_ms < 1 or lease_ms ~= math.floor(lease_ms) then
+    return redis.error_reply("ERR sluicegate: expected L and the lease lifetime in whole ms, got '" .. tostring(ARGV[at + 1]) .. "'")
+  end
+  at = at + 2
+  while at + 2 <= #ARGV do
+    local i, size, gen = tonumber(ARGV[at]), number(ARGV[at + 1]), number(ARGV[at + 2])
+    if i == nil or i < 1 or i > n or i ~= math.floor(i) or modes[i] ~= 12 then
+      return redis.error_reply("ERR sluicegate: lease return for bucket '" .. tostring(ARGV[at]) .. "', not a return of " .. n)
+    end
+    if size == nil or size < 0 or gen == nil then
+      return redis.error_reply("ERR sluicegate: a lease return needs its size and generation, got '" .. tostring(ARGV[at + 1]) .. "'")
+    end
+    rsizes[i], rgens[i] = size, gen
+    at = at + 3
+  end
+  if at ~= #ARGV + 1 then
+    return redis.error_reply("ERR sluicegate: lease returns come in triples: index size generation")
+  end
+end
+for i = 1, n do
+  if modes[i] == 12 and rsizes[i] == nil then return fail(i, "lease return", "", "named in the L section") end
+  if modes[i] == 11 and lease_ms == nil then return fail(i, "lease", "", "given a lifetime in the L section") end
 end
 for i in pairs(settles) do
   if rkeys[i] == nil then return fail(i, "reservation", "", "given for a settle") end
@@ -183,8 +226,10 @@ local function not_here(err)
 end
 local away_key = {}
 
--- Read every bucket before writing any. tok[key] == false: absent (full).
+-- Read every bucket before writing any. tok[key] == false: absent (full). lsd, gns, unt: what is
+-- leased out, its generation and when its last lease expires (0 when none).
 local tok, tss = {}, {}
+local lsd, gns, unt = {}, {}, {}
 local unpack = struct.unpack
 for i = 1, n do
   local key = keys[i]
@@ -201,13 +246,17 @@ for i = 1, n do
         return redis.error_reply(raw.err)
       end
     elseif raw then
-      if #raw ~= 16 then
+      if #raw == 16 then
+        tok[key], tss[key] = unpack("<dd", raw)
+      elseif #raw == 40 then
+        tok[key], tss[key], lsd[key], gns[key], unt[key] = unpack("<ddddd", raw)
+      else
         return redis.error_reply("ERR sluicegate: " .. key .. " holds a value sluicegate did not write")
       end
-      tok[key], tss[key] = unpack("<dd", raw)
     else
       tok[key] = false
     end
+    if lsd[key] == nil then lsd[key], gns[key], unt[key] = 0, 0, 0 end
   end
 end
 
@@ -269,6 +318,11 @@ end
 local time = redis.call("TIME")
 local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
 
+-- Every lease of a generation whose last lease has expired is spent or lost: nothing is leased out.
+for key, l in pairs(lsd) do
+  if l > 0 and now >= unt[key] then lsd[key] = 0 end
+end
+
 local function capped_ms(ms)
   if ms >= MAX_MS then return MAX_MS end
   ms = ceil(ms)
@@ -276,11 +330,13 @@ local function capped_ms(ms)
   return ms
 end
 
--- Request i with operation `mode` against the bucket's state. Returns allowed, tokens after,
--- retry_after, reset_after, whether to write (the new `ts` is then `now` or later), and the tokens
--- taken.
-local function apply(i, t, ts, mode)
+-- Request i with operation `mode` against the bucket's state, with `leased` tokens leased out.
+-- Returns allowed, tokens after, retry_after, reset_after, whether to write (the new `ts` is then
+-- `now` or later), and the tokens taken.
+local function apply(i, t, ts, mode, leased)
   local capacity, rate, cost = caps[i], rates[i], costs[i]
+  -- Tokens leased out are the bucket's too: it refills only up to the rest.
+  local room = capacity - leased
   local before
   if t == false then
     before, ts = capacity, now
@@ -290,7 +346,7 @@ local function apply(i, t, ts, mode)
     if elapsed < 0 then elapsed = 0 elseif elapsed > window then elapsed = window end
     if t < -capacity then t = -capacity end
     before = t + rate * elapsed / 1000
-    if before > capacity then before = capacity end
+    if before > room then before = room end
     if now > ts then ts = now end
   end
   local allowed, tokens, write
@@ -307,11 +363,16 @@ local function apply(i, t, ts, mode)
       if granted > whole then granted = whole end
       allowed, tokens, write = true, before - granted, true
     else allowed, tokens, write = false, before, false end
+  elseif mode == 11 then
+    allowed, tokens, write = true, before, false
+    if cost >= 1 and before - cost >= capacity / 2 then
+      tokens, write, granted = before - cost, true, cost
+    end
   elseif mode == 2 then
     allowed, tokens, write = before >= cost, before, false
   elseif mode == 3 then
     tokens = before + cost
-    if tokens > capacity then tokens = capacity end
+    if tokens > room then tokens = room end
     allowed, write = true, true
   else
     allowed, tokens, write = before >= cost, before - cost, true
@@ -327,17 +388,60 @@ local out = {}
 local ttl = {}
 local charged = {}
 local refunded = {}
+
+-- Applies request i with `mode` to its key's state in place. Returns allowed, tokens after,
+-- retry_after, reset_after and the tokens taken.
+local function step(i, mode)
+  local key = keys[i]
+  local leased = lsd[key]
+  if mode == 12 then
+    -- A lease comes back: off what is leased out if its generation is still counted, then its
+    -- unspent tokens into the room that makes.
+    local _, before, _, _, _, ts = apply(i, tok[key], tss[key], 2, leased)
+    if leased > 0 and gns[key] == rgens[i] then
+      leased = leased - rsizes[i]
+      if leased < 0 then leased = 0 end
+      lsd[key] = leased
+    end
+    local tokens = before + costs[i]
+    if tokens > caps[i] - leased then tokens = caps[i] - leased end
+    local reset = capped_ms((caps[i] - tokens) / rates[i] * 1000)
+    tok[key], tss[key] = tokens, ts
+    ttl[key] = reset > fulls[i] and reset or fulls[i]
+    if costs[i] > 0 then refunded[key] = true end
+    return true, tokens, 0, reset, 0
+  end
+  local allowed, tokens, retry, reset, write, ts, granted = apply(i, tok[key], tss[key], mode, leased)
+  if write then
+    tok[key], tss[key] = tokens, ts
+    ttl[key] = reset > fulls[i] and reset or fulls[i]
+    if mode == 11 then
+      -- A new generation's name is later than any before it, so no late return can match it.
+      if leased == 0 then
+        local gen = math.floor(now)
+        if gen <= gns[key] then gen = gns[key] + 1 end
+        gns[key] = gen
+      end
+      lsd[key] = leased + granted
+      local until_ms = now + lease_ms
+      if until_ms > unt[key] then unt[key] = until_ms end
+    end
+  end
+  if mode == 3 then refunded[key] = true end
+  return allowed, tokens, retry, reset, granted
+end
 local first = 1
 for _, last in ipairs(ends) do
   local vetoed = false
-  local saved_t, saved_ts, saved_ttl
+  local saved_t, saved_ts, saved_ttl, saved_l
   if last > first then
-    saved_t, saved_ts, saved_ttl = {}, {}, {}
+    saved_t, saved_ts, saved_ttl, saved_l = {}, {}, {}, {}
   end
   for i = first, last do
     local key = keys[i]
     if saved_t and saved_t[key] == nil then
       saved_t[key], saved_ts[key], saved_ttl[key] = tok[key], tss[key], ttl[key] or false
+      saved_l[key] = {lsd[key], gns[key], unt[key]}
     end
     local o = 4 * (i - 1)
     if away[i] then
@@ -345,15 +449,12 @@ for _, last in ipairs(ends) do
     elseif done[i] then
       out[o + 1], out[o + 2], out[o + 3], out[o + 4] = done[i][1], done[i][2], 0, done[i][3]
     else
-      local allowed, tokens, retry, reset, write, ts, granted = apply(i, tok[key], tss[key], modes[i])
-      if write then
-        tok[key], tss[key] = tokens, ts
-        ttl[key] = reset > fulls[i] and reset or fulls[i]
-      end
+      local allowed, tokens, retry, reset, granted = step(i, modes[i])
       if vetoes[i] and not allowed then vetoed = true end
-      if granted > 0 then charged[i] = granted end
-      if modes[i] == 3 then refunded[key] = true end
-      -- An allowed answer's third value is what it took; a denial's, its wait.
+      if granted > 0 and modes[i] ~= 11 then charged[i] = granted end
+      -- An allowed answer's third value is what it took; a denial's, its wait. A lease's fourth is
+      -- its generation.
+      if modes[i] == 11 then reset = granted > 0 and gns[key] or 0 end
       out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, allowed and granted or retry, reset
     end
   end
@@ -363,20 +464,18 @@ for _, last in ipairs(ends) do
     for key, t in pairs(saved_t) do
       tok[key], tss[key] = t, saved_ts[key]
       ttl[key] = saved_ttl[key] or nil
+      lsd[key], gns[key], unt[key] = saved_l[key][1], saved_l[key][2], saved_l[key][3]
     end
     for i = first, last do
       local key, mode = keys[i], modes[i]
       local o = 4 * (i - 1)
       charged[i] = nil
-      if mode == 3 or mode == 4 then
-        local allowed, tokens, retry, reset, write, ts = apply(i, tok[key], tss[key], mode)
-        if write then
-          tok[key], tss[key] = tokens, ts
-          ttl[key] = reset > fulls[i] and reset or fulls[i]
-        end
+      if mode == 3 or mode == 4 or mode == 12 then
+        local allowed, tokens, retry, reset = step(i, mode)
         out[o + 1], out[o + 2], out[o + 3], out[o + 4] = allowed and 1 or 0, tokens, allowed and 0 or retry, reset
       else
-        local _, tokens, _, reset = apply(i, tok[key], tss[key], 2)
+        -- Not charged, and no lease taken.
+        local _, tokens, _, reset = apply(i, tok[key], tss[key], 2, lsd[key])
         out[o + 2], out[o + 4] = tokens, reset
         -- Not charged: an allowed answer took nothing.
         if out[o + 1] == 1 then out[o + 3] = 0 end
@@ -394,7 +493,14 @@ end
 
 local pack = struct.pack
 for key, t in pairs(ttl) do
-  redis.call("SET", key, pack("<dd", tok[key], tss[key]), "PX", t)
+  if lsd[key] > 0 then
+    -- What is leased out must outlive its leases: a bucket that expired would read as full.
+    local left = ceil(unt[key] - now)
+    if left > t then t = left end
+    redis.call("SET", key, pack("<ddddd", tok[key], tss[key], lsd[key], gns[key], unt[key]), "PX", t)
+  else
+    redis.call("SET", key, pack("<dd", tok[key], tss[key]), "PX", t)
+  end
 end
 
 -- Refunds filled these buckets: every replica's deny cache must forget what it knew of them.

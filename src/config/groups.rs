@@ -78,9 +78,45 @@ pub struct StorageArgs {
     )]
     pub local_deny_cache: bool,
 
+    /// Leased quota on the Redis backend: a replica takes a slice of a hot bucket in the call of an
+    /// allowed take and answers that key's next takes from it without Redis (the bound stays
+    /// exact: see the README's "Leased quota").
+    #[arg(
+        long,
+        env = "QUOTA_LEASES",
+        value_name = "QUOTA_LEASES",
+        default_value = "false"
+    )]
+    pub quota_leases: bool,
+
+    /// How long a lease is spent before it goes back, in milliseconds.
+    #[arg(long, env = "LEASE_MS", value_name = "LEASE_MS", default_value = "250", value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub lease_ms: u32,
+
+    /// The largest share of a bucket's capacity one lease may hold (above 0, at most 0.5).
+    #[arg(
+        long,
+        env = "LEASE_MAX_FRACTION",
+        value_name = "LEASE_MAX_FRACTION",
+        default_value = "0.1",
+        value_parser = lease_fraction
+    )]
+    pub lease_max_fraction: f64,
+
     /// Memory backend: the most buckets held; when full, the bucket nearest to full is dropped first.
     #[arg(long, env = "MEMORY_MAX_BUCKETS", value_name = "MEMORY_MAX_BUCKETS", default_value = "1000000", value_parser = clap::value_parser!(u64).range(1..))]
     pub memory_max_buckets: u64,
+}
+
+/// LEASE_MAX_FRACTION: a share above 0 and at most a half (a lease is only taken while the bucket
+/// keeps half its capacity).
+fn lease_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 0.5 => Ok(f),
+        _ => Err(format!(
+            "must be a number above 0 and at most 0.5, got '{s}'"
+        )),
+    }
 }
 
 /// The gRPC port: its address, TLS and mTLS, and what one call or connection may take.

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use sluicegate_core::backend::redis::{RedisTls, Topology};
+use sluicegate_core::backend::redis::{LeaseSettings, RedisTls, Topology};
 
 use super::ServeArgs;
 use super::values::{RedisType, RedisUrl};
@@ -53,6 +53,8 @@ pub struct RedisSettings {
     pub timeout: Duration,
     pub connections: usize,
     pub deny_cache: bool,
+    /// QUOTA_LEASES with LEASE_MS and LEASE_MAX_FRACTION; None: off.
+    pub leases: Option<LeaseSettings>,
     pub tls: RedisTls,
 }
 
@@ -172,6 +174,10 @@ impl ServeArgs {
             timeout: Duration::from_millis(s.redis_timeout_ms),
             connections: s.redis_connections as usize,
             deny_cache: s.local_deny_cache,
+            leases: s.quota_leases.then_some(LeaseSettings {
+                lease_ms: s.lease_ms,
+                max_fraction: s.lease_max_fraction,
+            }),
             tls: RedisTls {
                 ca_cert: s.redis_tls_cacert.clone(),
                 client_cert: s.redis_tls_client_cert.clone(),

@@ -155,6 +155,7 @@ fn redis_backend(
         timeout: redis.timeout,
         connections: redis.connections,
         deny_cache: redis.deny_cache,
+        leases: redis.leases,
         max_queue,
         tls: redis.tls.clone(),
         metrics: redis_metrics(activity.clone()),
@@ -247,6 +248,16 @@ async fn serve<B: Backend>(
     monitor.abort();
     upkeep.abort();
     exchange.abort();
+    // After the last decision: leases go back to their buckets (one call per Redis node).
+    if tokio::time::timeout(
+        settings.shutdown_grace.max(Duration::from_secs(1)),
+        backend.close(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("leases not all given back in time; their tokens come back by refill");
+    }
     match drained {
         Ok((grpc, http)) => {
             grpc.context("gRPC server task")?.context("gRPC server")?;

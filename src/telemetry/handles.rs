@@ -246,5 +246,16 @@ pub fn redis_metrics(activity: Arc<Activity>) -> sluicegate_core::backend::redis
         })),
         gone: Some(metrics::counter!(names::GONE_REFUNDS, "backend" => "redis")),
         queue_shed: Some(metrics::counter!(names::SHED, "reason" => "queue")),
+        leases: Some(lease_counters()),
+    }
+}
+
+/// The lease counters (QUOTA_LEASES), each existing at 0 from the start.
+pub fn lease_counters() -> sluicegate_core::backend::redis::LeaseCounters {
+    sluicegate_core::backend::redis::LeaseCounters {
+        granted: metrics::counter!(names::LEASES),
+        tokens: metrics::counter!(names::LEASED_TOKENS),
+        returned: metrics::counter!(names::LEASE_RETURNED_TOKENS),
+        answers: metrics::counter!(names::LEASE_ANSWERS),
     }
 }

@@ -34,6 +34,10 @@ pub mod names {
     pub const RLQS_REPORTS: &str = "sluicegate_rlqs_reports_total";
     pub const RLQS_ASSIGNMENTS: &str = "sluicegate_rlqs_assignments_total";
     pub const RLQS_EXCHANGES: &str = "sluicegate_rlqs_exchanges_total";
+    pub const LEASES: &str = "sluicegate_leases_total";
+    pub const LEASED_TOKENS: &str = "sluicegate_leased_tokens_total";
+    pub const LEASE_RETURNED_TOKENS: &str = "sluicegate_lease_returned_tokens_total";
+    pub const LEASE_ANSWERS: &str = "sluicegate_lease_answers_total";
 }
 
 /// Histogram buckets in seconds: fine below a millisecond (memory decisions take microseconds)
@@ -207,6 +211,24 @@ fn describe() {
         names::RLQS_EXCHANGES,
         "Backend calls exchanging quota demand with the other replicas (one per second, per 1,000 rule buckets), by outcome (ok, error)."
     );
+    describe_counter!(
+        names::LEASES,
+        "Leases of Redis buckets granted to this replica (QUOTA_LEASES)."
+    );
+    describe_counter!(
+        names::LEASED_TOKENS,
+        "Tokens taken from Redis buckets as this replica's leases."
+    );
+    describe_counter!(
+        names::LEASE_RETURNED_TOKENS,
+        "Leased tokens given back unspent (a lease expired, a shape changed, shutdown)."
+    );
+    describe_counter!(
+        names::LEASE_ANSWERS,
+        "Takes answered from this replica's leases, without a call to Redis."
+    );
+    // Registered at 0 whatever the backend (the memory one never leases).
+    let _ = crate::telemetry::handles::lease_counters();
     describe_counter!(
         names::SHED,
         "Calls refused before any work, by reason (concurrency: MAX_CONCURRENT_REQUESTS; adaptive: the adaptive limit; queue: waited longer than MAX_QUEUE_MS; message_size; bounds; deadline: a grpc-timeout under 1 ms or passed while waiting), and TLS connections shed before their handshake (handshake: their peer had its share in progress; handshake_cut: cut for a newer one when the gate was full)."

@@ -105,6 +105,10 @@ impl<B: Backend> Backend for Timed<B> {
         self.inner.ping().await
     }
 
+    async fn close(&self) {
+        self.inner.close().await
+    }
+
     /// Timed and counted like every backend call: one per replica and RLQS interval.
     async fn exchange_demand(
         &self,

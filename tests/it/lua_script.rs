@@ -96,7 +96,7 @@ async fn every_argument_must_be_a_number_in_its_range() {
         let err = eval(&mut conn, args).await.unwrap_err();
         assert!(err.to_string().contains(name), "{err}");
     }
-    for mode in ["0", "7", "11", "1.5"] {
+    for mode in ["0", "7", "13", "1.5"] {
         let err = eval(&mut conn, ["10", "1", "1", mode]).await.unwrap_err();
         assert!(err.to_string().contains("mode"), "{err}");
     }
@@ -158,6 +158,155 @@ async fn returns_the_documented_array_and_stores_two_doubles() {
     let (allowed, _, retry, _) = eval(&mut conn, ["10", "2", "9", "10"]).await.unwrap();
     assert_eq!(allowed, 0);
     assert!((400..=500).contains(&retry), "one token at 2/s: {retry}");
+}
+
+/// A bucket's state while leases are out: (tokens, leased, generation, until), or None when it is
+/// stored without them (two doubles).
+async fn leased_state(conn: &mut MultiplexedConnection, key: &str) -> Option<(f64, f64, f64, f64)> {
+    let raw: Vec<u8> = redis::cmd("GET").arg(key).query_async(conn).await.unwrap();
+    let d = |i: usize| f64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().unwrap());
+    match raw.len() {
+        16 => None,
+        40 => Some((d(0), d(2), d(3), d(4))),
+        n => panic!("{n} bytes"),
+    }
+}
+
+#[tokio::test]
+async fn leases_are_counted_out_of_the_bucket_until_they_come_back() {
+    let server = crate::support::RedisServer::start().await;
+    let mut conn = server.connection().await;
+    let k = ["tb:lease"];
+    let k2 = ["tb:lease", "tb:lease"];
+    // A take of 1 and a lease of 10 in one call, on a bucket of 100 refilling 1 a second.
+    let reply = eval_many(
+        &mut conn,
+        &k2,
+        &["100", "1", "1", "1", "100", "1", "10", "11", "L", "250"],
+    )
+    .await
+    .unwrap();
+    let a = answers(&reply);
+    assert_eq!((a[0].0, a[0].2), (true, 1));
+    assert_eq!(
+        (a[1].0, a[1].1, a[1].2),
+        (true, 89.0, 10),
+        "the lease took 10"
+    );
+    let redis::Value::Int(generation) = reply[7] else {
+        panic!("a lease's fourth value is its generation: {:?}", reply[7])
+    };
+    let (tokens, leased, g, until) = leased_state(&mut conn, "tb:lease").await.unwrap();
+    assert_eq!((tokens, leased, g as i64), (89.0, 10.0, generation));
+    assert!(until - g >= 250.0 && until - g < 260.0, "{g} {until}");
+    // The bucket refills and takes refunds only up to what is not leased out.
+    let reply = eval_many(&mut conn, &k, &["100", "1", "100", "3"])
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(&reply)[0].1,
+        90.0,
+        "a refund stops at capacity minus the lease"
+    );
+    // A return of another generation puts its tokens back but leaves the count alone.
+    let stale = (generation - 1).to_string();
+    let back = |unspent: &str, generation: &str| {
+        vec![
+            "100".to_string(),
+            "1".into(),
+            unspent.into(),
+            "12".into(),
+            "L".into(),
+            "250".into(),
+            "1".into(),
+            "10".into(),
+            generation.into(),
+        ]
+    };
+    let args = back("0", &stale);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    eval_many(&mut conn, &k, &args).await.unwrap();
+    assert_eq!(leased_state(&mut conn, "tb:lease").await.unwrap().1, 10.0);
+    // The lease's own return: 4 unspent back, nothing leased out: two doubles again.
+    let args = back("4", &generation.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let reply = eval_many(&mut conn, &k, &args).await.unwrap();
+    assert_eq!(answers(&reply)[0].1, 94.0);
+    assert!(leased_state(&mut conn, "tb:lease").await.is_none());
+    let reply = eval_many(&mut conn, &k, &["100", "1", "100", "3"])
+        .await
+        .unwrap();
+    assert_eq!(answers(&reply)[0].1, 100.0, "all of it again");
+
+    // No lease while the bucket would keep less than half: 45 left of 100.
+    let reply = eval_many(
+        &mut conn,
+        &k2,
+        &["100", "1", "45", "1", "100", "1", "10", "11", "L", "250"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        answers(&reply)[1],
+        (true, 55.0, 0),
+        "allowed, nothing taken"
+    );
+    assert!(leased_state(&mut conn, "tb:lease").await.is_none());
+
+    // A lease of a vetoed group is not taken.
+    let g = ["tb:lease:a", "tb:lease:b"];
+    let reply = eval_many(
+        &mut conn,
+        &g,
+        &[
+            "100", "1", "10", "11", "10", "1", "11", "1", "2", "L", "250",
+        ],
+    )
+    .await
+    .unwrap();
+    let a = answers(&reply);
+    assert!(!a[1].0, "11 of 10: denied");
+    assert_eq!(a[0].2, 0, "the group's lease took nothing");
+    let raw: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("tb:lease:a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(raw.is_none(), "nothing written");
+
+    // A generation ends when its last lease expires: what it leased out is the bucket's again.
+    let short = ["tb:short"];
+    eval_many(&mut conn, &short, &["100", "1000", "10", "11", "L", "30"])
+        .await
+        .unwrap();
+    assert_eq!(leased_state(&mut conn, "tb:short").await.unwrap().1, 10.0);
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    let reply = eval_many(&mut conn, &short, &["100", "1000", "0", "2"])
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(&reply)[0].1,
+        100.0,
+        "refilled to the whole capacity"
+    );
+
+    // Leases need their lifetime, returns their lease.
+    let err = eval_many(&mut conn, &k, &["100", "1", "10", "11"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lifetime"), "{err}");
+    let err = eval_many(&mut conn, &k, &["100", "1", "10", "12", "L", "250"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lease return"), "{err}");
+    let err = eval_many(
+        &mut conn,
+        &k,
+        &["100", "1", "10", "1", "L", "250", "1", "10", "7"],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("not a return"), "{err}");
 }
 
 #[tokio::test]

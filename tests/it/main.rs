@@ -27,6 +27,7 @@ mod readme;
 mod redis_cluster;
 mod redis_faults;
 mod redis_tls;
+mod replica_leases;
 mod rlqs_e2e;
 mod rlqs_wire;
 mod rules;

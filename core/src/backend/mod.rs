@@ -173,6 +173,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether the backend is reachable now (for health and readiness).
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
 
+    /// Gives back what this process holds of shared buckets (leases) before it stops; after the
+    /// last decision.
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+
     /// Publishes this replica's demand per RLQS quota bucket (valid for `ttl_ms`) and answers each
     /// bucket's demand summed over every replica, in order. A backend that only this process
     /// uses (memory) is the whole fleet: it answers what it was given. A shared one must sum.
@@ -242,6 +248,10 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
         (**self).ping()
+    }
+
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        (**self).close()
     }
 
     fn exchange_demand(

@@ -15,10 +15,12 @@
 //! - `breaker.rs`: a circuit breaker per node.
 //! - `deny_cache.rs`: denials this replica can prove without asking Redis, and the refunds of
 //!   other replicas that make it forget them.
+//! - `leases.rs`: this replica's leases of hot buckets (QUOTA_LEASES), spent without Redis.
 
 mod breaker;
 mod connect;
 mod deny_cache;
+mod leases;
 mod node;
 mod script;
 mod topology;
@@ -28,13 +30,15 @@ use std::{sync::Arc, time::Duration};
 use futures::future::join_all;
 
 pub use connect::RedisTls;
+pub use leases::LeaseSettings;
 pub use script::{IN_FLIGHT_LUA, RLQS_DEMAND_LUA, TOKEN_BUCKET_LUA};
 pub use topology::Topology;
 
 use deny_cache::DenyCache;
+use leases::{Lease, Leases, Returned, Spend};
 use node::{Job, Node};
-use script::Op1;
 use script::Placement;
+use script::{Kind, Op1};
 use topology::Nodes;
 
 use super::{
@@ -59,6 +63,17 @@ pub struct RedisMetrics {
     pub gone: Option<metrics::Counter>,
     /// Calls shed because they waited longer than MAX_QUEUE_MS.
     pub queue_shed: Option<metrics::Counter>,
+    /// Leases granted, tokens leased, unspent tokens returned, takes answered from a lease.
+    pub leases: Option<LeaseCounters>,
+}
+
+/// The lease counters (QUOTA_LEASES).
+#[derive(Clone)]
+pub struct LeaseCounters {
+    pub granted: metrics::Counter,
+    pub tokens: metrics::Counter,
+    pub returned: metrics::Counter,
+    pub answers: metrics::Counter,
 }
 
 impl RedisMetrics {
@@ -80,6 +95,25 @@ impl RedisMetrics {
         }
     }
 
+    fn lease_granted(&self, tokens: u64) {
+        if let Some(c) = &self.leases {
+            c.granted.increment(1);
+            c.tokens.increment(tokens);
+        }
+    }
+
+    fn lease_returned(&self, tokens: u64) {
+        if let Some(c) = &self.leases {
+            c.returned.increment(tokens);
+        }
+    }
+
+    fn lease_answers(&self, n: usize) {
+        if let (Some(c), true) = (&self.leases, n > 0) {
+            c.answers.increment(n as u64);
+        }
+    }
+
     fn circuit_gauge(&self, addr: &str) -> Option<metrics::Gauge> {
         self.circuit.as_ref().map(|f| f(addr))
     }
@@ -97,6 +131,8 @@ pub struct RedisOptions {
     pub max_queue: Duration,
     /// LOCAL_DENY_CACHE.
     pub deny_cache: bool,
+    /// QUOTA_LEASES (None: off), LEASE_MS and LEASE_MAX_FRACTION.
+    pub leases: Option<LeaseSettings>,
     pub tls: RedisTls,
     pub metrics: RedisMetrics,
 }
@@ -111,6 +147,7 @@ impl RedisOptions {
             connections: 2,
             max_queue: timeout,
             deny_cache: false,
+            leases: None,
             tls: RedisTls::default(),
             metrics: RedisMetrics::default(),
         }
@@ -135,6 +172,16 @@ pub struct RedisBackend {
     /// Shared with compensating refunds that outlive their caller.
     nodes: Arc<Nodes>,
     deny: Option<Arc<DenyCache>>,
+    leases: Option<Arc<Leases>>,
+    metrics: RedisMetrics,
+}
+
+/// What a take's call carries besides it: this replica's lease of the bucket to give back first,
+/// and the size of a lease to ask for after it (0: none).
+#[derive(Clone, Copy, Debug, Default)]
+struct Extra {
+    give_back: Option<Lease>,
+    want: u64,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -157,6 +204,8 @@ impl RedisBackend {
     pub fn with_options(url: &str, options: RedisOptions) -> Result<Self, BackendError> {
         let cluster = options.topology == Topology::Cluster;
         let deny = options.deny_cache.then(|| Arc::new(DenyCache::default()));
+        let leases = options.leases.map(|s| Arc::new(Leases::new(s)));
+        let metrics = options.metrics.clone();
         let lanes = Arc::new(NodeContext {
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_string(),
             timeout: options.timeout,
@@ -170,10 +219,25 @@ impl RedisBackend {
             metrics: options.metrics,
             deny: deny.clone(),
         });
+        let nodes = Arc::new(Nodes::start(options.topology, url, &options.tls, &lanes)?);
+        if let Some(leases) = &leases {
+            spawn_lease_sweeper(
+                Arc::downgrade(leases),
+                Arc::downgrade(&nodes),
+                metrics.clone(),
+            );
+        }
         Ok(Self {
-            nodes: Arc::new(Nodes::start(options.topology, url, &options.tls, &lanes)?),
+            nodes,
             deny,
+            leases,
+            metrics,
         })
+    }
+
+    /// Leases held now and their unspent tokens (QUOTA_LEASES).
+    pub fn leases_held(&self) -> (usize, u64) {
+        self.leases.as_ref().map_or((0, 0), |l| l.held())
     }
 
     /// Buckets the deny cache holds now.
@@ -187,19 +251,87 @@ impl RedisBackend {
         &self,
         node: Option<Arc<Node>>,
         reqs: &[BucketRequest<'_>],
+        extras: &[Extra],
         group: bool,
     ) -> Result<Vec<Decision>, BackendError> {
+        let leasing = extras.iter().any(|e| e.give_back.is_some() || e.want > 0);
+        if !leasing {
+            let job = || {
+                let mut buckets = script::Buckets::new(group);
+                for r in reqs {
+                    push_request(&mut buckets, r);
+                }
+                Job::new(buckets)
+            };
+            return submit_routed(&self.nodes, node, reqs[0].key, job).await;
+        }
+        // Each take with its extras: the lease given back before it (so that it sees the
+        // tokens), the lease asked for after it. Both are part of the group: a return always
+        // lands, a lease never vetoes and is not taken when the group is vetoed.
+        let lease_ms = self.leases.as_ref().map_or(1, |l| l.settings().lease_ms);
         let job = || {
             let mut buckets = script::Buckets::new(group);
-            for r in reqs {
-                buckets.push(r.key, r.ask.into());
-                if let (Some(rv), Op::Take(_) | Op::TakeUpTo(_)) = (r.reserve, r.ask.op) {
-                    buckets.reserve_last(script::reservation_key(r.key, rv.id), rv.ttl_ms);
+            buckets.lease_ms = lease_ms;
+            for (r, e) in reqs.iter().zip(extras) {
+                if let Some(l) = e.give_back {
+                    let back = Ask::new(r.ask.shape, Op::Refund(l.left));
+                    let kind = Kind::Return {
+                        size: l.size,
+                        generation: l.generation,
+                    };
+                    buckets.push(r.key, Op1::of(back, kind));
+                }
+                push_request(&mut buckets, r);
+                if e.want > 0 {
+                    let lease = Ask::new(r.ask.shape, Op::Take(e.want));
+                    buckets.push(r.key, Op1::of(lease, Kind::Lease));
                 }
             }
             Job::new(buckets)
         };
-        submit_routed(&self.nodes, node, reqs[0].key, job).await
+        let sent = tokio::time::Instant::now();
+        let result = submit_routed(&self.nodes, node, reqs[0].key, job).await;
+        let leases = self.leases.as_ref();
+        let Ok(all) = result else {
+            // Whether the returns landed is unknown: never sent twice (a second return would
+            // take its size off the leases of others); lost at worst, until the generation ends.
+            for (r, _) in reqs.iter().zip(extras).filter(|(_, e)| e.want > 0) {
+                if let Some(l) = leases {
+                    l.granted(r.key, r.ask.shape, sent, None);
+                }
+            }
+            return result;
+        };
+        let mut all = all.into_iter();
+        let mut out = Vec::with_capacity(reqs.len());
+        for (r, e) in reqs.iter().zip(extras) {
+            if let Some(l) = e.give_back {
+                all.next();
+                self.metrics.lease_returned(l.left);
+            }
+            out.push(all.next().ok_or_else(unknown_node)?);
+            if e.want > 0 {
+                let lease = all.next();
+                if let Some(d) = lease.as_ref().filter(|d| d.granted > 0) {
+                    self.metrics.lease_granted(d.granted);
+                }
+                if let Some(l) = leases {
+                    l.granted(r.key, r.ask.shape, sent, lease.as_ref());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A take's lease at `now`: an answer from it, or what the call to Redis carries besides
+    /// the take. None when leases are off or the request is not a plain take (a reservation
+    /// must be recorded in Redis).
+    fn spend(&self, r: &BucketRequest<'_>, now: tokio::time::Instant) -> Option<Spend> {
+        let leases = self.leases.as_ref()?;
+        match (r.ask.op, r.reserve) {
+            (Op::Take(cost), None) => Some(leases.spend(r.key, r.ask.shape, cost, now)),
+            _ => None,
+        }
     }
 
     /// The group over as many nodes as its keys live on; all or nothing across nodes by
@@ -207,12 +339,15 @@ impl RedisBackend {
     async fn across_nodes(
         &self,
         reqs: &[BucketRequest<'_>],
+        extras: &[Extra],
         all_or_nothing: bool,
     ) -> Vec<Result<Decision, BackendError>> {
         let parts = self.by_node(reqs);
         let answers = join_all(parts.iter().map(|(node, idx)| async move {
             let part: Vec<BucketRequest<'_>> = idx.iter().map(|&i| reqs[i]).collect();
-            self.on_node(node.clone(), &part, all_or_nothing).await
+            let part_extras: Vec<Extra> = idx.iter().map(|&i| extras[i]).collect();
+            self.on_node(node.clone(), &part, &part_extras, all_or_nothing)
+                .await
         }))
         .await;
 
@@ -292,6 +427,90 @@ impl RedisBackend {
             }
         }
     }
+}
+
+/// Adds a request to a job: its operation, and its reservation when it is a take.
+fn push_request(buckets: &mut script::Buckets, r: &BucketRequest<'_>) {
+    buckets.push(r.key, r.ask.into());
+    if let (Some(rv), Op::Take(_) | Op::TakeUpTo(_)) = (r.reserve, r.ask.op) {
+        buckets.reserve_last(script::reservation_key(r.key, rv.id), rv.ttl_ms);
+    }
+}
+
+/// How often quiet keys' leases are looked for, as a share of LEASE_MS.
+const SWEEPS_PER_LEASE: u32 = 4;
+
+/// Returns expired leases (of keys that went quiet) every LEASE_MS / 4, until the backend goes.
+fn spawn_lease_sweeper(
+    leases: std::sync::Weak<Leases>,
+    nodes: std::sync::Weak<Nodes>,
+    metrics: RedisMetrics,
+) {
+    tokio::spawn(async move {
+        let every = leases.upgrade().map_or(Duration::from_millis(50), |l| {
+            Duration::from_millis(u64::from(l.settings().lease_ms / SWEEPS_PER_LEASE).max(5))
+        });
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (Some(leases), Some(nodes)) = (leases.upgrade(), nodes.upgrade()) else {
+                return;
+            };
+            let back = leases.sweep(tokio::time::Instant::now());
+            if !back.is_empty() {
+                let lease_ms = leases.settings().lease_ms;
+                drop(leases);
+                tokio::spawn(return_leases(nodes, back, lease_ms, metrics.clone()));
+            }
+        }
+    });
+}
+
+/// Gives leases back, one call per node. Never retried: a return that landed unanswered and came
+/// again would take its size off the leases of others (one lost is only capacity held until its
+/// generation ends).
+async fn return_leases(
+    nodes: Arc<Nodes>,
+    back: Vec<Returned>,
+    lease_ms: u32,
+    metrics: RedisMetrics,
+) {
+    let mut by_node: Vec<(Arc<Node>, script::Buckets, u64)> = Vec::new();
+    for r in &back {
+        let Some(node) = nodes.node_for(r.key.as_bytes()) else {
+            continue;
+        };
+        let i = match by_node.iter().position(|(n, _, _)| Arc::ptr_eq(n, &node)) {
+            Some(i) => i,
+            None => {
+                let mut buckets = script::Buckets::new(false);
+                buckets.lease_ms = lease_ms;
+                by_node.push((node, buckets, 0));
+                by_node.len() - 1
+            }
+        };
+        let (_, buckets, tokens) = &mut by_node[i];
+        let kind = Kind::Return {
+            size: r.lease.size,
+            generation: r.lease.generation,
+        };
+        buckets.push(
+            &r.key,
+            Op1::of(Ask::new(r.shape, Op::Refund(r.lease.left)), kind),
+        );
+        *tokens += r.lease.left;
+    }
+    join_all(by_node.into_iter().map(|(node, buckets, tokens)| {
+        let metrics = metrics.clone();
+        async move {
+            match node.submit(Job::new(buckets)).await {
+                Ok(_) => metrics.lease_returned(tokens),
+                Err(e) => tracing::debug!(error = %e, "lease returns failed; their tokens come back by refill"),
+            }
+        }
+    }))
+    .await;
 }
 
 /// How many times a job follows its slot (MOVED, ASK) before its callers get the error.
@@ -384,9 +603,17 @@ impl Backend for RedisBackend {
             return Ok(local);
         }
         let sent = tokio::time::Instant::now();
+        let extra = match self.spend(&req, sent) {
+            Some(Spend::Local { decision, .. }) => {
+                self.metrics.lease_answers(1);
+                return Ok(decision);
+            }
+            Some(Spend::Remote { give_back, want }) => Extra { give_back, want },
+            None => Extra::default(),
+        };
         let node = self.nodes.node_for(req.key.as_bytes());
         let d = self
-            .on_node(node, std::slice::from_ref(&req), false)
+            .on_node(node, std::slice::from_ref(&req), &[extra], false)
             .await?
             .pop()
             .ok_or_else(unknown_node)?;
@@ -401,20 +628,64 @@ impl Backend for RedisBackend {
         reqs: &[BucketRequest<'_>],
         all_or_nothing: bool,
     ) -> Vec<Result<Decision, BackendError>> {
-        let Some(cache) = &self.deny else {
-            return self.across_nodes(reqs, all_or_nothing).await;
-        };
+        let now = tokio::time::Instant::now();
         // Denials provable here need no call. Under all or nothing one of them vetoes the group:
         // the other takes become checks, so that nothing is charged.
-        let local: Vec<Option<Decision>> = reqs
-            .iter()
-            .map(|r| cache.deny(r.key, r.ask.shape, r.ask.op))
-            .collect();
+        let mut local: Vec<Option<Decision>> = match &self.deny {
+            Some(cache) => reqs
+                .iter()
+                .map(|r| cache.deny(r.key, r.ask.shape, r.ask.op))
+                .collect(),
+            None => vec![None; reqs.len()],
+        };
+        let mut extras = vec![Extra::default(); reqs.len()];
+        if let Some(leases) = &self.leases {
+            // Takes answered from leases. A group that is all or nothing spends from its leases
+            // only when every member can be answered so; else what was spent goes back on the
+            // leases and the whole group goes to Redis.
+            let mut spent = Vec::new();
+            for (i, r) in reqs.iter().enumerate() {
+                if local[i].is_some() {
+                    continue;
+                }
+                match self.spend(r, now) {
+                    Some(Spend::Local { decision, serial }) => {
+                        local[i] = Some(decision);
+                        spent.push((i, serial));
+                    }
+                    Some(Spend::Remote { give_back, want }) => {
+                        extras[i] = Extra { give_back, want };
+                    }
+                    None => {}
+                }
+            }
+            if all_or_nothing && reqs.len() > 1 && spent.len() < reqs.len() {
+                for (i, serial) in spent.drain(..) {
+                    let r = &reqs[i];
+                    leases.unspend(r.key, r.ask.op.cost(), serial);
+                    local[i] = None;
+                }
+            }
+            self.metrics.lease_answers(spent.len());
+            if spent.len() == reqs.len() {
+                return local.into_iter().flatten().map(Ok).collect();
+            }
+        }
         let vetoed = all_or_nothing
             && reqs
                 .iter()
                 .zip(&local)
-                .any(|(r, l)| r.ask.veto && l.is_some());
+                .any(|(r, l)| r.ask.veto && l.is_some_and(|d| !d.allowed));
+        if vetoed {
+            // Nothing of the group is taken: no lease is asked for either.
+            extras.iter_mut().for_each(|e| e.want = 0);
+        }
+        let remote_extras: Vec<Extra> = extras
+            .iter()
+            .zip(&local)
+            .filter(|(_, l)| l.is_none())
+            .map(|(e, _)| *e)
+            .collect();
         let remote: Vec<BucketRequest<'_>> = reqs
             .iter()
             .zip(&local)
@@ -434,7 +705,8 @@ impl Backend for RedisBackend {
         let mut answers = if remote.is_empty() {
             Vec::new()
         } else {
-            self.across_nodes(&remote, all_or_nothing).await
+            self.across_nodes(&remote, &remote_extras, all_or_nothing)
+                .await
         }
         .into_iter();
         reqs.iter()
@@ -443,7 +715,7 @@ impl Backend for RedisBackend {
                 Some(d) => Ok(d),
                 None => {
                     let answer = answers.next().unwrap_or_else(|| Err(unknown_node()));
-                    if let Ok(d) = &answer {
+                    if let (Ok(d), Some(cache)) = (&answer, &self.deny) {
                         cache.observe(r.key, r.ask.shape, r.ask.op, sent, d);
                     }
                     answer
@@ -456,10 +728,7 @@ impl Backend for RedisBackend {
         let sent = tokio::time::Instant::now();
         let job = || {
             // The real cost travels as a forced charge's; the reservation decides what it becomes.
-            let settle = Op1 {
-                ask: Ask::new(req.shape, Op::Force(req.actual)),
-                settle: true,
-            };
+            let settle = Op1::of(Ask::new(req.shape, Op::Force(req.actual)), Kind::Settle);
             let mut buckets = script::Buckets::single(req.key, settle);
             buckets.reserve_last(script::reservation_key(req.key, req.id), 0);
             Job::new(buckets)
@@ -527,6 +796,16 @@ impl Backend for RedisBackend {
             }
         }
         Err(last.unwrap_or_else(unknown_node))
+    }
+
+    async fn close(&self) {
+        if let Some(leases) = &self.leases {
+            let back = leases.drain();
+            if !back.is_empty() {
+                let lease_ms = leases.settings().lease_ms;
+                return_leases(self.nodes.clone(), back, lease_ms, self.metrics.clone()).await;
+            }
+        }
     }
 
     async fn exchange_demand(

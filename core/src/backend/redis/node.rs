@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::breaker::{Breaker, Permit};
 use super::connect::{CONNECT_TIMEOUT, DEAD_CONNECTION_AFTER, Template};
-use super::script::{self, Buckets, Op1};
+use super::script::{self, Buckets, Kind, Op1};
 use super::{NodeContext, map_error};
 use crate::Decision;
 use crate::backend::{BackendError, ErrorKind};
@@ -699,10 +699,19 @@ fn hand_out(batch: &mut [Job], decisions: Vec<Option<Decision>>, addr: &str) -> 
         if !job.answer(mine.ok_or_else(|| away(addr)))
             && let Some(taken) = taken
         {
-            for (i, cost) in taken {
-                let ask = job.buckets.ops[i].ask;
-                let refund = crate::Ask::new(ask.shape, crate::Op::Refund(cost));
-                refunds.push(job.buckets.key(i), refund.into());
+            for (i, cost, generation) in taken {
+                let o = job.buckets.ops[i];
+                let refund = crate::Ask::new(o.ask.shape, crate::Op::Refund(cost));
+                let kind = match o.kind {
+                    // A lease nobody will spend goes back as a lease, off what is leased out.
+                    Kind::Lease => Kind::Return {
+                        size: cost,
+                        generation,
+                    },
+                    _ => Kind::Decide,
+                };
+                refunds.push(job.buckets.key(i), Op1::of(refund, kind));
+                refunds.lease_ms = job.buckets.lease_ms;
             }
         }
     }
@@ -712,16 +721,17 @@ fn hand_out(batch: &mut [Job], decisions: Vec<Option<Decision>>, addr: &str) -> 
     })
 }
 
-/// The takes a job's answer charged: (bucket, tokens taken). A take its all-or-nothing group
-/// vetoed took nothing (granted 0); a settle is not a take (its reservation decides).
-fn charged(buckets: &Buckets, decisions: &[Decision]) -> Vec<(usize, u64)> {
+/// The takes a job's answer charged: (bucket, tokens taken, a lease's generation). A take its
+/// all-or-nothing group vetoed took nothing (granted 0); a settle is not a take (its reservation
+/// decides).
+fn charged(buckets: &Buckets, decisions: &[Decision]) -> Vec<(usize, u64, u64)> {
     buckets
         .ops
         .iter()
         .zip(decisions)
         .enumerate()
-        .filter(|(_, (op, d))| d.granted > 0 && !op.settle)
-        .map(|(i, (_, d))| (i, d.granted))
+        .filter(|(_, (op, d))| d.granted > 0 && op.kind != Kind::Settle)
+        .map(|(i, (_, d))| (i, d.granted, d.reset_after_ms))
         .collect()
 }
 

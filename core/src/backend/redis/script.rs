@@ -158,13 +158,35 @@ pub enum Placement {
 #[derive(Clone, Copy, Debug)]
 pub struct Op1 {
     pub ask: Ask,
+    pub kind: Kind,
+}
+
+/// What the script does with an operation besides deciding it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Decided as its [`Op`] says.
+    Decide,
     /// Settles the job's reservation for this bucket; the operation's cost is the real cost.
-    pub settle: bool,
+    Settle,
+    /// Takes the operation's cost as this replica's lease if the bucket holds plenty (mode 11):
+    /// never denied, never a veto; the answer's `reset_after_ms` is the lease's generation.
+    Lease,
+    /// Returns a lease of `size` tokens of `generation`, the operation's cost unspent (mode 12).
+    Return { size: u64, generation: u64 },
 }
 
 impl From<Ask> for Op1 {
     fn from(ask: Ask) -> Self {
-        Self { ask, settle: false }
+        Self {
+            ask,
+            kind: Kind::Decide,
+        }
+    }
+}
+
+impl Op1 {
+    pub fn of(ask: Ask, kind: Kind) -> Self {
+        Self { ask, kind }
     }
 }
 
@@ -179,6 +201,8 @@ pub struct Buckets {
     /// charged Take, or to settle.
     pub reservations: SmallVec<[(u32, String, u32); 1]>,
     pub group: bool,
+    /// LEASE_MS, for a job with leases (every job of one replica has the same).
+    pub lease_ms: u32,
 }
 
 impl Buckets {
@@ -189,6 +213,7 @@ impl Buckets {
             ops: SmallVec::new(),
             reservations: SmallVec::new(),
             group,
+            lease_ms: 0,
         }
     }
 
@@ -224,6 +249,25 @@ impl Buckets {
 
 /// The mode of a settle: the reservation decides the operation.
 const SETTLE: u8 = 9;
+/// A replica's lease, and its return.
+const LEASE: u8 = 11;
+const RETURN: u8 = 12;
+
+impl Op1 {
+    /// The number the script receives as this operation's mode.
+    fn mode(&self) -> u8 {
+        match self.kind {
+            Kind::Decide => mode(self.ask.op, self.ask.veto),
+            Kind::Settle => SETTLE,
+            Kind::Lease => LEASE,
+            Kind::Return { .. } => RETURN,
+        }
+    }
+
+    fn leases(&self) -> bool {
+        matches!(self.kind, Kind::Lease | Kind::Return { .. })
+    }
+}
 
 /// The number the script receives as an operation's mode: 1 take, 2 check, 3 refund, 4 force,
 /// 10 take up to; +4 when a denial does not veto its group (shadow rules).
@@ -264,7 +308,7 @@ where
             cmd.arg(a.shape.capacity())
                 .arg(a.shape.rate())
                 .arg(a.op.cost())
-                .arg(if o.settle { SETTLE } else { mode(a.op, a.veto) });
+                .arg(o.mode());
         }
     }
     // Group lengths only when some group has more than one member (else all are alone anyway).
@@ -282,9 +326,25 @@ where
     if batch.clone().any(|j| !j.reservations.is_empty()) {
         cmd.arg("R");
         let mut offset = 0;
-        for job in batch {
+        for job in batch.clone() {
             for (i, key, ttl) in &job.reservations {
                 cmd.arg(offset + *i as usize + 1).arg(key).arg(*ttl);
+            }
+            offset += job.len();
+        }
+    }
+    if let Some(lease_ms) = batch
+        .clone()
+        .find(|j| j.ops.iter().any(Op1::leases))
+        .map(|j| j.lease_ms.max(1))
+    {
+        cmd.arg("L").arg(lease_ms);
+        let mut offset = 0;
+        for job in batch {
+            for (i, o) in job.ops.iter().enumerate() {
+                if let Kind::Return { size, generation } = o.kind {
+                    cmd.arg(offset + i + 1).arg(size).arg(generation);
+                }
             }
             offset += job.len();
         }
