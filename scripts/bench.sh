@@ -10,6 +10,7 @@
 #   scripts/bench.sh overload        # open-loop steps at 1x-8x with a 20 ms deadline (scripts/overload.py)
 #   scripts/bench.sh rlqs            # Envoy without a call per request: throughput and accuracy (scripts/rlqs_bench.py)
 #   scripts/bench.sh leased          # leased quota in the client against a call per decision (scripts/leased_bench.py)
+#   scripts/bench.sh quota-leases    # leased quota in the service (QUOTA_LEASES) against Redis and memory (scripts/quota_leases_bench.py)
 #
 # Client, server and Redis share the machine's cores, so the figures are a floor for the server.
 set -euo pipefail
@@ -23,6 +24,11 @@ fi
 if [[ ${1:-} == leased ]]; then
   cargo build --release --quiet --locked -p sluicegate -p sluicegate-client --bins
   exec python3 scripts/leased_bench.py "${@:2}"
+fi
+
+if [[ ${1:-} == quota-leases ]]; then
+  cargo build --release --quiet --locked -p sluicegate -p sluicegate-client --bins
+  exec python3 scripts/quota_leases_bench.py "${@:2}"
 fi
 
 if [[ ${1:-} == overload ]]; then

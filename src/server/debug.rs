@@ -49,6 +49,8 @@ pub struct DebugState {
     pub allowed_hosts: Arc<Vec<String>>,
     /// The Envoy quota streams (RLQS) open here.
     pub quotas: Arc<crate::api::Quotas>,
+    /// This replica's leases of Redis buckets (None: QUOTA_LEASES off).
+    pub leases: Arc<dyn Fn() -> Option<sluicegate_core::backend::redis::LeaseStats> + Send + Sync>,
 }
 
 /// Buckets listed per quota stream on the status page (the busiest).
@@ -189,6 +191,7 @@ async fn status(State(s): State<DebugState>) -> Json<Value> {
         "top_keys_enabled": s.activity.top_enabled(),
         "top_denied": top_keys(&s, STATUS_TOP),
         "rlqs": quota_streams(&s),
+        "leases": (s.leases)(),
     }))
 }
 

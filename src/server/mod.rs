@@ -208,6 +208,10 @@ async fn serve<B: Backend>(
         show_keys: settings.http.show_keys,
         allowed_hosts: Arc::new(settings.http.allowed_hosts.clone()),
         quotas: quotas.clone(),
+        leases: {
+            let backend = backend.clone();
+            Arc::new(move || backend.leases())
+        },
     });
     let http_app = http::router(HttpState {
         metrics: parts.metrics,

@@ -109,6 +109,10 @@ impl<B: Backend> Backend for Timed<B> {
         self.inner.close().await
     }
 
+    fn leases(&self) -> Option<sluicegate_core::backend::redis::LeaseStats> {
+        self.inner.leases()
+    }
+
     /// Timed and counted like every backend call: one per replica and RLQS interval.
     async fn exchange_demand(
         &self,

@@ -217,7 +217,8 @@ async fn every_dashboard_panel_has_data() {
             "--redis-timeout-ms",
             "1000",
         ],
-        &[("REDIS_URL", &redis.url())],
+        // Leases on: the leased-quota panels show real leases.
+        &[("REDIS_URL", &redis.url()), ("QUOTA_LEASES", "true")],
     )
     .await;
     let demo = Demo::start(
@@ -258,6 +259,19 @@ async fn every_dashboard_panel_has_data() {
             "remote_address=10.0.0.1",
             "--descriptor",
             "generic_key=slow",
+        ]),
+        // Hot keys well within their limits: answered from leases (QUOTA_LEASES).
+        load(&[
+            "--api",
+            "should-allow",
+            "--target",
+            &grpc,
+            "--key-prefix",
+            "hot",
+            "--capacity",
+            "100000",
+            "--rate",
+            "100000",
         ]),
         load(&[
             "--api",
@@ -325,6 +339,8 @@ async fn every_dashboard_panel_has_data() {
         "RLQS requests reported, by rule",
         "RLQS streams and buckets",
         "RLQS assignments and demand exchanges",
+        "Takes answered from leases, and all decisions",
+        "Leases granted, tokens leased and returned unspent",
     ] {
         assert!(
             queries.iter().any(|(t, _)| t == title),
@@ -339,5 +355,17 @@ async fn every_dashboard_panel_has_data() {
         )
         .await;
     }
+    // The leased-quota panels show leases that happened, not only series at 0.
+    eventually(
+        Duration::from_secs(30),
+        "takes answered from leases",
+        async || {
+            let r = prometheus
+                .query("sum(sluicegate_lease_answers_total) > 0")
+                .await;
+            r.is_some_and(|r| has_data(&r))
+        },
+    )
+    .await;
     quota.abort();
 }

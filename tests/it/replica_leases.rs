@@ -217,6 +217,74 @@ async fn most_takes_of_a_hot_key_within_its_limit_need_no_call() {
     assert_eq!(leased, 0.0);
 }
 
+/// All-or-nothing groups (an Envoy request's descriptors) through two leasing replicas: a roomy
+/// bucket and a tight one (drained within the run), with a refill too slow to matter. A group is answered from leases only
+/// whole, so the roomy bucket is charged for exactly the groups allowed, and the tight one allows
+/// no more than its capacity in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_spends_from_leases_only_whole() {
+    let server = RedisServer::start().await;
+    let mut conn = server.connection().await;
+    let roomy = Shape::new(10_000.0, 0.000_1).unwrap();
+    let tight = Shape::new(2_000.0, 0.000_1).unwrap();
+    let replicas = [
+        std::sync::Arc::new(replica(&server.url(), 100, 0.2)),
+        std::sync::Arc::new(replica(&server.url(), 100, 0.2)),
+    ];
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let b = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut allowed, mut local) = (0u64, 0u64);
+            while start.elapsed() < Duration::from_millis(1_500) {
+                let reqs = [
+                    BucketRequest::new("tb:group:roomy", roomy, Op::Take(1)),
+                    BucketRequest::new("tb:group:tight", tight, Op::Take(1)),
+                ];
+                let d: Vec<Decision> = b
+                    .decide_group(&reqs, true)
+                    .await
+                    .into_iter()
+                    .map(Result::unwrap)
+                    .collect();
+                let whole = d[0].allowed && d[1].allowed;
+                allowed += u64::from(whole);
+                assert_eq!(d[0].granted, u64::from(whole), "{d:?}");
+                assert_eq!(d[1].granted, u64::from(whole), "{d:?}");
+                assert_eq!(d[0].without_backend, d[1].without_backend, "{d:?}");
+                local += u64::from(whole && d[0].without_backend);
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            (allowed, local)
+        }));
+    }
+    let (mut allowed, mut local) = (0, 0);
+    for t in tasks {
+        let (a, l) = t.await.unwrap();
+        allowed += a;
+        local += l;
+    }
+    for r in &replicas {
+        r.close().await;
+    }
+    eprintln!("{allowed} groups allowed, {local} of them from leases");
+    assert!(
+        allowed <= 2_000,
+        "{allowed} groups allowed of a bucket of 2,000"
+    );
+    assert!(
+        allowed >= 1_900,
+        "only {allowed} of 2,000: leases kept tokens from the group"
+    );
+    assert!(local > 0, "no group answered from leases");
+    let (r, leased_r) = bucket(&mut conn, "tb:group:roomy").await;
+    let (t, leased_t) = bucket(&mut conn, "tb:group:tight").await;
+    assert_eq!((leased_r, leased_t), (0.0, 0.0), "every lease came back");
+    assert!((r - (10_000.0 - allowed as f64)).abs() < 1e-2, "roomy: {r}");
+    assert!((t - (2_000.0 - allowed as f64)).abs() < 1e-2, "tight: {t}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_and_refund_through_another_replica_stay_exact_while_a_lease_is_out() {
     let server = RedisServer::start().await;
@@ -303,6 +371,7 @@ async fn a_replica_killed_with_a_lease_out_loses_at_most_that_lease() {
         ("QUOTA_LEASES", "true"),
         ("LEASE_MS", "1500"),
         ("REDIS_TIMEOUT_MS", "2000"),
+        ("DEBUG_ENDPOINTS", "true"),
     ];
     let a = Sluicegate::start(&["--redis-url", &redis.url()], &env).await;
     let mut client = a.client().await;
@@ -327,6 +396,19 @@ async fn a_replica_killed_with_a_lease_out_loses_at_most_that_lease() {
     let key = keys.first().expect("the bucket's key").clone();
     let (_, leased) = bucket(&mut conn, &key).await;
     assert!(leased > 0.0, "A holds a lease");
+    // The status page's figures say so too.
+    let (status, body) = crate::support::http_get(&a.http_url("/debug/status"))
+        .await
+        .expect("/debug/status");
+    assert_eq!(status, 200);
+    let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let l = &s["leases"];
+    assert_eq!(l["held"], 1, "{l}");
+    assert!(
+        l["granted"].as_u64() >= Some(1) && l["answers"].as_u64() >= Some(1),
+        "{l}"
+    );
+    assert!(l["leased_tokens"].as_f64() >= Some(leased), "{l}");
     // SIGKILL: no lease goes back.
     drop(client);
     drop(a);

@@ -155,6 +155,8 @@ def test_the_status_page_shows_the_limiter_working(sluicegate):
             jobs = [r for r in page.inner_text("#top-rules tbody").splitlines() if "jobs" in r]
             assert jobs and jobs[0].split()[-1] == "3", jobs
             assert "memory up" in page.inner_text("#backend")
+            # The memory backend never leases: the leased-quota section says it is off.
+            assert page.inner_text("#leases").startswith("Off"), page.inner_text("#leases")
             assert float(page.inner_text("#deny-ratio").rstrip("%")) > 0
 
             page.screenshot(path=str(shot), full_page=True)

@@ -179,6 +179,11 @@ pub trait Backend: Send + Sync + 'static {
         std::future::ready(())
     }
 
+    /// What this replica's leases of shared buckets hold and have done (None: no leases).
+    fn leases(&self) -> Option<redis::LeaseStats> {
+        None
+    }
+
     /// Publishes this replica's demand per RLQS quota bucket (valid for `ttl_ms`) and answers each
     /// bucket's demand summed over every replica, in order. A backend that only this process
     /// uses (memory) is the whole fleet: it answers what it was given. A shared one must sum.
@@ -252,6 +257,10 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn close(&self) -> impl Future<Output = ()> + Send {
         (**self).close()
+    }
+
+    fn leases(&self) -> Option<redis::LeaseStats> {
+        (**self).leases()
     }
 
     fn exchange_demand(

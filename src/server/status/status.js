@@ -110,6 +110,12 @@ function render(s) {
     : row([[e.peer, "key"], [e.domain], [b.pairs.map((p) => p[0] + "=" + p[1]).join(", "), "key"], [b.rule === null ? "(none)" : b.rule],
       [b.demand.toFixed(1), "num"], [b.assignment === null ? "-" : b.assignment],
       [b.rate === null ? "" : b.rate.toFixed(1), "num"], [b.max_tokens === null ? "" : fmt(b.max_tokens), "num"]]))), "rlqs-empty");
+  const l = s.leases;
+  $("leases").textContent = l === null
+    ? "Off (QUOTA_LEASES=false, or no Redis)."
+    : fmt(l.held) + " leases held (" + fmt(l.unspent) + " tokens unspent); since start " + fmt(l.granted) + " granted ("
+      + fmt(l.leased_tokens) + " tokens), " + fmt(l.returned_tokens) + " tokens returned unspent, "
+      + fmt(l.answers) + " takes answered from leases";
   $("top-keys-empty").textContent = s.top_keys_enabled ? "Nothing denied lately." : "Off (TOP_KEYS=0).";
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
 }

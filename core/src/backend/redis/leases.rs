@@ -22,6 +22,8 @@ use std::{
     time::Duration,
 };
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -33,7 +35,13 @@ const MAX_ENTRIES: usize = 100_000;
 /// The key's rate here is measured over windows this long.
 const WINDOW: Duration = Duration::from_millis(100);
 /// The smallest lease worth holding tokens others could use for.
-const MIN_LEASE: u64 = 4;
+const MIN_LEASE: u64 = 2;
+/// Keys get an entry only when seen twice within this long (a key taken less often never gets a
+/// lease): cold keys cost no allocation and no room in the table.
+const SEEN_WITHIN_MS: u64 = 1_000;
+/// Slots of that filter (8 bytes each): a key whose slot another key took meanwhile waits for its
+/// next sighting.
+const SEEN_SLOTS: usize = 1 << 16;
 /// A key unseen this long is forgotten (its lease, if any, returned first).
 const IDLE: Duration = Duration::from_secs(10);
 
@@ -71,6 +79,44 @@ pub struct Returned {
     pub lease: Lease,
 }
 
+/// What this replica's leases have done since it started, and hold now (the status page).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseStats {
+    /// Leases held now, and their unspent tokens.
+    pub held: u64,
+    pub unspent: u64,
+    /// Leases granted, the tokens they took, the unspent tokens given back.
+    pub granted: u64,
+    pub leased_tokens: u64,
+    pub returned_tokens: u64,
+    /// Takes answered from a lease.
+    pub answers: u64,
+}
+
+/// The running counts behind [`LeaseStats`].
+#[derive(Default)]
+pub struct Tally {
+    granted: AtomicU64,
+    leased_tokens: AtomicU64,
+    returned_tokens: AtomicU64,
+    answers: AtomicU64,
+}
+
+impl Tally {
+    pub fn granted(&self, tokens: u64) {
+        self.granted.fetch_add(1, Relaxed);
+        self.leased_tokens.fetch_add(tokens, Relaxed);
+    }
+
+    pub fn returned(&self, tokens: u64) {
+        self.returned_tokens.fetch_add(tokens, Relaxed);
+    }
+
+    pub fn answers(&self, n: u64) {
+        self.answers.fetch_add(n, Relaxed);
+    }
+}
+
 /// What to do with a take.
 #[derive(Debug, PartialEq)]
 pub enum Spend {
@@ -104,6 +150,15 @@ pub struct Leases {
     /// Leases replaced before they were spent (two calls granted one each): returned by the sweep.
     orphans: Mutex<Vec<Returned>>,
     serials: std::sync::atomic::AtomicU64,
+    /// Every lease granted, by key and expiry, oldest first: the sweep visits leases, not keys.
+    granted: Mutex<std::collections::VecDeque<(Box<str>, Instant, u64)>>,
+    /// When quiet keys were last looked for.
+    idle_sweep: Mutex<Instant>,
+    pub tally: Tally,
+    /// Per slot, the last key seen there (its hash's top half) and when (ms since `epoch`, low
+    /// half): lossy, lock-free, and only ever delays a key's entry.
+    seen: Box<[AtomicU64]>,
+    epoch: Instant,
 }
 
 impl Leases {
@@ -114,7 +169,22 @@ impl Leases {
             hasher: RandomState::new(),
             orphans: Mutex::new(Vec::new()),
             serials: std::sync::atomic::AtomicU64::new(0),
+            granted: Mutex::new(std::collections::VecDeque::new()),
+            idle_sweep: Mutex::new(Instant::now()),
+            tally: Tally::default(),
+            seen: (0..SEEN_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Whether the key of hash `h` was seen within [`SEEN_WITHIN_MS`] before `now` (and notes
+    /// this sighting).
+    fn seen_twice(&self, h: u64, now: Instant) -> bool {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64 & 0xffff_ffff;
+        let tag = (h >> 32) | 1;
+        let slot = &self.seen[(h >> 16) as usize % SEEN_SLOTS];
+        let before = slot.swap(tag << 32 | ms, Relaxed);
+        before >> 32 == tag && ms.wrapping_sub(before) & 0xffff_ffff <= SEEN_WITHIN_MS
     }
 
     pub fn settings(&self) -> LeaseSettings {
@@ -132,17 +202,110 @@ impl Leases {
     /// A take of `cost` from `key` at `now`: from the lease if it holds enough, else what the call
     /// to Redis carries besides the take.
     pub fn spend(&self, key: &str, shape: Shape, cost: u64, now: Instant) -> Spend {
-        let mut shard = self.shard(key).lock();
-        let entry = match shard.get_mut(key) {
-            Some(e) => e,
-            None => {
-                if shard.len() >= MAX_ENTRIES / SHARDS {
-                    return Spend::Remote {
-                        give_back: None,
-                        want: 0,
-                    };
+        let h = self.hasher.hash_one(key);
+        let mut shard = self.shards[(h as usize) % SHARDS].lock();
+        let Some(entry) = self.follow(&mut shard, key, h, shape, cost, now) else {
+            return Spend::Remote {
+                give_back: None,
+                want: 0,
+            };
+        };
+        let mut give_back = reshape(entry, shape);
+        if give_back.is_none() {
+            match take_local(entry, shape, cost, now) {
+                Ok(local) => return local,
+                Err(lease) => give_back = lease,
+            }
+        }
+        self.remote(entry, shape, cost, now, give_back)
+    }
+
+    /// The takes of an all-or-nothing group: answered from their leases only if every one can be
+    /// (all [`Spend::Local`]); else none is spent, and each member's lease goes back in the group's
+    /// call to Redis with a new one asked for in its place, so that the members' leases run out
+    /// together and the next requests are answered whole. Atomic: every member's shard is locked
+    /// (in order) throughout, so no lease changes between the check and the spend.
+    pub fn spend_group(&self, takes: &[(&str, Shape, u64)], now: Instant) -> Vec<Spend> {
+        let hashes: Vec<u64> = takes.iter().map(|t| self.hasher.hash_one(t.0)).collect();
+        let mut order: Vec<usize> = hashes.iter().map(|&h| (h as usize) % SHARDS).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<_> = order.iter().map(|&i| (i, self.shards[i].lock())).collect();
+        let mut out: Vec<Spend> = Vec::with_capacity(takes.len());
+        let mut give_backs: Vec<Option<Lease>> = vec![None; takes.len()];
+        let mut whole = true;
+        for (i, (&(key, shape, cost), &h)) in takes.iter().zip(&hashes).enumerate() {
+            let shard = locked(&mut guards, h);
+            let Some(entry) = self.follow(shard, key, h, shape, cost, now) else {
+                whole = false;
+                continue;
+            };
+            give_backs[i] = reshape(entry, shape);
+            if !whole || give_backs[i].is_some() {
+                whole = false;
+                continue;
+            }
+            match take_local(entry, shape, cost, now) {
+                Ok(local) => out.push(local),
+                Err(lease) => {
+                    give_backs[i] = lease;
+                    whole = false;
                 }
-                shard.entry(key.into()).or_insert(Entry {
+            }
+        }
+        if whole {
+            return out;
+        }
+        // Put back what was spent (in order: the same lease may serve two members), then renew.
+        for (local, (&(key, _, cost), &h)) in out.iter().zip(takes.iter().zip(&hashes)) {
+            if let Spend::Local { serial, .. } = local {
+                let shard = locked(&mut guards, h);
+                if let Some(lease) = shard
+                    .get_mut(key)
+                    .and_then(|e| e.lease.as_mut())
+                    .filter(|l| l.serial == *serial)
+                {
+                    lease.left += cost;
+                }
+            }
+        }
+        takes
+            .iter()
+            .zip(&hashes)
+            .zip(give_backs)
+            .map(|((&(key, shape, cost), &h), mut give_back)| {
+                let shard = locked(&mut guards, h);
+                match shard.get_mut(key) {
+                    Some(entry) => {
+                        if give_back.is_none() {
+                            give_back = entry.lease.take();
+                        }
+                        self.remote(entry, shape, cost, now, give_back)
+                    }
+                    None => Spend::Remote { give_back, want: 0 },
+                }
+            })
+            .collect()
+    }
+
+    /// The entry of `key` (hash `h`) in its shard, with `cost` counted in its rate; a key gets one
+    /// once seen twice within [`SEEN_WITHIN_MS`] while the table has room. None: not followed.
+    fn follow<'m>(
+        &self,
+        shard: &'m mut HashMap<Box<str>, Entry>,
+        key: &str,
+        h: u64,
+        shape: Shape,
+        cost: u64,
+        now: Instant,
+    ) -> Option<&'m mut Entry> {
+        if !shard.contains_key(key) {
+            if shard.len() >= MAX_ENTRIES / SHARDS || !self.seen_twice(h, now) {
+                return None;
+            }
+            shard.insert(
+                key.into(),
+                Entry {
                     shape,
                     window_tokens: 0,
                     window_start: now,
@@ -150,9 +313,10 @@ impl Leases {
                     last_seen: now,
                     asking: None,
                     lease: None,
-                })
-            }
-        };
+                },
+            );
+        }
+        let entry = shard.get_mut(key)?;
         entry.last_seen = now;
         entry.window_tokens = entry.window_tokens.saturating_add(cost);
         let span = now.saturating_duration_since(entry.window_start);
@@ -166,33 +330,19 @@ impl Leases {
             entry.window_tokens = 0;
             entry.window_start = now;
         }
-        let mut give_back = None;
-        if entry.shape != shape {
-            // The rules changed the bucket's shape: the lease was of the old one.
-            entry.shape = shape;
-            give_back = entry.lease.take();
-        }
-        if let Some(lease) = &mut entry.lease {
-            if now < lease.expires && lease.left >= cost {
-                lease.left -= cost;
-                // What this replica could still take: the bucket at the grant and the unspent lease.
-                let tokens = lease.remaining + lease.left as f64;
-                let decision = Decision {
-                    allowed: true,
-                    tokens_remaining: tokens,
-                    retry_after_ms: 0,
-                    reset_after_ms: capped_ms((shape.capacity() - tokens) / shape.rate() * 1000.0),
-                    without_backend: true,
-                    granted: cost,
-                };
-                return Spend::Local {
-                    decision,
-                    serial: lease.serial,
-                };
-            }
-            // Expired, or short of this cost: back in this call, so the take sees its tokens.
-            give_back = entry.lease.take();
-        }
+        Some(entry)
+    }
+
+    /// What goes to Redis for a take of an entry without a usable lease: `give_back`, and a new
+    /// lease of the size its rate calls for unless one is being asked for already.
+    fn remote(
+        &self,
+        entry: &mut Entry,
+        shape: Shape,
+        cost: u64,
+        now: Instant,
+        give_back: Option<Lease>,
+    ) -> Spend {
         let want = self.size(entry.rate, shape, cost);
         let asking = entry
             .asking
@@ -202,20 +352,6 @@ impl Leases {
         }
         entry.asking = Some(now);
         Spend::Remote { give_back, want }
-    }
-
-    /// Puts `cost` back on lease `serial` of `key` (a group that could not be answered from its
-    /// leases alone); nothing if that lease has gone meanwhile.
-    pub fn unspend(&self, key: &str, cost: u64, serial: u64) {
-        if let Some(lease) = self
-            .shard(key)
-            .lock()
-            .get_mut(key)
-            .and_then(|e| e.lease.as_mut())
-            .filter(|l| l.serial == serial)
-        {
-            lease.left = (lease.left + cost).min(lease.size);
-        }
     }
 
     /// The lease to ask for a key taken at `rate` tokens a second here: what LEASE_MS of that
@@ -254,6 +390,9 @@ impl Leases {
             return;
         };
         let new = self.lease(sent, d);
+        self.granted
+            .lock()
+            .push_back((key.into(), new.expires, new.serial));
         if entry.shape != shape {
             self.orphans.lock().push(Returned {
                 key: key.to_string(),
@@ -284,22 +423,43 @@ impl Leases {
         }
     }
 
-    /// Takes out the leases to give back at `now`: expired ones, replaced ones, and those of keys
-    /// gone quiet (whose entries go too).
+    /// Takes out the leases to give back at `now`: expired ones and replaced ones; and, once a
+    /// tenth of [`IDLE`], forgets the keys gone quiet (none holds a lease: it expired first).
     pub fn sweep(&self, now: Instant) -> Vec<Returned> {
         let mut out = std::mem::take(&mut *self.orphans.lock());
-        for shard in self.shards.iter() {
-            shard.lock().retain(|key, e| {
-                if let Some(lease) = e.lease.filter(|l| now >= l.expires) {
-                    e.lease = None;
-                    out.push(Returned {
-                        key: key.to_string(),
-                        shape: e.shape,
-                        lease,
-                    });
+        loop {
+            // One lease at a time: the list's lock is never held with a shard's.
+            let next = {
+                let mut granted = self.granted.lock();
+                match granted.front() {
+                    Some((_, expires, _)) if *expires <= now => granted.pop_front(),
+                    _ => None,
                 }
-                e.lease.is_some() || now.saturating_duration_since(e.last_seen) < IDLE
-            });
+            };
+            let Some((key, _, serial)) = next else { break };
+            let mut shard = self.shard(&key).lock();
+            let Some(e) = shard.get_mut(&*key) else {
+                continue;
+            };
+            // The lease of this grant, if it is still there (not spent and given back meanwhile).
+            if let Some(lease) = e.lease.filter(|l| l.serial == serial) {
+                e.lease = None;
+                out.push(Returned {
+                    key: key.into(),
+                    shape: e.shape,
+                    lease,
+                });
+            }
+        }
+        let mut last = self.idle_sweep.lock();
+        if now.saturating_duration_since(*last) >= IDLE / 10 {
+            *last = now;
+            drop(last);
+            for shard in self.shards.iter() {
+                shard.lock().retain(|_, e| {
+                    e.lease.is_some() || now.saturating_duration_since(e.last_seen) < IDLE
+                });
+            }
         }
         out
     }
@@ -307,6 +467,7 @@ impl Leases {
     /// Takes out every lease (shutdown), and forgets every key.
     pub fn drain(&self) -> Vec<Returned> {
         let mut out = std::mem::take(&mut *self.orphans.lock());
+        self.granted.lock().clear();
         for shard in self.shards.iter() {
             for (key, e) in shard.lock().drain() {
                 if let Some(lease) = e.lease {
@@ -321,6 +482,19 @@ impl Leases {
         out
     }
 
+    /// What the leases have done, and hold now.
+    pub fn stats(&self) -> LeaseStats {
+        let (held, unspent) = self.held();
+        LeaseStats {
+            held: held as u64,
+            unspent,
+            granted: self.tally.granted.load(Relaxed),
+            leased_tokens: self.tally.leased_tokens.load(Relaxed),
+            returned_tokens: self.tally.returned_tokens.load(Relaxed),
+            answers: self.tally.answers.load(Relaxed),
+        }
+    }
+
     /// Leases held now, and their unspent tokens.
     pub fn held(&self) -> (usize, u64) {
         let mut held = (0, 0);
@@ -332,6 +506,60 @@ impl Leases {
         }
         held
     }
+}
+
+/// The map of hash `h`'s shard among the shards locked for a group.
+fn locked<'g>(
+    guards: &'g mut [(usize, parking_lot::MutexGuard<'_, HashMap<Box<str>, Entry>>)],
+    h: u64,
+) -> &'g mut HashMap<Box<str>, Entry> {
+    let i = (h as usize) % SHARDS;
+    let at = guards
+        .iter()
+        .position(|(j, _)| *j == i)
+        .expect("every member's shard is locked");
+    &mut guards[at].1
+}
+
+/// A shape change by the rules: the lease was of the old shape, and goes back.
+fn reshape(entry: &mut Entry, shape: Shape) -> Option<Lease> {
+    if entry.shape == shape {
+        return None;
+    }
+    entry.shape = shape;
+    entry.lease.take()
+}
+
+/// `cost` from the entry's lease, if it is live and holds that much; else the lease (if any),
+/// taken out to go back in the call that decides the take.
+fn take_local(
+    entry: &mut Entry,
+    shape: Shape,
+    cost: u64,
+    now: Instant,
+) -> Result<Spend, Option<Lease>> {
+    let Some(lease) = &mut entry.lease else {
+        return Err(None);
+    };
+    if now >= lease.expires || lease.left < cost {
+        // Expired, or short of this cost: back in this call, so the take sees its tokens.
+        return Err(entry.lease.take());
+    }
+    lease.left -= cost;
+    // What this replica could still take: the bucket at the grant and the unspent lease.
+    let tokens = lease.remaining + lease.left as f64;
+    let decision = Decision {
+        allowed: true,
+        tokens_remaining: tokens,
+        retry_after_ms: 0,
+        reset_after_ms: capped_ms((shape.capacity() - tokens) / shape.rate() * 1000.0),
+        without_backend: true,
+        granted: cost,
+    };
+    Ok(Spend::Local {
+        decision,
+        serial: lease.serial,
+    })
 }
 
 #[cfg(test)]
@@ -434,7 +662,7 @@ mod tests {
     async fn a_slow_key_or_a_large_cost_gets_no_lease() {
         let leases = Leases::new(settings());
         let shape = Shape::new(1000.0, 100.0).unwrap();
-        // 4 takes a second: a lease of LEASE_MS would hold 1 token.
+        // 2 takes a second: a lease of LEASE_MS would hold 1 token.
         for _ in 0..4 {
             let s = leases.spend("slow", shape, 1, Instant::now());
             assert_eq!(
@@ -444,7 +672,7 @@ mod tests {
                     want: 0
                 }
             );
-            tokio::time::advance(Duration::from_millis(250)).await;
+            tokio::time::advance(Duration::from_millis(500)).await;
         }
         // A lease of 100 cannot cover two takes of 60.
         warm(&leases, "big", shape, 200).await;
@@ -492,6 +720,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_group_spends_from_its_leases_only_whole_and_renews_them_together() {
+        let leases = Leases::new(settings());
+        let shape = Shape::new(1000.0, 100.0).unwrap();
+        warm(&leases, "a", shape, 200).await;
+        warm(&leases, "b", shape, 200).await;
+        leases.granted("a", shape, Instant::now(), Some(&grant(800.0, 100, 5)));
+        leases.granted("b", shape, Instant::now(), Some(&grant(800.0, 3, 6)));
+        let group = |cost_b| [("a", shape, 1), ("b", shape, cost_b)];
+        // Both covered: both spent.
+        let both = leases.spend_group(&group(2), Instant::now());
+        assert!(
+            both.iter().all(|s| matches!(s, Spend::Local { .. })),
+            "{both:?}"
+        );
+        assert_eq!(leases.held(), (2, 99 + 1));
+        // b cannot cover 2 more: nothing is spent, and both leases go back (a's whole, less
+        // what it spent before), a new one asked for each.
+        let renewed = leases.spend_group(&group(2), Instant::now());
+        match &renewed[..] {
+            [
+                Spend::Remote {
+                    give_back: Some(a),
+                    want: wa,
+                },
+                Spend::Remote {
+                    give_back: Some(b),
+                    want: wb,
+                },
+            ] => {
+                assert_eq!((a.size, a.left, a.generation), (100, 99, 5));
+                assert_eq!((b.size, b.left, b.generation), (3, 1, 6));
+                assert!(*wa > 0 && *wb > 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(leases.held(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn quiet_keys_are_forgotten_and_drain_takes_everything() {
         let leases = Leases::new(settings());
         let shape = Shape::new(1000.0, 100.0).unwrap();
@@ -504,7 +771,24 @@ mod tests {
         assert_eq!(drained.len(), 1);
         assert_eq!(drained[0].key, "a");
         assert_eq!(leases.held(), (0, 0));
+        // Seen once: not followed at all; twice: followed until quiet.
         leases.spend("c", shape, 1, Instant::now());
+        assert_eq!(
+            leases.shards.iter().map(|s| s.lock().len()).sum::<usize>(),
+            0
+        );
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        leases.spend("c", shape, 1, Instant::now());
+        assert_eq!(
+            leases.shards.iter().map(|s| s.lock().len()).sum::<usize>(),
+            0
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+        leases.spend("c", shape, 1, Instant::now());
+        assert_eq!(
+            leases.shards.iter().map(|s| s.lock().len()).sum::<usize>(),
+            1
+        );
         tokio::time::advance(IDLE).await;
         assert!(leases.sweep(Instant::now()).is_empty());
         assert_eq!(

@@ -30,7 +30,7 @@ use std::{sync::Arc, time::Duration};
 use futures::future::join_all;
 
 pub use connect::RedisTls;
-pub use leases::LeaseSettings;
+pub use leases::{LeaseSettings, LeaseStats};
 pub use script::{IN_FLIGHT_LUA, RLQS_DEMAND_LUA, TOKEN_BUCKET_LUA};
 pub use topology::Topology;
 
@@ -240,6 +240,13 @@ impl RedisBackend {
         self.leases.as_ref().map_or((0, 0), |l| l.held())
     }
 
+    fn lease_answers(&self, n: usize) {
+        self.metrics.lease_answers(n);
+        if let Some(l) = &self.leases {
+            l.tally.answers(n as u64);
+        }
+    }
+
     /// Buckets the deny cache holds now.
     pub fn deny_cache_len(&self) -> usize {
         self.deny.as_ref().map_or(0, |d| d.entries())
@@ -308,12 +315,16 @@ impl RedisBackend {
             if let Some(l) = e.give_back {
                 all.next();
                 self.metrics.lease_returned(l.left);
+                if let Some(leases) = leases {
+                    leases.tally.returned(l.left);
+                }
             }
             out.push(all.next().ok_or_else(unknown_node)?);
             if e.want > 0 {
                 let lease = all.next();
-                if let Some(d) = lease.as_ref().filter(|d| d.granted > 0) {
+                if let (Some(d), Some(l)) = (lease.as_ref().filter(|d| d.granted > 0), leases) {
                     self.metrics.lease_granted(d.granted);
+                    l.tally.granted(d.granted);
                 }
                 if let Some(l) = leases {
                     l.granted(r.key, r.ask.shape, sent, lease.as_ref());
@@ -459,9 +470,7 @@ fn spawn_lease_sweeper(
             };
             let back = leases.sweep(tokio::time::Instant::now());
             if !back.is_empty() {
-                let lease_ms = leases.settings().lease_ms;
-                drop(leases);
-                tokio::spawn(return_leases(nodes, back, lease_ms, metrics.clone()));
+                tokio::spawn(return_leases(nodes, back, leases, metrics.clone()));
             }
         }
     });
@@ -473,9 +482,10 @@ fn spawn_lease_sweeper(
 async fn return_leases(
     nodes: Arc<Nodes>,
     back: Vec<Returned>,
-    lease_ms: u32,
+    leases: Arc<Leases>,
     metrics: RedisMetrics,
 ) {
+    let lease_ms = leases.settings().lease_ms;
     let mut by_node: Vec<(Arc<Node>, script::Buckets, u64)> = Vec::new();
     for r in &back {
         let Some(node) = nodes.node_for(r.key.as_bytes()) else {
@@ -502,10 +512,13 @@ async fn return_leases(
         *tokens += r.lease.left;
     }
     join_all(by_node.into_iter().map(|(node, buckets, tokens)| {
-        let metrics = metrics.clone();
+        let (metrics, leases) = (metrics.clone(), leases.clone());
         async move {
             match node.submit(Job::new(buckets)).await {
-                Ok(_) => metrics.lease_returned(tokens),
+                Ok(_) => {
+                    metrics.lease_returned(tokens);
+                    leases.tally.returned(tokens);
+                }
                 Err(e) => tracing::debug!(error = %e, "lease returns failed; their tokens come back by refill"),
             }
         }
@@ -605,7 +618,7 @@ impl Backend for RedisBackend {
         let sent = tokio::time::Instant::now();
         let extra = match self.spend(&req, sent) {
             Some(Spend::Local { decision, .. }) => {
-                self.metrics.lease_answers(1);
+                self.lease_answers(1);
                 return Ok(decision);
             }
             Some(Spend::Remote { give_back, want }) => Extra { give_back, want },
@@ -640,34 +653,43 @@ impl Backend for RedisBackend {
         };
         let mut extras = vec![Extra::default(); reqs.len()];
         if let Some(leases) = &self.leases {
-            // Takes answered from leases. A group that is all or nothing spends from its leases
-            // only when every member can be answered so; else what was spent goes back on the
-            // leases and the whole group goes to Redis.
-            let mut spent = Vec::new();
-            for (i, r) in reqs.iter().enumerate() {
-                if local[i].is_some() {
-                    continue;
+            // Takes answered from leases. A group that is all or nothing is answered from its
+            // leases only whole; else its members' leases are renewed in its call to Redis.
+            let takes: Vec<(usize, (&str, crate::Shape, u64))> = reqs
+                .iter()
+                .enumerate()
+                .filter(|(i, r)| local[*i].is_none() && r.reserve.is_none())
+                .filter_map(|(i, r)| match r.ask.op {
+                    Op::Take(cost) => Some((i, (r.key, r.ask.shape, cost))),
+                    _ => None,
+                })
+                .collect();
+            let spends: Vec<Spend> = if all_or_nothing && reqs.len() > 1 {
+                if takes.len() == reqs.len() {
+                    let t: Vec<_> = takes.iter().map(|(_, t)| *t).collect();
+                    leases.spend_group(&t, now)
+                } else {
+                    // A member that is not a plain take is decided by Redis: so is the group.
+                    Vec::new()
                 }
-                match self.spend(r, now) {
-                    Some(Spend::Local { decision, serial }) => {
-                        local[i] = Some(decision);
-                        spent.push((i, serial));
+            } else {
+                takes
+                    .iter()
+                    .map(|(_, (key, shape, cost))| leases.spend(key, *shape, *cost, now))
+                    .collect()
+            };
+            let mut answered = 0;
+            for ((i, _), spend) in takes.iter().zip(spends) {
+                match spend {
+                    Spend::Local { decision, .. } => {
+                        local[*i] = Some(decision);
+                        answered += 1;
                     }
-                    Some(Spend::Remote { give_back, want }) => {
-                        extras[i] = Extra { give_back, want };
-                    }
-                    None => {}
+                    Spend::Remote { give_back, want } => extras[*i] = Extra { give_back, want },
                 }
             }
-            if all_or_nothing && reqs.len() > 1 && spent.len() < reqs.len() {
-                for (i, serial) in spent.drain(..) {
-                    let r = &reqs[i];
-                    leases.unspend(r.key, r.ask.op.cost(), serial);
-                    local[i] = None;
-                }
-            }
-            self.metrics.lease_answers(spent.len());
-            if spent.len() == reqs.len() {
+            self.lease_answers(answered);
+            if answered == reqs.len() {
                 return local.into_iter().flatten().map(Ok).collect();
             }
         }
@@ -798,12 +820,21 @@ impl Backend for RedisBackend {
         Err(last.unwrap_or_else(unknown_node))
     }
 
+    fn leases(&self) -> Option<LeaseStats> {
+        self.leases.as_ref().map(|l| l.stats())
+    }
+
     async fn close(&self) {
         if let Some(leases) = &self.leases {
             let back = leases.drain();
             if !back.is_empty() {
-                let lease_ms = leases.settings().lease_ms;
-                return_leases(self.nodes.clone(), back, lease_ms, self.metrics.clone()).await;
+                return_leases(
+                    self.nodes.clone(),
+                    back,
+                    leases.clone(),
+                    self.metrics.clone(),
+                )
+                .await;
             }
         }
     }

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Leased quota in the service (QUOTA_LEASES): ShouldAllow and the Envoy API on Redis with leases,
+against Redis without them and the memory backend, same callers, in one run. Run by
+`scripts/bench.sh quota-leases` (release builds), prints Markdown; BENCHMARKS.md's table comes
+from it.
+
+Per run: decisions per second, the ratio to its baseline, Redis's script time per decision (usec of
+EVALSHA in INFO commandstats over the decisions made; for the Envoy API a decision is a request),
+bound violations (--check-bound), p99.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from benchlib import free_port, wait_http
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = """domain: bench
+descriptors:
+""" + "".join(f"""  - key: k{i}
+    rate_limit: {{ unit: second, requests_per_unit: 100 }}
+""" for i in range(1, 5))
+
+WITHIN = ["--capacity", "1000000", "--rate", "1000000"]
+ONE = ["--api", "envoy", "--domain", "bench", "--keys", "1000", "--descriptor", "k1={key}"]
+FOUR = ONE + [a for i in range(2, 5) for a in ("--descriptor", f"k{i}={{key}}")]
+
+
+def evalsha_usec(port):
+    """usec spent in EVALSHA so far (INFO commandstats)."""
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            fields = dict(kv.split("=") for kv in line.split(":", 1)[1].split(","))
+            return float(fields["usec"])
+    return 0.0
+
+
+def load(target, work, name, seconds, args):
+    out = os.path.join(work, f"{name}.json")
+    subprocess.run(
+        [os.path.join(ROOT, "target/release/sluicegate-load"), "--target", target,
+         "--duration", f"{seconds}s", "--concurrency", "64", "--connections", "4",
+         "--check-bound", "--max-error-rate", "1", "--key-prefix", f"{name}-", "--json", out, *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out) as f:
+        return json.load(f)
+
+
+def metric(http, name):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=float(os.environ.get("RUN_S", 10)))
+    a = p.parse_args()
+    if not shutil.which("redis-server"):
+        raise SystemExit("redis-server missing: apt-get install -y redis-server")
+    work = tempfile.mkdtemp(prefix="quota-leases-")
+    with open(os.path.join(work, "rules.yaml"), "w") as f:
+        f.write(RULES)
+    rules = os.path.join(work, "rules.yaml")
+    redis_port = free_port()
+    procs = [subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL)]
+    servers = {}
+    rows = []
+    try:
+        time.sleep(0.5)
+        for name, extra in (("memory", {}),
+                            ("redis", {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}),
+                            ("redis+leases", {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                                              "QUOTA_LEASES": "true"}),
+                            ("redis+leases LEASE_MS=1000", {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                                                            "QUOTA_LEASES": "true", "LEASE_MS": "1000"})):
+            grpc, http = free_port(), free_port()
+            env = {"PATH": os.environ["PATH"], "RUST_LOG": "warn", "REDIS_TIMEOUT_MS": "1000", **extra}
+            procs.append(subprocess.Popen(
+                [os.path.join(ROOT, "target/release/sluicegate"), "--grpc-addr", f"127.0.0.1:{grpc}",
+                 "--http-addr", f"127.0.0.1:{http}", "--rules", rules], env=env, cwd=work,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_http(f"http://127.0.0.1:{http}/readyz")
+            servers[name] = (f"http://127.0.0.1:{grpc}", http)
+
+        def run(label, server, args, base=None):
+            target, http = servers[server]
+            before = evalsha_usec(redis_port)
+            local_before = metric(http, "sluicegate_lease_answers_total")
+            j = load(target, work, f"{len(rows)}", a.seconds, args)
+            usec = evalsha_usec(redis_port) - before
+            local = metric(http, "sluicegate_lease_answers_total") - local_before
+            decisions = j["allowed"] + j["denied"]
+            # Takes answered from leases, per bucket: an Envoy request takes one per descriptor.
+            local /= max(args.count("--descriptor"), 1)
+            rows.append((label, server, j, usec / max(decisions, 1), local, base))
+            time.sleep(1)
+            return j["rate"]
+
+        scenarios = (
+            ("ShouldAllow, 1000 keys Zipf 1.1, within limits", ["--keys", "1000", "--zipf", "1.1", *WITHIN]),
+            ("ShouldAllow, 100,000 keys uniform, within limits", ["--keys", "100000", *WITHIN]),
+        )
+        for label, args in scenarios:
+            base = run(label, "memory", args)
+            run(label, "redis", args, base)
+            run(label, "redis+leases", args, base)
+            run(label, "redis+leases LEASE_MS=1000", args, base)
+        for server in ("redis", "redis+leases"):
+            base = run("Envoy 1 descriptor, 1000 keys", server, [*ONE, "--rules", rules])
+            run("Envoy 4 descriptors, 1000 keys", server, [*FOUR, "--rules", rules], base)
+    finally:
+        for proc in procs:
+            proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    print("| scenario | backend | decisions/s | ratio | EVALSHA us per decision | from leases | bound violations | p99 ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, server, j, per, local, base in rows:
+        ratio = f"{j['rate'] / base:.2f}x" if base else "base"
+        decisions = j["allowed"] + j["denied"]
+        share = f"{100 * local / max(decisions, 1):.1f}%" if "leases" in server else "-"
+        print(f"| {label} | {server} | {j['rate']:.0f} | {ratio} | {per:.2f} | {share} "
+              f"| {j['bound']['violations']} | {j['latency_ms']['p99']:.2f} |")
+    print()
+    print("ratio: against memory for ShouldAllow, against 1 descriptor on the same backend for the Envoy API. "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d', time.gmtime())}, {a.seconds:.0f} s per run, "
+          "64 callers over 4 connections; client, servers and Redis share the cores")
+
+
+if __name__ == "__main__":
+    main()
