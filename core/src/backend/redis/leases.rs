@@ -140,7 +140,8 @@ struct Entry {
     lease: Option<Lease>,
 }
 
-type Shard = Mutex<HashMap<Box<str>, Entry>>;
+type Map = HashMap<Box<str>, Entry>;
+type Shard = Mutex<Map>;
 
 /// The leases this replica holds, and the recent rate of every key it decides.
 pub struct Leases {
@@ -292,7 +293,7 @@ impl Leases {
     /// once seen twice within [`SEEN_WITHIN_MS`] while the table has room. None: not followed.
     fn follow<'m>(
         &self,
-        shard: &'m mut HashMap<Box<str>, Entry>,
+        shard: &'m mut Map,
         key: &str,
         h: u64,
         shape: Shape,
@@ -509,10 +510,7 @@ impl Leases {
 }
 
 /// The map of hash `h`'s shard among the shards locked for a group.
-fn locked<'g>(
-    guards: &'g mut [(usize, parking_lot::MutexGuard<'_, HashMap<Box<str>, Entry>>)],
-    h: u64,
-) -> &'g mut HashMap<Box<str>, Entry> {
+fn locked<'g>(guards: &'g mut [(usize, parking_lot::MutexGuard<'_, Map>)], h: u64) -> &'g mut Map {
     let i = (h as usize) % SHARDS;
     let at = guards
         .iter()
