@@ -24,9 +24,12 @@ RULES = """domain: bench
 descriptors:
 """ + "".join(f"""  - key: k{i}
     rate_limit: {{ unit: second, requests_per_unit: 100 }}
-""" for i in range(1, 5))
+""" for i in range(1, 5)) + """  - key: k5
+    rate_limit: { unit: second, requests_per_unit: 10 }
+"""
 
 WITHIN = ["--capacity", "1000000", "--rate", "1000000"]
+DENY = "Envoy deny-heavy, 100 keys at 10/s"
 ONE = ["--api", "envoy", "--domain", "bench", "--keys", "1000", "--descriptor", "k1={key}"]
 FOUR = ONE + [a for i in range(2, 5) for a in ("--descriptor", f"k{i}={{key}}")]
 
@@ -74,6 +77,7 @@ def main():
                                "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL)]
     servers = {}
     rows = []
+    denied_locally = {}
     try:
         time.sleep(0.5)
         for name, extra in (("memory", {}),
@@ -95,9 +99,11 @@ def main():
             target, http = servers[server]
             before = evalsha_usec(redis_port)
             local_before = metric(http, "sluicegate_lease_answers_total")
+            deny_before = metric(http, 'sluicegate_local_answers_total{api="envoy"}')
             j = load(target, work, f"{len(rows)}", a.seconds, args)
             usec = evalsha_usec(redis_port) - before
             local = metric(http, "sluicegate_lease_answers_total") - local_before
+            denied_locally[label, server] = metric(http, 'sluicegate_local_answers_total{api="envoy"}') - deny_before
             decisions = j["allowed"] + j["denied"]
             # Takes answered from leases, per bucket: an Envoy request takes one per descriptor.
             local /= max(args.count("--descriptor"), 1)
@@ -117,6 +123,8 @@ def main():
         for server in ("redis", "redis+leases"):
             base = run("Envoy 1 descriptor, 1000 keys", server, [*ONE, "--rules", rules])
             run("Envoy 4 descriptors, 1000 keys", server, [*FOUR, "--rules", rules], base)
+        deny = ["--api", "envoy", "--domain", "bench", "--keys", "100", "--descriptor", "k5={key}", "--rules", rules]
+        run(DENY, "redis", deny)
     finally:
         for proc in procs:
             proc.kill()
@@ -129,6 +137,10 @@ def main():
         share = f"{100 * local / max(decisions, 1):.1f}%" if "leases" in server else "-"
         print(f"| {label} | {server} | {j['rate']:.0f} | {ratio} | {per:.2f} | {share} "
               f"| {j['bound']['violations']} | {j['latency_ms']['p99']:.2f} |")
+    for label, server, j, _, _, _ in rows:
+        if label == DENY:
+            print(f"\n{label}: {denied_locally[label, server]:.0f} of {j['denied']} denials answered by the local deny cache "
+                  "(sluicegate_local_answers_total{api=\"envoy\"}), without Redis")
     print()
     print("ratio: against memory for ShouldAllow, against 1 descriptor on the same backend for the Envoy API. "
           f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d', time.gmtime())}, {a.seconds:.0f} s per run, "

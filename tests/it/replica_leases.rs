@@ -520,3 +520,75 @@ async fn at_the_limit_two_leasing_replicas_admit_nine_tenths_of_the_bound() {
     }
     assert!(leases > 0.0, "no lease was granted");
 }
+
+/// Through the Envoy API and a real rules reload: a lease taken under the old shape goes back in
+/// the key's next call after the reload, and what the bucket counts as leased out is the new
+/// lease's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_reload_that_changes_the_shape_returns_the_lease() {
+    use crate::support::envoy::{RateLimitServiceClient, descriptor, request};
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    let rules = |rpu: u32| {
+        format!(
+            "domain: edge\ndescriptors:\n  - key: api_key\n    rate_limit: {{ unit: minute, requests_per_unit: {rpu} }}\n"
+        )
+    };
+    std::fs::write(&path, rules(100_000)).unwrap();
+    let env = [("QUOTA_LEASES", "true"), ("LEASE_MS", "60000")];
+    let t = Sluicegate::start(
+        &[
+            "--redis-url",
+            &redis.url(),
+            "--rules",
+            path.to_str().unwrap(),
+        ],
+        &env,
+    )
+    .await;
+    let mut c = RateLimitServiceClient::connect(t.grpc_url()).await.unwrap();
+    let hot = || request("edge", vec![descriptor(&[("api_key", "hot")])]);
+    let metric = async |name: &str| crate::support::metric(&t.metrics().await, name);
+    // Taken fast enough for the largest lease: a tenth of 100,000.
+    let started = Instant::now();
+    while metric("sluicegate_lease_answers_total").await == 0.0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no lease");
+        for _ in 0..50 {
+            c.should_rate_limit(hot()).await.unwrap();
+        }
+    }
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*hot*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let key = keys.first().expect("the bucket's key").clone();
+    let (_, before) = bucket(&mut conn, &key).await;
+    assert!(before > 5_000.0, "the old shape's lease: {before}");
+    assert_eq!(metric("sluicegate_lease_returned_tokens_total").await, 0.0);
+
+    std::fs::write(&path, rules(50_000)).unwrap();
+    crate::support::eventually(Duration::from_secs(10), "the new rules", async || {
+        let r = c
+            .should_rate_limit(request("edge", vec![descriptor(&[("api_key", "probe")])]))
+            .await
+            .unwrap()
+            .into_inner();
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .map(|l| l.requests_per_unit)
+            == Some(50_000)
+    })
+    .await;
+    let answer = c.should_rate_limit(hot()).await.unwrap().into_inner();
+    assert_eq!(answer.statuses[0].code, crate::support::envoy::OK);
+    let (_, after) = bucket(&mut conn, &key).await;
+    assert!(
+        after <= 5_000.0,
+        "leased out after the reload: {after} (the old lease was {before})"
+    );
+    assert!(metric("sluicegate_lease_returned_tokens_total").await > 0.0);
+}
