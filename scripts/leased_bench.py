@@ -11,14 +11,12 @@ Scenarios, each run once per API with the bound checked (--check-bound):
 Per run: decisions per second, calls to sluicegate per decision, admitted, bound violations, p99.
 """
 
-import argparse
-import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 
+import benchlib
 from benchlib import free_port, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,23 +28,11 @@ SCENARIOS = (
 
 
 def load(target, work, name, seconds, args):
-    out = os.path.join(work, f"{name}.json")
-    subprocess.run(
-        [os.path.join(ROOT, "target/release/sluicegate-load"), "--target", target,
-         "--duration", f"{seconds}s", "--concurrency", "64", "--connections", "4",
-         "--check-bound", "--max-error-rate", "1", "--json", out, *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(out) as f:
-        return json.load(f)
+    return benchlib.load(target, os.path.join(work, f"{name}.json"), seconds, args)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=float(os.environ.get("RUN_S", 10)))
-    a = p.parse_args()
-    if not shutil.which("redis-server"):
-        raise SystemExit("redis-server missing: apt-get install -y redis-server")
-    work = tempfile.mkdtemp(prefix="leased-")
+    seconds, work = benchlib.setup("leased-")
     redis_port, grpc, http = free_port(), free_port(), free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL)
@@ -64,7 +50,7 @@ def main():
         for i, (label, args) in enumerate(SCENARIOS):
             for api in ("should-allow", "leased"):
                 # A prefix per run: each starts from full buckets.
-                j = load(target, work, f"{i}-{api}", a.seconds, ["--api", api, "--key-prefix", f"b{i}{api}-", *args])
+                j = load(target, work, f"{i}-{api}", seconds, ["--api", api, "--key-prefix", f"b{i}{api}-", *args])
                 rows.append((label, api, j))
                 time.sleep(1)
     finally:
@@ -87,7 +73,7 @@ def main():
         print(f"- at the limit, {api}: admitted {j['allowed']} of a bound of {bound:.0f} "
               f"({100 * j['allowed'] / bound:.1f}%)")
     print()
-    print(f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d', time.gmtime())}, {a.seconds:.0f} s per run, "
+    print(f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d', time.gmtime())}, {seconds:.0f} s per run, "
           "64 callers over 4 connections, one sluicegate on Redis; client, server and Redis share the cores")
 
 

@@ -9,14 +9,12 @@ EVALSHA in INFO commandstats over the decisions made; for the Envoy API a decisi
 bound violations (--check-bound), p99.
 """
 
-import argparse
-import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 
+import benchlib
 from benchlib import free_port, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,14 +44,8 @@ def evalsha_usec(port):
 
 
 def load(target, work, name, seconds, args):
-    out = os.path.join(work, f"{name}.json")
-    subprocess.run(
-        [os.path.join(ROOT, "target/release/sluicegate-load"), "--target", target,
-         "--duration", f"{seconds}s", "--concurrency", "64", "--connections", "4",
-         "--check-bound", "--max-error-rate", "1", "--key-prefix", f"{name}-", "--json", out, *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(out) as f:
-        return json.load(f)
+    # A prefix per run: each starts from full buckets.
+    return benchlib.load(target, os.path.join(work, f"{name}.json"), seconds, ["--key-prefix", f"{name}-", *args])
 
 
 def metric(http, name):
@@ -63,12 +55,7 @@ def metric(http, name):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=float(os.environ.get("RUN_S", 10)))
-    a = p.parse_args()
-    if not shutil.which("redis-server"):
-        raise SystemExit("redis-server missing: apt-get install -y redis-server")
-    work = tempfile.mkdtemp(prefix="quota-leases-")
+    seconds, work = benchlib.setup("quota-leases-")
     with open(os.path.join(work, "rules.yaml"), "w") as f:
         f.write(RULES)
     rules = os.path.join(work, "rules.yaml")
@@ -100,7 +87,7 @@ def main():
             before = evalsha_usec(redis_port)
             local_before = metric(http, "sluicegate_lease_answers_total")
             deny_before = metric(http, 'sluicegate_local_answers_total{api="envoy"}')
-            j = load(target, work, f"{len(rows)}", a.seconds, args)
+            j = load(target, work, f"{len(rows)}", seconds, args)
             usec = evalsha_usec(redis_port) - before
             local = metric(http, "sluicegate_lease_answers_total") - local_before
             denied_locally[label, server] = metric(http, 'sluicegate_local_answers_total{api="envoy"}') - deny_before
@@ -143,7 +130,7 @@ def main():
                   "(sluicegate_local_answers_total{api=\"envoy\"}), without Redis")
     print()
     print("ratio: against memory for ShouldAllow, against 1 descriptor on the same backend for the Envoy API. "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d', time.gmtime())}, {a.seconds:.0f} s per run, "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d', time.gmtime())}, {seconds:.0f} s per run, "
           "64 callers over 4 connections; client, servers and Redis share the cores")
 
 

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::support::{RedisServer, Sluicegate, workspace_bin};
+use crate::support::{LoadRuns, RedisServer, Sluicegate, workspace_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leased_clients_on_two_replicas_hold_the_bound() {
@@ -34,31 +34,14 @@ async fn leased_clients_on_two_replicas_hold_the_bound() {
             (cmd.spawn().expect("spawn sluicegate-load"), json)
         })
         .collect();
-    let mut reports = Vec::new();
-    for (mut child, json) in runs {
-        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
-        assert!(status.success(), "sluicegate-load: {status}");
-        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
-        reports.push(j);
-    }
+    let runs = LoadRuns::wait(runs).await;
     let num = |j: &serde_json::Value, f: &str| j[f].as_f64().unwrap();
-    for j in &reports {
+    for j in &runs.reports {
         assert_eq!(num(&j["bound"], "violations"), 0.0, "{j}");
         assert!(num(j, "calls_per_decision") < 0.2, "{j}");
     }
-    let admitted: f64 = reports.iter().map(|j| num(j, "allowed")).sum();
-    let start = reports
-        .iter()
-        .map(|j| num(j, "started_unix_s"))
-        .fold(f64::MAX, f64::min);
-    let end = reports
-        .iter()
-        .map(|j| num(j, "started_unix_s") + num(j, "duration_s"))
-        .fold(0.0, f64::max);
-    // Start times are written to the millisecond: a millisecond's refill of slack either side.
-    let bound = capacity + rate * (end - start + 0.002);
+    let admitted = runs.sum("allowed");
+    let bound = runs.bound(capacity, rate);
     assert!(admitted <= bound, "admitted {admitted} > {bound}");
     assert!(admitted >= 0.5 * bound, "admitted {admitted} of {bound}");
     eprintln!(

@@ -475,31 +475,12 @@ async fn at_the_limit_two_leasing_replicas_admit_nine_tenths_of_the_bound() {
                 (cmd.spawn().expect("spawn sluicegate-load"), json)
             })
             .collect();
-        let mut reports = Vec::new();
-        for (mut child, json) in runs {
-            let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-                .await
-                .unwrap();
-            assert!(status.success(), "sluicegate-load: {status}");
-            let j: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
-            reports.push(j);
+        let runs = crate::support::LoadRuns::wait(runs).await;
+        for j in &runs.reports {
+            assert_eq!(j["bound"]["violations"], 0, "{j}");
         }
-        let num = |j: &serde_json::Value, f: &str| j[f].as_f64().unwrap();
-        for j in &reports {
-            assert_eq!(num(&j["bound"], "violations"), 0.0, "{j}");
-        }
-        let admitted: f64 = reports.iter().map(|j| num(j, "allowed")).sum();
-        let offered: f64 = reports.iter().map(|j| num(j, "requests")).sum();
-        let start = reports
-            .iter()
-            .map(|j| num(j, "started_unix_s"))
-            .fold(f64::MAX, f64::min);
-        let end = reports
-            .iter()
-            .map(|j| num(j, "started_unix_s") + num(j, "duration_s"))
-            .fold(0.0, f64::max);
-        let bound = capacity + rate * (end - start + 0.002);
+        let (admitted, offered) = (runs.sum("allowed"), runs.sum("requests"));
+        let bound = runs.bound(capacity, rate);
         eprintln!("{name} the limit: admitted {admitted} of {offered} offered, bound {bound:.0}");
         assert!(admitted <= bound, "admitted {admitted} > {bound}");
         if name == "over" {

@@ -22,8 +22,8 @@ pub use http::{
     Demo, HttpAnswer, http_get, http_post_json, http_request, metric, metric_value, raw_http,
 };
 pub use process::{
-    NOT_SERVING, SERVING, Sluicegate, ask, eventually, free_port, health, our_binary, repo_path,
-    should_allow, workspace_bin,
+    LoadRuns, NOT_SERVING, SERVING, Sluicegate, ask, eventually, free_port, health, our_binary,
+    repo_path, should_allow, workspace_bin,
 };
 pub use redis::{INSTALL_REDIS, RedisServer};
 pub use sentinel::{RedisSentinels, SENTINEL_MASTER};

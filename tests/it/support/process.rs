@@ -323,3 +323,53 @@ pub async fn health(grpc_url: &str, service: &str) -> Option<i32> {
 
 pub const SERVING: i32 = 1;
 pub const NOT_SERVING: i32 = 2;
+
+/// What concurrent `sluicegate-load` runs reported together: each run's JSON (each exited 0),
+/// and the span they covered, from the first start to the last end (seconds since the epoch).
+pub struct LoadRuns {
+    pub reports: Vec<serde_json::Value>,
+    pub start: f64,
+    pub end: f64,
+}
+
+impl LoadRuns {
+    /// Waits for every run (its command spawned, its `--json` file) and reads its report.
+    pub async fn wait(runs: Vec<(std::process::Child, std::path::PathBuf)>) -> Self {
+        let mut reports = Vec::new();
+        for (mut child, json) in runs {
+            let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+                .await
+                .unwrap();
+            assert!(status.success(), "sluicegate-load: {status}");
+            reports.push(serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap());
+        }
+        let num = |j: &serde_json::Value, f: &str| j[f].as_f64().unwrap();
+        let start = reports
+            .iter()
+            .map(|j| num(j, "started_unix_s"))
+            .fold(f64::MAX, f64::min);
+        let end = reports
+            .iter()
+            .map(|j| num(j, "started_unix_s") + num(j, "duration_s"))
+            .fold(0.0, f64::max);
+        Self {
+            reports,
+            start,
+            end,
+        }
+    }
+
+    /// The sum of a field over the runs.
+    pub fn sum(&self, field: &str) -> f64 {
+        self.reports
+            .iter()
+            .map(|j| j[field].as_f64().unwrap())
+            .sum()
+    }
+
+    /// What a bucket allows over the runs' span: capacity + rate x span. Start times are written
+    /// to the millisecond: a millisecond's refill of slack either side.
+    pub fn bound(&self, capacity: f64, rate: f64) -> f64 {
+        capacity + rate * (self.end - self.start + 0.002)
+    }
+}
