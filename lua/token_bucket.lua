@@ -51,8 +51,9 @@ bucket plus the unspent leases never hold more than capacity and everything spen
 the bucket's bound over any window. A generation starts (named by the server time in ms) with the
 first lease while none is out and ends when the latest lease of it expires; a return of a lease of
 the current generation takes its size off what is leased out and puts its unspent tokens back; a
-return of an ended generation only puts the tokens back. A lease's answer carries the generation in
-place of reset_after_ms.
+return of an ended generation changes nothing: since it ended the bucket had room for those tokens
+and refilled it, so they are lost rather than added twice. A lease's answer carries the generation
+in place of reset_after_ms.
 
 Groups: `len1 len2 ...` split the buckets, in order, into runs that must add up to N. Within a run,
 if any vetoing request is denied, no take of the run is charged (refunds and forced charges still
@@ -395,16 +396,18 @@ local function step(i, mode)
   local key = keys[i]
   local leased = lsd[key]
   if mode == 12 then
-    -- A lease comes back: off what is leased out if its generation is still counted, then its
-    -- unspent tokens into the room that makes.
+    -- A lease comes back: off what is leased out, and its unspent tokens into the room that
+    -- makes, if its generation is still counted. Once the generation has ended, the bucket has
+    -- had room for them and the refill to fill it: they are lost, never added twice.
     local _, before, _, _, _, ts = apply(i, tok[key], tss[key], 2, leased)
+    local tokens = before
     if leased > 0 and gns[key] == rgens[i] then
       leased = leased - rsizes[i]
       if leased < 0 then leased = 0 end
       lsd[key] = leased
+      tokens = before + costs[i]
+      if tokens > caps[i] - leased then tokens = caps[i] - leased end
     end
-    local tokens = before + costs[i]
-    if tokens > caps[i] - leased then tokens = caps[i] - leased end
     local reset = capped_ms((caps[i] - tokens) / rates[i] * 1000)
     tok[key], tss[key] = tokens, ts
     ttl[key] = reset > fulls[i] and reset or fulls[i]

@@ -11,7 +11,7 @@
 //!   and `redis/` (runs `lua/token_bucket.lua`: per-node lanes that batch concurrent decisions
 //!   into one script call, the topology of single, cluster and sentinel, a circuit breaker per
 //!   node judged on Redis calls, the local deny cache and the refund subscription that keeps it
-//!   honest), reservations for Settle.
+//!   honest, the replica's leases of hot buckets (QUOTA_LEASES)), reservations for Settle.
 //! - `in_flight.rs` (re-exported at the top): in-flight limits, at most `max` leases per key,
 //!   each freed by its release or its TTL ([`Leases`], [`LeaseOp`], [`InFlight`]); pure, as the
 //!   bucket arithmetic is, and run by `lua/in_flight.lua` in Redis.

@@ -53,7 +53,10 @@ impl<B: Backend> Backend for Timed<B> {
     async fn decide(&self, req: BucketRequest<'_>) -> Result<Decision, BackendError> {
         let started = Instant::now();
         let result = self.inner.decide(req).await;
-        self.duration.record(started.elapsed().as_secs_f64());
+        // Answered here (the deny cache, a lease): no backend call to time.
+        if !matches!(&result, Ok(d) if d.without_backend) {
+            self.duration.record(started.elapsed().as_secs_f64());
+        }
         if let Err(e) = &result {
             self.count_error(e);
         }
@@ -67,7 +70,12 @@ impl<B: Backend> Backend for Timed<B> {
     ) -> Vec<Result<Decision, BackendError>> {
         let started = Instant::now();
         let results = self.inner.decide_group(reqs, all_or_nothing).await;
-        self.duration.record(started.elapsed().as_secs_f64());
+        if !results
+            .iter()
+            .all(|r| matches!(r, Ok(d) if d.without_backend))
+        {
+            self.duration.record(started.elapsed().as_secs_f64());
+        }
         results
             .iter()
             .filter_map(|r| r.as_ref().err())

@@ -208,7 +208,7 @@ async fn leases_are_counted_out_of_the_bucket_until_they_come_back() {
         90.0,
         "a refund stops at capacity minus the lease"
     );
-    // A return of another generation puts its tokens back but leaves the count alone.
+    // A return of another generation changes nothing: neither the count nor the tokens.
     let stale = (generation - 1).to_string();
     let back = |unspent: &str, generation: &str| {
         vec![
@@ -223,10 +223,11 @@ async fn leases_are_counted_out_of_the_bucket_until_they_come_back() {
             generation.into(),
         ]
     };
-    let args = back("0", &stale);
+    let args = back("4", &stale);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     eval_many(&mut conn, &k, &args).await.unwrap();
-    assert_eq!(leased_state(&mut conn, "tb:lease").await.unwrap().1, 10.0);
+    let (tokens, leased, _, _) = leased_state(&mut conn, "tb:lease").await.unwrap();
+    assert_eq!((tokens, leased), (90.0, 10.0));
     // The lease's own return: 4 unspent back, nothing leased out: two doubles again.
     let args = back("4", &generation.to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -279,7 +280,8 @@ async fn leases_are_counted_out_of_the_bucket_until_they_come_back() {
     eval_many(&mut conn, &short, &["100", "1000", "10", "11", "L", "30"])
         .await
         .unwrap();
-    assert_eq!(leased_state(&mut conn, "tb:short").await.unwrap().1, 10.0);
+    let (_, leased, short_gen, _) = leased_state(&mut conn, "tb:short").await.unwrap();
+    assert_eq!(leased, 10.0);
     tokio::time::sleep(std::time::Duration::from_millis(60)).await;
     let reply = eval_many(&mut conn, &short, &["100", "1000", "0", "2"])
         .await
@@ -288,6 +290,21 @@ async fn leases_are_counted_out_of_the_bucket_until_they_come_back() {
         answers(&reply)[0].1,
         100.0,
         "refilled to the whole capacity"
+    );
+    // Its lease coming back late puts nothing back: the refill has filled its room. (Added, its
+    // 10 unspent tokens would let a burst take 10 more than the bucket allows.)
+    let reply = eval_many(&mut conn, &short, &["100", "1000", "50", "1"])
+        .await
+        .unwrap();
+    let taken = answers(&reply)[0].1;
+    let short_gen = short_gen.to_string();
+    let late = ["100", "1000", "10", "12", "L", "30", "1", "10", &short_gen];
+    let reply = eval_many(&mut conn, &short, &late).await.unwrap();
+    let tokens = answers(&reply)[0].1;
+    // Between the two calls the refill adds a token a millisecond; the return would add 10.
+    assert!(
+        tokens - taken < 8.0,
+        "a late return added tokens: {taken} -> {tokens}"
     );
 
     // Leases need their lifetime, returns their lease.

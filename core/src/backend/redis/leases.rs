@@ -257,26 +257,37 @@ impl Leases {
         if whole {
             return out;
         }
-        // Put back what was spent (in order: the same lease may serve two members), then renew.
-        for (local, (&(key, _, cost), &h)) in out.iter().zip(takes.iter().zip(&hashes)) {
-            if let Spend::Local { serial, .. } = local {
-                let shard = locked(&mut guards, h);
-                if let Some(lease) = shard
+        self.renew_all(&mut guards, takes, &hashes, &out, give_backs, now)
+    }
+
+    /// A group not answered whole: what was spent from its leases goes back on them (in order:
+    /// the same lease may serve two members), then every member's lease goes back in the group's
+    /// call with a new one asked for, under the locks `spend_group` holds.
+    fn renew_all(
+        &self,
+        guards: &mut [(usize, parking_lot::MutexGuard<'_, Map>)],
+        takes: &[(&str, Shape, u64)],
+        hashes: &[u64],
+        spent: &[Spend],
+        give_backs: Vec<Option<Lease>>,
+        now: Instant,
+    ) -> Vec<Spend> {
+        for (local, (&(key, _, cost), &h)) in spent.iter().zip(takes.iter().zip(hashes)) {
+            if let Spend::Local { serial, .. } = local
+                && let Some(lease) = locked(guards, h)
                     .get_mut(key)
                     .and_then(|e| e.lease.as_mut())
                     .filter(|l| l.serial == *serial)
-                {
-                    lease.left += cost;
-                }
+            {
+                lease.left += cost;
             }
         }
         takes
             .iter()
-            .zip(&hashes)
+            .zip(hashes)
             .zip(give_backs)
             .map(|((&(key, shape, cost), &h), mut give_back)| {
-                let shard = locked(&mut guards, h);
-                match shard.get_mut(key) {
+                match locked(guards, h).get_mut(key) {
                     Some(entry) => {
                         if give_back.is_none() {
                             give_back = entry.lease.take();

@@ -272,32 +272,22 @@ impl RedisBackend {
             };
             return submit_routed(&self.nodes, node, reqs[0].key, job).await;
         }
-        // Each take with its extras: the lease given back before it (so that it sees the
-        // tokens), the lease asked for after it. Both are part of the group: a return always
-        // lands, a lease never vetoes and is not taken when the group is vetoed.
         let lease_ms = self.leases.as_ref().map_or(1, |l| l.settings().lease_ms);
-        let job = || {
-            let mut buckets = script::Buckets::new(group);
-            buckets.lease_ms = lease_ms;
-            for (r, e) in reqs.iter().zip(extras) {
-                if let Some(l) = e.give_back {
-                    let back = Ask::new(r.ask.shape, Op::Refund(l.left));
-                    let kind = Kind::Return {
-                        size: l.size,
-                        generation: l.generation,
-                    };
-                    buckets.push(r.key, Op1::of(back, kind));
-                }
-                push_request(&mut buckets, r);
-                if e.want > 0 {
-                    let lease = Ask::new(r.ask.shape, Op::Take(e.want));
-                    buckets.push(r.key, Op1::of(lease, Kind::Lease));
-                }
-            }
-            Job::new(buckets)
-        };
+        let job = || leasing_job(reqs, extras, group, lease_ms);
         let sent = tokio::time::Instant::now();
         let result = submit_routed(&self.nodes, node, reqs[0].key, job).await;
+        self.leases_answered(reqs, extras, sent, result)
+    }
+
+    /// Hands a leasing call's answers to the lease table (leases granted, returns counted) and
+    /// returns the requests' own decisions.
+    fn leases_answered(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        extras: &[Extra],
+        sent: tokio::time::Instant,
+        result: Result<Vec<Decision>, BackendError>,
+    ) -> Result<Vec<Decision>, BackendError> {
         let leases = self.leases.as_ref();
         let Ok(all) = result else {
             // Whether the returns landed is unknown: never sent twice (a second return would
@@ -332,6 +322,56 @@ impl RedisBackend {
             }
         }
         Ok(out)
+    }
+
+    /// Answers from leases the takes of `reqs` not answered yet (`local`), and notes what the
+    /// others' calls carry (`extras`). A group that is all or nothing is answered from its leases
+    /// only whole; else its members' leases are renewed in its call to Redis. True when every
+    /// request is answered.
+    fn answer_from_leases(
+        &self,
+        reqs: &[BucketRequest<'_>],
+        local: &mut [Option<Decision>],
+        extras: &mut [Extra],
+        all_or_nothing: bool,
+        now: tokio::time::Instant,
+    ) -> bool {
+        let Some(leases) = &self.leases else {
+            return false;
+        };
+        let takes: Vec<(usize, (&str, crate::Shape, u64))> = reqs
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| local[*i].is_none() && r.reserve.is_none())
+            .filter_map(|(i, r)| match r.ask.op {
+                Op::Take(cost) => Some((i, (r.key, r.ask.shape, cost))),
+                _ => None,
+            })
+            .collect();
+        let spends: Vec<Spend> = if !(all_or_nothing && reqs.len() > 1) {
+            takes
+                .iter()
+                .map(|(_, (key, shape, cost))| leases.spend(key, *shape, *cost, now))
+                .collect()
+        } else if takes.len() == reqs.len() {
+            let t: Vec<_> = takes.iter().map(|(_, t)| *t).collect();
+            leases.spend_group(&t, now)
+        } else {
+            // A member that is not a plain take is decided by Redis: so is the group.
+            Vec::new()
+        };
+        let mut answered = 0;
+        for ((i, _), spend) in takes.iter().zip(spends) {
+            match spend {
+                Spend::Local { decision, .. } => {
+                    local[*i] = Some(decision);
+                    answered += 1;
+                }
+                Spend::Remote { give_back, want } => extras[*i] = Extra { give_back, want },
+            }
+        }
+        self.lease_answers(answered);
+        answered == reqs.len()
     }
 
     /// A take's lease at `now`: an answer from it, or what the call to Redis carries besides
@@ -438,6 +478,62 @@ impl RedisBackend {
             }
         }
     }
+}
+
+/// A job of takes with their extras: each take's lease given back before it (so that the take
+/// sees its tokens), the lease asked for after it. Both are part of the group: a return always
+/// lands, a lease never vetoes and is not taken when the group is vetoed.
+fn leasing_job(reqs: &[BucketRequest<'_>], extras: &[Extra], group: bool, lease_ms: u32) -> Job {
+    let mut buckets = script::Buckets::new(group);
+    buckets.lease_ms = lease_ms;
+    for (r, e) in reqs.iter().zip(extras) {
+        if let Some(l) = e.give_back {
+            let back = Ask::new(r.ask.shape, Op::Refund(l.left));
+            let kind = Kind::Return {
+                size: l.size,
+                generation: l.generation,
+            };
+            buckets.push(r.key, Op1::of(back, kind));
+        }
+        push_request(&mut buckets, r);
+        if e.want > 0 {
+            let lease = Ask::new(r.ask.shape, Op::Take(e.want));
+            buckets.push(r.key, Op1::of(lease, Kind::Lease));
+        }
+    }
+    Job::new(buckets)
+}
+
+/// The requests of a group that go to Redis (those not answered here), with their extras; when
+/// the group is `vetoed` here already, its takes become checks and ask for no lease, so that
+/// nothing is charged.
+fn remote_part<'a>(
+    reqs: &[BucketRequest<'a>],
+    local: &[Option<Decision>],
+    extras: &[Extra],
+    vetoed: bool,
+) -> (Vec<BucketRequest<'a>>, Vec<Extra>) {
+    reqs.iter()
+        .zip(local)
+        .zip(extras)
+        .filter(|((_, l), _)| l.is_none())
+        .map(|((r, _), e)| match r.ask.op {
+            Op::Take(_) | Op::TakeUpTo(_) if vetoed => {
+                let check = Ask {
+                    op: r.ask.op.as_check(),
+                    ..r.ask
+                };
+                (BucketRequest { ask: check, ..*r }, Extra { want: 0, ..*e })
+            }
+            _ => (
+                *r,
+                Extra {
+                    want: if vetoed { 0 } else { e.want },
+                    ..*e
+                },
+            ),
+        })
+        .unzip()
 }
 
 /// Adds a request to a job: its operation, and its reservation when it is a take.
@@ -652,77 +748,15 @@ impl Backend for RedisBackend {
             None => vec![None; reqs.len()],
         };
         let mut extras = vec![Extra::default(); reqs.len()];
-        if let Some(leases) = &self.leases {
-            // Takes answered from leases. A group that is all or nothing is answered from its
-            // leases only whole; else its members' leases are renewed in its call to Redis.
-            let takes: Vec<(usize, (&str, crate::Shape, u64))> = reqs
-                .iter()
-                .enumerate()
-                .filter(|(i, r)| local[*i].is_none() && r.reserve.is_none())
-                .filter_map(|(i, r)| match r.ask.op {
-                    Op::Take(cost) => Some((i, (r.key, r.ask.shape, cost))),
-                    _ => None,
-                })
-                .collect();
-            let spends: Vec<Spend> = if all_or_nothing && reqs.len() > 1 {
-                if takes.len() == reqs.len() {
-                    let t: Vec<_> = takes.iter().map(|(_, t)| *t).collect();
-                    leases.spend_group(&t, now)
-                } else {
-                    // A member that is not a plain take is decided by Redis: so is the group.
-                    Vec::new()
-                }
-            } else {
-                takes
-                    .iter()
-                    .map(|(_, (key, shape, cost))| leases.spend(key, *shape, *cost, now))
-                    .collect()
-            };
-            let mut answered = 0;
-            for ((i, _), spend) in takes.iter().zip(spends) {
-                match spend {
-                    Spend::Local { decision, .. } => {
-                        local[*i] = Some(decision);
-                        answered += 1;
-                    }
-                    Spend::Remote { give_back, want } => extras[*i] = Extra { give_back, want },
-                }
-            }
-            self.lease_answers(answered);
-            if answered == reqs.len() {
-                return local.into_iter().flatten().map(Ok).collect();
-            }
+        if self.answer_from_leases(reqs, &mut local, &mut extras, all_or_nothing, now) {
+            return local.into_iter().flatten().map(Ok).collect();
         }
         let vetoed = all_or_nothing
             && reqs
                 .iter()
                 .zip(&local)
                 .any(|(r, l)| r.ask.veto && l.is_some_and(|d| !d.allowed));
-        if vetoed {
-            // Nothing of the group is taken: no lease is asked for either.
-            extras.iter_mut().for_each(|e| e.want = 0);
-        }
-        let remote_extras: Vec<Extra> = extras
-            .iter()
-            .zip(&local)
-            .filter(|(_, l)| l.is_none())
-            .map(|(e, _)| *e)
-            .collect();
-        let remote: Vec<BucketRequest<'_>> = reqs
-            .iter()
-            .zip(&local)
-            .filter(|(_, l)| l.is_none())
-            .map(|(r, _)| match r.ask.op {
-                Op::Take(_) | Op::TakeUpTo(_) if vetoed => BucketRequest {
-                    ask: Ask {
-                        op: r.ask.op.as_check(),
-                        ..r.ask
-                    },
-                    ..*r
-                },
-                _ => *r,
-            })
-            .collect();
+        let (remote, remote_extras) = remote_part(reqs, &local, &extras, vetoed);
         let sent = tokio::time::Instant::now();
         let mut answers = if remote.is_empty() {
             Vec::new()

@@ -323,6 +323,15 @@ where
             }
         }
     }
+    trailers(&mut cmd, batch);
+    cmd
+}
+
+/// The batch's reservations (`R`) and lease returns (`L`), each bucket by its index in the call.
+fn trailers<'a, I>(cmd: &mut Cmd, batch: I)
+where
+    I: Iterator<Item = &'a Buckets> + Clone,
+{
     if batch.clone().any(|j| !j.reservations.is_empty()) {
         cmd.arg("R");
         let mut offset = 0;
@@ -349,7 +358,6 @@ where
             offset += job.len();
         }
     }
-    cmd
 }
 
 /// The key of reservation `id` of the bucket `bucket_key`: in the bucket's hash slot (a hash tag
