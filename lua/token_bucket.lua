@@ -49,7 +49,8 @@ lease (mode 11) counts its size as leased out of the bucket until every lease of
 expired: the bucket refills and takes refunds only up to capacity minus what is leased, so that the
 bucket plus the unspent leases never hold more than capacity and everything spent from a lease obeys
 the bucket's bound over any window. A generation starts (named by the server time in ms) with the
-first lease while none is out and ends when the latest lease of it expires; a return of a lease of
+first lease while none is out and ends twice the lease lifetime after its latest lease (a replica
+spends a lease for one lifetime and gives it back within the next); a return of a lease of
 the current generation takes its size off what is leased out and puts its unspent tokens back; a
 return of an ended generation changes nothing: since it ended the bucket had room for those tokens
 and refilled it, so they are lost rather than added twice. A lease's answer carries the generation
@@ -426,7 +427,9 @@ local function step(i, mode)
         gns[key] = gen
       end
       lsd[key] = leased + granted
-      local until_ms = now + lease_ms
+      -- Counted for twice its lifetime: the replica spends it for one and gives it back within
+      -- the other, so its return comes while its generation is still counted.
+      local until_ms = now + 2 * lease_ms
       if until_ms > unt[key] then unt[key] = until_ms end
     end
   end

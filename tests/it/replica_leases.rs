@@ -430,7 +430,8 @@ async fn a_replica_killed_with_a_lease_out_loses_at_most_that_lease() {
         "{total} admitted, {leased} leased: lost more than the lease"
     );
     // Once the lease's generation has ended, the whole capacity is the bucket's again.
-    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    // (Counted for twice LEASE_MS from its grant.)
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     let full = b
         .decide(BucketRequest::new(&key, shape, Op::Refund(2_000)))
         .await

@@ -11,8 +11,10 @@
 //! Why the bound stays exact: the script counts what is leased out and refills the bucket only up
 //! to capacity minus that, so the bucket plus every unspent lease never holds more than capacity
 //! and everything spent from a lease obeys the bucket's bound over any window. A lease's clock
-//! starts when its call was sent, before Redis started its own, so this replica stops spending a
-//! lease before Redis stops counting it.
+//! starts when its call was sent, before Redis started its own, and Redis counts it for twice
+//! LEASE_MS: this replica stops spending a lease before Redis stops counting it, and gives it back
+//! (the sweep runs every quarter of LEASE_MS) while it is still counted. A return that comes
+//! later anyway puts nothing back (the script's header says why).
 //!
 //! Pure but for the lock: time is passed in, so the unit tests drive it.
 
