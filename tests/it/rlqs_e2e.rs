@@ -263,9 +263,12 @@ async fn per_value_buckets_blanket_rules_and_a_reload_reach_envoy() {
     );
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(burst(&envoy, b"blocked", 5).await, 0, "still DENY_ALL");
+    // Envoy lets a new bucket's requests through until its assignment arrives (a round trip,
+    // longer on a busy machine), then the 5-token bucket: at least two of 12 refused shows the
+    // assignment came.
     let carol = burst(&envoy, b"carol", 12).await;
     assert!(
-        (5..=8).contains(&carol),
+        (5..=10).contains(&carol),
         "a new user after it: {carol} of 12"
     );
     let metrics = http_get(&sg.http_url("/metrics")).await.unwrap().1;
